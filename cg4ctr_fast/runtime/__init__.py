@@ -1,0 +1,1 @@
+"""cg4ctr_fast.runtime"""
