@@ -1,0 +1,489 @@
+"""One denoising step outside the UNet: CFG combine + scheduler update + inpainting blend.
+
+Two interchangeable implementations with the call signature ``step(noise_pred, t, latents, *, blend=None)``:
+
+* :func:`unfused_step` / :class:`UnfusedStep`: the literal diffusers ``StableDiffusionInpaintPipeline``
+  sequence (chunk, combine, ``scheduler.step(..., return_dict=False)[0]``, ``add_noise`` blend).
+* :class:`FusedStep`: computes the step's scalar coefficients on the host from the scheduler's state,
+  runs one elementwise pass (a Triton kernel, or its plain-torch reference), and advances the
+  scheduler's state exactly as ``scheduler.step`` would (``_step_index``; DPM-Solver's
+  ``model_outputs`` / ``lower_order_nums``), so the two can be mixed step by step.
+
+Supported in fused mode (anything else raises ``ValueError`` from :class:`FusedStep` /
+:func:`make_step`; :func:`supports_fused` / :func:`fused_unsupported_reason` tell beforehand):
+
+* ``DDIMScheduler``: eta=0, prediction_type epsilon / v_prediction / sample, clip_sample on or off,
+  no thresholding.
+* ``EulerDiscreteScheduler``: s_churn=0 (the pipeline default), prediction_type epsilon /
+  v_prediction / sample, any sigma schedule (karras, exponential, ...).
+* ``DPMSolverMultistepScheduler``: algorithm_type dpmsolver++, solver_order 1 or 2, solver_type
+  midpoint or heun, prediction_type epsilon / v_prediction / sample / flow_prediction, no
+  thresholding, no learned variance; lower_order_final / euler_at_final / final_sigmas_type as
+  diffusers decides them.
+
+Importing this module imports neither triton nor diffusers; the Triton kernel modules are
+imported on the first call that runs with the triton backend.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from . import reference as _reference
+
+__all__ = [
+    "Blend",
+    "FusedStep",
+    "UnfusedStep",
+    "fused_unsupported_reason",
+    "make_step",
+    "resolve_backend",
+    "supports_fused",
+    "triton_available",
+    "unfused_step",
+]
+
+BACKENDS = ("auto", "triton", "torch")
+
+# Exact diffusers classes (a subclass may override step(), so it is not assumed to share its math).
+_FAMILY_BY_CLASS = {
+    "DDIMScheduler": "ddim",
+    "EulerDiscreteScheduler": "euler",
+    "DPMSolverMultistepScheduler": "dpm",
+}
+
+
+@dataclass
+class Blend:
+    """Inputs of the 4-channel-UNet inpainting blend after a step.
+
+    ``latents = (1 - mask) * init + mask * latents`` with ``init = scheduler.add_noise(image_latents,
+    noise, next_t)``, or ``init = image_latents`` when ``next_t`` is None (the last step).
+    ``mask``: (1 or B, 1, H, W), or the pipeline's CFG-doubled (2B, 1, H, W) mask whose first half is
+    used; ``image_latents``: (1 or B, C, H, W); ``noise``: (1 or B, C, H, W).
+    """
+
+    mask: torch.Tensor
+    image_latents: torch.Tensor
+    noise: torch.Tensor | None
+    next_t: Any = None
+
+
+def _unpack_blend(blend: Any) -> Blend | None:
+    if blend is None or isinstance(blend, Blend):
+        return blend
+    if isinstance(blend, (tuple, list)) and len(blend) == 4:
+        return Blend(*blend)
+    try:
+        return Blend(blend.mask, blend.image_latents, blend.noise, blend.next_t)
+    except AttributeError as exc:
+        raise TypeError("blend must be None, a Blend, a (mask, image_latents, noise, next_t) tuple "
+                        "or an object with those attributes") from exc
+
+
+# ---------------------------------------------------------------------------------------------
+# Support checks and backend choice.
+
+
+def _family(scheduler: Any) -> str | None:
+    cls = type(scheduler)
+    if not cls.__module__.startswith("diffusers."):
+        return None
+    return _FAMILY_BY_CLASS.get(cls.__name__)
+
+
+def fused_unsupported_reason(scheduler: Any, eta: float = 0.0) -> str | None:
+    """None when :class:`FusedStep` supports ``scheduler``, else a one-line reason."""
+    family = _family(scheduler)
+    name = type(scheduler).__name__
+    if family is None:
+        return f"{name} has no fused step (supported: {', '.join(_FAMILY_BY_CLASS)})"
+    cfg = scheduler.config
+    pred = cfg.prediction_type
+    if family == "ddim":
+        if pred not in ("epsilon", "v_prediction", "sample"):
+            return f"DDIMScheduler prediction_type {pred!r} is not supported"
+        if cfg.thresholding:
+            return "DDIMScheduler with thresholding=True (per-sample quantiles) is not supported"
+        if eta != 0.0:
+            return f"DDIMScheduler with eta={eta} (stochastic) is not supported; only eta=0"
+    elif family == "euler":
+        if pred not in ("epsilon", "v_prediction", "sample", "original_sample"):
+            return f"EulerDiscreteScheduler prediction_type {pred!r} is not supported"
+    else:
+        if cfg.algorithm_type != "dpmsolver++":
+            return f"DPMSolverMultistepScheduler algorithm_type {cfg.algorithm_type!r} is not supported; only 'dpmsolver++'"
+        if cfg.solver_order not in (1, 2):
+            return f"DPMSolverMultistepScheduler solver_order={cfg.solver_order} is not supported; only 1 or 2"
+        if cfg.solver_type not in ("midpoint", "heun"):
+            return f"DPMSolverMultistepScheduler solver_type {cfg.solver_type!r} is not supported"
+        if pred not in ("epsilon", "v_prediction", "sample", "flow_prediction"):
+            return f"DPMSolverMultistepScheduler prediction_type {pred!r} is not supported"
+        if cfg.thresholding:
+            return "DPMSolverMultistepScheduler with thresholding=True is not supported"
+        if cfg.variance_type is not None:
+            return f"DPMSolverMultistepScheduler variance_type {cfg.variance_type!r} is not supported"
+    return None
+
+
+def supports_fused(scheduler: Any, eta: float = 0.0) -> bool:
+    """True when :class:`FusedStep` can run ``scheduler`` (with the given DDIM ``eta``)."""
+    return fused_unsupported_reason(scheduler, eta) is None
+
+
+@functools.lru_cache(maxsize=1)
+def triton_available() -> bool:
+    """Whether ``import triton`` works (imports it; call only when about to use it)."""
+    try:
+        import triton  # noqa: F401
+    except Exception:  # ImportError, or a broken install
+        return False
+    return True
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """``"auto"`` -> ``"triton"`` for CUDA tensors when triton imports, else ``"torch"``.
+
+    An explicit ``"triton"`` is honoured on any device (on CPU tensors it needs TRITON_INTERPRET=1,
+    set before triton is first imported).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and triton_available() else "torch"
+    return backend
+
+
+def _ops(backend: str):
+    """(ddim, euler, dpm) step functions of a resolved backend."""
+    if backend == "triton":
+        from .ddim_step import ddim_step
+        from .dpm_solver_step import dpm_solver_step
+        from .euler_step import euler_step
+
+        return ddim_step, euler_step, dpm_solver_step
+    return _reference.ddim_step_ref, _reference.euler_step_ref, _reference.dpm_solver_step_ref
+
+
+# ---------------------------------------------------------------------------------------------
+# The unfused reference sequence (what the diffusers pipeline does).
+
+
+@functools.lru_cache(maxsize=None)
+def _step_params(cls: type) -> frozenset:
+    return frozenset(inspect.signature(cls.step).parameters)
+
+
+def _extra_step_kwargs(scheduler: Any, generator: torch.Generator | None, eta: float) -> dict:
+    # as StableDiffusionInpaintPipeline.prepare_extra_step_kwargs
+    params = _step_params(type(scheduler))
+    kwargs: dict = {}
+    if "eta" in params:
+        kwargs["eta"] = eta
+    if "generator" in params:
+        kwargs["generator"] = generator
+    return kwargs
+
+
+def unfused_step(
+    scheduler: Any,
+    noise_pred: torch.Tensor,
+    t: Any,
+    latents: torch.Tensor,
+    guidance_scale: float,
+    do_cfg: bool,
+    blend: Any = None,
+    generator: torch.Generator | None = None,
+    *,
+    eta: float = 0.0,
+) -> torch.Tensor:
+    """The literal diffusers inpainting-pipeline step (any scheduler)."""
+    if do_cfg:
+        noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
+        noise_pred = noise_pred_uncond + guidance_scale * (noise_pred_text - noise_pred_uncond)
+    extra = _extra_step_kwargs(scheduler, generator, eta)
+    latents = scheduler.step(noise_pred, t, latents, **extra, return_dict=False)[0]
+    blend = _unpack_blend(blend)
+    if blend is not None:
+        init_mask = blend.mask
+        if do_cfg and init_mask.shape[0] == 2 * latents.shape[0]:
+            init_mask, _ = init_mask.chunk(2)
+        init_latents_proper = blend.image_latents
+        if blend.next_t is not None:
+            init_latents_proper = scheduler.add_noise(
+                init_latents_proper, blend.noise, torch.tensor([blend.next_t])
+            )
+        latents = (1 - init_mask) * init_latents_proper + init_mask * latents
+    return latents
+
+
+class UnfusedStep:
+    """:func:`unfused_step` bound to a scheduler, with :class:`FusedStep`'s call signature."""
+
+    fused = False
+
+    def __init__(self, scheduler: Any, guidance_scale: float, do_cfg: bool, *, eta: float = 0.0,
+                 generator: torch.Generator | None = None):
+        self.scheduler = scheduler
+        self.guidance_scale = float(guidance_scale)
+        self.do_cfg = bool(do_cfg)
+        self.eta = eta
+        self.generator = generator
+
+    def __call__(self, noise_pred: torch.Tensor, t: Any, latents: torch.Tensor, *, blend: Any = None) -> torch.Tensor:
+        return unfused_step(self.scheduler, noise_pred, t, latents, self.guidance_scale, self.do_cfg,
+                            blend, self.generator, eta=self.eta)
+
+
+# ---------------------------------------------------------------------------------------------
+# The fused step.
+
+
+def _f(x: Any) -> float:
+    return float(x.item()) if isinstance(x, torch.Tensor) else float(x)
+
+
+def _as_int(t: Any) -> int:
+    return int(t.item()) if isinstance(t, torch.Tensor) else int(t)
+
+
+class FusedStep:
+    """Fused CFG + scheduler step + blend for a diffusers scheduler instance.
+
+    ``FusedStep(scheduler, guidance_scale, do_cfg, backend)`` then, inside the denoising loop,
+    ``latents = step(noise_pred, t, latents, blend=None)`` in place of the unfused sequence.
+    ``noise_pred`` is the raw UNet output (batch 2B when ``do_cfg``); ``backend`` is "auto"
+    (triton for CUDA tensors when triton imports, else torch), "triton" or "torch".
+    The scheduler's ``set_timesteps`` / ``set_begin_index`` / ``scale_model_input`` are used as
+    usual; this object reads the scheduler's state at each call and advances it.
+    """
+
+    fused = True
+
+    def __init__(self, scheduler: Any, guidance_scale: float, do_cfg: bool, backend: str = "auto", *,
+                 eta: float = 0.0):
+        reason = fused_unsupported_reason(scheduler, eta)
+        if reason is not None:
+            raise ValueError(f"no fused step for this scheduler: {reason}; use the unfused step instead")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        self.scheduler = scheduler
+        self.family = _family(scheduler)
+        self.guidance_scale = float(guidance_scale)
+        self.do_cfg = bool(do_cfg)
+        self.backend = backend
+        self.eta = eta
+        self._warned_fallback = False
+        if self.family == "ddim":
+            # host copies: DDIM's add_noise moves scheduler.alphas_cumprod to the latents' device
+            self._alphas_cumprod = scheduler.alphas_cumprod.detach().to("cpu", torch.float32)
+            self._final_alpha_cumprod = torch.as_tensor(scheduler.final_alpha_cumprod).detach().to("cpu", torch.float32)
+
+    # -- public -----------------------------------------------------------------------------
+
+    def __call__(self, noise_pred: torch.Tensor, t: Any, latents: torch.Tensor, *, blend: Any = None,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+        """One step; returns the new latents (written into ``out`` when given; ``out`` may be ``latents``)."""
+        blend = _unpack_blend(blend)
+        if noise_pred.dtype != latents.dtype:
+            # diffusers' dtype promotion differs per scheduler here; keep its exact behaviour
+            if not self._warned_fallback:
+                warnings.warn(f"FusedStep: noise_pred {noise_pred.dtype} != latents {latents.dtype}; "
+                              "running the unfused step", RuntimeWarning, stacklevel=2)
+                self._warned_fallback = True
+            res = unfused_step(self.scheduler, noise_pred, t, latents, self.guidance_scale, self.do_cfg,
+                               blend, eta=self.eta)
+            return out.copy_(res) if out is not None else res
+        backend = resolve_backend(self.backend, latents.device)
+        ddim_op, euler_op, dpm_op = _ops(backend)
+        g = self.guidance_scale if self.do_cfg else None
+        if self.family == "ddim":
+            return self._ddim(ddim_op, noise_pred, t, latents, g, blend, out)
+        if self.family == "euler":
+            return self._euler(euler_op, noise_pred, t, latents, g, blend, out)
+        return self._dpm(dpm_op, noise_pred, t, latents, g, blend, out)
+
+    # -- blend coefficients -----------------------------------------------------------------
+
+    @staticmethod
+    def _blend_kwargs(blend: Blend | None, init_image: float = 1.0, init_noise: float = 0.0) -> dict:
+        if blend is None:
+            return {}
+        last = blend.next_t is None
+        return {
+            "mask": blend.mask,
+            "image_latents": blend.image_latents,
+            "noise": None if last else blend.noise,
+            "init_image": init_image,
+            "init_noise": init_noise,
+        }
+
+    def _noise_index(self, next_t: Any, step_index_after: int) -> int:
+        # the index EulerDiscrete/DPMSolverMultistep add_noise picks when called after step()
+        s = self.scheduler
+        if s.begin_index is None:
+            ts = torch.as_tensor(next_t).reshape(-1)[:1].to(s.timesteps.device)
+            return s.index_for_timestep(ts[0], s.timesteps)
+        return step_index_after
+
+    # -- DDIM -------------------------------------------------------------------------------
+
+    def _ddim(self, op, noise_pred, t, latents, g, blend, out):
+        s = self.scheduler
+        cfg = s.config
+        if s.num_inference_steps is None:
+            raise ValueError("Number of inference steps is 'None', you need to run 'set_timesteps' after creating the scheduler")
+        ac = self._alphas_cumprod
+        t_i = _as_int(t)
+        prev_t = t_i - cfg.num_train_timesteps // s.num_inference_steps
+        alpha_prod_t = ac[t_i]
+        alpha_prod_t_prev = ac[prev_t] if prev_t >= 0 else self._final_alpha_cumprod
+        beta_prod_t = 1 - alpha_prod_t
+        sa, sb = _f(alpha_prod_t**0.5), _f(beta_prod_t**0.5)
+        if cfg.prediction_type == "epsilon":
+            x0c, epsc = (1.0 / sa, -sb / sa), (0.0, 1.0)
+        elif cfg.prediction_type == "v_prediction":
+            x0c, epsc = (sa, -sb), (sb, sa)
+        else:  # "sample"
+            x0c, epsc = (0.0, 1.0), (1.0 / sb, -sa / sb)
+        # eta = 0 -> std_dev_t = 0: pred_sample_direction = (1 - a_prev) ** 0.5 * eps
+        prev_x0, prev_eps = _f(alpha_prod_t_prev**0.5), _f((1 - alpha_prod_t_prev) ** 0.5)
+        init_image = init_noise = 0.0
+        if blend is not None and blend.next_t is not None:
+            a_next = ac[_as_int(blend.next_t)]
+            init_image, init_noise = _f(a_next**0.5), _f((1 - a_next) ** 0.5)
+        return op(
+            noise_pred, latents, guidance_scale=g,
+            x0_sample=x0c[0], x0_model=x0c[1], eps_sample=epsc[0], eps_model=epsc[1],
+            prev_x0=prev_x0, prev_eps=prev_eps,
+            clip_range=float(cfg.clip_sample_range) if cfg.clip_sample else None,
+            out=out, **self._blend_kwargs(blend, init_image, init_noise),
+        )
+
+    # -- Euler ------------------------------------------------------------------------------
+
+    def _euler(self, op, noise_pred, t, latents, g, blend, out):
+        s = self.scheduler
+        if s.step_index is None:
+            s._init_step_index(t)
+        i = s.step_index
+        sigmas = s.sigmas
+        sigma = sigmas[i]
+        sigma_hat = sigma * (0.0 + 1)  # s_churn = 0 -> gamma = 0
+        pred = s.config.prediction_type
+        if pred == "epsilon":
+            x0c = (1.0, -_f(sigma_hat))
+        elif pred == "v_prediction":
+            x0c = (1.0 / _f(sigma**2 + 1), _f(-sigma / (sigma**2 + 1) ** 0.5))
+        else:  # "sample" / "original_sample"
+            x0c = (0.0, 1.0)
+        dt = sigmas[i + 1] - sigma_hat
+        init_noise = 0.0
+        if blend is not None and blend.next_t is not None:
+            init_noise = _f(sigmas[self._noise_index(blend.next_t, i + 1)])
+        res = op(
+            noise_pred, latents, guidance_scale=g,
+            x0_sample=x0c[0], x0_model=x0c[1], sigma_hat=_f(sigma_hat), dt=_f(dt),
+            out=out, **self._blend_kwargs(blend, 1.0, init_noise),
+        )
+        s._step_index += 1
+        return res
+
+    # -- DPM-Solver++ -----------------------------------------------------------------------
+
+    def _dpm(self, op, noise_pred, t, latents, g, blend, out):
+        s = self.scheduler
+        cfg = s.config
+        if s.num_inference_steps is None:
+            raise ValueError("Number of inference steps is 'None', you need to run 'set_timesteps' after creating the scheduler")
+        if s.step_index is None:
+            s._init_step_index(t)
+        i = s.step_index
+        n = len(s.timesteps)
+        lower_order_final = (i == n - 1) and (
+            cfg.euler_at_final or (cfg.lower_order_final and n < 15) or cfg.final_sigmas_type == "zero"
+        )
+        sigmas = s.sigmas
+        to_alpha_sigma = s._sigma_to_alpha_sigma_t
+
+        # convert_model_output (data prediction x0 = x0_sample * sample + x0_model * model_output)
+        pred = cfg.prediction_type
+        if pred == "epsilon":
+            alpha_t, sigma_t = to_alpha_sigma(sigmas[i])
+            x0c = (1.0 / _f(alpha_t), -_f(sigma_t) / _f(alpha_t))
+        elif pred == "v_prediction":
+            alpha_t, sigma_t = to_alpha_sigma(sigmas[i])
+            x0c = (_f(alpha_t), -_f(sigma_t))
+        elif pred == "flow_prediction":
+            x0c = (1.0, -_f(sigmas[i]))
+        else:  # "sample"
+            x0c = (0.0, 1.0)
+
+        # update coefficients (dpm_solver_first_order_update / multistep_dpm_solver_second_order_update)
+        first_order = cfg.solver_order == 1 or s.lower_order_nums < 1 or lower_order_final
+        alpha_t, sigma_t = to_alpha_sigma(sigmas[i + 1])
+        alpha_s0, sigma_s0 = to_alpha_sigma(sigmas[i])
+        lambda_t = torch.log(alpha_t) - torch.log(sigma_t)
+        lambda_s0 = torch.log(alpha_s0) - torch.log(sigma_s0)
+        h = lambda_t - lambda_s0
+        coef_sample = _f(sigma_t / sigma_s0)
+        coef_x0 = _f(-(alpha_t * (torch.exp(-h) - 1.0)))
+        coef_diff = 0.0
+        prev_x0 = None
+        if not first_order:
+            alpha_s1, sigma_s1 = to_alpha_sigma(sigmas[i - 1])
+            lambda_s1 = torch.log(alpha_s1) - torch.log(sigma_s1)
+            h_0 = lambda_s0 - lambda_s1
+            r0 = h_0 / h
+            if cfg.solver_type == "midpoint":
+                coef_diff = _f(-0.5 * (alpha_t * (torch.exp(-h) - 1.0)) * (1.0 / r0))
+            else:  # heun
+                coef_diff = _f((alpha_t * ((torch.exp(-h) - 1.0) / h + 1.0)) * (1.0 / r0))
+            prev_x0 = s.model_outputs[-1]
+            if prev_x0 is None:
+                raise RuntimeError("DPMSolverMultistepScheduler state has lower_order_nums >= 1 but no stored model output")
+
+        init_image = init_noise = 0.0
+        if blend is not None and blend.next_t is not None:
+            a_n, s_n = to_alpha_sigma(sigmas[self._noise_index(blend.next_t, i + 1)])
+            init_image, init_noise = _f(a_n), _f(s_n)
+
+        res, x0 = op(
+            noise_pred, latents, guidance_scale=g,
+            x0_sample=x0c[0], x0_model=x0c[1],
+            coef_sample=coef_sample, coef_x0=coef_x0, coef_diff=coef_diff, prev_x0=prev_x0,
+            out=out, **self._blend_kwargs(blend, init_image, init_noise),
+        )
+        # state, as DPMSolverMultistepScheduler.step leaves it
+        for k in range(cfg.solver_order - 1):
+            s.model_outputs[k] = s.model_outputs[k + 1]
+        s.model_outputs[-1] = x0
+        if s.lower_order_nums < cfg.solver_order:
+            s.lower_order_nums += 1
+        s._step_index += 1
+        return res
+
+
+def make_step(
+    scheduler: Any,
+    guidance_scale: float,
+    do_cfg: bool,
+    *,
+    fused: bool,
+    backend: str = "auto",
+    eta: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> FusedStep | UnfusedStep:
+    """A step callable ``step(noise_pred, t, latents, *, blend=None) -> latents``.
+
+    ``fused=True`` returns a :class:`FusedStep` and raises ``ValueError`` (with the reason) when the
+    scheduler/config has no fused path, so callers can fall back to ``fused=False``.
+    """
+    if fused:
+        return FusedStep(scheduler, guidance_scale, do_cfg, backend, eta=eta)
+    return UnfusedStep(scheduler, guidance_scale, do_cfg, eta=eta, generator=generator)

@@ -1,0 +1,483 @@
+"""Product saliency with U^2-Net-p, and the inpainting masks made from it.
+
+The creative pipeline keeps the advertised product pixel-exact and repaints only the background.
+When the product photo has no alpha channel we find the product with U^2-Net-p (Qin et al. 2020,
+the 4.7 MB "small" variant), threshold its saliency map and turn it into a diffusers inpainting mask.
+
+Mask convention (diffusers inpainting): 255 / white = repaint (background), 0 / black = keep (product).
+
+The network's module names follow the official implementation so that the published `u2netp.pth`
+loads key for key (686 tensors, plus optional `num_batches_tracked` counters).
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from cg4ctr_fast.errors import InputError
+
+__all__ = [
+    "SaliencyConfig",
+    "U2NetP",
+    "deep_supervision_loss",
+    "load_saliency",
+    "mask_from_alpha",
+    "mask_from_saliency",
+    "predict_saliency",
+    "preprocess",
+    "save_saliency",
+]
+
+# ImageNet statistics, as in the official u2net_test.py (ToTensorLab, flag=0).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+_NUM_BATCHES_TRACKED = ".num_batches_tracked"
+_TORCH_SUFFIXES = (".pth", ".pt")
+_SAFETENSORS_SUFFIX = ".safetensors"
+
+
+@dataclass(frozen=True)
+class SaliencyConfig:
+    """Defaults for saliency prediction and mask making.
+
+    size: 320 is what the official test script resizes to (RescaleT(320); training crops 288 of 320).
+    threshold: 0.5 splits the min-max normalised map halfway between background (0) and product (1).
+    dilate_px: 2 px grows the repaint region over the anti-aliased product edge so that the
+        inpainting blends the seam instead of leaving a halo of the old background.
+    """
+
+    size: int = 320
+    threshold: float = 0.5
+    dilate_px: int = 2
+
+    def __post_init__(self) -> None:
+        _check_size(self.size)
+        _check_threshold(self.threshold)
+        _check_dilate(self.dilate_px)
+
+
+# --------------------------------------------------------------------------------------------
+# Network
+# --------------------------------------------------------------------------------------------
+
+
+class REBNCONV(nn.Module):
+    """3x3 conv (dilation d, padding d keeps the size) + BatchNorm + ReLU."""
+
+    def __init__(self, in_ch: int, out_ch: int, dirate: int = 1) -> None:
+        super().__init__()
+        # Attribute names are the official ones: they become the state_dict keys.
+        self.conv_s1 = nn.Conv2d(in_ch, out_ch, 3, padding=dirate, dilation=dirate)
+        self.bn_s1 = nn.BatchNorm2d(out_ch)
+        self.relu_s1 = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu_s1(self.bn_s1(self.conv_s1(x)))
+
+
+def _upsample_like(src: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    # Upsample to the exact size of the shallower feature rather than by a factor 2: with
+    # ceil-mode pooling a 25 px map pools to 13, and 13 * 2 = 26 != 25. align_corners=False is
+    # what the official F.upsample(mode="bilinear") resolves to since PyTorch 0.4.
+    if src.shape[-2:] == like.shape[-2:]:
+        return src
+    return F.interpolate(src, size=like.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def _pool(x: torch.Tensor) -> torch.Tensor:
+    # ceil_mode=True keeps the last odd row/column, so no input size needs to be a multiple of 32.
+    return F.max_pool2d(x, kernel_size=2, stride=2, ceil_mode=True)
+
+
+class RSU(nn.Module):
+    """Residual U-block RSU-L (L = height 4..7): a small U-Net whose output is added to its input conv.
+
+    Encoder rebnconv1..rebnconv{L-1} with a 2x max-pool between consecutive levels, a dilation-2
+    bottom rebnconv{L}, and decoder rebnconv{L-1}d..rebnconv1d on [deeper, skip] concatenations.
+    One generic class instead of the official RSU7/RSU6/RSU5/RSU4 copies; the module names match.
+    """
+
+    def __init__(self, height: int, in_ch: int, mid_ch: int, out_ch: int) -> None:
+        super().__init__()
+        if height < 2:
+            raise ValueError(f"RSU height must be >= 2, got {height}")
+        self.height = height
+        self.rebnconvin = REBNCONV(in_ch, out_ch, dirate=1)
+        self.rebnconv1 = REBNCONV(out_ch, mid_ch, dirate=1)
+        for level in range(2, height):
+            self.add_module(f"rebnconv{level}", REBNCONV(mid_ch, mid_ch, dirate=1))
+        self.add_module(f"rebnconv{height}", REBNCONV(mid_ch, mid_ch, dirate=2))
+        for level in range(height - 1, 1, -1):
+            self.add_module(f"rebnconv{level}d", REBNCONV(mid_ch * 2, mid_ch, dirate=1))
+        self.rebnconv1d = REBNCONV(mid_ch * 2, out_ch, dirate=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hxin = self.rebnconvin(x)
+        skips = [self.rebnconv1(hxin)]
+        for level in range(2, self.height):
+            skips.append(getattr(self, f"rebnconv{level}")(_pool(skips[-1])))
+        # The bottom level is not pooled: it widens its receptive field with dilation 2 instead.
+        hx = getattr(self, f"rebnconv{self.height}")(skips[-1])
+        hx = getattr(self, f"rebnconv{self.height - 1}d")(torch.cat((hx, skips[-1]), 1))
+        for level in range(self.height - 2, 0, -1):
+            skip = skips[level - 1]
+            hx = getattr(self, f"rebnconv{level}d")(torch.cat((_upsample_like(hx, skip), skip), 1))
+        return hx + hxin
+
+
+class RSU4F(nn.Module):
+    """RSU-4F: RSU-4 with dilations 1, 2, 4, 8 instead of pooling, for the deepest, smallest maps."""
+
+    def __init__(self, in_ch: int, mid_ch: int, out_ch: int) -> None:
+        super().__init__()
+        self.rebnconvin = REBNCONV(in_ch, out_ch, dirate=1)
+        self.rebnconv1 = REBNCONV(out_ch, mid_ch, dirate=1)
+        self.rebnconv2 = REBNCONV(mid_ch, mid_ch, dirate=2)
+        self.rebnconv3 = REBNCONV(mid_ch, mid_ch, dirate=4)
+        self.rebnconv4 = REBNCONV(mid_ch, mid_ch, dirate=8)
+        self.rebnconv3d = REBNCONV(mid_ch * 2, mid_ch, dirate=4)
+        self.rebnconv2d = REBNCONV(mid_ch * 2, mid_ch, dirate=2)
+        self.rebnconv1d = REBNCONV(mid_ch * 2, out_ch, dirate=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hxin = self.rebnconvin(x)
+        hx1 = self.rebnconv1(hxin)
+        hx2 = self.rebnconv2(hx1)
+        hx3 = self.rebnconv3(hx2)
+        hx4 = self.rebnconv4(hx3)
+        hx3d = self.rebnconv3d(torch.cat((hx4, hx3), 1))
+        hx2d = self.rebnconv2d(torch.cat((hx3d, hx2), 1))
+        hx1d = self.rebnconv1d(torch.cat((hx2d, hx1), 1))
+        return hx1d + hxin
+
+
+class U2NetP(nn.Module):
+    """U^2-Net-p (in_ch=3, out_ch=1): six encoder stages, five decoder stages, six side outputs fused.
+
+    forward(x) returns the fused saliency d0 = sigmoid(outconv([d1..d6])), shape B x 1 x H x W.
+    forward(x, return_sides=True) returns (d0, d1, ..., d6), every map upsampled to H x W, for the
+    deep-supervision loss (see deep_supervision_loss). logits=True skips the sigmoid, which lets
+    training use the numerically stable BCE-with-logits.
+    """
+
+    def __init__(self, in_ch: int = 3, out_ch: int = 1) -> None:
+        super().__init__()
+        # Every stage is 16 mid / 64 out channels: that is what makes "-p" 1.13 M parameters
+        # (4.7 MB fp32) against 44 M for the full U^2-Net.
+        self.stage1 = RSU(7, in_ch, 16, 64)
+        self.stage2 = RSU(6, 64, 16, 64)
+        self.stage3 = RSU(5, 64, 16, 64)
+        self.stage4 = RSU(4, 64, 16, 64)
+        self.stage5 = RSU4F(64, 16, 64)
+        self.stage6 = RSU4F(64, 16, 64)
+
+        self.stage5d = RSU4F(128, 16, 64)
+        self.stage4d = RSU(4, 128, 16, 64)
+        self.stage3d = RSU(5, 128, 16, 64)
+        self.stage2d = RSU(6, 128, 16, 64)
+        self.stage1d = RSU(7, 128, 16, 64)
+
+        self.side1 = nn.Conv2d(64, out_ch, 3, padding=1)
+        self.side2 = nn.Conv2d(64, out_ch, 3, padding=1)
+        self.side3 = nn.Conv2d(64, out_ch, 3, padding=1)
+        self.side4 = nn.Conv2d(64, out_ch, 3, padding=1)
+        self.side5 = nn.Conv2d(64, out_ch, 3, padding=1)
+        self.side6 = nn.Conv2d(64, out_ch, 3, padding=1)
+        self.outconv = nn.Conv2d(6 * out_ch, out_ch, 1)
+
+    def forward(
+        self, x: torch.Tensor, return_sides: bool = False, logits: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        hx1 = self.stage1(x)
+        hx2 = self.stage2(_pool(hx1))
+        hx3 = self.stage3(_pool(hx2))
+        hx4 = self.stage4(_pool(hx3))
+        hx5 = self.stage5(_pool(hx4))
+        hx6 = self.stage6(_pool(hx5))
+
+        hx5d = self.stage5d(torch.cat((_upsample_like(hx6, hx5), hx5), 1))
+        hx4d = self.stage4d(torch.cat((_upsample_like(hx5d, hx4), hx4), 1))
+        hx3d = self.stage3d(torch.cat((_upsample_like(hx4d, hx3), hx3), 1))
+        hx2d = self.stage2d(torch.cat((_upsample_like(hx3d, hx2), hx2), 1))
+        hx1d = self.stage1d(torch.cat((_upsample_like(hx2d, hx1), hx1), 1))
+
+        d1 = self.side1(hx1d)
+        d2 = _upsample_like(self.side2(hx2d), d1)
+        d3 = _upsample_like(self.side3(hx3d), d1)
+        d4 = _upsample_like(self.side4(hx4d), d1)
+        d5 = _upsample_like(self.side5(hx5d), d1)
+        d6 = _upsample_like(self.side6(hx6), d1)
+        d0 = self.outconv(torch.cat((d1, d2, d3, d4, d5, d6), 1))
+
+        if not return_sides:
+            return d0 if logits else torch.sigmoid(d0)
+        sides = (d0, d1, d2, d3, d4, d5, d6)
+        return sides if logits else tuple(torch.sigmoid(side) for side in sides)
+
+
+def deep_supervision_loss(
+    sides: tuple[torch.Tensor, ...] | list[torch.Tensor], target: torch.Tensor, from_logits: bool = True
+) -> torch.Tensor:
+    """The official U^2-Net training loss: the sum of the 7 BCE losses (fused d0 plus d1..d6).
+
+    sides: forward(x, return_sides=True, logits=from_logits); target: B x 1 x H x W in [0, 1].
+    """
+    target = target.to(dtype=sides[0].dtype)
+    if from_logits:
+        losses = [F.binary_cross_entropy_with_logits(side, target) for side in sides]
+    else:
+        losses = [F.binary_cross_entropy(side, target) for side in sides]
+    return torch.stack(losses).sum()
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------------
+
+
+def _one_line(error: BaseException, limit: int = 160) -> str:
+    # torch.load's weights_only errors run to 20+ lines; the CLI contract is one line.
+    text = str(error).strip().splitlines()
+    first = text[0].strip() if text else ""
+    first = first or type(error).__name__
+    return first if len(first) <= limit else first[: limit - 1] + "…"
+
+
+def _name_some(keys: list[str], shown: int = 3) -> str:
+    names = ", ".join(keys[:shown])
+    return names + (", …" if len(keys) > shown else "")
+
+
+def _plural(count: int, word: str) -> str:
+    return f"{count} {word}" if count == 1 else f"{count} {word}s"
+
+
+def _read_state_dict(path: Path) -> Mapping[str, object]:
+    where = f"saliency checkpoint {path}"
+    if not path.exists():
+        raise InputError(f"{where}: no such file")
+    if not path.is_file():
+        raise InputError(f"{where}: not a file")
+    suffix = path.suffix.lower()
+    if suffix == _SAFETENSORS_SUFFIX:
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path), device="cpu")
+        except Exception as error:  # SafetensorError, OSError, ...: the file is not usable either way
+            raise InputError(f"{where}: cannot read as safetensors ({_one_line(error)})") from error
+    if suffix in _TORCH_SUFFIXES:
+        try:
+            # weights_only=True: a .pth is a pickle, and we never execute code from a downloaded file.
+            loaded = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as error:  # UnpicklingError, RuntimeError, EOFError, zipfile errors, ...
+            raise InputError(f"{where}: cannot read as a PyTorch checkpoint ({_one_line(error)})") from error
+        if isinstance(loaded, Mapping) and isinstance(loaded.get("state_dict"), Mapping):
+            loaded = loaded["state_dict"]
+        if not isinstance(loaded, Mapping):
+            raise InputError(f"{where}: holds a {type(loaded).__name__}, not a state dict")
+        return loaded
+    raise InputError(f"{where}: unknown extension {path.suffix!r}; use .pth, .pt or .safetensors")
+
+
+def load_saliency(path: str | os.PathLike[str]) -> U2NetP:
+    """Load a U2NetP from `.pth`/`.pt` (bare or {"state_dict": ...}, optional "module." prefix) or `.safetensors`.
+
+    Strict: missing keys, unexpected keys or wrong shapes raise InputError (one line). The optional
+    `*.num_batches_tracked` BatchNorm counters are accepted but not required. Returns the model in eval mode.
+    """
+    path = Path(path)
+    where = f"saliency checkpoint {path}"
+    raw = _read_state_dict(path)
+
+    state: dict[str, torch.Tensor] = {}
+    for key, value in raw.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            raise InputError(f"{where}: entry {key!r} is a {type(value).__name__}, not a tensor")
+        # nn.DataParallel / DDP checkpoints prefix every key with "module.".
+        state[key.removeprefix("module.")] = value
+
+    model = U2NetP()
+    expected = model.state_dict()
+    required = [key for key in expected if not key.endswith(_NUM_BATCHES_TRACKED)]
+    missing = [key for key in required if key not in state]
+    unexpected = [key for key in state if key not in expected]
+    mismatched = [
+        f"{key}: checkpoint {list(state[key].shape)} vs model {list(expected[key].shape)}"
+        for key in expected
+        if key in state and state[key].shape != expected[key].shape
+    ]
+    problems = []
+    if missing:
+        problems.append(f"{_plural(len(missing), 'missing key')} ({_name_some(missing)})")
+    if unexpected:
+        problems.append(f"{_plural(len(unexpected), 'unexpected key')} ({_name_some(unexpected)})")
+    if mismatched:
+        problems.append(f"{_plural(len(mismatched), 'shape mismatch')} ({_name_some(mismatched, shown=2)})")
+    if problems:
+        raise InputError(f"{where}: " + "; ".join(problems))
+
+    # Everything is checked above; strict=False only lets absent num_batches_tracked keep their 0.
+    model.load_state_dict(state, strict=False)
+    return model.eval()
+
+
+def save_saliency(model: U2NetP, path: str | os.PathLike[str]) -> Path:
+    """Write the model's weights as safetensors, atomically: a reader never sees a half-written file."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if path.suffix.lower() != _SAFETENSORS_SUFFIX:
+        raise InputError(f"saliency checkpoint {path}: save_saliency writes .safetensors; name the file *.safetensors")
+    # num_batches_tracked only matters for BatchNorm(momentum=None); the official file has none (686 keys).
+    tensors = {
+        key: value.detach().to("cpu").contiguous()
+        for key, value in model.state_dict().items()
+        if not key.endswith(_NUM_BATCHES_TRACKED)
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Same folder as the target so that os.replace is a rename on one filesystem, hence atomic.
+    handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    try:
+        save_file(tensors, tmp_name, metadata={"format": "pt", "architecture": "u2netp"})
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# Prediction
+# --------------------------------------------------------------------------------------------
+
+
+def _check_size(size: int) -> None:
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
+        raise InputError(f"saliency size must be a positive integer, got {size!r}")
+
+
+def _check_threshold(threshold: float) -> None:
+    try:
+        in_range = 0.0 <= float(threshold) <= 1.0  # False for NaN as well
+    except (TypeError, ValueError):
+        in_range = False
+    if not in_range:
+        raise InputError(f"saliency threshold must be in [0, 1], got {threshold!r}")
+
+
+def _check_dilate(dilate_px: int) -> None:
+    if isinstance(dilate_px, bool) or not isinstance(dilate_px, (int, np.integer)) or dilate_px < 0:
+        raise InputError(f"dilate_px must be a non-negative integer, got {dilate_px!r}")
+
+
+def preprocess(image: Image.Image, size: int = 320) -> torch.Tensor:
+    """Image -> 1 x 3 x size x size float32, as the official u2net_test.py feeds u2netp.
+
+    Resize to size x size (aspect ratio not kept, as in training), divide by the image's maximum,
+    then normalise with the ImageNet mean and std.
+    """
+    _check_size(size)
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    resized = image.resize((size, size), resample=Image.Resampling.BILINEAR)
+    array = np.asarray(resized, dtype=np.float32)
+    peak = float(array.max())
+    # Dividing by the maximum (not by 255) is the official ToTensorLab behaviour; an all-black
+    # image has peak 0 and stays 0 instead of becoming NaN.
+    if peak > 0.0:
+        array = array / peak
+    array = (array - np.asarray(IMAGENET_MEAN, dtype=np.float32)) / np.asarray(IMAGENET_STD, dtype=np.float32)
+    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))[None]
+
+
+def predict_saliency(model: U2NetP, image: Image.Image, size: int = 320) -> np.ndarray:
+    """Saliency of `image`: float32 H x W in [0, 1] at the image's own size (1 = product)."""
+    width, height = image.size
+    reference = next(model.parameters())
+    batch = preprocess(image, size).to(device=reference.device, dtype=reference.dtype)
+    with torch.inference_mode():
+        fused = model(batch)[:, :1].float()
+    # Min-max normalisation, as the official normPRED does, before resizing back.
+    low, high = fused.amin(), fused.amax()
+    span = float(high - low)
+    if span <= 1e-12:
+        # A flat map marks nothing as standing out; 0/0 would make the whole map NaN.
+        fused = torch.zeros_like(fused)
+    else:
+        fused = (fused - low) / span
+    # antialias=True: when the image is smaller than `size` this averages like PIL does; the
+    # weights stay non-negative and sum to 1, so the result stays in [0, 1].
+    resized = F.interpolate(fused, size=(height, width), mode="bilinear", align_corners=False, antialias=True)
+    return resized[0, 0].clamp_(0.0, 1.0).cpu().numpy().astype(np.float32, copy=False)
+
+
+# --------------------------------------------------------------------------------------------
+# Masks
+# --------------------------------------------------------------------------------------------
+
+
+def _dilate_white(repaint: np.ndarray, dilate_px: int) -> np.ndarray:
+    """Grow the True region by dilate_px pixels in every direction (square, i.e. Chebyshev, max filter)."""
+    if dilate_px == 0 or not repaint.any() or repaint.all():
+        return repaint
+    kernel = 2 * dilate_px + 1
+    grid = torch.from_numpy(repaint.astype(np.float32))[None, None]
+    # A square max filter is separable: a 1 x k then a k x 1 pass costs 2k instead of k^2 per pixel.
+    # max_pool2d pads with -inf, so the image border neither grows nor shrinks the region.
+    grid = F.max_pool2d(grid, kernel_size=(1, kernel), stride=1, padding=(0, dilate_px))
+    grid = F.max_pool2d(grid, kernel_size=(kernel, 1), stride=1, padding=(dilate_px, 0))
+    return grid[0, 0].numpy() > 0.5
+
+
+def _to_mask(repaint: np.ndarray) -> Image.Image:
+    return Image.fromarray(np.where(repaint, 255, 0).astype(np.uint8), mode="L")
+
+
+def mask_from_saliency(saliency: np.ndarray, threshold: float = 0.5, dilate_px: int = 2) -> Image.Image:
+    """Inpainting mask from a saliency map: product (saliency >= threshold) black, background white.
+
+    The white (repaint) region is then dilated by dilate_px so the product's edge seam is repainted.
+    """
+    _check_threshold(threshold)
+    _check_dilate(dilate_px)
+    saliency = np.asarray(saliency)
+    if saliency.ndim != 2:
+        raise InputError(f"saliency map must be 2-D (H x W), got shape {saliency.shape}")
+    # NaN compares False with >=, so it lands in the repaint region: never keep pixels we cannot vouch for.
+    repaint = ~(saliency >= threshold)
+    return _to_mask(_dilate_white(repaint, dilate_px))
+
+
+def mask_from_alpha(rgba: Image.Image, dilate_px: int = 0) -> Image.Image | None:
+    """Inpainting mask from an image's alpha: transparent (alpha < 128) white = repaint, opaque black = keep.
+
+    Returns None when the image has no alpha (RGB, L, P without transparency) or it is fully opaque,
+    i.e. when alpha says nothing about where the product is and saliency must decide.
+    """
+    _check_dilate(dilate_px)
+    bands = rgba.getbands()
+    if "A" in bands:
+        alpha = rgba.getchannel("A")
+    elif "a" in bands:  # premultiplied modes RGBa / La
+        alpha = rgba.getchannel("a")
+    elif "transparency" in rgba.info:  # P (or L/RGB colour key) with a tRNS entry
+        alpha = rgba.convert("RGBA").getchannel("A")
+    else:
+        return None
+    alpha_array = np.asarray(alpha)
+    if alpha_array.min() == 255:
+        return None
+    # 128 is the midpoint of 0..255: a pixel at least half opaque is product, anything fainter is repainted.
+    return _to_mask(_dilate_white(alpha_array < 128, dilate_px))

@@ -1,0 +1,506 @@
+"""The creative data path: one product image + one prompt per user group in, ranked-ready creatives out.
+
+Stages, top to bottom (see `CreativePipeline.__call__`):
+  1. product image and mask (given, the image's alpha, or the saliency net)
+  2. seeds: hashlib over (image, prompt, index) unless a generator is passed
+  3. prompt embeddings, cached by prompt text
+  4. timesteps (strength picks the start)
+  5. encode the product once: image latents and masked-image latents
+  6. initial latents for the whole batch (groups × images per group)
+  7. ONE denoising loop over the whole batch
+  8. VAE decode
+  9. postprocess, restore the original size, paste the product back bit for bit
+ 10. reward scores, when a reward model is attached
+
+Backends fill the named slots of `Components` (text_encoder, unet, vae_encoder, vae_decoder); the loop
+never forks on the backend. With composite off and the same components, scheduler and generator, the output
+equals diffusers' StableDiffusionInpaintPipeline within float tolerance (tests/test_parity.py).
+"""
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from PIL import Image
+
+from cg4ctr_fast.errors import InputError
+from cg4ctr_fast.runtime.slots import Components
+
+GeneratorArg = Union[torch.Generator, list, None]
+PROMPT_CACHE_SIZE = 1024  # embeddings are 77 × 768 fp32 ≈ 236 KB each at SD1.5 size: ≈ 240 MB at most
+
+
+@dataclass
+class Creative:
+    """One generated creative for one user group."""
+
+    image: Any  # PIL.Image (output_type="pil") or float32 HxWx3 array in [0, 1] (output_type="np")
+    prompt: str
+    group: int  # index of the prompt in the request = user group
+    index: int  # image index within the group
+    seed: Optional[int]  # per-creative seed when derived by the pipeline; None when the caller passed a generator
+    mask: Image.Image  # at the image's original size; white = repainted, black = product kept
+    reward: Optional[float] = None
+
+
+def derive_seed(*parts: Any) -> int:
+    """A 63-bit seed from hashlib over the parts: the same request gives the same pixels in any process."""
+    digest = hashlib.sha256("\x1f".join(str(p) for p in parts).encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") & ((1 << 63) - 1)
+
+
+def _generator(seed: int, device: torch.device) -> torch.Generator:
+    # CPU generators on every device: the noise is then the same on a CPU and a GPU (randn_tensor moves it).
+    return torch.Generator("cpu").manual_seed(seed)
+
+
+def reference_step(
+    scheduler,
+    noise_pred: torch.Tensor,
+    t: torch.Tensor,
+    latents: torch.Tensor,
+    *,
+    guidance_scale: float,
+    do_cfg: bool,
+    blend: Optional[tuple] = None,
+    extra_step_kwargs: Optional[dict] = None,
+) -> torch.Tensor:
+    """Guidance, scheduler update and (4-channel UNets) masked latent blending, as diffusers does them."""
+    if do_cfg:
+        noise_uncond, noise_text = noise_pred.chunk(2)
+        noise_pred = noise_uncond + guidance_scale * (noise_text - noise_uncond)
+    latents = scheduler.step(noise_pred, t, latents, **(extra_step_kwargs or {}), return_dict=False)[0]
+    if blend is not None:
+        init_mask, image_latents, noise, next_t = blend
+        init_latents_proper = image_latents
+        if next_t is not None:
+            init_latents_proper = scheduler.add_noise(image_latents, noise, torch.tensor([next_t]))
+        latents = (1 - init_mask) * init_latents_proper + init_mask * latents
+    return latents
+
+
+class CreativePipeline:
+    """Stable Diffusion inpainting for ad creatives: the product stays, the background follows the prompt."""
+
+    def __init__(
+        self,
+        components: Components,
+        *,
+        saliency: Optional[torch.nn.Module] = None,
+        reward: Optional[Callable] = None,
+        saliency_threshold: float = 0.5,
+        saliency_dilate_px: int = 2,
+        max_side: Optional[int] = None,
+    ):
+        from diffusers.image_processor import VaeImageProcessor
+
+        self.components = components
+        self.saliency = saliency
+        self.reward = reward
+        self.saliency_threshold = saliency_threshold
+        self.saliency_dilate_px = saliency_dilate_px
+        self.max_side = max_side or components.info.resolution
+        scale = components.info.vae_scale_factor
+        # Same processors as diffusers' inpainting pipeline, so preprocessing is identical.
+        self.image_processor = VaeImageProcessor(vae_scale_factor=scale)
+        self.mask_processor = VaeImageProcessor(
+            vae_scale_factor=scale, do_normalize=False, do_binarize=True, do_convert_grayscale=True
+        )
+        self._prompt_cache: "OrderedDict[str, torch.Tensor]" = OrderedDict()
+        self._cache_lock = threading.Lock()
+        self.step_fn = reference_step
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def from_modules(cls, modules, *, backend: str = "torch", **kwargs) -> "CreativePipeline":
+        from cg4ctr_fast.runtime.torch_backend import torch_components
+
+        return cls(torch_components(modules, backend=backend), **kwargs)
+
+    @classmethod
+    def from_preset(
+        cls,
+        name: str,
+        *,
+        model: Optional[str] = None,
+        random_weights: bool = False,
+        seed: int = 0,
+        unet_in_channels: Optional[int] = None,
+        scheduler: Optional[str] = None,
+        saliency: Optional[str] = None,
+        backend: str = "torch",
+        device: str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        **kwargs,
+    ) -> "CreativePipeline":
+        """`tiny` builds in code; `sd15-inpaint` loads `model` (a local diffusers folder) or random weights."""
+        from cg4ctr_fast.config import get_preset, with_unet_channels
+        from cg4ctr_fast.models.diffusion import build_modules, load_modules, swap_scheduler
+
+        preset = get_preset(name)
+        if unet_in_channels is not None:
+            preset = with_unet_channels(preset, unet_in_channels)
+        if model is not None:
+            modules = load_modules(model, dtype=dtype)
+        elif random_weights or preset.buildable:
+            modules = build_modules(preset, seed=seed, dtype=dtype)
+        else:
+            raise InputError(
+                f"preset {name!r} has no built-in weights: pass --model PATH (a local diffusers folder) "
+                "or --random-weights for latency work"
+            )
+        if scheduler is not None:
+            modules.scheduler = swap_scheduler(modules.scheduler, scheduler)
+        _move(modules, device, dtype)
+        saliency_model = _load_saliency(saliency)
+        return cls.from_modules(modules, backend=backend, saliency=saliency_model, **kwargs)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str,
+        *,
+        scheduler: Optional[str] = None,
+        saliency: Optional[str] = None,
+        backend: str = "torch",
+        device: str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        **kwargs,
+    ) -> "CreativePipeline":
+        """Load a local diffusers folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/); no network."""
+        from cg4ctr_fast.models.diffusion import load_modules, swap_scheduler
+
+        modules = load_modules(path, dtype=dtype)
+        if scheduler is not None:
+            modules.scheduler = swap_scheduler(modules.scheduler, scheduler)
+        _move(modules, device, dtype)
+        return cls.from_modules(modules, backend=backend, saliency=_load_saliency(saliency), **kwargs)
+
+    @classmethod
+    def from_diffusers(cls, pipe, saliency=None, reward=None, **kwargs) -> "CreativePipeline":
+        """Reuse the components of an existing diffusers inpainting pipeline (no copy of the weights)."""
+        from cg4ctr_fast.models.diffusion import DiffusionModules
+
+        modules = DiffusionModules(
+            unet=pipe.unet,
+            vae=pipe.vae,
+            text_encoder=pipe.text_encoder,
+            tokenizer=pipe.tokenizer,
+            scheduler=pipe.scheduler,
+            model_id=f"diffusers:{getattr(pipe, 'name_or_path', None) or type(pipe).__name__}",
+        )
+        if isinstance(saliency, str):
+            saliency = _load_saliency(saliency)
+        return cls.from_modules(modules, saliency=saliency, reward=reward, **kwargs)
+
+    @property
+    def scheduler(self):
+        return self.components.scheduler
+
+    @scheduler.setter
+    def scheduler(self, scheduler) -> None:
+        self.components.scheduler = scheduler
+
+    # ------------------------------------------------------------------ stage helpers
+    def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Embeddings [len(prompts), 77, D]; each distinct prompt is encoded once and cached by its text."""
+        comps = self.components
+        with self._cache_lock:
+            missing = [p for p in dict.fromkeys(prompts) if p not in self._prompt_cache]
+        if missing:
+            tokens = comps.tokenizer(
+                missing,
+                padding="max_length",
+                max_length=comps.tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            )
+            embeds = comps.text_encoder(tokens.input_ids.to(comps.device)).to(comps.dtype)
+            with self._cache_lock:
+                for prompt, row in zip(missing, embeds):
+                    self._prompt_cache[prompt] = row
+                while len(self._prompt_cache) > PROMPT_CACHE_SIZE:
+                    self._prompt_cache.popitem(last=False)
+        with self._cache_lock:
+            rows = []
+            for prompt in prompts:
+                self._prompt_cache.move_to_end(prompt)
+                rows.append(self._prompt_cache[prompt])
+        return torch.stack(rows)
+
+    def clear_prompt_cache(self) -> None:
+        with self._cache_lock:
+            self._prompt_cache.clear()
+
+    def _encode_image(self, image: torch.Tensor, generator) -> torch.Tensor:
+        """Scaled latents sampled from the VAE posterior, as diffusers' `_encode_vae_image` draws them."""
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+        moments = self.components.vae_encoder(image)
+        latents = DiagonalGaussianDistribution(moments).sample(generator=generator)
+        return self.components.info.scaling_factor * latents
+
+    def product_mask(self, rgb: Image.Image, mask_image=None, alpha_mask: Optional[Image.Image] = None) -> Image.Image:
+        """The repaint mask at the image's size: given, the image's alpha, or the saliency net's."""
+        from cg4ctr_fast.imaging import check_mask, load_image
+
+        if mask_image is not None:
+            mask = load_image(mask_image, what="mask") if not isinstance(mask_image, Image.Image) else mask_image
+            mask = mask.convert("L")
+            if mask.size != rgb.size:
+                raise InputError(
+                    f"mask is {mask.size[0]}×{mask.size[1]} but the image is {rgb.size[0]}×{rgb.size[1]}"
+                )
+            mask = mask.point(lambda v: 255 if v >= 128 else 0)
+        elif alpha_mask is not None:
+            mask = alpha_mask
+        elif self.saliency is not None:
+            from cg4ctr_fast.models.saliency import mask_from_saliency, predict_saliency
+
+            saliency_map = predict_saliency(self.saliency, rgb)
+            mask = mask_from_saliency(
+                saliency_map, threshold=self.saliency_threshold, dilate_px=self.saliency_dilate_px
+            )
+        else:
+            raise InputError(
+                "no mask: pass mask_image (white = background to repaint), an RGBA image with transparency, "
+                "or attach a saliency model"
+            )
+        check_mask(mask)
+        return mask
+
+    # ------------------------------------------------------------------ the data path
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: Union[str, Sequence[str]],
+        image,
+        mask_image=None,
+        negative_prompt: Union[str, Sequence[str], None] = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        strength: float = 1.0,
+        num_images_per_prompt: int = 1,
+        generator: GeneratorArg = None,
+        output_type: str = "pil",
+        composite: bool = True,
+        height: Optional[int] = None,
+        width: Optional[int] = None,
+        eta: float = 0.0,
+        seed: int = 0,
+        show_progress: bool = True,
+    ) -> list[Creative]:
+        from diffusers.utils.torch_utils import randn_tensor
+        from tqdm.auto import tqdm
+
+        from cg4ctr_fast.imaging import composite as paste_product
+        from cg4ctr_fast.imaging import image_sha256, load_image, to_rgb_and_alpha_mask, working_size
+
+        comps = self.components
+        info = comps.info
+        device, dtype = comps.device, comps.dtype
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        _check_call_args(prompts, num_inference_steps, guidance_scale, strength, num_images_per_prompt, output_type)
+        scale = info.vae_scale_factor
+        for side_name, side in (("height", height), ("width", width)):
+            if side is not None and (side <= 0 or side % 8):
+                raise InputError(f"{side_name} must be a positive multiple of 8, got {side}")
+
+        # 1. product image and mask -------------------------------------------------------------
+        source = image if isinstance(image, Image.Image) else load_image(image, what="image")
+        rgb, alpha_mask = to_rgb_and_alpha_mask(source)
+        mask = self.product_mask(rgb, mask_image, alpha_mask)
+        work_w, work_h = working_size(rgb.width, rgb.height, self.max_side)
+        height = height or work_h
+        width = width or work_w
+
+        # 2. seeds ------------------------------------------------------------------------------
+        batch = len(prompts) * num_images_per_prompt
+        creative_prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
+        seeds: list[Optional[int]] = [None] * batch
+        if generator is None:
+            product_key = image_sha256(rgb)
+            seeds = [
+                derive_seed(product_key, p, i % num_images_per_prompt, seed) for i, p in enumerate(creative_prompts)
+            ]
+            generator = [_generator(s, device) for s in seeds]
+            encode_generator = _generator(derive_seed(product_key, "vae-encode", seed), device)
+        else:
+            if isinstance(generator, list) and len(generator) != batch:
+                raise InputError(f"got {len(generator)} generators for a batch of {batch} creatives")
+            # diffusers encodes the single product image with the first generator.
+            encode_generator = generator[0] if isinstance(generator, list) else generator
+
+        # 3. prompt embeddings (cached) ---------------------------------------------------------
+        do_cfg = guidance_scale > 1.0
+        prompt_embeds = self.encode_prompts(prompts).repeat_interleave(num_images_per_prompt, dim=0)
+        if do_cfg:
+            negatives = _negative_prompts(negative_prompt, len(prompts))
+            negative_embeds = self.encode_prompts(negatives).repeat_interleave(num_images_per_prompt, dim=0)
+            prompt_embeds = torch.cat([negative_embeds, prompt_embeds])
+
+        # 4. timesteps --------------------------------------------------------------------------
+        # A fresh scheduler per call: scheduler state (step index, solver history) is per request.
+        scheduler = comps.scheduler.__class__.from_config(comps.scheduler.config)
+        scheduler.set_timesteps(num_inference_steps, device=device)
+        init_timestep = min(int(num_inference_steps * strength), num_inference_steps)
+        t_start = max(num_inference_steps - init_timestep, 0)
+        timesteps = scheduler.timesteps[t_start * scheduler.order :]
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(t_start * scheduler.order)
+        if len(timesteps) < 1:
+            raise InputError(f"strength {strength} with {num_inference_steps} steps leaves no denoising step")
+        is_strength_max = strength == 1.0
+
+        # 5. encode the product once ------------------------------------------------------------
+        init_image = self.image_processor.preprocess(rgb, height=height, width=width).to(torch.float32)
+        init_image = init_image.to(device=device, dtype=dtype)
+        mask_condition = self.mask_processor.preprocess(mask, height=height, width=width)
+        four_channel = info.unet_in_channels == 4
+        if info.unet_in_channels not in (4, 9):
+            raise InputError(f"the UNet has {info.unet_in_channels} input channels; 4 or 9 are supported")
+        image_latents = None
+        if four_channel or not is_strength_max:
+            image_latents = self._encode_image(init_image, encode_generator)
+
+        # 6. initial latents --------------------------------------------------------------------
+        latent_shape = (batch, info.latent_channels, height // scale, width // scale)
+        noise = randn_tensor(latent_shape, generator=generator, device=device, dtype=dtype)
+        if is_strength_max:
+            latents = noise * scheduler.init_noise_sigma
+        else:
+            latent_timestep = timesteps[:1].repeat(batch)
+            latents = scheduler.add_noise(image_latents.expand(batch, -1, -1, -1), noise, latent_timestep)
+        masked_image = init_image * (mask_condition.to(device=device, dtype=dtype) < 0.5)
+        masked_image_latents = self._encode_image(masked_image, encode_generator)
+        mask_latents = torch.nn.functional.interpolate(mask_condition, size=(height // scale, width // scale))
+        mask_latents = mask_latents.to(device=device, dtype=dtype).expand(batch, -1, -1, -1)
+        masked_image_latents = masked_image_latents.expand(batch, -1, -1, -1)
+        if do_cfg:
+            unet_mask = torch.cat([mask_latents] * 2)
+            unet_masked_latents = torch.cat([masked_image_latents] * 2)
+        else:
+            unet_mask, unet_masked_latents = mask_latents, masked_image_latents
+
+        # 7. one denoising loop over all groups ------------------------------------------------
+        extra_step_kwargs = _extra_step_kwargs(scheduler, generator, eta)
+        for i, t in enumerate(tqdm(timesteps, desc="denoise", disable=not show_progress, leave=False)):
+            model_input = torch.cat([latents] * 2) if do_cfg else latents
+            model_input = scheduler.scale_model_input(model_input, t)
+            if not four_channel:
+                model_input = torch.cat([model_input, unet_mask, unet_masked_latents], dim=1)
+            noise_pred = comps.unet(model_input, t, prompt_embeds)
+            blend = None
+            if four_channel:
+                next_t = timesteps[i + 1] if i < len(timesteps) - 1 else None
+                blend = (mask_latents, image_latents, noise, next_t)
+            latents = self.step_fn(
+                scheduler,
+                noise_pred,
+                t,
+                latents,
+                guidance_scale=guidance_scale,
+                do_cfg=do_cfg,
+                blend=blend,
+                extra_step_kwargs=extra_step_kwargs,
+            )
+
+        # 8. decode -----------------------------------------------------------------------------
+        decoded = comps.vae_decoder(latents / info.scaling_factor)
+        if not torch.isfinite(decoded).all():
+            raise RuntimeError(
+                "VAE decode produced NaN/Inf: run the VAE in float32 (fp16 SD VAEs overflow) or lower the guidance"
+            )
+
+        # 9. postprocess, restore the original size, paste the product back ------------------
+        pil_images = self.image_processor.postprocess(decoded, output_type="pil")
+        creatives = []
+        for k, generated in enumerate(pil_images):
+            if not composite and output_type == "np":
+                out: Any = self.image_processor.postprocess(decoded[k : k + 1], output_type="np")[0]
+            else:
+                if generated.size != rgb.size:
+                    generated = generated.resize(rgb.size, Image.LANCZOS)
+                if composite:
+                    generated = paste_product(rgb, generated, mask)
+                out = generated if output_type == "pil" else np.asarray(generated, dtype=np.float32) / 255.0
+            creatives.append(
+                Creative(
+                    image=out,
+                    prompt=creative_prompts[k],
+                    group=k // num_images_per_prompt,
+                    index=k % num_images_per_prompt,
+                    seed=seeds[k],
+                    mask=mask,
+                )
+            )
+
+        # 10. reward ----------------------------------------------------------------------------
+        if self.reward is not None:
+            scores = self.reward([c.image for c in creatives], [c.group for c in creatives])
+            for creative, score in zip(creatives, scores):
+                creative.reward = float(score)
+        return creatives
+
+
+def _check_call_args(prompts, steps, guidance, strength, per_prompt, output_type) -> None:
+    if not prompts:
+        raise InputError("no prompt: pass one prompt per user group")
+    for p in prompts:
+        if not isinstance(p, str):
+            raise InputError(f"prompts must be strings, got {type(p).__name__}")
+    if not isinstance(steps, int) or steps <= 0:
+        raise InputError(f"num_inference_steps must be a positive integer, got {steps}")
+    if not np.isfinite(guidance) or guidance < 0:
+        raise InputError(f"guidance_scale must be a finite number ≥ 0, got {guidance}")
+    if not (0.0 <= strength <= 1.0) or not np.isfinite(strength):
+        raise InputError(f"strength must be in [0, 1], got {strength}")
+    if not isinstance(per_prompt, int) or per_prompt <= 0:
+        raise InputError(f"num_images_per_prompt must be a positive integer, got {per_prompt}")
+    if output_type not in ("pil", "np"):
+        raise InputError(f"output_type must be 'pil' or 'np', got {output_type!r}")
+
+
+def _negative_prompts(negative_prompt, n: int) -> list[str]:
+    if negative_prompt is None:
+        return [""] * n
+    if isinstance(negative_prompt, str):
+        return [negative_prompt] * n
+    negatives = list(negative_prompt)
+    if len(negatives) != n:
+        raise InputError(f"got {len(negatives)} negative prompts for {n} prompts")
+    return negatives
+
+
+def _extra_step_kwargs(scheduler, generator, eta: float) -> dict:
+    import inspect
+
+    params = set(inspect.signature(scheduler.step).parameters)
+    kwargs = {}
+    if "eta" in params:
+        kwargs["eta"] = eta
+    if "generator" in params:
+        kwargs["generator"] = generator
+    return kwargs
+
+
+def _move(modules, device: str, dtype: torch.dtype) -> None:
+    for name in ("unet", "vae", "text_encoder"):
+        module = getattr(modules, name)
+        # Cast only when needed: diffusers warns on every .to(dtype) of a model, even a no-op one.
+        if module.dtype != dtype:
+            module.to(dtype=dtype)
+        module.to(device=device)
+
+
+def _load_saliency(path: Optional[str]):
+    if path is None:
+        return None
+    from cg4ctr_fast.models.saliency import load_saliency
+
+    return load_saliency(path)

@@ -1,0 +1,53 @@
+"""The named slots every backend fills. The pipeline's loop calls only these.
+
+Each slot is a callable on tensors, so torch modules, torch.compile'd modules, ONNX Runtime sessions and
+TensorRT engines are interchangeable without forking the loop.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+
+Tensor = torch.Tensor
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Facts about the stack that the loop needs, whatever backend runs it."""
+
+    unet_in_channels: int  # 9: inpainting UNet; 4: masked latent blending
+    latent_channels: int
+    vae_scale_factor: int
+    scaling_factor: float
+    sample_size: int  # UNet latent side the model was trained at
+    model_id: str
+
+    @property
+    def resolution(self) -> int:
+        return self.sample_size * self.vae_scale_factor
+
+
+@dataclass
+class Components:
+    """Backend-filled slots.
+
+    text_encoder(input_ids[B, 77] int64) -> hidden states [B, 77, D]
+    unet(sample[B, C, h, w], timestep[] or [B], encoder_hidden_states[B, 77, D]) -> noise prediction [B, 4, h, w]
+    vae_encoder(image[B, 3, H, W] in [-1, 1]) -> moments [B, 2 * latent_channels, h, w] (mean ⊕ logvar)
+    vae_decoder(latents[B, 4, h, w], already divided by scaling_factor) -> image [B, 3, H, W] in about [-1, 1]
+    """
+
+    text_encoder: Callable[[Tensor], Tensor]
+    unet: Callable[[Tensor, Tensor, Tensor], Tensor]
+    vae_encoder: Callable[[Tensor], Tensor]
+    vae_decoder: Callable[[Tensor], Tensor]
+    tokenizer: Any
+    scheduler: Any
+    info: ModelInfo
+    backend: str = "torch"
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    dtype: torch.dtype = torch.float32
+    # The torch modules behind the slots when there are any (LoRA, export, training); None for engines.
+    modules: Optional[Any] = None

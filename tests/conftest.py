@@ -1,0 +1,27 @@
+"""Shared fixtures: tiny components built in code, synthetic product images. No downloads."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import pytest
+from PIL import Image
+
+
+def make_product(width: int = 64, height: int = 64, seed: int = 0, box=None):
+    """A random-textured background with a flat-coloured rectangular 'product'; mask white = background."""
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    mask = np.full((height, width), 255, np.uint8)
+    x0, y0, x1, y1 = box or (width // 4, height // 3, 3 * width // 4, 5 * height // 6)
+    pixels[y0:y1, x0:x1] = rng.integers(0, 256, 3, dtype=np.uint8)
+    mask[y0:y1, x0:x1] = 0
+    return Image.fromarray(pixels), Image.fromarray(mask)
+
+
+@pytest.fixture(scope="session")
+def product():
+    return make_product()
