@@ -338,11 +338,9 @@ class CreativePipeline:
 
         # 3. prompt embeddings (cached) ---------------------------------------------------------
         do_cfg = guidance_scale > 1.0
-        prompt_embeds = self.encode_prompts(prompts).repeat_interleave(num_images_per_prompt, dim=0)
-        if do_cfg:
-            negatives = _negative_prompts(negative_prompt, len(prompts))
-            negative_embeds = self.encode_prompts(negatives).repeat_interleave(num_images_per_prompt, dim=0)
-            prompt_embeds = torch.cat([negative_embeds, prompt_embeds])
+        negatives = _negative_prompts(negative_prompt, len(prompts)) if do_cfg else []
+        # One text-encoder call for every new prompt, negatives included; [negatives; prompts] as diffusers.
+        prompt_embeds = self.encode_prompts(negatives + prompts).repeat_interleave(num_images_per_prompt, dim=0)
 
         # 4. timesteps --------------------------------------------------------------------------
         # A fresh scheduler per call: scheduler state (step index, solver history) is per request.

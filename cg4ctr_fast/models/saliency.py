@@ -12,6 +12,7 @@ loads key for key (686 tensors, plus optional `num_batches_tracked` counters).
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -245,12 +246,20 @@ def deep_supervision_loss(
 # --------------------------------------------------------------------------------------------
 
 
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
+_WEIGHTS_UNPICKLER = "WeightsUnpickler error:"
+
+
 def _one_line(error: BaseException, limit: int = 160) -> str:
-    # torch.load's weights_only errors run to 20+ lines; the CLI contract is one line.
-    text = str(error).strip().splitlines()
-    first = text[0].strip() if text else ""
-    first = first or type(error).__name__
-    return first if len(first) <= limit else first[: limit - 1] + "…"
+    """The informative part of an exception message, on one line of at most `limit` characters."""
+    text = _ANSI_ESCAPE.sub("", str(error))
+    # torch.load(weights_only=True) wraps the real cause ("Unsupported operand 64", "Unsupported
+    # global: ...") in ~10 lines of advice about trusting the file; keep just the cause.
+    if _WEIGHTS_UNPICKLER in text:
+        cause = text.split(_WEIGHTS_UNPICKLER, 1)[1].split("Check the documentation", 1)[0]
+        text = cause.split(". ", 1)[0]
+    line = " ".join(text.split()) or type(error).__name__
+    return line if len(line) <= limit else line[: limit - 1] + "…"
 
 
 def _name_some(keys: list[str], shown: int = 3) -> str:
@@ -281,7 +290,10 @@ def _read_state_dict(path: Path) -> Mapping[str, object]:
             # weights_only=True: a .pth is a pickle, and we never execute code from a downloaded file.
             loaded = torch.load(str(path), map_location="cpu", weights_only=True)
         except Exception as error:  # UnpicklingError, RuntimeError, EOFError, zipfile errors, ...
-            raise InputError(f"{where}: cannot read as a PyTorch checkpoint ({_one_line(error)})") from error
+            reason = _one_line(error)
+            # A pickled whole model (torch.save(model)) needs code to unpickle; say what to save instead.
+            hint = "; save model.state_dict() instead" if "Unsupported global" in reason else ""
+            raise InputError(f"{where}: cannot read as a PyTorch checkpoint ({reason}){hint}") from error
         if isinstance(loaded, Mapping) and isinstance(loaded.get("state_dict"), Mapping):
             loaded = loaded["state_dict"]
         if not isinstance(loaded, Mapping):
@@ -403,7 +415,11 @@ def preprocess(image: Image.Image, size: int = 320) -> torch.Tensor:
 
 
 def predict_saliency(model: U2NetP, image: Image.Image, size: int = 320) -> np.ndarray:
-    """Saliency of `image`: float32 H x W in [0, 1] at the image's own size (1 = product)."""
+    """Saliency of `image`: float32 H x W in [0, 1] at the image's own size (1 = product).
+
+    `model` should be in eval mode (load_saliency returns it so): in train mode BatchNorm would
+    normalise with this single image's statistics.
+    """
     width, height = image.size
     reference = next(model.parameters())
     batch = preprocess(image, size).to(device=reference.device, dtype=reference.dtype)
@@ -442,7 +458,7 @@ def _dilate_white(repaint: np.ndarray, dilate_px: int) -> np.ndarray:
 
 
 def _to_mask(repaint: np.ndarray) -> Image.Image:
-    return Image.fromarray(np.where(repaint, 255, 0).astype(np.uint8), mode="L")
+    return Image.fromarray(np.where(repaint, 255, 0).astype(np.uint8))  # 2-D uint8 -> mode "L"
 
 
 def mask_from_saliency(saliency: np.ndarray, threshold: float = 0.5, dilate_px: int = 2) -> Image.Image:

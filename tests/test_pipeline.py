@@ -1,0 +1,242 @@
+"""The data path's invariants: product pixels bit for bit, derived seeds, one loop, prompt cache, lean import."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cg4ctr_fast.errors import InputError
+from cg4ctr_fast.pipeline import CreativePipeline, derive_seed
+from tests.conftest import make_product
+
+
+@pytest.fixture(scope="module")
+def pipe9():
+    return CreativePipeline.from_preset("tiny")
+
+
+@pytest.fixture(scope="module")
+def pipe4():
+    return CreativePipeline.from_preset("tiny", unet_in_channels=4, scheduler="euler")
+
+
+def _random_mask(width, height, seed):
+    """Blobby random masks with both values present: white = repaint."""
+    rng = np.random.default_rng(seed)
+    small = rng.random((max(2, height // 8), max(2, width // 8))) > 0.5
+    small[0, 0], small[-1, -1] = True, False
+    mask = Image.fromarray((small * 255).astype(np.uint8)).resize((width, height), Image.NEAREST)
+    return mask
+
+
+@pytest.mark.parametrize("size", [(64, 64), (53, 47), (71, 30), (33, 90)])
+@pytest.mark.parametrize("which", ["pipe9", "pipe4"])
+def test_product_pixels_bit_exact(request, size, which):
+    pipe = request.getfixturevalue(which)
+    width, height = size
+    image, _ = make_product(width, height, seed=width)
+    for mask_seed in range(2):
+        mask = _random_mask(width, height, mask_seed + width)
+        creatives = pipe(["a", "b"], image, mask, num_inference_steps=2, show_progress=False,
+                         num_images_per_prompt=2)
+        keep = np.asarray(mask) < 128
+        original = np.asarray(image)
+        assert len(creatives) == 4
+        for creative in creatives:
+            out = np.asarray(creative.image)
+            assert out.shape == original.shape and out.dtype == np.uint8
+            assert np.array_equal(out[keep], original[keep])
+            # ...and the background really was repainted.
+            assert np.abs(out[~keep].astype(int) - original[~keep]).mean() > 5
+
+
+def test_np_output_keeps_product_exact(pipe9, product):
+    image, mask = product
+    creative = pipe9("warm", image, mask, num_inference_steps=2, output_type="np", show_progress=False)[0]
+    keep = np.asarray(mask) < 128
+    assert creative.image.dtype == np.float32
+    assert np.array_equal(creative.image[keep], np.asarray(image, dtype=np.float32)[keep] / 255.0)
+
+
+def test_creative_records(pipe9, product):
+    image, mask = product
+    creatives = pipe9(["p0", "p1", "p0"], image, mask, num_inference_steps=1, num_images_per_prompt=2,
+                      show_progress=False)
+    assert [(c.group, c.index, c.prompt) for c in creatives] == [
+        (0, 0, "p0"), (0, 1, "p0"), (1, 0, "p1"), (1, 1, "p1"), (2, 0, "p0"), (2, 1, "p0")
+    ]
+    assert all(c.reward is None and c.mask.size == image.size for c in creatives)
+    # Same prompt, same index, same product: same seed and the same pixels, in whichever group.
+    assert creatives[0].seed == creatives[4].seed
+    assert np.array_equal(np.asarray(creatives[0].image), np.asarray(creatives[4].image))
+    assert creatives[0].seed != creatives[1].seed
+
+
+def test_seeds_are_stable_across_processes(pipe9, product):
+    image, mask = product
+    code = (
+        "from cg4ctr_fast.pipeline import derive_seed; from cg4ctr_fast.imaging import image_sha256;"
+        "from tests.conftest import make_product; import json;"
+        "print(json.dumps(derive_seed(image_sha256(make_product()[0]), 'warm', 0, 0)))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True,
+                            env={"PYTHONHASHSEED": "123", "PATH": "/usr/bin:/bin"}, cwd=str(_repo_root()))
+    from cg4ctr_fast.imaging import image_sha256
+
+    assert json.loads(result.stdout) == derive_seed(image_sha256(image), "warm", 0, 0)
+    creative = pipe9("warm", image, mask, num_inference_steps=1, show_progress=False)[0]
+    assert creative.seed == derive_seed(image_sha256(image), "warm", 0, 0)
+
+
+def _repo_root():
+    from pathlib import Path
+
+    return Path(__file__).resolve().parent.parent
+
+
+def test_batch_composition_does_not_change_a_creative(pipe9, product):
+    """A creative depends on (product, prompt, index, seed), not on which other groups share its batch."""
+    image, mask = product
+    # composite=False: compare the float decoder output, not uint8 levels where 1e-7 can flip a rounding.
+    alone = pipe9(["warm"], image, mask, num_inference_steps=2, output_type="np", composite=False,
+                  show_progress=False)[0]
+    batched = pipe9(["cool", "warm", "neon"], image, mask, num_inference_steps=2, output_type="np",
+                    composite=False, show_progress=False)[1]
+    assert alone.seed == batched.seed
+    assert np.abs(alone.image - batched.image).max() < 1e-4
+
+
+def test_prompt_embeddings_are_cached(pipe9, product, monkeypatch):
+    image, mask = product
+    pipe9.clear_prompt_cache()
+    calls = []
+    original = pipe9.components.text_encoder
+
+    def counting(ids):
+        calls.append(ids.shape[0])
+        return original(ids)
+
+    monkeypatch.setattr(pipe9.components, "text_encoder", counting)
+    pipe9(["a", "b", "a"], image, mask, num_inference_steps=1, show_progress=False)
+    assert calls == [3]  # "a", "b" and the empty negative prompt, once each, in one batch
+    pipe9(["b", "c"], image, mask, num_inference_steps=1, show_progress=False)
+    assert calls == [3, 1]  # only "c" is new
+
+
+def test_one_denoising_loop_for_all_groups(pipe9, product, monkeypatch):
+    image, mask = product
+    batches = []
+    unet = pipe9.components.unet
+
+    def recording(sample, t, embeds):
+        batches.append(sample.shape[0])
+        return unet(sample, t, embeds)
+
+    monkeypatch.setattr(pipe9.components, "unet", recording)
+    pipe9(["a", "b", "c", "d", "e"], image, mask, num_inference_steps=3, guidance_scale=5.0, show_progress=False)
+    assert batches == [10, 10, 10]  # 5 groups × 2 (guidance), 3 steps, one call per step
+
+
+@pytest.mark.parametrize(
+    "kwargs,needle",
+    [
+        ({"num_inference_steps": 0}, "num_inference_steps"),
+        ({"strength": 1.5}, "strength"),
+        ({"strength": 0.01, "num_inference_steps": 5}, "no denoising step"),
+        ({"output_type": "latent"}, "output_type"),
+        ({"negative_prompt": ["x", "y"]}, "negative prompts"),
+        ({"height": 60}, "multiple of 8"),
+    ],
+)
+def test_bad_arguments(pipe9, product, kwargs, needle):
+    image, mask = product
+    with pytest.raises(InputError, match=needle):
+        pipe9("warm", image, mask, show_progress=False, **kwargs)
+
+
+def test_masks_must_match_and_contain_both(pipe9, product):
+    image, _ = product
+    with pytest.raises(InputError, match="mask is"):
+        pipe9("x", image, Image.new("L", (10, 10), 255), show_progress=False)
+    with pytest.raises(InputError, match="nothing to repaint"):
+        pipe9("x", image, Image.new("L", image.size, 0), show_progress=False)
+    with pytest.raises(InputError, match="no product"):
+        pipe9("x", image, Image.new("L", image.size, 255), show_progress=False)
+    with pytest.raises(InputError, match="no mask"):
+        pipe9("x", image, None, show_progress=False)
+
+
+def test_save_and_from_pretrained_round_trip(pipe9, product, tmp_path):
+    from diffusers import StableDiffusionInpaintPipeline
+
+    from cg4ctr_fast.models.diffusion import save_modules
+
+    save_modules(pipe9.components.modules, tmp_path / "model")
+    loaded = CreativePipeline.from_pretrained(str(tmp_path / "model"))
+    image, mask = product
+    a = pipe9("warm", image, mask, num_inference_steps=2, output_type="np", show_progress=False)[0].image
+    b = loaded("warm", image, mask, num_inference_steps=2, output_type="np", show_progress=False)[0].image
+    assert np.array_equal(a, b)
+    # diffusers itself loads the folder, offline.
+    StableDiffusionInpaintPipeline.from_pretrained(str(tmp_path / "model"), local_files_only=True,
+                                                   safety_checker=None, requires_safety_checker=False)
+
+
+def test_from_pretrained_missing_folder(tmp_path):
+    with pytest.raises(InputError, match="not found"):
+        CreativePipeline.from_pretrained(str(tmp_path / "nope"))
+    (tmp_path / "half").mkdir()
+    with pytest.raises(InputError, match="missing"):
+        CreativePipeline.from_pretrained(str(tmp_path / "half"))
+
+
+def test_from_diffusers_reuses_components(pipe9, product):
+    from diffusers import StableDiffusionInpaintPipeline
+
+    m = pipe9.components.modules
+    dpipe = StableDiffusionInpaintPipeline(vae=m.vae, text_encoder=m.text_encoder, tokenizer=m.tokenizer,
+                                           unet=m.unet, scheduler=m.scheduler, safety_checker=None,
+                                           feature_extractor=None, requires_safety_checker=False)
+    ours = CreativePipeline.from_diffusers(dpipe)
+    assert ours.components.modules.unet is m.unet
+    image, mask = product
+    a = ours("x", image, mask, num_inference_steps=1, output_type="np", show_progress=False)[0].image
+    b = pipe9("x", image, mask, num_inference_steps=1, output_type="np", show_progress=False)[0].image
+    assert np.array_equal(a, b)
+
+
+def test_sd15_architecture_builds_with_random_weights_only_on_request():
+    with pytest.raises(InputError, match="--model PATH"):
+        CreativePipeline.from_preset("sd15-inpaint")
+
+
+def test_lean_import():
+    code = (
+        "import sys, cg4ctr_fast;"
+        "bad = [m for m in ('tensorrt', 'triton', 'onnx', 'onnxruntime', 'diffusers', 'transformers') if m in sys.modules];"
+        "import torch; print(','.join(bad)); print(torch.cuda.is_initialized())"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    heavy, cuda_initialized = result.stdout.split()[0:2] if result.stdout.split()[0] != "False" else ("", "False")
+    assert heavy == "" and cuda_initialized == "False", result.stdout
+
+
+def test_saliency_makes_the_mask_when_none_is_given(product):
+    from cg4ctr_fast.models.saliency import U2NetP, mask_from_saliency, predict_saliency
+
+    torch.manual_seed(0)
+    saliency = U2NetP().eval()
+    pipe = CreativePipeline.from_preset("tiny")
+    pipe.saliency = saliency
+    image, _ = product
+    expected_mask = mask_from_saliency(predict_saliency(saliency, image), threshold=0.5, dilate_px=2)
+    keep = np.asarray(expected_mask) < 128
+    assert keep.any() and (~keep).any()
+    creative = pipe("warm", image, None, num_inference_steps=1, show_progress=False)[0]
+    assert np.array_equal(np.asarray(creative.mask), np.asarray(expected_mask))
+    assert np.array_equal(np.asarray(creative.image)[keep], np.asarray(image)[keep])
