@@ -18,6 +18,7 @@ equals diffusers' StableDiffusionInpaintPipeline within float tolerance (tests/t
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import threading
 from collections import OrderedDict
@@ -29,6 +30,7 @@ import torch
 from PIL import Image
 
 from cg4ctr_fast.errors import InputError
+from cg4ctr_fast.kernels.step import Blend, fused_unsupported_reason, make_step, supports_fused
 from cg4ctr_fast.runtime.slots import Components
 
 GeneratorArg = Union[torch.Generator, list, None]
@@ -57,31 +59,6 @@ def derive_seed(*parts: Any) -> int:
 def _generator(seed: int, device: torch.device) -> torch.Generator:
     # CPU generators on every device: the noise is then the same on a CPU and a GPU (randn_tensor moves it).
     return torch.Generator("cpu").manual_seed(seed)
-
-
-def reference_step(
-    scheduler,
-    noise_pred: torch.Tensor,
-    t: torch.Tensor,
-    latents: torch.Tensor,
-    *,
-    guidance_scale: float,
-    do_cfg: bool,
-    blend: Optional[tuple] = None,
-    extra_step_kwargs: Optional[dict] = None,
-) -> torch.Tensor:
-    """Guidance, scheduler update and (4-channel UNets) masked latent blending, as diffusers does them."""
-    if do_cfg:
-        noise_uncond, noise_text = noise_pred.chunk(2)
-        noise_pred = noise_uncond + guidance_scale * (noise_text - noise_uncond)
-    latents = scheduler.step(noise_pred, t, latents, **(extra_step_kwargs or {}), return_dict=False)[0]
-    if blend is not None:
-        init_mask, image_latents, noise, next_t = blend
-        init_latents_proper = image_latents
-        if next_t is not None:
-            init_latents_proper = scheduler.add_noise(image_latents, noise, torch.tensor([next_t]))
-        latents = (1 - init_mask) * init_latents_proper + init_mask * latents
-    return latents
 
 
 class CreativePipeline:
@@ -113,7 +90,15 @@ class CreativePipeline:
         )
         self._prompt_cache: "OrderedDict[str, torch.Tensor]" = OrderedDict()
         self._cache_lock = threading.Lock()
-        self.step_fn = reference_step
+        # Fused denoising step (guidance + scheduler update + blend in one pass): None = on CUDA when the
+        # scheduler has a fused path; True/False force it (CPU: the fused math runs as its torch reference).
+        self.fuse_step: Optional[bool] = None
+        self.step_backend = "auto"  # "triton" on CUDA tensors when triton imports, else "torch"
+        # Attach a cg4ctr_fast.runtime.timing.StageTimer to record seconds per stage (benchmarks).
+        self.timer = None
+
+    def _stage(self, name: str):
+        return self.timer.stage(name) if self.timer is not None else contextlib.nullcontext()
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -262,7 +247,8 @@ class CreativePipeline:
         elif self.saliency is not None:
             from cg4ctr_fast.models.saliency import mask_from_saliency, predict_saliency
 
-            saliency_map = predict_saliency(self.saliency, rgb)
+            with self._stage("saliency"):
+                saliency_map = predict_saliency(self.saliency, rgb)
             mask = mask_from_saliency(
                 saliency_map, threshold=self.saliency_threshold, dilate_px=self.saliency_dilate_px
             )
@@ -298,7 +284,6 @@ class CreativePipeline:
         from diffusers.utils.torch_utils import randn_tensor
         from tqdm.auto import tqdm
 
-        from cg4ctr_fast.imaging import composite as paste_product
         from cg4ctr_fast.imaging import image_sha256, load_image, to_rgb_and_alpha_mask, working_size
 
         comps = self.components
@@ -340,7 +325,8 @@ class CreativePipeline:
         do_cfg = guidance_scale > 1.0
         negatives = _negative_prompts(negative_prompt, len(prompts)) if do_cfg else []
         # One text-encoder call for every new prompt, negatives included; [negatives; prompts] as diffusers.
-        prompt_embeds = self.encode_prompts(negatives + prompts).repeat_interleave(num_images_per_prompt, dim=0)
+        with self._stage("text"):
+            prompt_embeds = self.encode_prompts(negatives + prompts).repeat_interleave(num_images_per_prompt, dim=0)
 
         # 4. timesteps --------------------------------------------------------------------------
         # A fresh scheduler per call: scheduler state (step index, solver history) is per request.
@@ -364,7 +350,8 @@ class CreativePipeline:
             raise InputError(f"the UNet has {info.unet_in_channels} input channels; 4 or 9 are supported")
         image_latents = None
         if four_channel or not is_strength_max:
-            image_latents = self._encode_image(init_image, encode_generator)
+            with self._stage("vae_encode"):
+                image_latents = self._encode_image(init_image, encode_generator)
 
         # 6. initial latents --------------------------------------------------------------------
         latent_shape = (batch, info.latent_channels, height // scale, width // scale)
@@ -375,7 +362,8 @@ class CreativePipeline:
             latent_timestep = timesteps[:1].repeat(batch)
             latents = scheduler.add_noise(image_latents.expand(batch, -1, -1, -1), noise, latent_timestep)
         masked_image = init_image * (mask_condition.to(device=device, dtype=dtype) < 0.5)
-        masked_image_latents = self._encode_image(masked_image, encode_generator)
+        with self._stage("vae_encode"):
+            masked_image_latents = self._encode_image(masked_image, encode_generator)
         mask_latents = torch.nn.functional.interpolate(mask_condition, size=(height // scale, width // scale))
         mask_latents = mask_latents.to(device=device, dtype=dtype).expand(batch, -1, -1, -1)
         masked_image_latents = masked_image_latents.expand(batch, -1, -1, -1)
@@ -386,64 +374,79 @@ class CreativePipeline:
             unet_mask, unet_masked_latents = mask_latents, masked_image_latents
 
         # 7. one denoising loop over all groups ------------------------------------------------
-        extra_step_kwargs = _extra_step_kwargs(scheduler, generator, eta)
+        stepper = self._make_stepper(scheduler, guidance_scale, do_cfg, eta, generator, device)
         for i, t in enumerate(tqdm(timesteps, desc="denoise", disable=not show_progress, leave=False)):
             model_input = torch.cat([latents] * 2) if do_cfg else latents
             model_input = scheduler.scale_model_input(model_input, t)
             if not four_channel:
                 model_input = torch.cat([model_input, unet_mask, unet_masked_latents], dim=1)
-            noise_pred = comps.unet(model_input, t, prompt_embeds)
+            with self._stage("unet"):
+                noise_pred = comps.unet(model_input, t, prompt_embeds)
             blend = None
             if four_channel:
                 next_t = timesteps[i + 1] if i < len(timesteps) - 1 else None
-                blend = (mask_latents, image_latents, noise, next_t)
-            latents = self.step_fn(
-                scheduler,
-                noise_pred,
-                t,
-                latents,
-                guidance_scale=guidance_scale,
-                do_cfg=do_cfg,
-                blend=blend,
-                extra_step_kwargs=extra_step_kwargs,
-            )
+                blend = Blend(mask_latents, image_latents.expand(batch, -1, -1, -1), noise, next_t)
+            with self._stage("step"):
+                latents = stepper(noise_pred, t, latents, blend=blend)
 
         # 8. decode -----------------------------------------------------------------------------
-        decoded = comps.vae_decoder(latents / info.scaling_factor)
+        with self._stage("vae_decode"):
+            decoded = comps.vae_decoder(latents / info.scaling_factor)
         if not torch.isfinite(decoded).all():
             raise RuntimeError(
                 "VAE decode produced NaN/Inf: run the VAE in float32 (fp16 SD VAEs overflow) or lower the guidance"
             )
 
         # 9. postprocess, restore the original size, paste the product back ------------------
-        pil_images = self.image_processor.postprocess(decoded, output_type="pil")
-        creatives = []
-        for k, generated in enumerate(pil_images):
-            if not composite and output_type == "np":
-                out: Any = self.image_processor.postprocess(decoded[k : k + 1], output_type="np")[0]
-            else:
-                if generated.size != rgb.size:
-                    generated = generated.resize(rgb.size, Image.LANCZOS)
-                if composite:
-                    generated = paste_product(rgb, generated, mask)
-                out = generated if output_type == "pil" else np.asarray(generated, dtype=np.float32) / 255.0
-            creatives.append(
-                Creative(
-                    image=out,
-                    prompt=creative_prompts[k],
-                    group=k // num_images_per_prompt,
-                    index=k % num_images_per_prompt,
-                    seed=seeds[k],
-                    mask=mask,
-                )
+        with self._stage("composite"):
+            images = self._postprocess(decoded, rgb, mask, composite=composite, output_type=output_type)
+        creatives = [
+            Creative(
+                image=out,
+                prompt=creative_prompts[k],
+                group=k // num_images_per_prompt,
+                index=k % num_images_per_prompt,
+                seed=seeds[k],
+                mask=mask,
             )
+            for k, out in enumerate(images)
+        ]
 
         # 10. reward ----------------------------------------------------------------------------
         if self.reward is not None:
-            scores = self.reward([c.image for c in creatives], [c.group for c in creatives])
+            with self._stage("reward"):
+                scores = self.reward([c.image for c in creatives], [c.group for c in creatives])
             for creative, score in zip(creatives, scores):
                 creative.reward = float(score)
         return creatives
+
+
+    def _make_stepper(self, scheduler, guidance_scale: float, do_cfg: bool, eta: float, generator, device):
+        """The per-step work outside the UNet: fused when asked (or on CUDA), else diffusers' literal sequence."""
+        fuse = self.fuse_step
+        if fuse is None:
+            fuse = device.type == "cuda" and supports_fused(scheduler, eta)
+        if fuse:
+            reason = fused_unsupported_reason(scheduler, eta)
+            if reason is not None:
+                raise InputError(f"fused step unavailable: {reason}; set fuse_step=False")
+            return make_step(scheduler, guidance_scale, do_cfg, fused=True, backend=self.step_backend, eta=eta)
+        return make_step(scheduler, guidance_scale, do_cfg, fused=False, eta=eta, generator=generator)
+
+    def _postprocess(self, decoded, rgb: Image.Image, mask: Image.Image, *, composite: bool, output_type: str):
+        """Decoder output → images at the original size, with the original product pixels when compositing."""
+        from cg4ctr_fast.imaging import composite as paste_product
+
+        if not composite and output_type == "np":
+            return list(self.image_processor.postprocess(decoded, output_type="np"))
+        images: list[Any] = []
+        for generated in self.image_processor.postprocess(decoded, output_type="pil"):
+            if generated.size != rgb.size:
+                generated = generated.resize(rgb.size, Image.LANCZOS)
+            if composite:
+                generated = paste_product(rgb, generated, mask)
+            images.append(generated if output_type == "pil" else np.asarray(generated, dtype=np.float32) / 255.0)
+        return images
 
 
 def _check_call_args(prompts, steps, guidance, strength, per_prompt, output_type) -> None:
@@ -473,18 +476,6 @@ def _negative_prompts(negative_prompt, n: int) -> list[str]:
     if len(negatives) != n:
         raise InputError(f"got {len(negatives)} negative prompts for {n} prompts")
     return negatives
-
-
-def _extra_step_kwargs(scheduler, generator, eta: float) -> dict:
-    import inspect
-
-    params = set(inspect.signature(scheduler.step).parameters)
-    kwargs = {}
-    if "eta" in params:
-        kwargs["eta"] = eta
-    if "generator" in params:
-        kwargs["generator"] = generator
-    return kwargs
 
 
 def _move(modules, device: str, dtype: torch.dtype) -> None:

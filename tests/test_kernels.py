@@ -411,3 +411,35 @@ def test_step_module_has_no_triton_reference():
     # the torch backend never touches the kernel modules
     assert step_mod._ops("torch")[0] is ddim_step_ref
     assert step_mod._ops("triton")[0] is ddim_step
+
+
+def test_timestep_lookup_without_item():
+    # elements (and slices) of scheduler.timesteps are read from a host copy; anything else via .item()
+    s = _make(DDIMScheduler, dict(SD), 10, 0, False)
+    fused = FusedStep(s, 7.5, True, "torch")
+    ts = s.timesteps
+    sub = ts[3:]
+    for i, t in enumerate(sub):
+        assert fused._timestep_value(t) == int(ts[3 + i])
+    assert fused._timestep_value(ts[-1].clone()) == int(ts[-1])
+    assert fused._timestep_value(int(ts[2])) == int(ts[2])
+    s.set_timesteps(7)  # a new schedule replaces the host copy
+    assert fused._timestep_value(s.timesteps[1]) == int(s.timesteps[1])
+    s.timesteps[1] = 5  # in-place edits too (version counter)
+    assert fused._timestep_value(s.timesteps[1]) == 5
+
+
+@pytest.mark.parametrize("case", ["dpm-eps", "euler-v-karras", "ddim-eps"])
+def test_loop_under_inference_mode(case):
+    with torch.inference_mode():
+        _run_loop(case, "full-cfg-blend-fp32", "triton")
+
+
+def test_bf16_store_rounds_to_nearest_even():
+    # the interpreter truncates fp32 -> bf16; the kernels round with integer ops there (see _to_storage)
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(3, 4, 21, 17, generator=g) * 10
+    x.view(-1)[:4] = torch.tensor([0.0, -0.0, 1e-40, 3e38])
+    mo = torch.zeros(3, 4, 21, 17, dtype=torch.bfloat16)
+    _, x0 = dpm_solver_step(mo, x, guidance_scale=None, x0_sample=1.0, x0_model=0.0, coef_sample=1.0, coef_x0=0.0)
+    assert torch.equal(x0, x.to(torch.bfloat16))

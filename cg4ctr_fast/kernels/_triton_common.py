@@ -1,6 +1,8 @@
 """Triton device helpers shared by the step kernels (this module imports triton)."""
 from __future__ import annotations
 
+import os
+
 import triton
 import triton.language as tl
 
@@ -63,6 +65,28 @@ def _blend(
     else:
         out = prev
     return out
+
+
+@triton.jit
+def _to_storage(x, dst_dtype: tl.constexpr, SOFT_BF16: tl.constexpr):
+    """fp32 -> storage dtype, rounding to nearest even.
+
+    On GPUs ``.to()`` rounds to nearest even for every dtype. The Triton interpreter truncates
+    fp32 -> bf16 instead (a bias of up to one bf16 ulp toward zero per store, which adds up over a
+    denoising loop), so under TRITON_INTERPRET=1 (``SOFT_BF16``) bf16 is rounded with integer ops.
+    """
+    if SOFT_BF16 and dst_dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = bits + (0x7FFF + ((bits >> 16) & 1))
+        y = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        y = x.to(dst_dtype)
+    return y
+
+
+def soft_bf16() -> bool:
+    """Whether launches run in the Triton interpreter (see :func:`_to_storage`)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def launch_args(lay):

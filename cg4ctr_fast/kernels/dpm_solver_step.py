@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from ._layout import check_out, default_block, prepare
-from ._triton_common import _blend, _load_guided, _offsets, grid_for, launch_args
+from ._triton_common import _blend, _load_guided, _offsets, _to_storage, grid_for, launch_args, soft_bf16
 from .reference import dpm_solver_step_ref
 
 __all__ = ["dpm_solver_step", "dpm_solver_step_ref", "_dpm_solver_step_kernel"]
@@ -52,12 +52,13 @@ def _dpm_solver_step_kernel(
     SECOND_ORDER: tl.constexpr,
     HAS_BLEND: tl.constexpr,
     HAS_NOISE: tl.constexpr,
+    SOFT_BF16: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     offs, in_bounds = _offsets(numel, BLOCK)
     e = _load_guided(mo_ptr, offs, in_bounds, numel, guidance, DO_CFG)
     s = tl.load(sample_ptr + offs, mask=in_bounds, other=0.0).to(tl.float32)
-    m0_stored = (x0_sample * s + x0_model * e).to(x0_out_ptr.dtype.element_ty)
+    m0_stored = _to_storage(x0_sample * s + x0_model * e, x0_out_ptr.dtype.element_ty, SOFT_BF16)
     m0 = m0_stored.to(tl.float32)
     prev = coef_sample * s + coef_x0 * m0
     if SECOND_ORDER:
@@ -68,7 +69,7 @@ def _dpm_solver_step_kernel(
         prev, offs, in_bounds, mask_ptr, image_ptr, noise_ptr, per_item, hw,
         mask_bstride, image_bstride, noise_bstride, init_image, init_noise, HAS_BLEND, HAS_NOISE,
     )
-    tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=in_bounds)
+    tl.store(out_ptr + offs, _to_storage(out, out_ptr.dtype.element_ty, SOFT_BF16), mask=in_bounds)
 
 
 def dpm_solver_step(
@@ -124,6 +125,7 @@ def dpm_solver_step(
         SECOND_ORDER=prev_x0 is not None,
         HAS_BLEND=lay.mask is not None,
         HAS_NOISE=lay.noise is not None,
+        SOFT_BF16=soft_bf16(),
         BLOCK=block,
     )
     return out, x0_out

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from ._layout import check_out, default_block, prepare
-from ._triton_common import _blend, _load_guided, _offsets, grid_for, launch_args
+from ._triton_common import _blend, _load_guided, _offsets, _to_storage, grid_for, launch_args, soft_bf16
 from .reference import euler_step_ref
 
 __all__ = ["euler_step", "euler_step_ref", "_euler_step_kernel"]
@@ -47,6 +47,7 @@ def _euler_step_kernel(
     DO_CFG: tl.constexpr,
     HAS_BLEND: tl.constexpr,
     HAS_NOISE: tl.constexpr,
+    SOFT_BF16: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     offs, in_bounds = _offsets(numel, BLOCK)
@@ -59,7 +60,7 @@ def _euler_step_kernel(
         prev, offs, in_bounds, mask_ptr, image_ptr, noise_ptr, per_item, hw,
         mask_bstride, image_bstride, noise_bstride, init_image, init_noise, HAS_BLEND, HAS_NOISE,
     )
-    tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=in_bounds)
+    tl.store(out_ptr + offs, _to_storage(out, out_ptr.dtype.element_ty, SOFT_BF16), mask=in_bounds)
 
 
 def euler_step(
@@ -100,6 +101,7 @@ def euler_step(
         DO_CFG=guidance_scale is not None,
         HAS_BLEND=lay.mask is not None,
         HAS_NOISE=lay.noise is not None,
+        SOFT_BF16=soft_bf16(),
         BLOCK=block,
     )
     return out

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -235,21 +236,40 @@ class UnfusedStep:
         self.eta = eta
         self.generator = generator
 
-    def __call__(self, noise_pred: torch.Tensor, t: Any, latents: torch.Tensor, *, blend: Any = None) -> torch.Tensor:
-        return unfused_step(self.scheduler, noise_pred, t, latents, self.guidance_scale, self.do_cfg,
-                            blend, self.generator, eta=self.eta)
+    def __call__(self, noise_pred: torch.Tensor, t: Any, latents: torch.Tensor, *, blend: Any = None,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+        res = unfused_step(self.scheduler, noise_pred, t, latents, self.guidance_scale, self.do_cfg,
+                           blend, self.generator, eta=self.eta)
+        return out.copy_(res) if out is not None else res
 
 
 # ---------------------------------------------------------------------------------------------
 # The fused step.
 
 
-def _f(x: Any) -> float:
-    return float(x.item()) if isinstance(x, torch.Tensor) else float(x)
+def _log(x: float) -> float:
+    return math.log(x) if x > 0.0 else -math.inf
 
 
-def _as_int(t: Any) -> int:
-    return int(t.item()) if isinstance(t, torch.Tensor) else int(t)
+class _HostCopy:
+    """A host list of a scheduler tensor (sigmas / timesteps), refreshed when the tensor changes."""
+
+    __slots__ = ("_src", "_version", "values")
+
+    def __init__(self) -> None:
+        self._src = None
+        self._version = -1
+        self.values: list = []
+
+    def get(self, t: torch.Tensor) -> list:
+        try:
+            version = t._version
+        except RuntimeError:  # inference tensors have no version counter (and cannot be modified in place)
+            version = None
+        if t is not self._src or version != self._version:
+            self._src, self._version = t, version
+            self.values = t.detach().reshape(-1).tolist()
+        return self.values
 
 
 class FusedStep:
@@ -261,6 +281,11 @@ class FusedStep:
     (triton for CUDA tensors when triton imports, else torch), "triton" or "torch".
     The scheduler's ``set_timesteps`` / ``set_begin_index`` / ``scale_model_input`` are used as
     usual; this object reads the scheduler's state at each call and advances it.
+
+    The step's scalars are computed on the host in double precision from the scheduler's fp32
+    tables (diffusers computes them as fp32 tensors: the two agree to an fp32 rounding). Timesteps
+    that are elements of a CUDA ``scheduler.timesteps`` are read from a host copy, so a step
+    does not synchronize with the GPU.
     """
 
     fused = True
@@ -279,10 +304,23 @@ class FusedStep:
         self.backend = backend
         self.eta = eta
         self._warned_fallback = False
+        self._sigmas = _HostCopy()
+        self._timesteps = _HostCopy()
+        cfg = scheduler.config
+        self._pred = cfg.prediction_type
         if self.family == "ddim":
-            # host copies: DDIM's add_noise moves scheduler.alphas_cumprod to the latents' device
-            self._alphas_cumprod = scheduler.alphas_cumprod.detach().to("cpu", torch.float32)
-            self._final_alpha_cumprod = torch.as_tensor(scheduler.final_alpha_cumprod).detach().to("cpu", torch.float32)
+            # host copies (DDIM's add_noise moves scheduler.alphas_cumprod to the latents' device)
+            self._alphas_cumprod = scheduler.alphas_cumprod.detach().to("cpu", torch.float32).tolist()
+            self._final_alpha_cumprod = float(torch.as_tensor(scheduler.final_alpha_cumprod).float())
+            self._clip = float(cfg.clip_sample_range) if cfg.clip_sample else None
+            self._num_train = int(cfg.num_train_timesteps)
+        elif self.family == "dpm":
+            self._flow = bool(cfg.use_flow_sigmas)
+            self._order = int(cfg.solver_order)
+            self._midpoint = cfg.solver_type == "midpoint"
+            self._lof = bool(cfg.lower_order_final)
+            self._euler_at_final = bool(cfg.euler_at_final)
+            self._final_zero = cfg.final_sigmas_type == "zero"
 
     # -- public -----------------------------------------------------------------------------
 
@@ -308,7 +346,21 @@ class FusedStep:
             return self._euler(euler_op, noise_pred, t, latents, g, blend, out)
         return self._dpm(dpm_op, noise_pred, t, latents, g, blend, out)
 
-    # -- blend coefficients -----------------------------------------------------------------
+    # -- host helpers -----------------------------------------------------------------------
+
+    def _timestep_value(self, t: Any) -> float:
+        """Host value of ``t`` without a GPU sync when ``t`` is an element of scheduler.timesteps."""
+        if not isinstance(t, torch.Tensor):
+            return t
+        if t.numel() == 1:
+            ts = self.scheduler.timesteps
+            if (isinstance(ts, torch.Tensor) and ts.dim() == 1 and ts.is_contiguous() and ts.dtype == t.dtype
+                    and ts.device == t.device
+                    and t.untyped_storage().data_ptr() == ts.untyped_storage().data_ptr()):
+                off, rem = divmod(t.data_ptr() - ts.data_ptr(), ts.element_size())
+                if rem == 0 and 0 <= off < ts.numel():
+                    return self._timesteps.get(ts)[off]
+        return t.item()
 
     @staticmethod
     def _blend_kwargs(blend: Blend | None, init_image: float = 1.0, init_noise: float = 0.0) -> dict:
@@ -335,33 +387,30 @@ class FusedStep:
 
     def _ddim(self, op, noise_pred, t, latents, g, blend, out):
         s = self.scheduler
-        cfg = s.config
         if s.num_inference_steps is None:
             raise ValueError("Number of inference steps is 'None', you need to run 'set_timesteps' after creating the scheduler")
         ac = self._alphas_cumprod
-        t_i = _as_int(t)
-        prev_t = t_i - cfg.num_train_timesteps // s.num_inference_steps
+        t_i = int(self._timestep_value(t))
+        prev_t = t_i - self._num_train // s.num_inference_steps
         alpha_prod_t = ac[t_i]
         alpha_prod_t_prev = ac[prev_t] if prev_t >= 0 else self._final_alpha_cumprod
-        beta_prod_t = 1 - alpha_prod_t
-        sa, sb = _f(alpha_prod_t**0.5), _f(beta_prod_t**0.5)
-        if cfg.prediction_type == "epsilon":
+        sa, sb = math.sqrt(alpha_prod_t), math.sqrt(1.0 - alpha_prod_t)
+        if self._pred == "epsilon":  # x0 = (s - sb*e) / sa
             x0c, epsc = (1.0 / sa, -sb / sa), (0.0, 1.0)
-        elif cfg.prediction_type == "v_prediction":
+        elif self._pred == "v_prediction":  # x0 = sa*s - sb*e, eps = sa*e + sb*s
             x0c, epsc = (sa, -sb), (sb, sa)
-        else:  # "sample"
+        else:  # "sample": x0 = e, eps = (s - sa*x0) / sb
             x0c, epsc = (0.0, 1.0), (1.0 / sb, -sa / sb)
-        # eta = 0 -> std_dev_t = 0: pred_sample_direction = (1 - a_prev) ** 0.5 * eps
-        prev_x0, prev_eps = _f(alpha_prod_t_prev**0.5), _f((1 - alpha_prod_t_prev) ** 0.5)
+        # eta = 0 -> std_dev_t = 0: prev = sqrt(a_prev) * x0 + sqrt(1 - a_prev) * eps
+        prev_x0, prev_eps = math.sqrt(alpha_prod_t_prev), math.sqrt(1.0 - alpha_prod_t_prev)
         init_image = init_noise = 0.0
-        if blend is not None and blend.next_t is not None:
-            a_next = ac[_as_int(blend.next_t)]
-            init_image, init_noise = _f(a_next**0.5), _f((1 - a_next) ** 0.5)
+        if blend is not None and blend.next_t is not None:  # add_noise(image_latents, noise, next_t)
+            a_next = ac[int(self._timestep_value(blend.next_t))]
+            init_image, init_noise = math.sqrt(a_next), math.sqrt(1.0 - a_next)
         return op(
             noise_pred, latents, guidance_scale=g,
             x0_sample=x0c[0], x0_model=x0c[1], eps_sample=epsc[0], eps_model=epsc[1],
-            prev_x0=prev_x0, prev_eps=prev_eps,
-            clip_range=float(cfg.clip_sample_range) if cfg.clip_sample else None,
+            prev_x0=prev_x0, prev_eps=prev_eps, clip_range=self._clip,
             out=out, **self._blend_kwargs(blend, init_image, init_noise),
         )
 
@@ -372,23 +421,22 @@ class FusedStep:
         if s.step_index is None:
             s._init_step_index(t)
         i = s.step_index
-        sigmas = s.sigmas
+        sigmas = self._sigmas.get(s.sigmas)
         sigma = sigmas[i]
-        sigma_hat = sigma * (0.0 + 1)  # s_churn = 0 -> gamma = 0
-        pred = s.config.prediction_type
-        if pred == "epsilon":
-            x0c = (1.0, -_f(sigma_hat))
-        elif pred == "v_prediction":
-            x0c = (1.0 / _f(sigma**2 + 1), _f(-sigma / (sigma**2 + 1) ** 0.5))
+        sigma_hat = sigma  # s_churn = 0 -> gamma = 0 -> sigma_hat = sigma * (gamma + 1)
+        if self._pred == "epsilon":  # x0 = s - sigma_hat * e
+            x0c = (1.0, -sigma_hat)
+        elif self._pred == "v_prediction":  # x0 = e * (-sigma / sqrt(sigma^2 + 1)) + s / (sigma^2 + 1)
+            x0c = (1.0 / (sigma * sigma + 1.0), -sigma / math.sqrt(sigma * sigma + 1.0))
         else:  # "sample" / "original_sample"
             x0c = (0.0, 1.0)
         dt = sigmas[i + 1] - sigma_hat
         init_noise = 0.0
-        if blend is not None and blend.next_t is not None:
-            init_noise = _f(sigmas[self._noise_index(blend.next_t, i + 1)])
+        if blend is not None and blend.next_t is not None:  # add_noise: image_latents + noise * sigma
+            init_noise = sigmas[self._noise_index(blend.next_t, i + 1)]
         res = op(
             noise_pred, latents, guidance_scale=g,
-            x0_sample=x0c[0], x0_model=x0c[1], sigma_hat=_f(sigma_hat), dt=_f(dt),
+            x0_sample=x0c[0], x0_model=x0c[1], sigma_hat=sigma_hat, dt=dt,
             out=out, **self._blend_kwargs(blend, 1.0, init_noise),
         )
         s._step_index += 1
@@ -396,62 +444,61 @@ class FusedStep:
 
     # -- DPM-Solver++ -----------------------------------------------------------------------
 
+    def _alpha_sigma(self, sigma: float) -> tuple[float, float]:
+        # DPMSolverMultistepScheduler._sigma_to_alpha_sigma_t
+        if self._flow:
+            return 1.0 - sigma, sigma
+        alpha = 1.0 / math.sqrt(sigma * sigma + 1.0)
+        return alpha, sigma * alpha
+
     def _dpm(self, op, noise_pred, t, latents, g, blend, out):
         s = self.scheduler
-        cfg = s.config
         if s.num_inference_steps is None:
             raise ValueError("Number of inference steps is 'None', you need to run 'set_timesteps' after creating the scheduler")
         if s.step_index is None:
             s._init_step_index(t)
         i = s.step_index
         n = len(s.timesteps)
-        lower_order_final = (i == n - 1) and (
-            cfg.euler_at_final or (cfg.lower_order_final and n < 15) or cfg.final_sigmas_type == "zero"
-        )
-        sigmas = s.sigmas
-        to_alpha_sigma = s._sigma_to_alpha_sigma_t
+        lower_order_final = (i == n - 1) and (self._euler_at_final or (self._lof and n < 15) or self._final_zero)
+        sigmas = self._sigmas.get(s.sigmas)
 
-        # convert_model_output (data prediction x0 = x0_sample * sample + x0_model * model_output)
-        pred = cfg.prediction_type
-        if pred == "epsilon":
-            alpha_t, sigma_t = to_alpha_sigma(sigmas[i])
-            x0c = (1.0 / _f(alpha_t), -_f(sigma_t) / _f(alpha_t))
-        elif pred == "v_prediction":
-            alpha_t, sigma_t = to_alpha_sigma(sigmas[i])
-            x0c = (_f(alpha_t), -_f(sigma_t))
-        elif pred == "flow_prediction":
-            x0c = (1.0, -_f(sigmas[i]))
+        # convert_model_output: data prediction x0 = x0_sample * sample + x0_model * model_output
+        alpha_s0, sigma_s0 = self._alpha_sigma(sigmas[i])
+        if self._pred == "epsilon":  # (s - sigma_t * e) / alpha_t
+            x0c = (1.0 / alpha_s0, -sigma_s0 / alpha_s0)
+        elif self._pred == "v_prediction":  # alpha_t * s - sigma_t * e
+            x0c = (alpha_s0, -sigma_s0)
+        elif self._pred == "flow_prediction":  # s - sigma * e
+            x0c = (1.0, -sigmas[i])
         else:  # "sample"
             x0c = (0.0, 1.0)
 
-        # update coefficients (dpm_solver_first_order_update / multistep_dpm_solver_second_order_update)
-        first_order = cfg.solver_order == 1 or s.lower_order_nums < 1 or lower_order_final
-        alpha_t, sigma_t = to_alpha_sigma(sigmas[i + 1])
-        alpha_s0, sigma_s0 = to_alpha_sigma(sigmas[i])
-        lambda_t = torch.log(alpha_t) - torch.log(sigma_t)
-        lambda_s0 = torch.log(alpha_s0) - torch.log(sigma_s0)
+        # dpm_solver_first_order_update / multistep_dpm_solver_second_order_update (dpmsolver++)
+        first_order = self._order == 1 or s.lower_order_nums < 1 or lower_order_final
+        alpha_t, sigma_t = self._alpha_sigma(sigmas[i + 1])
+        lambda_t = _log(alpha_t) - _log(sigma_t)  # +inf when the next sigma is 0
+        lambda_s0 = _log(alpha_s0) - _log(sigma_s0)
         h = lambda_t - lambda_s0
-        coef_sample = _f(sigma_t / sigma_s0)
-        coef_x0 = _f(-(alpha_t * (torch.exp(-h) - 1.0)))
+        phi = math.expm1(-h)  # exp(-h) - 1
+        coef_sample = sigma_t / sigma_s0
+        coef_x0 = -alpha_t * phi
         coef_diff = 0.0
         prev_x0 = None
         if not first_order:
-            alpha_s1, sigma_s1 = to_alpha_sigma(sigmas[i - 1])
-            lambda_s1 = torch.log(alpha_s1) - torch.log(sigma_s1)
-            h_0 = lambda_s0 - lambda_s1
-            r0 = h_0 / h
-            if cfg.solver_type == "midpoint":
-                coef_diff = _f(-0.5 * (alpha_t * (torch.exp(-h) - 1.0)) * (1.0 / r0))
-            else:  # heun
-                coef_diff = _f((alpha_t * ((torch.exp(-h) - 1.0) / h + 1.0)) * (1.0 / r0))
+            alpha_s1, sigma_s1 = self._alpha_sigma(sigmas[i - 1])
+            lambda_s1 = _log(alpha_s1) - _log(sigma_s1)
+            r0 = (lambda_s0 - lambda_s1) / h
+            if self._midpoint:  # - 0.5 * alpha_t * (exp(-h) - 1) * D1, D1 = (m0 - m1) / r0
+                coef_diff = -0.5 * alpha_t * phi / r0
+            else:  # heun: + alpha_t * ((exp(-h) - 1) / h + 1) * D1
+                coef_diff = alpha_t * (phi / h + 1.0) / r0
             prev_x0 = s.model_outputs[-1]
             if prev_x0 is None:
                 raise RuntimeError("DPMSolverMultistepScheduler state has lower_order_nums >= 1 but no stored model output")
 
         init_image = init_noise = 0.0
-        if blend is not None and blend.next_t is not None:
-            a_n, s_n = to_alpha_sigma(sigmas[self._noise_index(blend.next_t, i + 1)])
-            init_image, init_noise = _f(a_n), _f(s_n)
+        if blend is not None and blend.next_t is not None:  # add_noise: alpha * image_latents + sigma * noise
+            init_image, init_noise = self._alpha_sigma(sigmas[self._noise_index(blend.next_t, i + 1)])
 
         res, x0 = op(
             noise_pred, latents, guidance_scale=g,
@@ -460,10 +507,10 @@ class FusedStep:
             out=out, **self._blend_kwargs(blend, init_image, init_noise),
         )
         # state, as DPMSolverMultistepScheduler.step leaves it
-        for k in range(cfg.solver_order - 1):
+        for k in range(self._order - 1):
             s.model_outputs[k] = s.model_outputs[k + 1]
         s.model_outputs[-1] = x0
-        if s.lower_order_nums < cfg.solver_order:
+        if s.lower_order_nums < self._order:
             s.lower_order_nums += 1
         s._step_index += 1
         return res

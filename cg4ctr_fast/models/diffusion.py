@@ -78,6 +78,9 @@ def make_scheduler(name: str, config: dict[str, Any] | None = None):
     config = dict(config or {})
     if class_name == "DPMSolverMultistepScheduler":
         config.setdefault("algorithm_type", "dpmsolver++")
+    if class_name == "PNDMScheduler":
+        # SD checkpoints ship PNDM with PLMS only; the Runge-Kutta warm-up steps break strength < 1 indexing.
+        config.setdefault("skip_prk_steps", True)
     return cls.from_config(config)
 
 
