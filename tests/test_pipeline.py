@@ -243,3 +243,24 @@ def test_saliency_makes_the_mask_when_none_is_given(product):
     creative = pipe("warm", image, None, num_inference_steps=1, show_progress=False)[0]
     assert np.array_equal(np.asarray(creative.mask), np.asarray(expected_mask))
     assert np.array_equal(np.asarray(creative.image)[keep], np.asarray(image)[keep])
+
+
+def test_nan_decode_falls_back_to_fp32(product, monkeypatch):
+    from cg4ctr_fast.runtime.torch_backend import VaeDecoderSlot
+
+    pipe = CreativePipeline.from_preset("tiny", dtype=torch.bfloat16)
+    slot = pipe.components.vae_decoder
+    real_call = VaeDecoderSlot.__call__
+    calls = []
+
+    def overflowing(self, latents):
+        calls.append(self.module.dtype)
+        out = real_call(self, latents)
+        return out * float("nan") if self.module.dtype != torch.float32 else out
+
+    monkeypatch.setattr(VaeDecoderSlot, "__call__", overflowing)
+    image, mask = product
+    creative = pipe("warm", image, mask, num_inference_steps=1, show_progress=False)[0]
+    assert calls == [torch.bfloat16]  # the bf16 decode overflowed; decode_fp32 then ran the VAE in fp32
+    assert slot.module.dtype == torch.bfloat16  # and put it back
+    assert np.isfinite(np.asarray(creative.image, dtype=np.float32)).all()

@@ -49,6 +49,18 @@ class VaeDecoderSlot:
     def __call__(self, latents: torch.Tensor) -> torch.Tensor:
         return self.module.decode(latents, return_dict=False)[0]
 
+    @torch.no_grad()
+    def decode_fp32(self, latents: torch.Tensor) -> torch.Tensor:
+        """Decode in float32: SD's VAE overflows in fp16 on some latents (NaN images); fp32 does not."""
+        dtype = self.module.dtype
+        if dtype == torch.float32:
+            return self(latents)
+        self.module.to(dtype=torch.float32)
+        try:
+            return self.module.decode(latents.float(), return_dict=False)[0]
+        finally:
+            self.module.to(dtype=dtype)
+
 
 def model_info(modules: DiffusionModules) -> ModelInfo:
     vae_config = modules.vae.config

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# One prepared run on a lent GPU machine (H100/H200), ≤ 8 minutes. From the repository root:
+#   bash bench/gpu/run.sh            # writes into $OUT (or /tmp/cg4ctr-gpu) and prints a table last
+# The machine has torch, triton, transformers, onnx but not diffusers: its wheel travels in .whl/
+# (with CLIP's BPE vocabulary file, bpe_simple_vocab_16e6.txt.gz, for the tokenizer).
+set -uo pipefail
+export PYTHONUNBUFFERED=1 TRANSFORMERS_VERBOSITY=error HF_HUB_OFFLINE=1
+OUT="${OUT:-/tmp/cg4ctr-gpu}"
+mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || { echo "wheel install failed"; exit 1; }
+  export PYTHONPATH="/tmp/site:$PWD"
+else
+  export PYTHONPATH="$PWD"
+fi
+[ -f .whl/bpe_simple_vocab_16e6.txt.gz ] && export CG4CTR_CLIP_BPE="$PWD/.whl/bpe_simple_vocab_16e6.txt.gz"
+export CG4CTR_CACHE=/tmp/cg4ctr-cache
+
+step() {  # step NAME SECONDS CMD...: run with a time limit, keep its output, never stop the script
+  local name=$1 limit=$2; shift 2
+  echo "=== $name (limit ${limit}s)"
+  local start=$SECONDS
+  timeout "$limit" "$@" > >(tee "$OUT/$name.log") 2>&1
+  local rc=$?
+  echo "=== $name: rc=$rc in $((SECONDS - start))s"
+}
+
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
+python3 -c "import torch, triton, transformers, diffusers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'diffusers', diffusers.__version__)" | tee -a "$OUT/gpu.txt"
+
+# 1. Triton kernels natively vs their torch references, and full loops vs diffusers' step.
+step kernels_selfcheck 120 python3 -m cg4ctr_fast.kernels.selfcheck --quick
+# 2. Kernel micro-benchmark: fused vs unfused step, GB/s against the measured copy bandwidth.
+step kernel_bench 120 python3 bench/kernel_bench.py --device cuda --dtype fp16 --batch 1,8,16 --json "$OUT/kernel_bench.json"
+# 3. SD1.5-inpaint architecture, random fp16 weights, 512x512, 20 guided steps: diffusers eager (SDPA) vs
+#    ours eager (unfused and fused step) vs ours torch.compile (CUDA graphs via reduce-overhead, channels_last).
+step pipeline_bench 330 python3 -m cg4ctr_fast.cli.bench --preset sd15-inpaint --random-weights --device cuda \
+  --dtype fp16 --backends torch,compile --fuse both --groups 1,8 --steps 20 --runs 5 --warmup 2 \
+  --json "$OUT/pipeline_bench.json" --plot "$OUT/pipeline_bench.png"
+
+echo "=== summary"
+python3 - "$OUT" <<'PY'
+import json, os, sys
+out = sys.argv[1]
+for name in ("kernel_bench.json", "pipeline_bench.json"):
+    path = os.path.join(out, name)
+    if os.path.exists(path):
+        report = json.load(open(path))
+        print(f"--- {name}")
+        print(report.get("table", "(no table)"))
+    else:
+        print(f"--- {name}: missing (see its log)")
+PY

@@ -1,0 +1,52 @@
+"""cg4ctr-bench: a real (tiny) run writes a complete report; bad requests fail with one line."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cg4ctr_fast.cli.bench import main
+
+
+def test_bench_writes_rows_with_ratios(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    code = main(["--preset", "tiny", "--backends", "torch", "--groups", "1,3", "--steps", "2", "--runs", "2",
+                 "--warmup", "1", "--fuse", "both", "--json", str(out), "--plot", str(tmp_path / "b.png")])
+    assert code == 0
+    report = json.loads(out.read_text())
+    rows = report["results"]
+    assert [(r["name"], r["groups"]) for r in rows] == [
+        ("diffusers", 1), ("diffusers", 3), ("torch+unfused", 1), ("torch+unfused", 3),
+        ("torch+fused", 1), ("torch+fused", 3),
+    ]
+    for row in rows:
+        assert row["total"]["p50"] > 0 and row["total"]["n"] == 2
+        assert row["ratio_vs_diffusers"] > 0
+    ours = rows[2]
+    assert {"text", "vae_encode", "unet", "step", "vae_decode", "composite"} <= set(ours["stages"])
+    # The stages are parts of the whole call.
+    assert sum(s["p50"] for s in ours["stages"].values()) <= ours["total"]["p50"] * 1.05
+    env = report["environment"]
+    assert env["versions"]["torch"] and env["versions"]["diffusers"] and env["command"]
+    assert (tmp_path / "b.png").stat().st_size > 1000
+    assert "vs diffusers" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "flags,needle",
+    [
+        (["--backends", "onnxruntime"], "cg4ctr-export"),
+        (["--backends", "cuda-magic"], "unknown backend"),
+        (["--groups", "0"], "positive"),
+        (["--steps", "0"], "--steps"),
+        (["--preset", "sd15-inpaint"], "--random-weights"),
+    ],
+)
+def test_bench_bad_requests(tmp_path, capsys, flags, needle):
+    try:
+        code = main(["--json", str(tmp_path / "x.json"), *flags])
+    except SystemExit as exc:
+        code = exc.code
+    err = capsys.readouterr().err
+    assert code == 2 and needle in err and err.count("\n") == 1, err
+    assert not (tmp_path / "x.json").exists()
