@@ -30,13 +30,13 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=c
 python3 -c "import torch, triton, transformers, diffusers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'diffusers', diffusers.__version__)" | tee -a "$OUT/gpu.txt"
 
 # 1. Triton kernels natively vs their torch references, and full loops vs diffusers' step.
-step kernels_selfcheck 120 python3 -m cg4ctr_fast.kernels.selfcheck --quick
+step kernels_selfcheck 90 python3 -m cg4ctr_fast.kernels.selfcheck --quick
 # 2. Kernel micro-benchmark: fused vs unfused step, GB/s against the measured copy bandwidth.
-step kernel_bench 120 python3 bench/kernel_bench.py --device cuda --dtype fp16 --batch 1,8,16 --json "$OUT/kernel_bench.json"
+step kernel_bench 90 python3 bench/kernel_bench.py --device cuda --dtype fp16 --batch 1,8,16 --json "$OUT/kernel_bench.json"
 # 3. SD1.5-inpaint architecture, random fp16 weights, 512x512, 20 guided steps: diffusers eager (SDPA) vs
 #    ours eager (unfused and fused step) vs ours torch.compile (CUDA graphs via reduce-overhead, channels_last).
-step pipeline_bench 330 python3 -m cg4ctr_fast.cli.bench --preset sd15-inpaint --random-weights --device cuda \
-  --dtype fp16 --backends torch,compile --fuse both --groups 1,8 --steps 20 --runs 5 --warmup 2 \
+step pipeline_bench 280 python3 -m cg4ctr_fast.cli.bench --preset sd15-inpaint --random-weights --device cuda \
+  --dtype fp16 --backends torch,compile --fuse both --groups 1,8 --steps 20 --runs 3 --warmup 2 \
   --json "$OUT/pipeline_bench.json" --plot "$OUT/pipeline_bench.png"
 
 echo "=== summary"

@@ -10,7 +10,6 @@ import argparse
 import json
 import sys
 from dataclasses import asdict
-from pathlib import Path
 from typing import Optional, Sequence
 
 from cg4ctr_fast.cli.main import EXIT_BAD_INPUT, OneLineParser, _quiet_libraries
@@ -66,19 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args) -> dict:
     import torch
 
-    from cg4ctr_fast.bench import (
-        BenchCase,
-        check_backend,
-        diffusers_pipeline,
-        environment,
-        plot,
-        run_diffusers,
-        run_ours,
-        table,
-    )
+    from cg4ctr_fast.bench import BenchCase, check_backend, diffusers_pipeline, run_diffusers, run_ours
     from cg4ctr_fast.cli.demo import draw_product
     from cg4ctr_fast.config import get_preset
-    from cg4ctr_fast.imaging import atomic_write_bytes, to_rgb_and_alpha_mask
+    from cg4ctr_fast.imaging import to_rgb_and_alpha_mask
     from cg4ctr_fast.models.diffusion import build_modules, load_modules
     from cg4ctr_fast.pipeline import CreativePipeline
     from cg4ctr_fast.runtime.torch_backend import torch_components
@@ -114,7 +104,7 @@ def run(args) -> dict:
     results = []
     dpipe = None if args.no_diffusers else diffusers_pipeline(modules)
     baselines: dict[int, float] = {}
-    # Eager rows first: the compile backend may convert the shared modules to channels_last.
+    # Eager rows first: the compile backend converts the shared UNet to channels_last on CUDA.
     ordered = sorted(backends, key=lambda b: b == "compile")
     cases = {
         g: BenchCase(prompts=[GROUP_PROMPTS[i % len(GROUP_PROMPTS)] + f", variant {i}" for i in range(g)],
@@ -127,13 +117,9 @@ def run(args) -> dict:
             row = run_diffusers(dpipe, case, runs=args.runs, warmup=args.warmup, device=device)
             baselines[groups] = row.total["p50"]
             results.append(row)
+            _write_report(args, device, preset, size, backends, results, final=False)
     for backend in ordered:
-        if backend == "compile" and device.type == "cuda":
-            modules.unet.to(memory_format=torch.channels_last)
-        components = torch_components(modules, backend=backend)
-        if backend == "compile":
-            mode = args.compile_mode or ("reduce-overhead" if device.type == "cuda" else None)
-            components.unet.forward = torch.compile(modules.unet, mode=mode)
+        components = torch_components(modules, backend=backend, compile_mode=args.compile_mode)
         pipe = CreativePipeline(components)
         for fuse in fuse_modes:
             pipe.fuse_step = fuse
@@ -146,6 +132,15 @@ def run(args) -> dict:
                 if backend == "compile":
                     row.notes.append(f"torch.compile mode={args.compile_mode or 'default'}; warm-up includes compile")
                 results.append(row)
+                # Written after every row: a run cut short by a time limit still leaves its finished rows.
+                _write_report(args, device, preset, size, backends, results, final=False)
+
+    return _write_report(args, device, preset, size, backends, results, final=True)
+
+
+def _write_report(args, device, preset, size, backends, results, *, final: bool) -> dict:
+    from cg4ctr_fast.bench import environment, plot, table
+    from cg4ctr_fast.imaging import atomic_write_bytes
 
     report = {
         "environment": environment(device),
@@ -155,13 +150,15 @@ def run(args) -> dict:
             "runs": args.runs, "warmup": args.warmup, "groups": args.groups, "backends": backends,
             "fuse": args.fuse,
         },
+        "complete": final,
         "results": [asdict(r) for r in results],
         "table": table(results),
     }
     atomic_write_bytes(args.json, (json.dumps(report, indent=2) + "\n").encode())
-    if args.plot:
-        plot(results, args.plot)
-    print(report["table"])
+    if final:
+        if args.plot:
+            plot(results, args.plot)
+        print(report["table"])
     return report
 
 

@@ -1,0 +1,815 @@
+#!/usr/bin/env python
+"""Micro-benchmark of one denoising step outside the UNet: unfused diffusers vs FusedStep.
+
+    python bench/kernel_bench.py [--device cpu|cuda] [--dtype fp32|fp16|bf16] [--batch 1,8,16]
+                                 [--latent 64] [--steps 20] [--reps N] [--warmup N]
+                                 [--bw-shapes 64x128,64x256] [--json FILE]
+
+For each scheduler family (DDIM, Euler, DPM-Solver++ 2M; SD's noise schedule), each batch size B
+(latents B x 4 x L x L, UNet output 2B x 4 x L x L with classifier-free guidance, the 4-channel
+inpainting blend off and on) it times full loops of ``--steps`` steps for
+
+* ``unfused``: diffusers' literal sequence (:class:`cg4ctr_fast.kernels.step.UnfusedStep`),
+* ``fused_torch``: ``FusedStep(..., backend="torch")`` (the plain-torch reference pass),
+* ``fused_triton``: ``FusedStep(..., backend="triton")`` (CUDA only; skipped with the reason on CPU),
+
+each rep on a fresh scheduler (``set_timesteps(steps)``; the set-up is not timed), after warm-up
+reps (triton compiles on its first calls), with the variants' reps interleaved. It reports
+microseconds per step (median and p90 over reps) and the speedup unfused / fused.
+
+On CUDA it also measures device-to-device copy bandwidth (a 1 GiB ``copy_``, bytes read + written)
+and the Triton kernels' effective bandwidth: the bytes one step must move (read the 2B noise
+prediction and the B latents [+ blend: B x 1 mask, image latents, noise], write the B latents; the
+DPM-Solver++ kernel also writes its data prediction and reads the previous one) over the time of
+the kernel call alone, in a tight eager loop and replayed from a CUDA graph (kernel time without
+the Python launch overhead), at the pipeline sizes and at big memory-bound sizes (``--bw-shapes``).
+
+Timing: CUDA events on the GPU, ``time.perf_counter`` on CPU. Nothing here asserts on a timing.
+The table is printed last; ``--json FILE`` gets everything (device, versions, git SHA, the command
+line, the timestamp), written atomically. Exit status: 0, 1 when a variant failed to run, 2 on a
+bad argument.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Callable
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run from a checkout without installing the package
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+SCHEMA = "cg4ctr_fast.kernel_bench/1"
+GUIDANCE = 7.5
+CHANNELS = 4
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+VARIANTS = ("unfused", "fused_torch", "fused_triton")
+# short name -> (project scheduler name, display name)
+FAMILIES = {
+    "ddim": ("ddim", "DDIM"),
+    "euler": ("euler", "Euler"),
+    "dpm++2m": ("dpm++", "DPM-Solver++ 2M"),
+}
+COPY_BYTES = 1 << 30
+DEFAULT_BW_SHAPES = "64x128,64x256"
+
+
+class ArgError(Exception):
+    """A bad command-line argument (reported as one line, exit status 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse's default prints the usage too; one line is enough
+        raise ArgError(message)
+
+
+def _positive_int(name: str, text: str) -> int:
+    try:
+        value = int(text, 10)
+    except ValueError:
+        raise ArgError(f"{name}: {text!r} is not an integer") from None
+    if value < 1:
+        raise ArgError(f"{name}: {value} must be >= 1")
+    return value
+
+
+def _batch_list(text: str) -> list[int]:
+    items = [s.strip() for s in text.split(",")]
+    if not items or any(not s for s in items):
+        raise ArgError(f"--batch: {text!r} must be a comma-separated list of positive integers, e.g. 1,8,16")
+    out: list[int] = []
+    for s in items:
+        b = _positive_int("--batch", s)
+        if b not in out:
+            out.append(b)
+    return out
+
+
+def _shape_list(text: str) -> list[tuple[int, int]]:
+    if text.strip().lower() in ("", "none"):
+        return []
+    out = []
+    for item in text.split(","):
+        parts = item.strip().lower().split("x")
+        if len(parts) != 2:
+            raise ArgError(f"--bw-shapes: {item!r} must be BxL (batch x latent side), e.g. 64x128")
+        out.append((_positive_int("--bw-shapes batch", parts[0]), _positive_int("--bw-shapes latent", parts[1])))
+    return out
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    ap = _Parser(
+        prog="kernel_bench.py",
+        description="Time the per-step work outside the UNet: unfused diffusers vs FusedStep (torch / triton).",
+    )
+    ap.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                    help="default: cuda when available, else cpu")
+    ap.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="tensor dtype (default fp32)")
+    ap.add_argument("--batch", default="1,8", help="comma-separated batch sizes B (default 1,8)")
+    ap.add_argument("--latent", default="64", help="latent side L (default 64 = 512 px)")
+    ap.add_argument("--steps", default="20", help="denoising steps per loop (default 20)")
+    ap.add_argument("--reps", default="5", help="timed loops per variant (default 5)")
+    ap.add_argument("--warmup", default="2", help="untimed loops per variant first (default 2)")
+    ap.add_argument("--bw-shapes", default=DEFAULT_BW_SHAPES,
+                    help="CUDA only: extra BxL sizes for the kernel bandwidth figure, or 'none' "
+                         f"(default {DEFAULT_BW_SHAPES})")
+    ap.add_argument("--json", default=None, metavar="FILE", help="write all results to FILE (atomically)")
+    args = ap.parse_args(argv)
+
+    args.batch = _batch_list(args.batch)
+    args.latent = _positive_int("--latent", args.latent)
+    args.steps = _positive_int("--steps", args.steps)
+    args.reps = _positive_int("--reps", args.reps)
+    try:
+        args.warmup = int(args.warmup, 10)
+    except ValueError:
+        raise ArgError(f"--warmup: {args.warmup!r} is not an integer") from None
+    if args.warmup < 0:
+        raise ArgError(f"--warmup: {args.warmup} must be >= 0")
+    args.bw_shapes = _shape_list(args.bw_shapes)
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif args.device == "cuda" and not torch.cuda.is_available():
+        why = "torch was built without CUDA" if torch.version.cuda is None else "no CUDA device is visible"
+        raise ArgError(f"--device cuda: CUDA is not available ({why}, torch {torch.__version__})")
+    if args.json is not None:
+        parent = Path(args.json).expanduser().resolve().parent
+        if not parent.is_dir():
+            raise ArgError(f"--json: directory {str(parent)!r} does not exist")
+        if Path(args.json).is_dir():
+            raise ArgError(f"--json: {args.json!r} is a directory")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics and timing.
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Linear-interpolated percentile (numpy's default method), q in [0, 100]."""
+    xs = sorted(values)
+    if not xs:
+        return math.nan
+    pos = (len(xs) - 1) * q / 100.0
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+class Clock:
+    """Seconds taken by ``fn()``: CUDA events on a CUDA device, ``time.perf_counter`` on CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def __call__(self, fn: Callable[[], Any]) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()  # nothing queued earlier is counted
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+
+
+# ---------------------------------------------------------------------------------------------
+# Full denoising loops: unfused vs FusedStep(torch) vs FusedStep(triton).
+
+
+def scheduler_config() -> dict[str, Any]:
+    """The project's SD scheduler config (what a preset gives every family)."""
+    from cg4ctr_fast.config import SD_SCHEDULE
+
+    return {**SD_SCHEDULE, "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1}
+
+
+def make_schedulers() -> dict[str, Any]:
+    """family -> a configured diffusers scheduler (a template; each rep builds a fresh one from it)."""
+    from cg4ctr_fast.models.diffusion import make_scheduler
+
+    cfg = scheduler_config()
+    return {family: make_scheduler(name, cfg) for family, (name, _) in FAMILIES.items()}
+
+
+@dataclass
+class LoopInputs:
+    noise_pred: torch.Tensor  # (2B, 4, L, L): the UNet output with CFG (one tensor reused every step)
+    noise: torch.Tensor  # (B, 4, L, L): initial noise, and the blend's noise
+    mask: torch.Tensor  # (B, 1, L, L)
+    image_latents: torch.Tensor  # (B, 4, L, L)
+
+
+def make_inputs(batch: int, latent: int, dtype: torch.dtype, device: torch.device, seed: int = 0) -> LoopInputs:
+    g = torch.Generator(device=device).manual_seed(seed)
+    shape = (batch, CHANNELS, latent, latent)
+
+    def rnd(*s):
+        return torch.randn(*s, generator=g, device=device).to(dtype)
+
+    return LoopInputs(
+        noise_pred=rnd(2 * batch, *shape[1:]),
+        noise=rnd(*shape),
+        mask=(torch.rand(batch, 1, latent, latent, generator=g, device=device) > 0.4).to(dtype),
+        image_latents=rnd(*shape),
+    )
+
+
+def _make_step(variant: str, scheduler: Any):
+    from cg4ctr_fast.kernels.step import FusedStep, UnfusedStep
+
+    if variant == "unfused":
+        return UnfusedStep(scheduler, GUIDANCE, True)
+    return FusedStep(scheduler, GUIDANCE, True, backend=variant.split("_", 1)[1])
+
+
+def prepare_loop(template: Any, variant: str, inputs: LoopInputs, steps: int, blend: bool,
+                 device: torch.device) -> tuple[Callable[[], None], int, list]:
+    """Untimed set-up of one loop: a fresh scheduler, its timesteps, the stepper and the blends.
+
+    Returns (run, number of steps, holder); ``run()`` does the steps, leaving the final latents in holder[0].
+    """
+    from cg4ctr_fast.kernels.step import Blend
+
+    s = type(template).from_config(template.config)
+    s.set_timesteps(steps, device=device)
+    if hasattr(s, "set_begin_index"):
+        s.set_begin_index(0)  # as the inpainting pipeline does (strength 1: t_start = 0)
+    ts = list(s.timesteps)  # element views of scheduler.timesteps, as `for t in timesteps` gives
+    latents = inputs.noise * s.init_noise_sigma
+    # the pipeline calls this before each UNet call; the first call sets the step index (and
+    # Euler's "scale_model_input was called" flag). It is not part of the step, so it stays untimed.
+    s.scale_model_input(latents, ts[0])
+    if blend:
+        blends = [Blend(inputs.mask, inputs.image_latents, inputs.noise, ts[i + 1] if i + 1 < len(ts) else None)
+                  for i in range(len(ts))]
+    else:
+        blends = [None] * len(ts)
+    step = _make_step(variant, s)
+    noise_pred = inputs.noise_pred
+    holder: list = [None]
+
+    def run() -> None:
+        x = latents
+        for t, bl in zip(ts, blends):
+            x = step(noise_pred, t, x, blend=bl)
+        holder[0] = x
+
+    return run, len(ts), holder
+
+
+def _rel_diff(a: torch.Tensor, b: torch.Tensor) -> float | None:
+    a, b = a.float(), b.float()
+    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+        return None
+    return (a - b).abs().max().item() / max(1.0, b.abs().max().item())
+
+
+@dataclass
+class LoopRow:
+    family: str
+    scheduler: str
+    batch: int
+    latent: int
+    dtype: str
+    blend: bool
+    variant: str
+    steps: int = 0
+    reps: int = 0
+    warmup: int = 0
+    us_per_step_median: float | None = None
+    us_per_step_p90: float | None = None
+    us_per_step_min: float | None = None
+    samples_us_per_step: list = field(default_factory=list)
+    speedup_vs_unfused: float | None = None
+    # bytes a mid-loop fused step must move (see step_bytes) / median time per step, and its share of
+    # the copy bandwidth (CUDA): a figure of merit for every variant, host overhead included
+    bytes_per_step: int | None = None
+    effective_gb_per_s: float | None = None
+    pct_of_copy: float | None = None
+    rel_diff_vs_unfused: float | None = None
+    finite: bool | None = None
+    skipped: str | None = None
+    error: str | None = None
+
+
+def triton_skip_reason(device: torch.device) -> str | None:
+    if device.type != "cuda":
+        return (f"the Triton kernels are timed on CUDA tensors only (device {device.type}; on CPU they "
+                "would run in the Triton interpreter)")
+    from cg4ctr_fast.kernels.step import triton_available
+
+    if not triton_available():
+        return "triton does not import"
+    return None
+
+
+def _one_line(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}".strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
+
+
+def bench_loops(args, device: torch.device, log: Callable[[str], None]) -> list[LoopRow]:
+    dtype = DTYPES[args.dtype]
+    clock = Clock(device)
+    schedulers = make_schedulers()
+    triton_skip = triton_skip_reason(device)
+    rows: list[LoopRow] = []
+    for batch in args.batch:
+        inputs = make_inputs(batch, args.latent, dtype, device)
+        for family, template in schedulers.items():
+            for blend in (False, True):
+                group = {v: LoopRow(family, type(template).__name__, batch, args.latent, args.dtype, blend, v,
+                                    reps=args.reps, warmup=args.warmup) for v in VARIANTS}
+                rows.extend(group.values())
+                if triton_skip is not None:
+                    group["fused_triton"].skipped = triton_skip
+                live = [v for v in VARIANTS if group[v].skipped is None]
+                finals: dict[str, torch.Tensor] = {}
+                t0 = time.perf_counter()
+                with torch.no_grad():
+                    for rep in range(args.warmup + args.reps):
+                        for v in list(live):  # variants interleaved rep by rep
+                            row = group[v]
+                            try:
+                                run, n, holder = prepare_loop(template, v, inputs, args.steps, blend, device)
+                                seconds = clock(run)
+                            except Exception as exc:  # report it, keep benchmarking the rest
+                                row.error = _one_line(exc)
+                                live.remove(v)
+                                continue
+                            row.steps = n
+                            if rep >= args.warmup:
+                                row.samples_us_per_step.append(seconds / n * 1e6)
+                            finals[v] = holder[0]
+                for v in live:
+                    row = group[v]
+                    xs = row.samples_us_per_step
+                    row.us_per_step_median = statistics.median(xs)
+                    row.us_per_step_p90 = percentile(xs, 90)
+                    row.us_per_step_min = min(xs)
+                    row.finite = bool(torch.isfinite(finals[v]).all())
+                    row.bytes_per_step = step_bytes(family, batch, args.latent, dtype, blend)
+                    row.effective_gb_per_s = row.bytes_per_step / (row.us_per_step_median * 1e-6) / 1e9
+                base = group["unfused"]
+                for v in live:
+                    if v == "unfused" or base.us_per_step_median is None:
+                        continue
+                    row = group[v]
+                    row.speedup_vs_unfused = base.us_per_step_median / row.us_per_step_median
+                    if "unfused" in finals:
+                        row.rel_diff_vs_unfused = _rel_diff(finals[v], finals["unfused"])
+                parts = []
+                for v in VARIANTS:
+                    r = group[v]
+                    parts.append(f"{v} {_fmt_us(r.us_per_step_median)}" if r.us_per_step_median is not None
+                                 else f"{v} {'error' if r.error else 'skipped'}")
+                log(f"[loops] {family:8s} B={batch:<3d} blend={'on ' if blend else 'off'} us/step: "
+                    f"{' | '.join(parts)}  ({time.perf_counter() - t0:.1f}s)")
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA: copy bandwidth and the Triton kernels' effective bandwidth.
+
+
+def copy_bandwidth(device: torch.device, reps: int) -> dict:
+    """Device-to-device ``copy_`` of a large buffer; GB/s counts bytes read + written (1 GB = 1e9 B)."""
+    nbytes = COPY_BYTES
+    free, _ = torch.cuda.mem_get_info(device)
+    while nbytes > (64 << 20) and 2 * nbytes > free * 0.8:
+        nbytes //= 2
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).fill_(1)
+    dst = torch.empty_like(src)
+    clock = Clock(device)
+    for _ in range(3):
+        dst.copy_(src)
+    times = [clock(lambda: dst.copy_(src)) for _ in range(max(reps, 10))]
+    del src, dst
+    torch.cuda.empty_cache()
+    med = statistics.median(times)
+    return {
+        "bytes_copied": nbytes,
+        "bytes_moved": 2 * nbytes,
+        "us_median": med * 1e6,
+        "us_min": min(times) * 1e6,
+        "gb_per_s": 2 * nbytes / med / 1e9,
+        "gb_per_s_best": 2 * nbytes / min(times) / 1e9,
+    }
+
+
+def step_bytes(family: str, batch: int, latent: int, dtype: torch.dtype, blend: bool) -> int:
+    """Bytes one fused step must move (each input read once, each output written once).
+
+    Noise prediction 2B latents, latents B, written latents B; blend (mid-loop: with noise): mask
+    B x 1, image latents B, noise B. DPM-Solver++ 2M also reads the previous data prediction and
+    writes this step's (the scheduler's ``model_outputs``): 2 more latents-sized tensors.
+    """
+    lat = batch * CHANNELS * latent * latent
+    elems = 2 * lat + lat + lat
+    if blend:
+        elems += batch * latent * latent + lat + lat
+    if family == "dpm++2m":
+        elems += 2 * lat
+    return elems * torch.empty((), dtype=dtype).element_size()
+
+
+def kernel_call(family: str, inp: LoopInputs, blend: bool, backend: str = "triton") -> Callable[[], Any]:
+    """One fused step's kernel launch (its launcher, preallocated outputs) as a closure.
+
+    Mid-loop coefficients: blend with noise (not the last step), DPM-Solver++ second order, DDIM
+    without clipping (SD's config). The values do not matter for the timing.
+    """
+    if backend == "triton":
+        from cg4ctr_fast.kernels.ddim_step import ddim_step
+        from cg4ctr_fast.kernels.dpm_solver_step import dpm_solver_step
+        from cg4ctr_fast.kernels.euler_step import euler_step
+    else:
+        from cg4ctr_fast.kernels.reference import ddim_step_ref as ddim_step
+        from cg4ctr_fast.kernels.reference import dpm_solver_step_ref as dpm_solver_step
+        from cg4ctr_fast.kernels.reference import euler_step_ref as euler_step
+    sample = inp.noise.clone()
+    out = torch.empty_like(sample)
+    kw: dict = {"guidance_scale": GUIDANCE, "out": out}
+    if blend:
+        kw.update(mask=inp.mask, image_latents=inp.image_latents, noise=inp.noise, init_image=0.6, init_noise=0.8)
+    mo = inp.noise_pred
+    if family == "ddim":
+        kw.update(x0_sample=1.2, x0_model=-0.6, eps_sample=0.0, eps_model=1.0, prev_x0=0.9, prev_eps=0.4,
+                  clip_range=None)
+        return lambda: ddim_step(mo, sample, **kw)
+    if family == "euler":
+        kw.update(x0_sample=1.0, x0_model=-2.0, sigma_hat=2.0, dt=-0.3)
+        return lambda: euler_step(mo, sample, **kw)
+    if family == "dpm++2m":
+        kw.update(x0_sample=1.1, x0_model=-0.5, coef_sample=0.8, coef_x0=0.3, coef_diff=0.1,
+                  prev_x0=inp.image_latents.clone(), x0_out=torch.empty_like(sample))
+        return lambda: dpm_solver_step(mo, sample, **kw)
+    raise ValueError(f"unknown family {family!r}")
+
+
+def _calls(fn: Callable[[], Any], n: int) -> Callable[[], None]:
+    def loop() -> None:
+        for _ in range(n):
+            fn()
+
+    return loop
+
+
+def time_kernel_eager(fn: Callable[[], Any], clock: Clock, reps: int, budget_s: float = 0.02) -> tuple[float, int]:
+    """Median seconds per call of ``fn`` called back to back (launch overhead included); and calls per rep."""
+    for _ in range(3):
+        fn()
+    probe = clock(_calls(fn, 10)) / 10
+    n = int(min(max(budget_s / max(probe, 1e-9), 10), 2000))
+    loop = _calls(fn, n)
+    return statistics.median(clock(loop) / n for _ in range(reps)), n
+
+
+def time_kernel_graph(fn: Callable[[], Any], clock: Clock, reps: int, n: int) -> float:
+    """Median seconds per call of ``n`` calls captured in one CUDA graph (GPU time only)."""
+    n = max(1, min(n, 200))
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up on a side stream, as torch.cuda.graphs recommends
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(n):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = [clock(graph.replay) / n for _ in range(reps)]
+    del graph
+    return statistics.median(times)
+
+
+def bench_kernel_bandwidth(args, device: torch.device, copy_gbps: float | None,
+                           log: Callable[[str], None]) -> list[dict]:
+    dtype = DTYPES[args.dtype]
+    clock = Clock(device)
+    shapes = [(b, args.latent, "pipeline") for b in args.batch]
+    shapes += [(b, lat, "big") for b, lat in args.bw_shapes if (b, lat) not in {(x, args.latent) for x in args.batch}]
+    rows = []
+    reps = max(args.reps, 5)
+    for batch, latent, kind in shapes:
+        try:
+            inputs = make_inputs(batch, latent, dtype, device, seed=1)
+        except Exception as exc:  # e.g. out of memory at a big --bw-shapes size
+            rows.append({"family": "all", "batch": batch, "latent": latent, "dtype": args.dtype, "blend": None,
+                         "size": kind, "error": _one_line(exc)})
+            log(f"[kernel] B={batch} L={latent}: {rows[-1]['error']}")
+            continue
+        for family in FAMILIES:
+            for blend in (False, True):
+                row: dict = {"family": family, "batch": batch, "latent": latent, "dtype": args.dtype,
+                             "blend": blend, "size": kind,
+                             "bytes_per_step": step_bytes(family, batch, latent, dtype, blend)}
+                rows.append(row)
+                fn = None
+                try:
+                    with torch.no_grad():
+                        fn = kernel_call(family, inputs, blend)
+                        eager, n = time_kernel_eager(fn, clock, reps)
+                    row.update(eager_us=eager * 1e6, eager_calls_per_rep=n,
+                               eager_gb_per_s=row["bytes_per_step"] / eager / 1e9)
+                except Exception as exc:
+                    row["error"] = _one_line(exc)
+                    log(f"[kernel] {family} B={batch} L={latent}: {row['error']}")
+                    continue
+                try:
+                    with torch.no_grad():
+                        graph = time_kernel_graph(fn, clock, reps, n)
+                    row.update(graph_us=graph * 1e6, graph_gb_per_s=row["bytes_per_step"] / graph / 1e9)
+                except Exception as exc:  # capture not possible here: the eager figure stands
+                    row["graph_error"] = _one_line(exc)
+                    try:
+                        torch.cuda.synchronize()
+                    except Exception:
+                        pass
+                for key in ("eager", "graph"):
+                    if copy_gbps and f"{key}_gb_per_s" in row:
+                        row[f"{key}_pct_of_copy"] = 100.0 * row[f"{key}_gb_per_s"] / copy_gbps
+                del fn
+            log(f"[kernel] {family:8s} B={batch:<3d} L={latent:<3d} done")
+        del inputs
+        torch.cuda.empty_cache()
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Environment, table, JSON.
+
+
+def _git_sha() -> dict:
+    def git(*cmd) -> str | None:
+        try:
+            res = subprocess.run(["git", *cmd], cwd=ROOT, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return res.stdout.strip() if res.returncode == 0 else None
+
+    sha = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no") if sha else None
+    return {"git_sha": sha, "git_dirty": bool(status) if status is not None else None}
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(device: torch.device) -> dict:
+    env = {
+        "device": device.type,
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "triton": _version("triton"),  # the distribution's version: importing triton is left to the kernels
+        "diffusers": _version("diffusers"),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
+        env["sm_count"] = props.multi_processor_count
+        env["capability"] = f"{props.major}.{props.minor}"
+    env.update(_git_sha())
+    return env
+
+
+def _fmt_us(x: float | None) -> str:
+    if x is None:
+        return "-"
+    return f"{x:.1f}" if x < 1000 else f"{x:.0f}"
+
+
+def _cell(row: LoopRow) -> str:
+    if row.error:
+        return "error"
+    if row.skipped:
+        return "skipped"
+    return f"{_fmt_us(row.us_per_step_median)} ({_fmt_us(row.us_per_step_p90)})"
+
+
+def _speed(row: LoopRow) -> str:
+    return f"{row.speedup_vs_unfused:.2f}x" if row.speedup_vs_unfused is not None else "-"
+
+
+def format_report(result: dict) -> str:
+    env, cfg = result["environment"], result["config"]
+    lines = [
+        f"kernel_bench: {env['device_name']} ({env['device']}), torch {env['torch']}, triton {env['triton']}, "
+        f"diffusers {env['diffusers']}, git {(env['git_sha'] or '?')[:12]}{'+dirty' if env['git_dirty'] else ''}",
+        f"dtype {cfg['dtype']}, latents Bx4x{cfg['latent']}x{cfg['latent']}, UNet output 2Bx4 (CFG g={GUIDANCE}), "
+        f"{cfg['steps']} steps/loop, {cfg['reps']} reps after {cfg['warmup']} warm-up; "
+        "us per step: median (p90) over reps; speedup = unfused median / fused median",
+        "",
+    ]
+    header = ["family", "B", "blend", "unfused", "fused torch", "speedup", "fused triton", "speedup"]
+    table = []
+    loops = result["loops"]
+    by_key: dict = {}
+    for r in loops:
+        by_key.setdefault((r.family, r.batch, r.blend), {})[r.variant] = r
+    for (family, batch, blend), g in by_key.items():
+        table.append([family, str(batch), "on" if blend else "off", _cell(g["unfused"]), _cell(g["fused_torch"]),
+                      _speed(g["fused_torch"]), _cell(g["fused_triton"]), _speed(g["fused_triton"])])
+    lines += _grid(header, table)
+    notes = sorted({f"{r.variant}: skipped: {r.skipped}" for r in loops if r.skipped})
+    notes += [f"{r.variant} {r.family} B={r.batch} blend={'on' if r.blend else 'off'}: ERROR {r.error}"
+              for r in loops if r.error]
+    copy = result.get("copy_bandwidth") or {}
+    kern = result.get("kernel_bandwidth") or []
+    if "gb_per_s" in copy:
+        lines += ["", f"copy bandwidth: {copy['gb_per_s']:.0f} GB/s (copy_ of {copy['bytes_copied'] / 2**30:g} GiB, "
+                      f"read + written, median of reps; best {copy['gb_per_s_best']:.0f} GB/s)"]
+    elif copy.get("skipped") or copy.get("error"):
+        notes.append(f"copy bandwidth: {copy.get('skipped') or 'ERROR ' + copy['error']}")
+    if kern:
+        lines += ["", "triton kernel alone, effective bandwidth = bytes per step / time per call "
+                  "(eager: back-to-back launches; graph: CUDA-graph replay, GPU time only); "
+                  "sizes that fit in L2 can show more than the DRAM copy bandwidth"]
+        header = ["family", "B", "L", "blend", "MB/step", "eager us", "GB/s", "%copy", "graph us", "GB/s", "%copy"]
+        table = []
+        for r in kern:
+            blend = {True: "on", False: "off"}.get(r["blend"], "-")
+            if "error" in r:
+                mb = f"{r['bytes_per_step'] / 1e6:.2f}" if "bytes_per_step" in r else "-"
+                table.append([r["family"], str(r["batch"]), str(r["latent"]), blend, mb, "error", "", "", "", "", ""])
+                notes.append(f"kernel {r['family']} B={r['batch']} L={r['latent']}: ERROR {r['error']}")
+                continue
+            cells = [r["family"], str(r["batch"]), str(r["latent"]), blend, f"{r['bytes_per_step'] / 1e6:.2f}"]
+            for key in ("eager", "graph"):
+                if f"{key}_us" in r:
+                    pct = r.get(f"{key}_pct_of_copy")
+                    cells += [f"{r[f'{key}_us']:.1f}", f"{r[f'{key}_gb_per_s']:.0f}",
+                              f"{pct:.0f}%" if pct is not None else "-"]
+                else:
+                    cells += ["-", "-", "-"]
+            if "graph_error" in r:
+                notes.append(f"kernel {r['family']} B={r['batch']} L={r['latent']}: no CUDA graph: {r['graph_error']}")
+            table.append(cells)
+        lines += _grid(header, table, left=4)
+    elif result.get("kernel_bandwidth_skipped"):
+        notes.append(f"kernel bandwidth: skipped: {result['kernel_bandwidth_skipped']}")
+    if notes:
+        lines += [""] + notes
+    return "\n".join(lines)
+
+
+def _grid(header: list[str], rows: list[list[str]], left: int = 3) -> list[str]:
+    """Aligned text table; the first ``left`` columns are left-justified, the rest right-justified."""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+
+    def fmt(cells):
+        return "  ".join(c.ljust(w) if i < left else c.rjust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+    return [fmt(header), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows]
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, LoopRow):
+        x = x.__dict__
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+def write_json_atomic(path: str, data: dict) -> None:
+    target = Path(path).expanduser()
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.resolve().parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(_jsonable(data), f, indent=2, allow_nan=False)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+        command = shlex.join([sys.executable, sys.argv[0], *argv])
+    else:
+        argv = list(argv)
+        command = shlex.join([sys.executable, str(Path(__file__)), *argv])
+    try:
+        args = parse_args(argv)
+    except ArgError as exc:
+        print(f"kernel_bench.py: error: {exc}", file=sys.stderr)
+        return 2
+    except SystemExit as exc:  # --help
+        return exc.code if isinstance(exc.code, int) else 0
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    device = torch.device(args.device)
+    started = time.perf_counter()
+    result: dict = {
+        "schema": SCHEMA,
+        "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": command,
+        "argv": argv,
+        "environment": environment(device),
+        "config": {
+            "device": args.device, "dtype": args.dtype, "batch": args.batch, "latent": args.latent,
+            "steps": args.steps, "reps": args.reps, "warmup": args.warmup, "guidance_scale": GUIDANCE,
+            "cfg": True, "channels": CHANNELS, "bw_shapes": [list(s) for s in args.bw_shapes],
+            "scheduler_config": scheduler_config(),
+            "timer": "cuda events" if device.type == "cuda" else "time.perf_counter",
+        },
+    }
+    result["schedulers"] = {family: {"class": type(s).__name__,
+                                     **{k: v for k, v in s.config.items() if not k.startswith("_")}}
+                            for family, s in make_schedulers().items()}
+    result["loops"] = bench_loops(args, device, log)
+    if device.type == "cuda":
+        try:
+            result["copy_bandwidth"] = copy_bandwidth(device, args.reps)
+        except Exception as exc:
+            result["copy_bandwidth"] = {"error": _one_line(exc)}
+        copy_gbps = result["copy_bandwidth"].get("gb_per_s")
+        for row in result["loops"]:
+            if copy_gbps and row.effective_gb_per_s is not None:
+                row.pct_of_copy = 100.0 * row.effective_gb_per_s / copy_gbps
+        skip = triton_skip_reason(device)
+        if skip is None:
+            result["kernel_bandwidth"] = bench_kernel_bandwidth(
+                args, device, copy_gbps, log)
+        else:
+            result["kernel_bandwidth_skipped"] = skip
+    else:
+        result["copy_bandwidth"] = {"skipped": "CUDA only"}
+        result["kernel_bandwidth_skipped"] = "CUDA only (the Triton kernels run on CUDA tensors)"
+    result["wall_s"] = time.perf_counter() - started
+    failed = any(r.error for r in result["loops"]) or any("error" in r for r in result.get("kernel_bandwidth", []))
+    failed = failed or "error" in result["copy_bandwidth"]
+    if args.json:
+        write_json_atomic(args.json, result)
+    print(format_report(result))
+    if args.json:
+        print(f"\nwrote {args.json} ({result['wall_s']:.1f}s)")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

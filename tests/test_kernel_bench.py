@@ -1,0 +1,127 @@
+"""bench/kernel_bench.py: a tiny CPU run writes a complete JSON; bad arguments exit 2 with one line.
+
+No timing is asserted on: only that every measured number is there and positive. The Triton
+launch path (CUDA-only in the benchmark) is checked for plumbing under TRITON_INTERPRET=1.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parent.parent / "bench" / "kernel_bench.py"
+FAMILIES = ("ddim", "euler", "dpm++2m")
+TINY = ["--device", "cpu", "--batch", "1", "--steps", "3", "--reps", "1", "--warmup", "1", "--latent", "8"]
+
+
+@pytest.fixture(scope="module")
+def kb():
+    spec = importlib.util.spec_from_file_location("kernel_bench", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("kernel_bench", module)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_tiny_cpu_run_writes_json(kb, tmp_path, capsys):
+    out = tmp_path / "kb.json"
+    assert kb.main([*TINY, "--batch", "1,2", "--reps", "2", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "fused torch" in printed and "skipped" in printed
+
+    data = json.loads(out.read_text())
+    assert [p.name for p in tmp_path.iterdir()] == ["kb.json"]  # the temp file was renamed, not left
+    env = data["environment"]
+    assert env["torch"] == torch.__version__ and env["device"] == "cpu" and env["device_name"]
+    assert {"triton", "diffusers", "git_sha"} <= env.keys()
+    assert "--latent 8" in data["command"] and data["argv"][-1] == str(out)
+    assert data["timestamp"] and data["config"]["steps"] == 3
+
+    rows = data["loops"]
+    assert len(rows) == len(FAMILIES) * 2 * 2 * 3  # family x batch x blend x variant
+    for family in FAMILIES:
+        assert data["schedulers"][family]["beta_schedule"] == "scaled_linear"
+        for batch in (1, 2):
+            for blend in (False, True):
+                got = {r["variant"]: r for r in rows
+                       if r["family"] == family and r["batch"] == batch and r["blend"] == blend}
+                assert set(got) == {"unfused", "fused_torch", "fused_triton"}
+                for variant in ("unfused", "fused_torch"):
+                    r = got[variant]
+                    assert r["error"] is None and r["skipped"] is None, r
+                    assert r["steps"] == 3 and len(r["samples_us_per_step"]) == 2
+                    assert r["us_per_step_median"] > 0 and r["us_per_step_p90"] > 0, r
+                    assert all(x > 0 for x in r["samples_us_per_step"])
+                    assert r["finite"] is True
+                assert got["fused_torch"]["speedup_vs_unfused"] > 0
+                assert got["fused_torch"]["rel_diff_vs_unfused"] < 1e-5  # same fp32 math, reordered
+                assert "CUDA" in got["fused_triton"]["skipped"]  # with the reason
+    assert data["copy_bandwidth"]["skipped"] and data["kernel_bandwidth_skipped"]
+
+
+@pytest.mark.parametrize("bad", [
+    ["--batch", "0"],
+    ["--batch", "1,,8"],
+    ["--batch", "x"],
+    ["--device", "tpu"],
+    ["--dtype", "fp64"],
+    ["--steps", "0"],
+    ["--reps", "-1"],
+    ["--latent", "0"],
+    ["--warmup", "-1"],
+    ["--bw-shapes", "64"],
+    ["--json", "/nonexistent-dir/kb.json"],
+    ["--no-such-flag"],
+])
+def test_bad_argument_exits_2_with_one_line(kb, bad, capsys):
+    argv = bad if bad[0] == "--device" else ["--device", "cpu", *bad]
+    assert kb.main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("kernel_bench.py: error:"), captured.err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA message")
+def test_cuda_without_cuda_exits_2(kb, capsys):
+    assert kb.main(["--device", "cuda"]) == 2
+    assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_percentile_and_byte_model(kb):
+    assert kb.percentile([5.0, 1.0, 3.0, 2.0, 4.0], 90) == pytest.approx(4.6)
+    assert kb.percentile([7.0], 90) == 7.0
+    lat = 2 * 4 * 16 * 16  # B=2, L=16
+    # read 2B noise pred + B latents, write B latents; blend adds the B x 1 mask, image latents, noise
+    assert kb.step_bytes("ddim", 2, 16, torch.float16, False) == 2 * (4 * lat)
+    assert kb.step_bytes("euler", 2, 16, torch.float32, True) == 4 * (6 * lat + 2 * 16 * 16)
+    # DPM-Solver++ also reads the previous data prediction and writes this step's
+    assert kb.step_bytes("dpm++2m", 2, 16, torch.float16, False) == 2 * (6 * lat)
+
+
+def test_triton_launch_plumbing_under_interpreter(kb):
+    """The CUDA-only kernel-bandwidth closures, run on CPU tensors by the Triton interpreter."""
+    pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("TRITON_INTERPRET=1 was not set before triton was imported")
+    cpu = torch.device("cpu")
+    clock = kb.Clock(cpu)
+    inputs = kb.make_inputs(2, 8, torch.float32, cpu, seed=1)
+    for family in FAMILIES:
+        for blend in (False, True):
+            got = kb.kernel_call(family, inputs, blend, backend="triton")()
+            want = kb.kernel_call(family, inputs, blend, backend="torch")()
+            if isinstance(got, tuple):
+                got, want = got[0], want[0]
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    seconds, calls = kb.time_kernel_eager(kb.kernel_call("ddim", inputs, True), clock, 1,
+                                          budget_s=0.001)
+    assert seconds > 0 and calls >= 10
