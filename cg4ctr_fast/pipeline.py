@@ -56,7 +56,7 @@ def derive_seed(*parts: Any) -> int:
     return int.from_bytes(digest[:8], "big") & ((1 << 63) - 1)
 
 
-def _generator(seed: int, device: torch.device) -> torch.Generator:
+def _generator(seed: int) -> torch.Generator:
     # CPU generators on every device: the noise is then the same on a CPU and a GPU (randn_tensor moves it).
     return torch.Generator("cpu").manual_seed(seed)
 
@@ -232,17 +232,11 @@ class CreativePipeline:
 
     def product_mask(self, rgb: Image.Image, mask_image=None, alpha_mask: Optional[Image.Image] = None) -> Image.Image:
         """The repaint mask at the image's size: given, the image's alpha, or the saliency net's."""
-        from cg4ctr_fast.imaging import check_mask, load_image
+        from cg4ctr_fast.imaging import check_mask, load_mask
 
         if mask_image is not None:
-            mask = load_image(mask_image, what="mask") if not isinstance(mask_image, Image.Image) else mask_image
-            mask = mask.convert("L")
-            if mask.size != rgb.size:
-                raise InputError(
-                    f"mask is {mask.size[0]}×{mask.size[1]} but the image is {rgb.size[0]}×{rgb.size[1]}"
-                )
-            mask = mask.point(lambda v: 255 if v >= 128 else 0)
-        elif alpha_mask is not None:
+            return load_mask(mask_image, rgb.size)  # binarized at 128, size and content checked
+        if alpha_mask is not None:
             mask = alpha_mask
         elif self.saliency is not None:
             from cg4ctr_fast.models.saliency import mask_from_saliency, predict_saliency
@@ -313,8 +307,8 @@ class CreativePipeline:
             seeds = [
                 derive_seed(product_key, p, i % num_images_per_prompt, seed) for i, p in enumerate(creative_prompts)
             ]
-            generator = [_generator(s, device) for s in seeds]
-            encode_generator = _generator(derive_seed(product_key, "vae-encode", seed), device)
+            generator = [_generator(s) for s in seeds]
+            encode_generator = _generator(derive_seed(product_key, "vae-encode", seed))
         else:
             if isinstance(generator, list) and len(generator) != batch:
                 raise InputError(f"got {len(generator)} generators for a batch of {batch} creatives")
