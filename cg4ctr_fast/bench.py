@@ -152,20 +152,9 @@ def run_diffusers(dpipe, case: BenchCase, *, runs: int, warmup: int, device: tor
 
 
 def diffusers_pipeline(modules):
-    from diffusers import StableDiffusionInpaintPipeline
+    from cg4ctr_fast.models.diffusion import diffusers_inpaint_pipeline
 
-    pipe = StableDiffusionInpaintPipeline(
-        vae=modules.vae,
-        text_encoder=modules.text_encoder,
-        tokenizer=modules.tokenizer,
-        unet=modules.unet,
-        scheduler=modules.scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return diffusers_inpaint_pipeline(modules)
 
 
 def environment(device: torch.device) -> dict[str, Any]:

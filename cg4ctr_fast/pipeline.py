@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -102,10 +103,28 @@ class CreativePipeline:
 
     # ------------------------------------------------------------------ constructors
     @classmethod
-    def from_modules(cls, modules, *, backend: str = "torch", **kwargs) -> "CreativePipeline":
+    def from_modules(
+        cls,
+        modules,
+        *,
+        backend: str = "torch",
+        scheduler: Optional[str] = None,
+        device: Optional[str] = None,
+        dtype: Optional[torch.dtype] = None,
+        saliency=None,
+        **kwargs,
+    ) -> "CreativePipeline":
+        """Torch modules (DiffusionModules) into slots; `saliency` is a module or a weights path."""
+        from cg4ctr_fast.models.diffusion import swap_scheduler
         from cg4ctr_fast.runtime.torch_backend import torch_components
 
-        return cls(torch_components(modules, backend=backend), **kwargs)
+        if scheduler is not None:
+            modules.scheduler = swap_scheduler(modules.scheduler, scheduler)
+        if device is not None or dtype is not None:
+            _move(modules, device or modules.unet.device, dtype or modules.unet.dtype)
+        if isinstance(saliency, (str, os.PathLike)):
+            saliency = _load_saliency(saliency)
+        return cls(torch_components(modules, backend=backend), saliency=saliency, **kwargs)
 
     @classmethod
     def from_preset(
@@ -125,7 +144,7 @@ class CreativePipeline:
     ) -> "CreativePipeline":
         """`tiny` builds in code; `sd15-inpaint` loads `model` (a local diffusers folder) or random weights."""
         from cg4ctr_fast.config import get_preset, with_unet_channels
-        from cg4ctr_fast.models.diffusion import build_modules, load_modules, swap_scheduler
+        from cg4ctr_fast.models.diffusion import build_modules, load_modules
 
         preset = get_preset(name)
         if unet_in_channels is not None:
@@ -139,11 +158,9 @@ class CreativePipeline:
                 f"preset {name!r} has no built-in weights: pass --model PATH (a local diffusers folder) "
                 "or --random-weights for latency work"
             )
-        if scheduler is not None:
-            modules.scheduler = swap_scheduler(modules.scheduler, scheduler)
-        _move(modules, device, dtype)
-        saliency_model = _load_saliency(saliency)
-        return cls.from_modules(modules, backend=backend, saliency=saliency_model, **kwargs)
+        return cls.from_modules(
+            modules, backend=backend, scheduler=scheduler, device=device, dtype=dtype, saliency=saliency, **kwargs
+        )
 
     @classmethod
     def from_pretrained(
@@ -158,13 +175,12 @@ class CreativePipeline:
         **kwargs,
     ) -> "CreativePipeline":
         """Load a local diffusers folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/); no network."""
-        from cg4ctr_fast.models.diffusion import load_modules, swap_scheduler
+        from cg4ctr_fast.models.diffusion import load_modules
 
         modules = load_modules(path, dtype=dtype)
-        if scheduler is not None:
-            modules.scheduler = swap_scheduler(modules.scheduler, scheduler)
-        _move(modules, device, dtype)
-        return cls.from_modules(modules, backend=backend, saliency=_load_saliency(saliency), **kwargs)
+        return cls.from_modules(
+            modules, backend=backend, scheduler=scheduler, device=device, dtype=dtype, saliency=saliency, **kwargs
+        )
 
     @classmethod
     def from_diffusers(cls, pipe, saliency=None, reward=None, **kwargs) -> "CreativePipeline":
@@ -179,8 +195,6 @@ class CreativePipeline:
             scheduler=pipe.scheduler,
             model_id=f"diffusers:{getattr(pipe, 'name_or_path', None) or type(pipe).__name__}",
         )
-        if isinstance(saliency, str):
-            saliency = _load_saliency(saliency)
         return cls.from_modules(modules, saliency=saliency, reward=reward, **kwargs)
 
     @property

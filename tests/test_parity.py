@@ -20,21 +20,9 @@ PROMPTS = ["a warm sunset beach", "cool blue studio backdrop", "green forest mos
 
 
 def _reference(ours: CreativePipeline):
-    from diffusers import StableDiffusionInpaintPipeline
+    from cg4ctr_fast.models.diffusion import diffusers_inpaint_pipeline
 
-    m = ours.components.modules
-    ref = StableDiffusionInpaintPipeline(
-        vae=m.vae,
-        text_encoder=m.text_encoder,
-        tokenizer=m.tokenizer,
-        unet=m.unet,
-        scheduler=m.scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    ref.set_progress_bar_config(disable=True)
-    return ref
+    return diffusers_inpaint_pipeline(ours.components.modules)
 
 
 _CACHE: dict = {}

@@ -196,12 +196,10 @@ def test_from_pretrained_missing_folder(tmp_path):
 
 
 def test_from_diffusers_reuses_components(pipe9, product):
-    from diffusers import StableDiffusionInpaintPipeline
+    from cg4ctr_fast.models.diffusion import diffusers_inpaint_pipeline
 
     m = pipe9.components.modules
-    dpipe = StableDiffusionInpaintPipeline(vae=m.vae, text_encoder=m.text_encoder, tokenizer=m.tokenizer,
-                                           unet=m.unet, scheduler=m.scheduler, safety_checker=None,
-                                           feature_extractor=None, requires_safety_checker=False)
+    dpipe = diffusers_inpaint_pipeline(m)
     ours = CreativePipeline.from_diffusers(dpipe)
     assert ours.components.modules.unet is m.unet
     image, mask = product

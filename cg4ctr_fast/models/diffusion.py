@@ -139,11 +139,9 @@ def load_modules(
     )
 
 
-def save_modules(modules: DiffusionModules, path: str | os.PathLike) -> Path:
-    """Write a diffusers folder (safetensors) that diffusers' own StableDiffusionInpaintPipeline loads."""
+def diffusers_inpaint_pipeline(modules: DiffusionModules):
+    """diffusers' own StableDiffusionInpaintPipeline on the same modules (no copy): the reference we match."""
     from diffusers import StableDiffusionInpaintPipeline
-
-    from cg4ctr_fast.imaging import atomic_dir
 
     pipe = StableDiffusionInpaintPipeline(
         vae=modules.vae,
@@ -155,7 +153,15 @@ def save_modules(modules: DiffusionModules, path: str | os.PathLike) -> Path:
         feature_extractor=None,
         requires_safety_checker=False,
     )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def save_modules(modules: DiffusionModules, path: str | os.PathLike) -> Path:
+    """Write a diffusers folder (safetensors) that diffusers' own StableDiffusionInpaintPipeline loads."""
+    from cg4ctr_fast.imaging import atomic_dir
+
     final = Path(path)
     with atomic_dir(final) as tmp:
-        pipe.save_pretrained(tmp, safe_serialization=True)
+        diffusers_inpaint_pipeline(modules).save_pretrained(tmp, safe_serialization=True)
     return final
