@@ -73,6 +73,7 @@ class CreativePipeline:
         reward: Optional[Callable] = None,
         saliency_threshold: float = 0.5,
         saliency_dilate_px: int = 2,
+        saliency_size: int = 320,
         max_side: Optional[int] = None,
     ):
         from diffusers.image_processor import VaeImageProcessor
@@ -82,6 +83,7 @@ class CreativePipeline:
         self.reward = reward
         self.saliency_threshold = saliency_threshold
         self.saliency_dilate_px = saliency_dilate_px
+        self.saliency_size = saliency_size  # the official u2netp runs at 320 px; our toy net at 64
         self.max_side = max_side or components.info.resolution
         scale = components.info.vae_scale_factor
         # Same processors as diffusers' inpainting pipeline, so preprocessing is identical.
@@ -256,7 +258,7 @@ class CreativePipeline:
             from cg4ctr_fast.models.saliency import mask_from_saliency, predict_saliency
 
             with self._stage("saliency"):
-                saliency_map = predict_saliency(self.saliency, rgb)
+                saliency_map = predict_saliency(self.saliency, rgb, size=self.saliency_size)
             mask = mask_from_saliency(
                 saliency_map, threshold=self.saliency_threshold, dilate_px=self.saliency_dilate_px
             )

@@ -206,7 +206,7 @@ def train_prompt_model(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            epoch_loss += float(loss) * len(idx)
+            epoch_loss += loss.item() * len(idx)
         history.append(epoch_loss / len(prompts))
     model.eval()
     return history

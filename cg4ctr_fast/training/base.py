@@ -85,7 +85,7 @@ def train_vae(vae, data: CreativeSet, cfg: BaseTrainConfig, *, progress: bool = 
             loss.backward()
             torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
             opt.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
             steps_done += 1
             bar.update()
             bar.set_postfix(l1=f"{np.mean(losses[-20:]):.4f}")
@@ -163,7 +163,7 @@ def train_unet(
             loss.backward()
             torch.nn.utils.clip_grad_norm_(list(unet.parameters()) + list(text_encoder.parameters()), 1.0)
             opt.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
             steps_done += 1
             bar.update()
             bar.set_postfix(mse=f"{np.mean(losses[-50:]):.4f}")
