@@ -1,0 +1,168 @@
+"""`cg4ctr-sim`: the synthetic ad world from the command line.
+
+    cg4ctr-sim logs --out data/sim [--seed 0] [--products 48] [--creatives-per-product 8] [--days 14]
+                    [--image-size 64] [--groups 8] [--quiet]
+    cg4ctr-sim oracle (--data data/sim | --seed 0 [--groups 8]) [--item ID]
+    cg4ctr-sim sheet --out sheet.png [--seed 0] [--image-size 64]
+
+Bad arguments get one line on stderr and exit code 2; nothing is written (the dataset folder is built in a
+temporary folder and renamed at the end). The world is synthetic: see docs/sim.md.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from cg4ctr_fast.cli.main import EXIT_BAD_INPUT, OneLineParser
+from cg4ctr_fast.errors import InputError
+
+PROG = "cg4ctr-sim"
+
+
+def build_parser() -> OneLineParser:
+    parser = OneLineParser(prog=PROG, description="Synthetic ad world: products, user groups, click logs, oracle CTR.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+
+    logs = sub.add_parser("logs", help="write a simulated dataset: images, masks, groups, items, creatives, click logs")
+    logs.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
+    logs.add_argument("--seed", type=int, default=0, help="world seed (default 0): same seed, same dataset")
+    logs.add_argument("--products", type=int, default=48, help="number of products (default 48)")
+    logs.add_argument("--creatives-per-product", type=int, default=8, help="creatives per product (default 8)")
+    logs.add_argument("--days", type=int, default=14, help="days of logs (default 14)")
+    logs.add_argument("--image-size", type=int, default=64, help="square image side in pixels, 32..512 (default 64)")
+    logs.add_argument("--groups", type=int, default=8, help="number of user groups, 1..64 (default 8)")
+    logs.add_argument("--quiet", action="store_true", help="no progress bar or summary line")
+
+    oracle = sub.add_parser("oracle", help="print each group's best caption and its CTR lift (the hidden truth)")
+    oracle.add_argument("--data", help="a dataset folder written by `cg4ctr-sim logs` (its world.json)")
+    oracle.add_argument("--seed", type=int, default=0, help="world seed when --data is not given")
+    oracle.add_argument("--groups", type=int, default=8, help="number of groups when --data is not given")
+    oracle.add_argument("--item", type=int, default=None, help="score captions on this product (default: no product)")
+
+    sheet = sub.add_parser("sheet", help="a contact sheet: one row per vocabulary category, plus a row of products")
+    sheet.add_argument("--out", required=True, help="PNG file to write")
+    sheet.add_argument("--seed", type=int, default=0)
+    sheet.add_argument("--image-size", type=int, default=64)
+    return parser
+
+
+def _check_common(args) -> None:
+    if args.seed < 0:
+        raise InputError(f"--seed must be a non-negative integer, got {args.seed}")
+    size = getattr(args, "image_size", None)
+    if size is not None and not 32 <= size <= 512:
+        raise InputError(f"--image-size must be from 32 to 512, got {size}")
+    groups = getattr(args, "groups", None)
+    if groups is not None and not 1 <= groups <= 64:
+        raise InputError(f"--groups must be from 1 to 64, got {groups}")
+
+
+def cmd_logs(args) -> int:
+    from tqdm import tqdm
+
+    from cg4ctr_fast.sim.dataset import write_dataset
+
+    _check_common(args)
+    bar = None
+
+    def on_start(total: int) -> None:
+        nonlocal bar
+        bar = tqdm(total=total, desc=PROG, unit="img", disable=args.quiet, file=sys.stderr, leave=False)
+
+    try:
+        summary = write_dataset(
+            Path(args.out), seed=args.seed, n_products=args.products, creatives_per_product=args.creatives_per_product,
+            days=args.days, image_size=args.image_size, n_groups=args.groups,
+            progress=lambda n: bar.update(n) if bar is not None else None, on_start=on_start,
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+    if not args.quiet:
+        ctr = summary["clicks"] / max(summary["impressions"], 1)
+        print(
+            f"wrote {summary['products']} products, {summary['creatives']} creatives, {summary['rows']} log rows "
+            f"({summary['impressions']} impressions, {summary['clicks']} clicks, CTR {ctr:.2%}; true CTR "
+            f"{summary['true_ctr_min']:.2%}..{summary['true_ctr_max']:.2%}) to {summary['out']} "
+            f"in {summary['seconds']:.1f} s",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def cmd_oracle(args) -> int:
+    import numpy as np
+
+    from cg4ctr_fast.sim.world import World
+
+    if args.data:
+        world = World.load(args.data)
+    else:
+        _check_common(args)
+        world = World(seed=args.seed, n_groups=args.groups)
+    if args.item is not None and args.item < 0:
+        raise InputError(f"--item must be a non-negative integer, got {args.item}")
+    captions, ctr = world.caption_ctr_table(args.item)
+    print("group_id\tgroup\tbest_caption\tbest_ctr\tmedian_ctr\tlift")
+    for g, group in enumerate(world.groups):
+        best = int(np.argmax(ctr[g]))
+        median = float(np.median(ctr[g]))
+        print(f"{g}\t{group.name}\t{' '.join(captions[best])}\t{ctr[g, best]:.4f}\t{median:.4f}\t{ctr[g, best] / median:.2f}")
+    return 0
+
+
+def cmd_sheet(args) -> int:
+    import numpy as np
+
+    from cg4ctr_fast.cli.demo import contact_sheet
+    from cg4ctr_fast.imaging import atomic_write_bytes
+    from cg4ctr_fast.sim.render import render_background
+    from cg4ctr_fast.sim.vocab import CATEGORIES, STYLE_VOCAB
+    from cg4ctr_fast.sim.world import World
+
+    _check_common(args)
+    out = Path(args.out)
+    if out.is_dir():
+        raise InputError(f"{out}: is a directory; --out takes a PNG file name")
+    world = World(seed=args.seed, image_size=args.image_size)
+    base = {"palette": "warm", "texture": "smooth", "scene": "studio", "lighting": "soft"}
+    rng = np.random.default_rng([args.seed, 7])
+    rows = []
+    for category in CATEGORIES:
+        row = []
+        for token in STYLE_VOCAB[category]:
+            caption = [token if c == category else base[c] for c in CATEGORIES]
+            row.append(render_background(caption, rng, args.image_size))
+        rows.append(row)
+    rows.append([p.image for p in world.products(8)])
+    import io
+
+    buffer = io.BytesIO()
+    contact_sheet(rows, cell=max(96, args.image_size)).save(buffer, format="PNG")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out, buffer.getvalue())
+    print(f"wrote {out}: rows = {', '.join(CATEGORIES)}, products (base caption: "
+          f"{' '.join(base[c] for c in CATEGORIES)})", file=sys.stderr)
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "logs":
+            return cmd_logs(args)
+        if args.command == "oracle":
+            return cmd_oracle(args)
+        if args.command == "sheet":
+            return cmd_sheet(args)
+    except InputError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    parser.error(f"unknown command {args.command!r}")
+    return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())
