@@ -95,11 +95,21 @@ class PromptModel(nn.Module):
             out.append(hit[0] if hit else -1)
         return out
 
-    def loss(self, group, item, prompts: Sequence[str], labels: Sequence[float], context=None) -> torch.Tensor:
-        """Likelihood of positive prompts, unlikelihood of negatives (see the module docstring)."""
+    def loss(
+        self, group, item, prompts, labels: Sequence[float], context=None, weights: Optional[Sequence[float]] = None
+    ) -> torch.Tensor:
+        """Likelihood of positive prompts, unlikelihood of negatives (see the module docstring).
+
+        `prompts` are strings or pre-encoded token indices [B, n_categories]; `weights` (≥ 0, default 1)
+        scale each row, e.g. by how far its CTR is from its item's mean.
+        """
         scores = self.token_scores(group, item, context)
-        targets = torch.tensor([self.encode_prompt(p) for p in prompts])  # [B, n_categories]
+        if isinstance(prompts, torch.Tensor):
+            targets = prompts
+        else:
+            targets = torch.tensor([self.encode_prompt(p) for p in prompts])  # [B, n_categories]
         y = torch.as_tensor(labels, dtype=torch.float32)
+        w = torch.ones_like(y) if weights is None else torch.as_tensor(weights, dtype=torch.float32)
         total = torch.zeros(())
         for c, log_p in enumerate(self.category_log_probs(scores)):
             idx = targets[:, c]
@@ -107,10 +117,10 @@ class PromptModel(nn.Module):
             if not present.any():
                 continue
             chosen = log_p[present].gather(1, idx[present].unsqueeze(1)).squeeze(1)
-            yy = y[present]
+            yy, ww = y[present], w[present]
             pos = -(yy * chosen)
             neg = -(1 - yy) * torch.log1p(-chosen.exp().clamp(max=1 - 1e-6)) * self.config.negative_weight
-            total = total + (pos + neg).mean()
+            total = total + (ww * (pos + neg)).sum() / ww.sum().clamp(min=1e-9)
         return total / len(self.spans)
 
     @torch.no_grad()
@@ -181,6 +191,7 @@ def train_prompt_model(
     labels: Sequence[float],
     *,
     context: Optional[np.ndarray] = None,
+    weights: Optional[np.ndarray] = None,
     epochs: int = 200,
     lr: float = 3e-3,
     batch: int = 256,
@@ -193,20 +204,20 @@ def train_prompt_model(
     it = torch.as_tensor(item, dtype=torch.float32)
     c = torch.as_tensor(context, dtype=torch.float32) if context is not None else None
     y = torch.as_tensor(labels, dtype=torch.float32)
-    prompts = list(prompts)
+    w = torch.ones_like(y) if weights is None else torch.as_tensor(weights, dtype=torch.float32)
+    targets = torch.tensor([model.encode_prompt(p) for p in prompts])  # encoded once, not per epoch
     history = []
     model.train()
     for _ in range(epochs):
-        order = torch.randperm(len(prompts), generator=gen)
+        order = torch.randperm(len(targets), generator=gen)
         epoch_loss = 0.0
-        for start in range(0, len(prompts), batch):
+        for start in range(0, len(targets), batch):
             idx = order[start : start + batch]
-            loss = model.loss(g[idx], it[idx], [prompts[i] for i in idx.tolist()], y[idx],
-                              c[idx] if c is not None else None)
+            loss = model.loss(g[idx], it[idx], targets[idx], y[idx], c[idx] if c is not None else None, w[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             epoch_loss += loss.item() * len(idx)
-        history.append(epoch_loss / len(prompts))
+        history.append(epoch_loss / len(targets))
     model.eval()
     return history

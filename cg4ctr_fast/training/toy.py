@@ -1,0 +1,246 @@
+"""The embedded default: every model of the data path trained on the synthetic ad world, cached.
+
+`build_toy_models()` writes, under the cache folder (CG4CTR_CACHE or ~/.cache/cg4ctr_fast):
+    world/       the click logs (`cg4ctr-sim logs` layout)
+    generator/   tiny VAE + 9-channel UNet + text encoder, a diffusers folder
+    saliency/    U²-Net-p trained on the world's creatives
+    reward/      the multimodal CTR model
+    prompt/      the prompt model
+Each folder is written atomically and reused when present, so a killed build resumes where it stopped.
+The folder name carries a hash of the configuration: changing it rebuilds instead of mixing versions.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import torch
+
+from cg4ctr_fast.training.base import BaseTrainConfig, CreativeSet
+from cg4ctr_fast.training.saliency import SaliencyTrainConfig
+
+TOY_VERSION = "toy-v1"
+# Item ids at and above this are never in the logs or the training sets: the demo's held-out products.
+HELD_OUT_ITEM_BASE = 100_000
+
+
+@dataclass(frozen=True)
+class ToyConfig:
+    seed: int = 0
+    products: int = 48
+    creatives_per_product: int = 8
+    days: int = 14
+    generator: BaseTrainConfig = field(default_factory=BaseTrainConfig)
+    saliency: SaliencyTrainConfig = field(default_factory=lambda: SaliencyTrainConfig(steps=300))
+    saliency_images: int = 600
+    reward_epochs: int = 12
+    prompt_epochs: int = 150
+    prompt_top_k: int = 2
+
+    def key(self) -> str:
+        text = json.dumps(asdict(self), sort_keys=True)
+        return hashlib.sha256(f"{TOY_VERSION}|{text}".encode()).hexdigest()[:10]
+
+
+@dataclass(frozen=True)
+class ToyModels:
+    root: Path
+    world: Path
+    generator: Path
+    saliency: Path
+    reward: Path
+    prompt: Path
+
+
+def toy_root(config: ToyConfig, cache: Optional[Path] = None) -> Path:
+    from cg4ctr_fast.models.tokenizer import cache_dir
+
+    return Path(cache or cache_dir()) / f"{TOY_VERSION}-{config.key()}"
+
+
+def generator_dataset(world, n_images: int, item_ids: Sequence[int], seed: int) -> CreativeSet:
+    """Creatives of the given products on backgrounds from random captions, with their exact masks."""
+    from cg4ctr_fast.sim import caption_text
+
+    rng = np.random.default_rng([seed, 7])
+    images, masks, captions = [], [], []
+    for _ in range(n_images):
+        item = int(item_ids[int(rng.integers(len(item_ids)))])
+        caption = world.random_caption(rng)
+        creative = world.creative(item, caption, rng)
+        images.append(np.asarray(creative, dtype=np.float32) / 127.5 - 1.0)
+        masks.append(np.asarray(world.product(item).mask, dtype=np.float32) / 255.0)
+        captions.append(caption_text(caption))
+    return CreativeSet(
+        images=torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(),
+        masks=torch.from_numpy(np.stack(masks)).unsqueeze(1),
+        captions=captions,
+    )
+
+
+def saliency_dataset(world, n_images: int, item_ids: Sequence[int], seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Creatives (uint8) and product masks (True = product): half on styled backgrounds, half on plain
+    white, since product photos arrive both ways."""
+    rng = np.random.default_rng([seed, 11])
+    images, masks = [], []
+    for k in range(n_images):
+        item = int(item_ids[int(rng.integers(len(item_ids)))])
+        product = world.product(item)
+        image = world.creative(item, world.random_caption(rng), rng) if k % 2 == 0 else product.image
+        images.append(np.asarray(image, dtype=np.uint8))
+        masks.append(np.asarray(product.mask) < 128)
+    return np.stack(images), np.stack(masks)
+
+
+def prompt_training_rows(dataset, top_k: int) -> dict[str, Any]:
+    """Per (item, group): the captions of the top-k creatives by smoothed CTR are positives, the rest
+    negatives. Features: the group's one-hot attributes and the item's numeric attributes."""
+    logs = dataset.logs.groupby(["creative_id", "item_id", "group_id"], as_index=False)[["impressions", "clicks"]].sum()
+    captions = dict(zip(dataset.creatives["creative_id"], dataset.creatives["caption"]))
+    prior_ctr = logs["clicks"].sum() / max(1, logs["impressions"].sum())
+    # Beta(α, β) prior with 100 pseudo-impressions at the base rate: (clicks + α) / (impressions + α + β).
+    alpha, beta = 100 * prior_ctr, 100 * (1 - prior_ctr)
+    logs["smoothed"] = (logs["clicks"] + alpha) / (logs["impressions"] + alpha + beta)
+    item_feats = item_feature_table(dataset.items)
+    group_feats = {g["group_id"]: np.asarray(g["features"], dtype=np.float32) for g in dataset.groups}
+    groups, items, prompts, labels, weights = [], [], [], [], []
+    for (item_id, group_id), frame in logs.groupby(["item_id", "group_id"]):
+        ranked = frame.sort_values("smoothed", ascending=False)
+        # Weight: how far a creative's smoothed CTR sits from its item's mean, in relative terms, so a
+        # clear winner (or loser) teaches more than a near-tie at the top-k boundary.
+        ctr = ranked["smoothed"].to_numpy()
+        advantage = np.abs(ctr - ctr.mean()) / ctr.mean()
+        for rank, creative_id in enumerate(ranked["creative_id"]):
+            groups.append(group_feats[group_id])
+            items.append(item_feats[item_id])
+            prompts.append(captions[creative_id])
+            labels.append(1.0 if rank < top_k else 0.0)
+            weights.append(float(advantage[rank]))
+    return {"group": np.stack(groups), "item": np.stack(items), "prompts": prompts, "labels": np.asarray(labels),
+            "weights": np.asarray(weights)}
+
+
+ITEM_NUMERIC = ("price", "rating", "popularity", "area", "aspect", "lightness", "center_x", "center_y")
+
+
+def item_feature_table(items) -> dict[int, np.ndarray]:
+    """Item features for the prompt model: numeric attributes standardized over the table."""
+    cols = [c for c in ITEM_NUMERIC if c in items.columns]
+    values = items[cols].to_numpy(dtype=np.float64)
+    mean, std = values.mean(0), values.std(0) + 1e-9
+    return {int(i): ((row - mean) / std).astype(np.float32) for i, row in zip(items["item_id"], values)}
+
+
+def item_features_for(world, item_id: int, items) -> np.ndarray:
+    """The same standardized features for any product (held-out ones too), from its record."""
+    cols = [c for c in ITEM_NUMERIC if c in items.columns]
+    values = items[cols].to_numpy(dtype=np.float64)
+    mean, std = values.mean(0), values.std(0) + 1e-9
+    record = world.product(item_id).record()
+    return ((np.array([record[c] for c in cols], dtype=np.float64) - mean) / std).astype(np.float32)
+
+
+def train_prompt_on_dataset(dataset, out: Path, config: ToyConfig) -> dict[str, Any]:
+    """Train the prompt model on the logs; report how often its greedy tokens are the oracle's best."""
+    from cg4ctr_fast.models.prompt import PromptModel, PromptModelConfig, train_prompt_model
+    from cg4ctr_fast.sim import CATEGORIES, STYLE_VOCAB
+
+    rows = prompt_training_rows(dataset, config.prompt_top_k)
+    model_config = PromptModelConfig(
+        categories=tuple((c, tuple(STYLE_VOCAB[c])) for c in CATEGORIES),
+        group_dim=rows["group"].shape[1],
+        item_dim=rows["item"].shape[1],
+    )
+    torch.manual_seed(config.seed)
+    model = PromptModel(model_config)
+    history = train_prompt_model(model, rows["group"], rows["item"], rows["prompts"], rows["labels"],
+                                 weights=rows["weights"], epochs=config.prompt_epochs, seed=config.seed)
+    metrics = {"loss_first": history[0], "loss_last": history[-1], "rows": len(rows["prompts"])}
+    metrics.update(prompt_oracle_agreement(model, dataset))
+    model.save(out)
+    from cg4ctr_fast.imaging import atomic_write_bytes
+
+    atomic_write_bytes(out / "metrics.json", (json.dumps(metrics, indent=2) + "\n").encode())
+    return metrics
+
+
+def prompt_oracle_agreement(model, dataset, n_items: int = 4) -> dict[str, Any]:
+    """Per category, how often the greedy token equals the oracle's best caption's token, over groups
+    (world-level oracle, no product) and a few held-out items; plus the oracle CTR of the proposal
+    relative to the best caption's."""
+    world = dataset.world
+    per_category = np.zeros(len(model.spans))
+    ctr_ratio = []
+    count = 0
+    item_ids = [HELD_OUT_ITEM_BASE + k for k in range(n_items)]
+    for group in dataset.groups:
+        g = np.asarray(group["features"], dtype=np.float32)
+        for item_id in item_ids:
+            item = item_features_for(world, item_id, dataset.items)
+            proposal = model.propose(g[None], item[None])[0].split()
+            best = world.best_caption(group["group_id"], item_id)
+            per_category += np.array([a == b for a, b in zip(proposal, best)], dtype=float)
+            ctr_ratio.append(world.caption_ctr(tuple(proposal), group["group_id"], item_id)
+                             / world.caption_ctr(best, group["group_id"], item_id))
+            count += 1
+    from cg4ctr_fast.sim import CATEGORIES
+
+    return {
+        "oracle_token_agreement": {c: float(v / count) for c, v in zip(CATEGORIES, per_category)},
+        "oracle_token_agreement_mean": float(per_category.sum() / (count * len(CATEGORIES))),
+        "proposal_ctr_over_best_caption_ctr": float(np.mean(ctr_ratio)),
+    }
+
+
+def build_toy_models(
+    config: ToyConfig = ToyConfig(),
+    *,
+    cache: Optional[Path] = None,
+    progress: bool = True,
+    log: Callable[[str], Any] = print,
+    train_reward: Optional[Callable[[Path, Path, ToyConfig], Any]] = None,
+) -> ToyModels:
+    """Build (or reuse) every toy model; returns their folders."""
+    from cg4ctr_fast.sim import load_dataset, write_dataset
+
+    root = toy_root(config, cache)
+    root.mkdir(parents=True, exist_ok=True)
+    paths = ToyModels(root=root, world=root / "world", generator=root / "generator", saliency=root / "saliency",
+                      reward=root / "reward", prompt=root / "prompt")
+    (root / "config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
+    if not paths.world.is_dir():
+        log(f"[toy] sampling the ad world's click logs → {paths.world}")
+        write_dataset(paths.world, seed=config.seed, n_products=config.products,
+                      creatives_per_product=config.creatives_per_product, days=config.days)
+    dataset = load_dataset(paths.world)
+    world = dataset.world
+    train_items = list(range(config.products))
+    if not paths.saliency.is_dir():
+        from cg4ctr_fast.training.saliency import save_trained_saliency, train_saliency
+
+        log("[toy] training the saliency net")
+        images, masks = saliency_dataset(world, config.saliency_images, train_items, config.seed)
+        model, metrics = train_saliency(images, masks, config.saliency, progress=progress)
+        save_trained_saliency(model, metrics, paths.saliency)
+        log(f"[toy] saliency: held-out IoU {metrics['test_iou']:.3f}, MAE {metrics['test_mae']:.3f}")
+    if not paths.reward.is_dir():
+        if train_reward is None:
+            from cg4ctr_fast.training.reward_glue import train_reward_on_dataset as train_reward
+        log("[toy] training the reward model")
+        train_reward(paths.world, paths.reward, config)
+    if not paths.prompt.is_dir():
+        log("[toy] training the prompt model")
+        metrics = train_prompt_on_dataset(dataset, paths.prompt, config)
+        log(f"[toy] prompt model: oracle token agreement {metrics['oracle_token_agreement_mean']:.2f}, "
+            f"proposal CTR / best caption CTR {metrics['proposal_ctr_over_best_caption_ctr']:.2f}")
+    if not paths.generator.is_dir():
+        from cg4ctr_fast.training.base import train_generator
+
+        log("[toy] training the generator (VAE, UNet, text encoder)")
+        data = generator_dataset(world, config.generator.n_images, train_items, config.seed)
+        train_generator(data, paths.generator, config.generator, progress=progress, log=log)
+    return paths
