@@ -1,0 +1,126 @@
+"""`cg4ctr-train`: train the project's models from the command line.
+
+    cg4ctr-train reward --data DIR --out MODEL_DIR [--epochs N] [--seed S] [--test-fraction F] [--quiet]
+
+Subcommands live in `SUBCOMMANDS` (name → Subcommand(help, add_arguments, run)); to add one, write
+its two functions and add an entry (`saliency`, `base`, `prompt` are planned).  `run(args)` returns
+the exit code and raises `InputError` for bad input, which `main` prints as one line on stderr with
+exit code 2.  Outputs are written to a temporary folder renamed at the end, so a failed run leaves
+nothing behind.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Callable, NamedTuple, Optional, Sequence
+
+from cg4ctr_fast.cli.main import EXIT_BAD_INPUT, OneLineParser, _quiet_libraries
+from cg4ctr_fast.errors import InputError
+
+PROG = "cg4ctr-train"
+
+
+class Subcommand(NamedTuple):
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+def check_out_dir(out: Path, allowed: frozenset, overwrite: bool) -> None:
+    """Refuse an --out that is a file, or a non-empty folder unless --overwrite and it only holds our files."""
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: exists and is not a directory; choose another --out")
+    if out.is_dir():
+        present = {p.name for p in out.iterdir()}
+        if not present:
+            return
+        if not overwrite:
+            raise InputError(f"{out}: output folder exists and is not empty; choose another --out or pass --overwrite")
+        foreign = sorted(present - allowed)
+        if foreign:
+            raise InputError(
+                f"{out}: --overwrite only replaces a folder this command wrote, but it holds {', '.join(foreign[:5])}"
+            )
+
+
+# --------------------------------------------------------------------------------------------
+# reward
+# --------------------------------------------------------------------------------------------
+
+REWARD_FILES = frozenset({"model.safetensors", "config.json", "vocab.json", "metrics.json"})
+
+
+def _reward_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, help="logs folder: sim world, CreativeRanking list + images/, or CG4CTR JSON + images/")
+    p.add_argument("--out", required=True, help="model folder to write (model.safetensors, config.json, vocab.json, metrics.json)")
+    p.add_argument("--epochs", type=int, default=40, help="passes over the training items (default 40)")
+    p.add_argument("--seed", type=int, default=0, help="item split, batch order, initial weights (default 0)")
+    p.add_argument("--test-fraction", type=float, default=0.2, help="share of ITEMS held out for the metrics (default 0.2)")
+    p.add_argument("--val-fraction", type=float, default=0.15,
+                   help="share of the remaining items kept to fit the calibration (default 0.15)")
+    p.add_argument("--image-size", type=int, default=64, help="images are resized to this square side (default 64)")
+    p.add_argument("--batch-items", type=int, default=4, help="items per step, all their groups (default 4)")
+    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default 2e-3)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads while training (default 1: the ops are small, and extra threads slow down badly on a busy machine)")
+    p.add_argument("--layout", choices=("sim", "creative_ranking", "cg4ctr_json"), default=None,
+                   help="data layout (default: detected)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing model folder written by this command")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or summary line")
+
+
+def _run_reward(args: argparse.Namespace) -> int:
+    from cg4ctr_fast.training.data import load_ad_log
+    from cg4ctr_fast.training.reward import RewardTrainConfig, save_reward_run, train_reward
+
+    config = RewardTrainConfig(
+        epochs=args.epochs, seed=args.seed, test_fraction=args.test_fraction, val_fraction=args.val_fraction,
+        image_size=args.image_size, batch_items=args.batch_items, lr=args.lr, threads=args.threads,
+    )
+    out = Path(args.out)
+    check_out_dir(out, REWARD_FILES, args.overwrite)
+    log = load_ad_log(args.data, layout=args.layout)
+    result = train_reward(log, config, progress=not args.quiet)
+    save_reward_run(result, out)
+    if not args.quiet:
+        test = result.metrics["test"]
+
+        def fmt(key: str) -> str:
+            value = test.get(key)
+            return "n/a" if value is None else f"{value:.3f}"
+
+        print(
+            f"wrote {out}: held-out items {result.metrics['counts']['test_items']}, AUC {fmt('auc')}, NE {fmt('ne')}, "
+            f"pairwise {fmt('pairwise_accuracy')}, uplift@1 {fmt('uplift_at_1')} "
+            f"({result.metrics['seconds']:.0f} s)",
+            file=sys.stderr,
+        )
+    return 0
+
+
+SUBCOMMANDS: dict[str, Subcommand] = {
+    "reward": Subcommand("train the multimodal CTR reward model on click logs", _reward_arguments, _run_reward),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog=PROG, description="Train cg4ctr_fast models.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+    for name, command in SUBCOMMANDS.items():
+        command.add_arguments(sub.add_parser(name, help=command.help, description=command.help))
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    _quiet_libraries()
+    args = build_parser().parse_args(argv)
+    try:
+        return SUBCOMMANDS[args.command].run(args)
+    except InputError as exc:
+        print(f"{PROG}: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

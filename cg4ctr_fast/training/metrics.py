@@ -1,0 +1,258 @@
+"""CTR metrics on aggregated logs, and the Beta prior used to smooth CTRs.
+
+Every metric takes one row per (creative, user group) with its predicted CTR or score, its clicks
+and its impressions (counts summed over days), so a row stands for `impressions` Bernoulli trials of
+which `clicks` succeeded.  All are small pure functions over numpy arrays; a metric that is
+undefined on its input (no clicks, no pairs, ...) returns NaN rather than raising.
+
+Smoothed CTR.  With a Beta(α, β) prior on a creative's CTR and `c` clicks in `n` impressions the
+posterior mean is
+
+    ctr_smooth = (c + α) / (n + α + β)
+
+(the paper writes (c + α)/(n + β') with β' = α + β).  α and β are fitted to the training logs by
+the method of moments, see `fit_beta_prior`.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+__all__ = [
+    "BetaPrior",
+    "fit_beta_prior",
+    "smoothed_ctr",
+    "auc",
+    "logloss",
+    "entropy",
+    "ne",
+    "calibration",
+    "pairwise_accuracy",
+    "uplift_at_k",
+    "uplift_at_1",
+    "uplift_at_5",
+    "evaluate",
+]
+
+_EPS = 1e-7
+
+
+def _arrays(*values) -> list[np.ndarray]:
+    arrays = [np.asarray(v, dtype=np.float64).reshape(-1) for v in values]
+    if len({a.shape[0] for a in arrays}) > 1:
+        raise ValueError(f"arrays of different lengths: {[a.shape[0] for a in arrays]}")
+    return arrays
+
+
+# --------------------------------------------------------------------------------------------
+# Beta prior
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BetaPrior:
+    alpha: float
+    beta: float
+
+    @property
+    def mean(self) -> float:
+        return self.alpha / (self.alpha + self.beta)
+
+
+def fit_beta_prior(clicks, impressions, *, max_strength: float = 1e6) -> BetaPrior:
+    """Beta(α, β) prior of the per-row CTR, by the impression-weighted method of moments.
+
+    With r_i = c_i / n_i, m = Σc / Σn and the weighted variance v = Σ n_i (r_i − m)² / Σn, the
+    binomial noise contributes about k·m(1−m)/Σn to v (k = number of rows), so the spread of the
+    true CTRs is  s² = v − k·m(1−m)/Σn.  Matching the Beta's mean and variance,
+
+        α + β = m(1−m)/s² − 1,   α = m(α + β),   β = (1 − m)(α + β).
+
+    α + β is clipped to [2, max_strength]: no visible spread beyond the binomial noise (s² ≤ 0)
+    gives the strongest prior (every creative ≈ the mean); the lower bound keeps α, β > 0 sensible
+    for tiny logs.  Rows with no impressions are ignored; with no clicks or no impressions at all,
+    m is clipped into [1e-6, 1 − 1e-6].
+    """
+    c, n = _arrays(clicks, impressions)
+    keep = n > 0
+    c, n = c[keep], n[keep]
+    total = n.sum()
+    if total <= 0:
+        return BetaPrior(1.0, 1.0)
+    m = float(np.clip(c.sum() / total, 1e-6, 1 - 1e-6))
+    r = c / n
+    v = float(np.sum(n * (r - m) ** 2) / total)
+    spread = v - len(n) * m * (1 - m) / total
+    strength = max_strength if spread <= 0 else m * (1 - m) / spread - 1.0
+    strength = float(np.clip(strength, 2.0, max_strength))
+    return BetaPrior(m * strength, (1 - m) * strength)
+
+
+def smoothed_ctr(clicks, impressions, prior: BetaPrior) -> np.ndarray:
+    """(clicks + α) / (impressions + α + β), elementwise."""
+    c, n = _arrays(clicks, impressions)
+    return (c + prior.alpha) / (n + prior.alpha + prior.beta)
+
+
+# --------------------------------------------------------------------------------------------
+# Point metrics: AUC, logloss, NE, calibration
+# --------------------------------------------------------------------------------------------
+
+
+def auc(pred, clicks, impressions) -> float:
+    """Impression-weighted ROC AUC.
+
+    Row i contributes c_i positives (clicks) and n_i − c_i negatives (impressions without a click),
+    all at score pred_i.  AUC = P(score of a random positive > that of a random negative), ties
+    counting 1/2.  NaN without positives or negatives.
+    """
+    p, c, n = _arrays(pred, clicks, impressions)
+    neg = n - c
+    total_pos, total_neg = c.sum(), neg.sum()
+    if total_pos <= 0 or total_neg <= 0:
+        return float("nan")
+    values, inverse = np.unique(p, return_inverse=True)
+    pos_u = np.bincount(inverse, weights=c, minlength=len(values))
+    neg_u = np.bincount(inverse, weights=neg, minlength=len(values))
+    neg_below = np.cumsum(neg_u) - neg_u
+    return float(np.sum(pos_u * (neg_below + 0.5 * neg_u)) / (total_pos * total_neg))
+
+
+def logloss(pred, clicks, impressions) -> float:
+    """Mean binary cross-entropy per impression: −Σ[c log p + (n−c) log(1−p)] / Σn (p clipped to [1e-7, 1−1e-7])."""
+    p, c, n = _arrays(pred, clicks, impressions)
+    total = n.sum()
+    if total <= 0:
+        return float("nan")
+    p = np.clip(p, _EPS, 1 - _EPS)
+    return float(-np.sum(c * np.log(p) + (n - c) * np.log1p(-p)) / total)
+
+
+def entropy(p: float) -> float:
+    """Binary entropy in nats; 0 at p ∈ {0, 1}."""
+    if p <= 0 or p >= 1:
+        return 0.0
+    return float(-(p * math.log(p) + (1 - p) * math.log1p(-p)))
+
+
+def ne(pred, clicks, impressions) -> float:
+    """Normalized entropy: logloss / entropy(base CTR), base CTR = Σc / Σn.
+
+    1 for a predictor that always says the base CTR; lower is better.  NaN when the base CTR is 0 or 1.
+    """
+    _, c, n = _arrays(pred, clicks, impressions)
+    total = n.sum()
+    if total <= 0:
+        return float("nan")
+    h = entropy(c.sum() / total)
+    if h <= 0:
+        return float("nan")
+    return logloss(pred, clicks, impressions) / h
+
+
+def calibration(pred, clicks, impressions) -> float:
+    """Predicted clicks / observed clicks = Σ p·n / Σ c (1 is perfect; NaN without clicks)."""
+    p, c, n = _arrays(pred, clicks, impressions)
+    observed = c.sum()
+    if observed <= 0:
+        return float("nan")
+    return float(np.sum(p * n) / observed)
+
+
+# --------------------------------------------------------------------------------------------
+# Ranking metrics within lists (one item for one user group)
+# --------------------------------------------------------------------------------------------
+
+
+def _lists(list_ids) -> list[np.ndarray]:
+    """Row indices of each list, lists in order of first appearance, rows in input order."""
+    if isinstance(list_ids, (np.ndarray, pd.Series, pd.Index)) and np.ndim(list_ids) == 1:
+        ids = list_ids
+    else:  # a list of scalars or of tuples such as (item, group)
+        ids = pd.Series(list(list_ids), dtype=object)
+    codes = np.asarray(pd.factorize(ids)[0])
+    order = np.argsort(codes, kind="stable")
+    bounds = np.flatnonzero(np.diff(codes[order])) + 1
+    return np.split(order, bounds) if len(order) else []
+
+
+def pairwise_accuracy(scores, targets, list_ids) -> float:
+    """Fraction of creative pairs, within the same list, that the scores order like the targets.
+
+    Only pairs whose targets (e.g. smoothed CTRs) differ count; a score tie counts 1/2.  `list_ids`
+    names each row's list (one item for one user group).  NaN when there is no such pair.
+    """
+    s, t = _arrays(scores, targets)
+    agree = 0.0
+    pairs = 0
+    for rows in _lists(list_ids):
+        if len(rows) < 2:
+            continue
+        ds = s[rows][:, None] - s[rows][None, :]
+        dt = t[rows][:, None] - t[rows][None, :]
+        upper = np.triu(np.ones((len(rows), len(rows)), dtype=bool), 1) & (dt != 0)
+        pairs += int(upper.sum())
+        agree += float(np.sum((np.sign(ds) == np.sign(dt))[upper]) + 0.5 * np.sum((ds == 0)[upper]))
+    return agree / pairs if pairs else float("nan")
+
+
+def uplift_at_k(scores, clicks, impressions, list_ids, k: int, *, weighted: bool = False) -> float:
+    """The paper's replay uplift@k: how much better the top-k creatives by score did in the logs.
+
+    For each list (one item for one user group) with more than k creatives and at least one click:
+    pool the clicks and impressions of the k highest-scoring creatives (ties broken by row order),
+    uplift = CTR(top-k pool) / CTR(all creatives of the list pooled) − 1.  Lists with k or fewer
+    creatives are skipped (their top-k is the whole list: uplift 0 by construction).
+    Average over lists: plain mean (default), or weighted by each list's impressions.
+    NaN when no list qualifies.
+    """
+    if k < 1:
+        raise ValueError(f"k must be ≥ 1, got {k}")
+    s, c, n = _arrays(scores, clicks, impressions)
+    values, weights = [], []
+    for rows in _lists(list_ids):
+        if len(rows) <= k:
+            continue
+        base_n, base_c = n[rows].sum(), c[rows].sum()
+        if base_n <= 0 or base_c <= 0:
+            continue
+        top = rows[np.argsort(-s[rows], kind="stable")[:k]]
+        top_n = n[top].sum()
+        if top_n <= 0:
+            continue
+        values.append((c[top].sum() / top_n) / (base_c / base_n) - 1.0)
+        weights.append(base_n)
+    if not values:
+        return float("nan")
+    return float(np.average(values, weights=weights if weighted else None))
+
+
+def uplift_at_1(scores, clicks, impressions, list_ids, *, weighted: bool = False) -> float:
+    return uplift_at_k(scores, clicks, impressions, list_ids, 1, weighted=weighted)
+
+
+def uplift_at_5(scores, clicks, impressions, list_ids, *, weighted: bool = False) -> float:
+    return uplift_at_k(scores, clicks, impressions, list_ids, 5, weighted=weighted)
+
+
+def evaluate(pred, scores, clicks, impressions, list_ids: Sequence, prior: BetaPrior) -> dict:
+    """All metrics for one split: calibrated CTR `pred` for the point metrics, `scores` for ranking."""
+    _, _, n = _arrays(pred, clicks, impressions)
+    c = np.asarray(clicks, dtype=np.float64)
+    return {
+        "auc": auc(pred, clicks, impressions),
+        "logloss": logloss(pred, clicks, impressions),
+        "ne": ne(pred, clicks, impressions),
+        "calibration": calibration(pred, clicks, impressions),
+        "pairwise_accuracy": pairwise_accuracy(scores, smoothed_ctr(clicks, impressions, prior), list_ids),
+        "uplift_at_1": uplift_at_1(scores, clicks, impressions, list_ids),
+        "uplift_at_5": uplift_at_5(scores, clicks, impressions, list_ids),
+        "rows": int(len(n)),
+        "impressions": float(n.sum()),
+        "clicks": float(c.sum()),
+        "base_ctr": float(c.sum() / n.sum()) if n.sum() > 0 else float("nan"),
+    }
