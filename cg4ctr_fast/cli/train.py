@@ -99,8 +99,113 @@ def _run_reward(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------------------------
+# saliency, base (toy generator), prompt: trained on a synthetic-world folder (`cg4ctr-sim logs`)
+# --------------------------------------------------------------------------------------------
+
+
+def _world_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, help="a synthetic-world folder written by `cg4ctr-sim logs`")
+    p.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _load_world_data(args):
+    from cg4ctr_fast.sim import load_dataset
+
+    if not (Path(args.data) / "world.json").is_file():
+        raise InputError(f"{args.data}: not a synthetic-world folder (no world.json); write one with `cg4ctr-sim logs`")
+    check_out_dir(Path(args.out), frozenset(), overwrite=False)
+    return load_dataset(args.data)
+
+
+def _positive(name: str, value: int) -> None:
+    if value <= 0:
+        raise InputError(f"{name} must be a positive integer, got {value}")
+
+
+def _saliency_arguments(p: argparse.ArgumentParser) -> None:
+    _world_arguments(p)
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--images", type=int, default=600, help="training creatives drawn from the world")
+    p.add_argument("--size", type=int, default=64, help="training (and inference) image size")
+
+
+def _run_saliency(args: argparse.Namespace) -> int:
+    from cg4ctr_fast.training.saliency import SaliencyTrainConfig, save_trained_saliency, train_saliency
+    from cg4ctr_fast.training.toy import saliency_dataset
+
+    for name, value in (("--steps", args.steps), ("--images", args.images), ("--size", args.size)):
+        _positive(name, value)
+    dataset = _load_world_data(args)
+    items = sorted(int(i) for i in dataset.items["item_id"])
+    images, masks = saliency_dataset(dataset.world, args.images, items, args.seed)
+    model, metrics = train_saliency(images, masks, SaliencyTrainConfig(seed=args.seed, size=args.size, steps=args.steps),
+                                    progress=not args.quiet)
+    save_trained_saliency(model, metrics, args.out)
+    print(f"saliency: held-out IoU {metrics['test_iou']:.3f}, MAE {metrics['test_mae']:.3f} → {args.out}", file=sys.stderr)
+    return 0
+
+
+def _base_arguments(p: argparse.ArgumentParser) -> None:
+    _world_arguments(p)
+    p.add_argument("--images", type=int, default=3072, help="training creatives drawn from the world")
+    p.add_argument("--vae-steps", type=int, default=500)
+    p.add_argument("--unet-steps", type=int, default=2400)
+    p.add_argument("--steering", action="store_true", help="also measure how prompts steer the result")
+
+
+def _run_base(args: argparse.Namespace) -> int:
+    import json
+
+    from cg4ctr_fast.training.base import BaseTrainConfig, train_generator
+    from cg4ctr_fast.training.toy import HELD_OUT_ITEM_BASE, generator_dataset, steering_effect
+
+    for name, value in (("--images", args.images), ("--vae-steps", args.vae_steps), ("--unet-steps", args.unet_steps)):
+        _positive(name, value)
+    dataset = _load_world_data(args)
+    items = sorted(int(i) for i in dataset.items["item_id"])
+    cfg = BaseTrainConfig(seed=args.seed, n_images=args.images, vae_steps=args.vae_steps, unet_steps=args.unet_steps)
+    data = generator_dataset(dataset.world, cfg.n_images, items, args.seed)
+    train_generator(data, args.out, cfg, progress=not args.quiet, log=lambda m: print(m, file=sys.stderr))
+    if args.steering:
+        from cg4ctr_fast.imaging import atomic_write_bytes
+        from cg4ctr_fast.pipeline import CreativePipeline
+
+        pipe = CreativePipeline.from_pretrained(args.out)
+        effect = steering_effect(pipe, dataset.world, [HELD_OUT_ITEM_BASE + k for k in range(4)], seed=args.seed)
+        atomic_write_bytes(Path(args.out) / "steering.json", (json.dumps(effect, indent=2) + "\n").encode())
+        for name, row in effect.items():
+            print(f"steering {name}: {row['feature']} Cohen's d {row['cohens_d']:+.2f}", file=sys.stderr)
+    return 0
+
+
+def _prompt_arguments(p: argparse.ArgumentParser) -> None:
+    _world_arguments(p)
+    p.add_argument("--epochs", type=int, default=150)
+    p.add_argument("--top-k", type=int, default=2, help="creatives per (item, group) taken as positives")
+
+
+def _run_prompt(args: argparse.Namespace) -> int:
+    from cg4ctr_fast.training.toy import ToyConfig, train_prompt_on_dataset
+
+    _positive("--epochs", args.epochs)
+    _positive("--top-k", args.top_k)
+    dataset = _load_world_data(args)
+    metrics = train_prompt_on_dataset(dataset, Path(args.out),
+                                      ToyConfig(seed=args.seed, prompt_epochs=args.epochs, prompt_top_k=args.top_k))
+    print(f"prompt model: oracle-token agreement {metrics['oracle_token_agreement_mean']:.2f}, proposal CTR / "
+          f"best caption CTR {metrics['proposal_ctr_over_best_caption_ctr']:.2f} → {args.out}", file=sys.stderr)
+    return 0
+
+
 SUBCOMMANDS: dict[str, Subcommand] = {
     "reward": Subcommand("train the multimodal CTR reward model on click logs", _reward_arguments, _run_reward),
+    "saliency": Subcommand("train the U2NetP saliency net on a synthetic world", _saliency_arguments, _run_saliency),
+    "base": Subcommand("train the toy generator (VAE, UNet, text encoder) on a synthetic world",
+                       _base_arguments, _run_base),
+    "prompt": Subcommand("train the prompt model on a synthetic world's logs", _prompt_arguments, _run_prompt),
 }
 
 

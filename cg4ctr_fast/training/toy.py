@@ -37,9 +37,13 @@ class ToyConfig:
     generator: BaseTrainConfig = field(default_factory=BaseTrainConfig)
     saliency: SaliencyTrainConfig = field(default_factory=lambda: SaliencyTrainConfig(steps=300))
     saliency_images: int = 600
-    reward_epochs: int = 12
+    reward_epochs: int = 40
     prompt_epochs: int = 150
     prompt_top_k: int = 2
+    # Evaluation sizes: held-out items for the prompt model's oracle agreement and the steering measure.
+    eval_items: int = 4
+    steering_images: int = 4
+    steering_steps: int = 20
 
     def key(self) -> str:
         text = json.dumps(asdict(self), sort_keys=True)
@@ -160,7 +164,7 @@ def train_prompt_on_dataset(dataset, out: Path, config: ToyConfig) -> dict[str, 
     history = train_prompt_model(model, rows["group"], rows["item"], rows["prompts"], rows["labels"],
                                  weights=rows["weights"], epochs=config.prompt_epochs, seed=config.seed)
     metrics = {"loss_first": history[0], "loss_last": history[-1], "rows": len(rows["prompts"])}
-    metrics.update(prompt_oracle_agreement(model, dataset))
+    metrics.update(prompt_oracle_agreement(model, dataset, n_items=config.eval_items))
     model.save(out)
     from cg4ctr_fast.imaging import atomic_write_bytes
 
@@ -202,7 +206,6 @@ def build_toy_models(
     cache: Optional[Path] = None,
     progress: bool = True,
     log: Callable[[str], Any] = print,
-    train_reward: Optional[Callable[[Path, Path, ToyConfig], Any]] = None,
 ) -> ToyModels:
     """Build (or reuse) every toy model; returns their folders."""
     from cg4ctr_fast.sim import load_dataset, write_dataset
@@ -228,10 +231,10 @@ def build_toy_models(
         save_trained_saliency(model, metrics, paths.saliency)
         log(f"[toy] saliency: held-out IoU {metrics['test_iou']:.3f}, MAE {metrics['test_mae']:.3f}")
     if not paths.reward.is_dir():
-        if train_reward is None:
-            from cg4ctr_fast.training.reward_glue import train_reward_on_dataset as train_reward
         log("[toy] training the reward model")
-        train_reward(paths.world, paths.reward, config)
+        test = train_reward_on_world(paths.world, paths.reward, config, progress=progress)["test"]
+        log(f"[toy] reward (held-out items): AUC {test.get('auc', float('nan')):.3f}, "
+            f"NE {test.get('ne', float('nan')):.3f}, uplift@1 {test.get('uplift_at_1', float('nan')):+.3f}")
     if not paths.prompt.is_dir():
         log("[toy] training the prompt model")
         metrics = train_prompt_on_dataset(dataset, paths.prompt, config)
@@ -243,4 +246,77 @@ def build_toy_models(
         log("[toy] training the generator (VAE, UNet, text encoder)")
         data = generator_dataset(world, config.generator.n_images, train_items, config.seed)
         train_generator(data, paths.generator, config.generator, progress=progress, log=log)
+    steering_file = paths.generator / "steering.json"
+    if not steering_file.is_file():
+        from cg4ctr_fast.imaging import atomic_write_bytes
+        from cg4ctr_fast.pipeline import CreativePipeline
+
+        log("[toy] measuring how prompts steer the generator")
+        pipe = CreativePipeline.from_pretrained(str(paths.generator))
+        effect = steering_effect(pipe, world, [HELD_OUT_ITEM_BASE + k for k in range(config.eval_items)],
+                                 images_per_prompt=config.steering_images, steps=config.steering_steps,
+                                 seed=config.seed)
+        atomic_write_bytes(steering_file, (json.dumps(effect, indent=2) + "\n").encode())
+        for name, row in effect.items():
+            log(f"[toy] steering {name}: {row['feature']} {row['mean_a']:.3f} vs {row['mean_b']:.3f}, "
+                f"Cohen's d {row['cohens_d']:+.2f}")
     return paths
+
+
+def train_reward_on_world(world_dir: Path, out: Path, config: ToyConfig, *, progress: bool = True) -> dict:
+    """The reward model on the world's logs (held-out items), saved with its metrics."""
+    from cg4ctr_fast.training.data import load_ad_log
+    from cg4ctr_fast.training.reward import RewardTrainConfig, save_reward_run, train_reward
+
+    log_data = load_ad_log(world_dir)
+    result = train_reward(log_data, RewardTrainConfig(epochs=config.reward_epochs, seed=config.seed),
+                          progress=progress)
+    save_reward_run(result, out)
+    return result.metrics
+
+
+# Token pairs that move one measurable feature in a known direction (docs/sim.md), with that feature.
+STEERING_PAIRS = (
+    ("palette", "warm", "cool", "hue_cos"),
+    ("lighting", "bright", "dim", "brightness"),
+    ("palette", "neon", "monochrome", "saturation"),
+)
+STEERING_BASE = {"palette": "warm", "texture": "smooth", "scene": "studio", "lighting": "soft"}
+
+
+def steering_effect(pipe, world, item_ids: Sequence[int], *, images_per_prompt: int = 4, steps: int = 20,
+                    guidance: float = 5.0, seed: int = 0) -> dict[str, Any]:
+    """How far one prompt token moves its feature in generated backgrounds, as Cohen's d.
+
+    For each pair (token a vs b of one category, the other categories fixed at STEERING_BASE), generate
+    `images_per_prompt` creatives per held-out product with each prompt and measure the feature on the
+    repainted background with the world's own feature extractor.
+    """
+    from cg4ctr_fast.sim import CATEGORIES, FEATURE_NAMES
+
+    results = {}
+    for category, token_a, token_b, feature in STEERING_PAIRS:
+        column = FEATURE_NAMES.index(feature)
+        values: dict[str, list[float]] = {token_a: [], token_b: []}
+        prompts = []
+        for token in (token_a, token_b):
+            words = dict(STEERING_BASE, **{category: token})
+            prompts.append(" ".join(words[c] for c in CATEGORIES))
+        for item_id in item_ids:
+            product = world.product(item_id)
+            creatives = pipe(prompts, product.image, product.mask, num_inference_steps=steps,
+                             guidance_scale=guidance, num_images_per_prompt=images_per_prompt, seed=seed,
+                             show_progress=False)
+            for creative in creatives:
+                token = token_a if creative.group == 0 else token_b
+                values[token].append(float(world.features(creative.image, product.mask)[column]))
+        a, b = np.asarray(values[token_a]), np.asarray(values[token_b])
+        pooled = np.sqrt((a.var(ddof=1) + b.var(ddof=1)) / 2) + 1e-12
+        results[f"{token_a}_vs_{token_b}"] = {
+            "feature": feature,
+            "mean_a": float(a.mean()),
+            "mean_b": float(b.mean()),
+            "cohens_d": float((a.mean() - b.mean()) / pooled),
+            "n_per_prompt": int(a.size),
+        }
+    return results
