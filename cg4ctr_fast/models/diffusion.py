@@ -81,7 +81,11 @@ def make_scheduler(name: str, config: dict[str, Any] | None = None):
     if class_name == "PNDMScheduler":
         # SD checkpoints ship PNDM with PLMS only; the Runge-Kutta warm-up steps break strength < 1 indexing.
         config.setdefault("skip_prk_steps", True)
-    return cls.from_config(config)
+    try:
+        return cls.from_config(config)
+    except ImportError as exc:  # e.g. LMSDiscreteScheduler needs scipy
+        reason = " ".join(str(exc).split())
+        raise InputError(f"scheduler {class_name} is unavailable here: {reason}") from None
 
 
 def swap_scheduler(scheduler, name: str):
