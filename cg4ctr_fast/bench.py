@@ -197,11 +197,70 @@ def _git_sha() -> Optional[str]:
 def check_backend(name: str, engines: Optional[str]) -> None:
     if name not in BACKENDS:
         raise InputError(f"unknown backend {name!r}; choose from {', '.join(BACKENDS)}")
-    if name in ("onnxruntime", "tensorrt"):
+    if name in ("onnxruntime", "tensorrt") and not engines:
+        made_by = "cg4ctr-export onnx" if name == "onnxruntime" else "cg4ctr-export engine"
+        raise InputError(f"backend {name!r} runs an exported folder: pass --engines DIR (written by {made_by})")
+    if name == "tensorrt":
+        from cg4ctr_fast.export.tensorrt_build import tensorrt_unavailable_reason
+
+        reason = tensorrt_unavailable_reason()
+        if reason is not None:
+            raise InputError(reason)
+
+
+def engine_folders(engines: str) -> tuple[str, Optional[str]]:
+    """(ONNX folder, TensorRT engine folder or None) for --engines: an engine folder names its ONNX source."""
+    import json
+    from pathlib import Path
+
+    from cg4ctr_fast.export import manifest as mf
+
+    try:
+        data = json.loads((Path(engines) / mf.MANIFEST).read_text())
+    except (OSError, ValueError):
+        return engines, None  # the backend's loader refuses it with the reason
+    if isinstance(data, dict) and data.get("format") == mf.ENGINE_FORMAT:
+        return str((data.get("onnx") or {}).get("path", "")), engines
+    return engines, None
+
+
+def engine_components(backend: str, engines: str, modules, *, max_unet_batch: int = 1):
+    """The slots of an exported folder, refused unless it was exported from the same weights as `modules`."""
+    from cg4ctr_fast.export import manifest as mf
+
+    onnx_dir, trt_dir = engine_folders(engines)
+    if backend == "tensorrt" and trt_dir is None:
+        raise InputError(f"{engines}: an ONNX folder; backend 'tensorrt' needs `cg4ctr-export engine` output")
+    if backend == "tensorrt":
+        manifest = mf.read_manifest(trt_dir, expect=mf.ENGINE_FORMAT)
+    else:
+        manifest = mf.read_manifest(onnx_dir)
+    source, lora = manifest["source"], manifest.get("lora")
+    same_unet = source.get("unet_channels") == int(modules.unet.config.in_channels)
+    if source.get("model_id") != modules.model_id or lora or not same_unet:
+        exported = f"{source.get('model_id')} ({source.get('unet_channels')}-channel UNet)"
+        exported += f" + LoRA {lora['source']}" if lora else ""
         raise InputError(
-            f"backend {name!r} runs exported engines (cg4ctr-export), which this version does not build yet; "
-            "use --backends torch,compile"
+            f"{engines}: exported from {exported}, the benchmark runs {modules.model_id}: "
+            "export the same weights without a LoRA (cg4ctr-export onnx with the bench's --preset/--model)"
         )
+    unet_batch = mf.contract_of(manifest, "unet").dim("batch")
+    if max_unet_batch > unet_batch.max:
+        raise InputError(
+            f"{engines}: the UNet was exported for batch ≤ {unet_batch.max}, the benchmark needs {max_unet_batch} "
+            f"(groups × 2 with guidance): re-export with --batch 1:1:{max_unet_batch // 2 or 1} or more"
+        )
+    if backend == "tensorrt":
+        from cg4ctr_fast.runtime.tensorrt_backend import tensorrt_components
+
+        components = tensorrt_components(trt_dir)
+    else:
+        from cg4ctr_fast.runtime.onnxruntime_backend import onnxruntime_components
+
+        components = onnxruntime_components(onnx_dir)
+    # diffusers' pipeline uses the modules' scheduler: the same class and config on both sides.
+    components.scheduler = modules.scheduler.__class__.from_config(modules.scheduler.config)
+    return components
 
 
 def table(results: list[VariantResult]) -> str:

@@ -199,6 +199,35 @@ class CreativePipeline:
         )
         return cls.from_modules(modules, saliency=saliency, reward=reward, **kwargs)
 
+    @classmethod
+    def from_engines(
+        cls,
+        path: str,
+        *,
+        backend: str = "onnxruntime",
+        saliency: Optional[str] = None,
+        scheduler: Optional[str] = None,
+        providers: Optional[Sequence[str]] = None,
+        **kwargs,
+    ) -> "CreativePipeline":
+        """Run a `cg4ctr-export` folder: ONNX models in ONNX Runtime, or TensorRT engines. Same loop, other slots.
+
+        saliency: U2NetP weights for the torch saliency net; by default the folder's exported one, if any.
+        """
+        if backend == "onnxruntime":
+            from cg4ctr_fast.runtime.onnxruntime_backend import onnxruntime_components, onnxruntime_saliency
+
+            components = onnxruntime_components(path, providers=providers, scheduler=scheduler)
+            saliency_model = _load_saliency(saliency) if saliency else onnxruntime_saliency(path, providers=providers)
+        elif backend == "tensorrt":
+            from cg4ctr_fast.runtime.tensorrt_backend import tensorrt_components, tensorrt_saliency
+
+            components = tensorrt_components(path, scheduler=scheduler)
+            saliency_model = _load_saliency(saliency) if saliency else tensorrt_saliency(path)
+        else:
+            raise InputError(f"unknown engine backend {backend!r}; choose onnxruntime or tensorrt")
+        return cls(components, saliency=saliency_model, **kwargs)
+
     @property
     def scheduler(self):
         return self.components.scheduler

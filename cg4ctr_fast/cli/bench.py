@@ -65,7 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args) -> dict:
     import torch
 
-    from cg4ctr_fast.bench import BenchCase, check_backend, diffusers_pipeline, run_diffusers, run_ours
+    from cg4ctr_fast.bench import (
+        BenchCase,
+        check_backend,
+        diffusers_pipeline,
+        engine_components,
+        run_diffusers,
+        run_ours,
+    )
     from cg4ctr_fast.cli.demo import draw_product
     from cg4ctr_fast.config import get_preset
     from cg4ctr_fast.imaging import to_rgb_and_alpha_mask
@@ -111,6 +118,13 @@ def run(args) -> dict:
                      image=rgb, mask=mask, steps=args.steps, guidance=args.guidance, height=size, width=size)
         for g in args.groups
     }
+    # Engine folders are loaded (and refused when they do not fit) before anything is measured.
+    max_unet_batch = max(args.groups) * (2 if args.guidance > 1.0 else 1)
+    engine_slots = {
+        b: engine_components(b, args.engines, modules, max_unet_batch=max_unet_batch)
+        for b in backends
+        if b in ("onnxruntime", "tensorrt")
+    }
     if dpipe is not None:
         for groups, case in cases.items():
             print(f"[bench] diffusers, {groups} groups", file=sys.stderr, flush=True)
@@ -119,7 +133,10 @@ def run(args) -> dict:
             results.append(row)
             _write_report(args, device, preset, size, backends, results, final=False)
     for backend in ordered:
-        components = torch_components(modules, backend=backend, compile_mode=args.compile_mode)
+        if backend in engine_slots:
+            components = engine_slots[backend]
+        else:
+            components = torch_components(modules, backend=backend, compile_mode=args.compile_mode)
         pipe = CreativePipeline(components)
         for fuse in fuse_modes:
             pipe.fuse_step = fuse
@@ -129,6 +146,8 @@ def run(args) -> dict:
                 row = run_ours(pipe, case, name=name, runs=args.runs, warmup=args.warmup)
                 if groups in baselines:
                     row.ratio_vs_diffusers = baselines[groups] / row.total["p50"]
+                if backend in ("onnxruntime", "tensorrt"):
+                    row.notes.append(f"engines {args.engines}")
                 if backend == "compile":
                     row.notes.append(f"torch.compile mode={args.compile_mode or 'default'}; warm-up includes compile")
                 results.append(row)
@@ -148,7 +167,7 @@ def _write_report(args, device, preset, size, backends, results, *, final: bool)
             "preset": preset.name, "model": args.model, "random_weights": args.random_weights or not args.model,
             "size": size, "steps": args.steps, "guidance": args.guidance, "dtype": args.dtype,
             "runs": args.runs, "warmup": args.warmup, "groups": args.groups, "backends": backends,
-            "fuse": args.fuse,
+            "fuse": args.fuse, "engines": args.engines,
         },
         "complete": final,
         "results": [asdict(r) for r in results],

@@ -1,0 +1,288 @@
+"""`cg4ctr-export onnx`: torch modules (LoRA fused) → validated ONNX folder, written atomically.
+
+Layout (like optimum's), everything the pipeline needs to run from the folder alone:
+
+    DIR/text_encoder/model.onnx   DIR/unet/model.onnx (+ model.onnx.data when over 2 GB)
+    DIR/vae_encoder/model.onnx    DIR/vae_decoder/model.onnx    DIR/saliency/model.onnx (with --saliency)
+    DIR/tokenizer/  DIR/scheduler/  DIR/model_info.json  DIR/validation.json  DIR/manifest.json (written last)
+
+Exporter: torch.onnx's TorchScript-based exporter (`dynamo=False`) with `dynamic_axes` from the contracts. On
+this machine it exported the tiny UNet in 0.8 s against 42 s for the dynamo exporter, with the same accuracy
+(≈1e-6), and it writes one file unless the model is over 2 GB (DESIGN.md §12).
+
+The UNet is traced at an odd latent size. diffusers' UNet decides in Python whether to pass explicit upsample
+sizes (only when a latent side is not a multiple of 2^upsamplers); a trace at a multiple bakes in
+`scale_factor=2` upsampling, whose graph then fails at other sizes (measured: Concat mismatch at 15×15). Traced
+at an odd size, the graph takes every upsample size from the skip tensors' shapes and runs at any size; at the
+multiples, nearest upsampling to twice the size equals scale 2, so the outputs are the same.
+"""
+from __future__ import annotations
+
+import copy
+import shutil
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from cg4ctr_fast.errors import InputError
+from cg4ctr_fast.export import manifest as mf
+from cg4ctr_fast.export.contracts import (
+    COMPONENTS,
+    ComponentContract,
+    ExportSettings,
+    StackDims,
+    build_contracts,
+)
+from cg4ctr_fast.export.validate import ValidationFailed
+
+# Over this many bytes of weights, a component goes to model.onnx + model.onnx.data: protobuf caps one
+# message at 2 GiB, and the graph itself needs some room beside the weights.
+EXTERNAL_DATA_BYTES = 2**31 - 2**27
+EXTERNAL_DATA_NAME = "model.onnx.data"
+MIN_OPSET, MAX_OPSET = 14, 20  # scaled_dot_product_attention needs 14; the TorchScript exporter stops at 20
+
+
+@dataclass(frozen=True)
+class ExportRequest:
+    out: str
+    preset: str = "tiny"
+    model: Optional[str] = None
+    random_weights: bool = False
+    seed: int = 0
+    saliency: Optional[str] = None
+    lora: Optional[str] = None
+    lora_scale: float = 1.0
+    precision: str = "fp32"
+    batch: tuple[int, int, int] = (1, 1, 8)
+    height: Optional[int] = None
+    width: Optional[int] = None
+    opset: int = 17
+    unet_channels: Optional[int] = None
+    components: Optional[tuple[str, ...]] = None
+
+
+def _log(message: str) -> None:
+    print(f"[cg4ctr-export] {message}", file=sys.stderr, flush=True)
+
+
+def check_request(req: ExportRequest) -> tuple[Any, ExportSettings, tuple[str, ...]]:
+    """Every check that needs no model: bad input fails in milliseconds, before anything loads."""
+    from cg4ctr_fast.config import get_preset, with_unet_channels
+    from cg4ctr_fast.export.lora import check_scale, resolve_lora
+
+    preset = get_preset(req.preset)
+    if req.unet_channels is not None:
+        if req.model is not None:
+            raise InputError("--unet-channels applies to built-in presets; a --model folder has its own UNet")
+        preset = with_unet_channels(preset, req.unet_channels)
+    if req.model is None and not req.random_weights and not preset.buildable:
+        raise InputError(f"preset {preset.name!r} needs --model PATH (a local diffusers folder) or --random-weights")
+    if not (MIN_OPSET <= req.opset <= MAX_OPSET):
+        raise InputError(f"--opset must be in {MIN_OPSET}..{MAX_OPSET}, got {req.opset}")
+    settings = ExportSettings(
+        precision=req.precision, batch=tuple(req.batch), height=req.height, width=req.width, opset=req.opset
+    )
+    components = tuple(req.components) if req.components else tuple(
+        c for c in COMPONENTS if c != "saliency" or req.saliency
+    )
+    if "saliency" in components and not req.saliency:
+        raise InputError("component 'saliency' needs --saliency WEIGHTS (a U2NetP .pth or .safetensors)")
+    if req.saliency and not Path(req.saliency).is_file():
+        raise InputError(f"saliency checkpoint {req.saliency}: no such file")
+    if req.lora is not None:
+        resolve_lora(req.lora)
+        check_scale(req.lora_scale)
+    out = Path(req.out)
+    if out.exists():
+        if not out.is_dir():
+            raise InputError(f"{out}: exists and is not a directory")
+        if any(out.iterdir()) and not (out / mf.MANIFEST).is_file():
+            raise InputError(f"{out}: exists, is not empty and is not an export folder; choose another --out")
+    return preset, settings, components
+
+
+def _load_modules(req: ExportRequest, preset):
+    from cg4ctr_fast.models.diffusion import build_modules, load_modules
+
+    if req.model is not None:
+        return load_modules(req.model)
+    return build_modules(preset, seed=req.seed)
+
+
+def export_onnx(req: ExportRequest, *, log: Callable[[str], None] = _log) -> dict[str, Any]:
+    """Export, validate and write the folder; returns the manifest. InputError / ValidationFailed otherwise."""
+    import torch
+
+    from cg4ctr_fast.export.lora import fuse_lora
+    from cg4ctr_fast.export.modules import export_module
+    from cg4ctr_fast.export.validate import compare, open_session, reference_cases, table
+    from cg4ctr_fast.imaging import atomic_dir
+    from cg4ctr_fast.runtime.torch_backend import model_info
+
+    preset, settings, components = check_request(req)
+    started = time.perf_counter()
+    modules = _load_modules(req, preset)
+    lora = None
+    if req.lora is not None:
+        lora = fuse_lora(modules, req.lora, req.lora_scale)
+        log(f"fused LoRA {req.lora} at scale {req.lora_scale:g} (through {lora['format']})")
+    saliency_net = None
+    saliency_sha = None
+    if "saliency" in components:
+        from cg4ctr_fast.models.saliency import load_saliency
+
+        saliency_net = load_saliency(req.saliency)
+        saliency_sha = mf.sha256_file(req.saliency)
+    stack = StackDims.from_modules(modules)
+    contracts = build_contracts(stack, settings, components)
+    info = model_info(modules)
+    if lora is not None:
+        info = type(info)(**{**asdict(info), "model_id": f"{info.model_id}+lora:{lora['id'][:16]}"})
+
+    entries: dict[str, Any] = {}
+    report: dict[str, Any] = {"precision": settings.precision, "components": {}, "ok": True}
+    out = Path(req.out)
+    with torch.no_grad(), atomic_dir(out) as tmp:
+        for name in components:
+            contract = contracts[name]
+            module = export_module(name, modules, saliency_net)
+            t0 = time.perf_counter()
+            cases = reference_cases(contract, module)  # fp32 references before any cast
+            if contract.precision != "fp32":
+                module = copy.deepcopy(module).to(dtype=torch.float16)
+            files = export_component(contract, module, tmp, settings.opset)
+            export_s = time.perf_counter() - t0
+            del module
+            try:
+                session = open_session(tmp / name / "model.onnx")
+            except Exception as exc:  # onnxruntime's Fail / InvalidGraph: the export is unusable
+                first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+                raise ValidationFailed(f"{name}: ONNX Runtime cannot load the exported graph: {first}", report) from None
+            record = compare(contract, session, cases)
+            del session
+            record["export_seconds"] = round(export_s, 2)
+            report["components"][name] = record
+            report["ok"] = report["ok"] and record["ok"]
+            worst = max(
+                (o["max_abs_error"] if o["max_abs_error"] is not None else float("inf"))
+                for c in record["checks"]
+                for o in c["outputs"].values()
+            )
+            log(f"{name}: exported in {export_s:.1f} s, max |onnx - torch| {worst:.2e} ({'ok' if record['ok'] else 'OUT OF TOLERANCE'})")
+            entries[name] = {
+                "file": f"{name}/model.onnx",
+                "sha256": files[0]["sha256"],
+                "files": files,
+                "dtype": contract.precision,
+                "inputs": [asdict(s) for s in contract.inputs],
+                "outputs": [asdict(s) for s in contract.outputs],
+                "profile": contract.profile_dict(),
+                "contract": contract.to_dict(),
+            }
+        print(table(report), flush=True)
+        if not report["ok"]:
+            bad = [n for n, r in report["components"].items() if not r["ok"]]
+            raise ValidationFailed(f"{', '.join(bad)} out of tolerance: nothing written to {out}", report)
+
+        modules.tokenizer.save_pretrained(str(tmp / "tokenizer"))
+        modules.scheduler.save_pretrained(str(tmp / "scheduler"))
+        mf.write_json(tmp / mf.MODEL_INFO, asdict(info))
+        mf.write_json(tmp / mf.VALIDATION, report)
+        manifest = {
+            "format": mf.ONNX_FORMAT,
+            "format_version": mf.FORMAT_VERSION,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "source": {
+                "preset": req.preset,
+                "model": str(Path(req.model).resolve()) if req.model else None,
+                "model_id": modules.model_id,
+                "seed": req.seed,
+                "random_weights": req.model is None,
+                "unet_channels": stack.unet_in_channels,
+                "saliency": str(Path(req.saliency).resolve()) if saliency_net is not None else None,
+                "saliency_sha256": saliency_sha,
+            },
+            "lora": lora,
+            "settings": {
+                "precision": settings.precision,
+                "batch": list(settings.batch),
+                "height": settings.height or stack.resolution,
+                "width": settings.width or stack.resolution,
+                "opset": settings.opset,
+            },
+            "stack": asdict(stack),
+            "model_info": asdict(info),
+            "components": entries,
+            "validation": {"file": mf.VALIDATION, "ok": True},
+            "exporter": "torch.onnx.export(dynamo=False, dynamic_axes from the contracts)",
+            "libraries": mf.library_versions(),
+            "host": mf.host_description(),
+            "seconds": round(time.perf_counter() - started, 1),
+        }
+        mf.write_json(tmp / mf.MANIFEST, manifest)  # last: its presence marks a complete folder
+    log(f"wrote {out} ({', '.join(components)}) in {time.perf_counter() - started:.1f} s")
+    return manifest
+
+
+def trace_values(contract: ComponentContract) -> dict[str, int]:
+    """The shapes the exporter traces at: batch 2 (no size-1 specialisation), the UNet at an odd latent size."""
+    values = contract.values("opt", batch=2)
+    if contract.name == "unet":
+        for axis in ("latent_height", "latent_width"):
+            values[axis] = values[axis] if values[axis] % 2 else values[axis] + 1
+    return values
+
+
+def export_component(contract: ComponentContract, module, root: Path, opset: int) -> list[dict[str, Any]]:
+    """Trace `module` into root/<name>/model.onnx (+ one external data file when large); check it; hash it."""
+    import onnx
+    import torch
+
+    folder = root / contract.name
+    scratch = root / f".scratch-{contract.name}"
+    folder.mkdir(parents=True)
+    scratch.mkdir()
+    try:
+        inputs = contract.sample_inputs(trace_values(contract), seed=0)
+        args = tuple(inputs[name] for name in contract.input_names)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                module,
+                args,
+                str(scratch / "model.onnx"),
+                dynamo=False,
+                input_names=contract.input_names,
+                output_names=contract.output_names,
+                dynamic_axes=contract.dynamic_axes(),
+                opset_version=opset,
+                do_constant_folding=True,
+            )
+        weight_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
+        written = sorted(p.name for p in scratch.iterdir())
+        if written == ["model.onnx"] and weight_bytes < EXTERNAL_DATA_BYTES:
+            shutil.move(str(scratch / "model.onnx"), str(folder / "model.onnx"))
+        else:
+            # Over 2 GB the exporter writes one file per tensor beside the graph; gather them into one.
+            model = onnx.load(str(scratch / "model.onnx"), load_external_data=True)
+            onnx.save_model(
+                model,
+                str(folder / "model.onnx"),
+                save_as_external_data=True,
+                all_tensors_to_one_file=True,
+                location=EXTERNAL_DATA_NAME,
+                size_threshold=1024,
+            )
+            del model
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    try:
+        onnx.checker.check_model(str(folder / "model.onnx"))  # path form: works over 2 GB
+    except onnx.checker.ValidationError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValidationFailed(f"{contract.name}: onnx.checker rejects the exported graph: {first}", {}) from None
+    names = ["model.onnx"] + ([EXTERNAL_DATA_NAME] if (folder / EXTERNAL_DATA_NAME).is_file() else [])
+    return [mf.file_record(root, f"{contract.name}/{n}") for n in names]

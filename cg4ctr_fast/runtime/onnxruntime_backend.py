@@ -1,0 +1,234 @@
+"""ONNX Runtime backend: the same `Components` slots, filled from a `cg4ctr-export onnx` folder.
+
+Providers, in order, whichever this onnxruntime build has: TensorrtExecutionProvider, CUDAExecutionProvider,
+CPUExecutionProvider. On a GPU the slots bind torch CUDA tensors to the session with IO binding (no host copy);
+on the CPU they go through numpy. Every call checks its input shapes against the contract profiles the folder
+was exported with, and says in one line what to re-export when a shape falls outside them.
+
+The loop is the pipeline's own: only the slots differ.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+
+from cg4ctr_fast.errors import InputError
+from cg4ctr_fast.export import manifest as mf
+from cg4ctr_fast.export.contracts import PIPELINE_COMPONENTS, ComponentContract
+from cg4ctr_fast.runtime.slots import Components, ModelInfo
+
+PROVIDER_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64}
+_NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64}
+
+
+def available_providers(requested: Optional[Sequence[str]] = None) -> list[str]:
+    import onnxruntime as ort
+
+    available = set(ort.get_available_providers())
+    order = list(requested) if requested else list(PROVIDER_ORDER)
+    unknown = [p for p in order if p not in available]
+    if requested and unknown:
+        raise InputError(f"onnxruntime here has no {', '.join(unknown)}; it has {', '.join(sorted(available))}")
+    return [p for p in order if p in available]
+
+
+class OrtComponent:
+    """One ONNX Runtime session with its contract: shape checks, numpy on the CPU, IO binding on CUDA."""
+
+    def __init__(self, path: Path, contract: ComponentContract, providers: Sequence[str], device: torch.device):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3
+        if device.type == "cpu":
+            # ORT's worker threads busy-wait after each run by default. The loop runs torch (scheduler step,
+            # guidance) between UNet calls on the same cores, and spinning threads starve it: on the 2-core
+            # CPU the ORT pipeline measured 0.3-0.5 s per call without spinning against 1.1 s with it.
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        try:
+            self.session = ort.InferenceSession(str(path), sess_options=options, providers=list(providers))
+        except Exception as exc:  # InvalidProtobuf, Fail, NoSuchFile: the file does not load
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise InputError(f"{path}: onnxruntime cannot load it ({first[:200]}): {mf.REEXPORT}") from None
+        self.contract = contract
+        self.device = device
+        self.name = contract.name
+        self.input_dtypes = {s.name: s.dtype for s in contract.inputs}
+        self.output_dtypes = {s.name: s.dtype for s in contract.outputs}
+
+    def run(self, **feeds: torch.Tensor) -> list[torch.Tensor]:
+        self.contract.check_shapes({k: tuple(v.shape) for k, v in feeds.items()}, where=f"{self.name} (onnxruntime)")
+        feeds = {k: v.to(_TORCH_DTYPES[self.input_dtypes[k]]) for k, v in feeds.items()}
+        if self.device.type == "cuda":
+            return self._run_bound(feeds)
+        arrays = {k: v.detach().cpu().contiguous().numpy() for k, v in feeds.items()}
+        outputs = self.session.run(self.contract.output_names, arrays)
+        return [torch.from_numpy(np.ascontiguousarray(o)) for o in outputs]
+
+    def _run_bound(self, feeds: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """IO binding: inputs and outputs stay in torch CUDA memory; outputs allocated from the contract."""
+        binding = self.session.io_binding()
+        device_id = self.device.index or 0
+        values: dict[str, int] = {}
+        for spec in self.contract.inputs:
+            tensor = feeds[spec.name].to(self.device).contiguous()
+            feeds[spec.name] = tensor  # keep alive until the run ends
+            for axis, size in zip(spec.shape, tensor.shape):
+                if isinstance(axis, str):
+                    values[axis] = int(size)
+            binding.bind_input(
+                name=spec.name, device_type="cuda", device_id=device_id,
+                element_type=_NUMPY_DTYPES[spec.dtype], shape=tuple(tensor.shape), buffer_ptr=tensor.data_ptr(),
+            )
+        for name, source, num, den in self.contract.derived:
+            values[name] = values[source] * num // den
+        outputs = []
+        for spec in self.contract.outputs:
+            out = torch.empty(self.contract.shape(spec, values), dtype=_TORCH_DTYPES[spec.dtype], device=self.device)
+            binding.bind_output(
+                name=spec.name, device_type="cuda", device_id=device_id,
+                element_type=_NUMPY_DTYPES[spec.dtype], shape=tuple(out.shape), buffer_ptr=out.data_ptr(),
+            )
+            outputs.append(out)
+        binding.synchronize_inputs()
+        self.session.run_with_iobinding(binding)
+        binding.synchronize_outputs()
+        return outputs
+
+
+class OrtTextEncoderSlot:
+    def __init__(self, component: OrtComponent):
+        self.component = component
+
+    def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.component.run(input_ids=input_ids)[0]
+
+
+class OrtUNetSlot:
+    def __init__(self, component: OrtComponent):
+        self.component = component
+
+    def __call__(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+        # The loop passes one 0-dim timestep for the whole batch; the graph takes float32 [B].
+        t = torch.as_tensor(timestep, device=sample.device)
+        t = t.reshape(-1).to(torch.float32).expand(sample.shape[0]) if t.numel() == 1 else t.to(torch.float32)
+        return self.component.run(sample=sample, timestep=t, encoder_hidden_states=encoder_hidden_states)[0]
+
+
+class OrtVaeEncoderSlot:
+    def __init__(self, component: OrtComponent):
+        self.component = component
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        return self.component.run(image=image)[0]
+
+
+class OrtVaeDecoderSlot:
+    def __init__(self, component: OrtComponent):
+        self.component = component
+
+    def __call__(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.component.run(latent_sample=latents)[0]
+
+
+class OrtSaliency(torch.nn.Module):
+    """The exported U2NetP behind the interface predict_saliency uses: model(batch) → [B, 1, H, W] in [0, 1]."""
+
+    def __init__(self, component: OrtComponent):
+        super().__init__()
+        self.component = component
+        # predict_saliency reads device and dtype from the first parameter: an empty anchor carries them.
+        dtype = _TORCH_DTYPES[component.contract.inputs[0].dtype]
+        self.anchor = torch.nn.Parameter(torch.empty(0, dtype=dtype, device=component.device), requires_grad=False)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.component.run(image=image)[0]
+
+
+def _load_scheduler(root: Path):
+    from cg4ctr_fast.models.diffusion import make_scheduler
+
+    config_file = root / "scheduler" / "scheduler_config.json"
+    if not config_file.is_file():
+        raise InputError(f"{root}: no scheduler/scheduler_config.json: {mf.REEXPORT}")
+    config = json.loads(config_file.read_text())
+    class_name = config.pop("_class_name", "DDIMScheduler")
+    return make_scheduler(class_name, {k: v for k, v in config.items() if not k.startswith("_")})
+
+
+def _device_for(providers: Sequence[str]) -> torch.device:
+    gpu = providers and providers[0] in ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+    return torch.device("cuda") if gpu and torch.cuda.is_available() else torch.device("cpu")
+
+
+def load_engine_folder(folder: str | Path, *, require: Sequence[str] = PIPELINE_COMPONENTS) -> dict[str, Any]:
+    """The checked manifest of an ONNX folder: format, version, the required components, sizes and sha256."""
+    root = Path(folder)
+    manifest = mf.read_manifest(root)
+    missing = [c for c in require if c not in manifest["components"]]
+    if missing:
+        raise InputError(
+            f"{root}: no {', '.join(missing)} in this folder (exported with --components?): "
+            "export every pipeline component with `cg4ctr-export onnx`"
+        )
+    mf.check_files(root, manifest)
+    return manifest
+
+
+def onnxruntime_components(
+    folder: str | Path, *, providers: Optional[Sequence[str]] = None, scheduler: Optional[str] = None
+) -> Components:
+    """Components whose slots run the folder's ONNX models in ONNX Runtime."""
+    from cg4ctr_fast.models.diffusion import swap_scheduler
+    from cg4ctr_fast.models.tokenizer import load_clip_tokenizer
+
+    root = Path(folder)
+    manifest = load_engine_folder(root)
+    chosen = available_providers(providers)
+    device = _device_for(chosen)
+    parts = {
+        name: OrtComponent(root / manifest["components"][name]["file"], mf.contract_of(manifest, name), chosen, device)
+        for name in PIPELINE_COMPONENTS
+    }
+    try:
+        info = ModelInfo(**json.loads((root / mf.MODEL_INFO).read_text()))
+    except (OSError, TypeError, ValueError) as exc:
+        raise InputError(f"{root / mf.MODEL_INFO}: unreadable ({type(exc).__name__}): {mf.REEXPORT}") from None
+    sched = _load_scheduler(root)
+    if scheduler is not None:
+        sched = swap_scheduler(sched, scheduler)
+    if not (root / "tokenizer").is_dir():
+        raise InputError(f"{root}: no tokenizer/ folder: {mf.REEXPORT}")
+    return Components(
+        text_encoder=OrtTextEncoderSlot(parts["text_encoder"]),
+        unet=OrtUNetSlot(parts["unet"]),
+        vae_encoder=OrtVaeEncoderSlot(parts["vae_encoder"]),
+        vae_decoder=OrtVaeDecoderSlot(parts["vae_decoder"]),
+        tokenizer=load_clip_tokenizer(root / "tokenizer"),
+        scheduler=sched,
+        info=info,
+        backend="onnxruntime",
+        device=device,
+        dtype=_TORCH_DTYPES[parts["unet"].contract.inputs[0].dtype],
+        modules=None,
+    )
+
+
+def onnxruntime_saliency(folder: str | Path, *, providers: Optional[Sequence[str]] = None) -> Optional[OrtSaliency]:
+    """The folder's exported saliency net, or None when it was exported without one."""
+    root = Path(folder)
+    manifest = mf.read_manifest(root)
+    if "saliency" not in manifest["components"]:
+        return None
+    mf.check_files(root, manifest, ["saliency"])
+    chosen = available_providers(providers)
+    component = OrtComponent(
+        root / manifest["components"]["saliency"]["file"], mf.contract_of(manifest, "saliency"), chosen, _device_for(chosen)
+    )
+    return OrtSaliency(component).eval()
