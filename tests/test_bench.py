@@ -50,3 +50,18 @@ def test_bench_bad_requests(tmp_path, capsys, flags, needle):
     err = capsys.readouterr().err
     assert code == 2 and needle in err and err.count("\n") == 1, err
     assert not (tmp_path / "x.json").exists()
+
+
+def test_ranking_bench_reports_latency(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "ranking_bench", Path(__file__).resolve().parent.parent / "bench" / "ranking_bench.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "rank.json"
+    assert module.main(["--candidates", "8", "--requests", "5", "--warmup", "1", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["per_request_s"]["n"] == 5 and report["per_request_s"]["p50"] > 0
+    assert module.main(["--candidates", "0"]) == 2

@@ -104,18 +104,9 @@ def _mismatch(file: Path, detail: str) -> InputError:
 
 
 def _fuse_diffusers(modules, file: Path, scale: float) -> None:
-    from diffusers import StableDiffusionInpaintPipeline
+    from cg4ctr_fast.models.diffusion import diffusers_inpaint_pipeline
 
-    pipe = StableDiffusionInpaintPipeline(
-        vae=modules.vae,
-        text_encoder=modules.text_encoder,
-        tokenizer=modules.tokenizer,
-        unet=modules.unet,
-        scheduler=modules.scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    pipe = diffusers_inpaint_pipeline(modules)
     try:
         # The same conversion load_lora_weights applies (kohya keys → diffusers keys, alphas apart).
         state_dict, _alphas = pipe.lora_state_dict(str(file))
