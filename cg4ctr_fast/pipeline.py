@@ -431,9 +431,11 @@ class CreativePipeline:
         # 8. decode -----------------------------------------------------------------------------
         with self._stage("vae_decode"):
             decoded = comps.vae_decoder(latents / info.scaling_factor)
-            if not torch.isfinite(decoded).all() and hasattr(comps.vae_decoder, "decode_fp32"):
+            finite = bool(torch.isfinite(decoded).all())  # one device sync per call, not two
+            if not finite and hasattr(comps.vae_decoder, "decode_fp32"):
                 decoded = comps.vae_decoder.decode_fp32(latents.float() / info.scaling_factor)
-        if not torch.isfinite(decoded).all():
+                finite = bool(torch.isfinite(decoded).all())
+        if not finite:
             raise RuntimeError(
                 "VAE decode produced NaN/Inf: run the VAE in float32 (fp16 SD VAEs overflow) or lower the guidance"
             )

@@ -131,19 +131,23 @@ def prompt_training_rows(dataset, top_k: int) -> dict[str, Any]:
 ITEM_NUMERIC = ("price", "rating", "popularity", "area", "aspect", "lightness", "center_x", "center_y")
 
 
-def item_feature_table(items) -> dict[int, np.ndarray]:
-    """Item features for the prompt model: numeric attributes standardized over the table."""
+def _item_standardizer(items) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """The numeric item columns present, and their mean and std over the logged items."""
     cols = [c for c in ITEM_NUMERIC if c in items.columns]
     values = items[cols].to_numpy(dtype=np.float64)
-    mean, std = values.mean(0), values.std(0) + 1e-9
+    return cols, values.mean(0), values.std(0) + 1e-9
+
+
+def item_feature_table(items) -> dict[int, np.ndarray]:
+    """Item features for the prompt model: numeric attributes standardized over the table."""
+    cols, mean, std = _item_standardizer(items)
+    values = items[cols].to_numpy(dtype=np.float64)
     return {int(i): ((row - mean) / std).astype(np.float32) for i, row in zip(items["item_id"], values)}
 
 
 def item_features_for(world, item_id: int, items) -> np.ndarray:
     """The same standardized features for any product (held-out ones too), from its record."""
-    cols = [c for c in ITEM_NUMERIC if c in items.columns]
-    values = items[cols].to_numpy(dtype=np.float64)
-    mean, std = values.mean(0), values.std(0) + 1e-9
+    cols, mean, std = _item_standardizer(items)
     record = world.product(item_id).record()
     return ((np.array([record[c] for c in cols], dtype=np.float64) - mean) / std).astype(np.float32)
 
