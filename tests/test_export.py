@@ -30,6 +30,7 @@ from cg4ctr_fast.export.contracts import (
     build_contracts,
     parse_batch,
     parse_components,
+    RewardDims,
     reward_contracts,
 )
 from cg4ctr_fast.export.tensorrt_build import (
@@ -359,7 +360,7 @@ def test_interrupted_export_leaves_nothing(tmp_path, monkeypatch, capsys):
     "args,needle",
     [
         (["--components", "unet,bogus"], "unknown component 'bogus'"),
-        (["--components", "reward_head"], "no reward model"),
+        (["--components", "reward_head"], "needs --reward DIR"),
         (["--preset", "sd99"], "unknown preset 'sd99'"),
         (["--preset", "sd15-inpaint"], "--random-weights"),
         (["--batch", "4:2:8"], "--batch"),
@@ -489,10 +490,11 @@ def test_contracts_are_data():
     with pytest.raises(InputError):
         parse_batch("1:x:3")
     assert parse_components("vae_decoder,unet") == ("unet", "vae_decoder")
-    with pytest.raises(InputError, match="no reward model"):
-        parse_components("reward_image")
-    hook = reward_contracts(image_side=224, embed_dim=512, group_features=16, settings=ExportSettings())
-    assert set(hook) == {"reward_image", "reward_head"} and hook["reward_head"].output_names == ["score"]
+    assert parse_components("reward_head,unet,reward_image") == ("unet", "reward_image", "reward_head")
+    dims = RewardDims(image_size=64, image_dim=128, max_title_tokens=24, max_caption_tokens=16, group_dim=8,
+                      title_vocab_size=500, caption_vocab_size=300)
+    reward = reward_contracts(dims, ExportSettings())
+    assert set(reward) == {"reward_image", "reward_head"} and reward["reward_head"].output_names == ["score"]
 
 
 def test_export_modules_import_no_onnx_or_tensorrt():

@@ -1,10 +1,10 @@
 """`cg4ctr-export`: validated ONNX folders and TensorRT engines from the torch stack.
 
     cg4ctr-export onnx --preset tiny --out engines/tiny [--lora FILE --lora-scale 0.8] [--saliency u2netp.pth]
-                       [--dtype fp32|fp16] [--batch 1:1:8] [--height 64 --width 64] [--opset 17] [--unet-channels 9]
+                       [--reward models/reward] [--dtype fp32|fp16] [--batch 1:1:8] [--height 64 --width 64] [--opset 17] [--unet-channels 9]
     cg4ctr-export engine --onnx engines/tiny --out engines/tiny-trt [--refittable] [--timing-cache FILE]
     cg4ctr-export refit --engine engines/tiny-trt --lora FILE [--lora-scale S]
-    cg4ctr-export verify engines/tiny
+    cg4ctr-export verify engines/tiny [--reward models/reward]
     cg4ctr-export env
 
 Exit codes: 0 done; 1 a component out of tolerance (nothing written); 2 bad input (one line on stderr, nothing
@@ -33,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     onnx.add_argument("--random-weights", action="store_true", help="the preset's architecture with random weights")
     onnx.add_argument("--seed", type=int, default=0, help="weights seed for built-in presets / --random-weights")
     onnx.add_argument("--saliency", help="U2NetP weights (.pth / .safetensors): exports the saliency component")
+    onnx.add_argument("--reward", metavar="DIR",
+                      help="RewardModel folder (RewardModel.save): exports reward_image and reward_head")
     onnx.add_argument("--lora", help="LoRA to fuse: diffusers .safetensors, kohya .safetensors or a peft folder")
     onnx.add_argument("--lora-scale", type=float, default=1.0)
     onnx.add_argument("--out", required=True, help="output folder (replaced atomically if it is an export folder)")
@@ -43,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     onnx.add_argument("--opset", type=int, default=17)
     onnx.add_argument("--unet-channels", type=int, choices=(4, 9), default=None, help="built-in presets only")
     onnx.add_argument("--components", default=None,
-                      help="comma list (default: text_encoder,unet,vae_encoder,vae_decoder[,saliency])")
+                      help="comma list (default: text_encoder,unet,vae_encoder,vae_decoder[,saliency]"
+                           "[,reward_image,reward_head])")
 
     engine = sub.add_parser("engine", help="TensorRT engines from an ONNX folder (needs an NVIDIA GPU)")
     engine.add_argument("--onnx", required=True, help="folder written by `cg4ctr-export onnx`")
@@ -61,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--model", help="source model folder, when it moved since the export")
     verify.add_argument("--lora", help="the LoRA file, when it moved since the export")
     verify.add_argument("--saliency", help="the saliency weights, when they moved since the export")
+    verify.add_argument("--reward", metavar="DIR", help="the RewardModel folder, when it moved since the export")
 
     sub.add_parser("env", help="library versions and the GPU")
     return parser
@@ -86,6 +90,7 @@ def cmd_onnx(args) -> int:
         opset=args.opset,
         unet_channels=args.unet_channels,
         components=parse_components(args.components) if args.components else None,
+        reward=args.reward,
     )
     export_onnx(request)
     return 0
@@ -108,7 +113,7 @@ def cmd_refit(args) -> int:
 def cmd_verify(args) -> int:
     from cg4ctr_fast.export.verify import verify_folder
 
-    verify_folder(args.folder, model=args.model, lora=args.lora, saliency=args.saliency)
+    verify_folder(args.folder, model=args.model, lora=args.lora, saliency=args.saliency, reward=args.reward)
     return 0
 
 

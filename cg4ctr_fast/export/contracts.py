@@ -13,6 +13,12 @@ The slot semantics are those of `cg4ctr_fast.runtime.slots.Components`:
     vae_decoder(latent_sample [B, 4, h, w] / scaling_factor)     -> sample [B, 3, H, W]
     saliency(image [B, 3, H, W], ImageNet-normalised)            -> saliency [B, 1, H, W] in [0, 1]
 
+and those of `cg4ctr_fast.models.reward.RewardModel`, split as it is served (DESIGN.md §5):
+
+    reward_image(image [B, 3, S, S] in [0, 1])                   -> image_embedding [B, D]   (embed_images)
+    reward_head(image_embedding [B, D], title_ids int64 [B, Lt], caption_ids int64 [B, Lc],
+                group_features [B, G])                           -> score float32 [B]        (score, calibrated)
+
 The timestep is float32 [B] whatever the precision: DDIM's integer timesteps are exact in float32 (≤ 1000),
 Euler/DPM Karras timesteps are fractional, and diffusers' UNet computes its sinusoidal embedding in float32
 anyway (`Timesteps` casts to float). The pipeline passes a 0-dim tensor; the runtime slots broadcast it.
@@ -28,20 +34,17 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 
 from cg4ctr_fast.errors import InputError
 
-# The components `cg4ctr-export onnx` knows, in export order. The reward model's two parts are declared (see
-# `reward_contracts`) but no reward model exists in this codebase yet, so nothing exports them.
+# The components `cg4ctr-export onnx` knows, in export order. COMPONENTS come from the diffusion stack (and
+# --saliency); the reward model's two parts come from a saved RewardModel folder (--reward) and follow them.
 PIPELINE_COMPONENTS = ("text_encoder", "unet", "vae_encoder", "vae_decoder")
 COMPONENTS = (*PIPELINE_COMPONENTS, "saliency")
 REWARD_COMPONENTS = ("reward_image", "reward_head")
+EXPORTABLE = (*COMPONENTS, *REWARD_COMPONENTS)
 
 PRECISIONS = {"fp32": "float32", "fp16": "float16"}
 NUMPY_DTYPES = ("float32", "float16", "int64")
 SEQ_LEN = 77  # CLIP's context length: every SD1.x tokenizer pads to it
 SALIENCY_SIDE = 320  # U²-Net-p's official input side (predict_saliency resizes to it)
-_NO_REWARD = (
-    "component {name!r}: no reward model exists in cg4ctr_fast yet; its contract is declared in "
-    "cg4ctr_fast.export.contracts.reward_contracts and exports once the model lands"
-)
 
 
 @dataclass(frozen=True)
@@ -102,6 +105,12 @@ TOLERANCES: dict[str, dict[str, Tolerance]] = {
     "vae_encoder": {"fp32": Tolerance(1e-5, 1e-4, _FP32), "fp16": Tolerance(1e-2, 3e-2, _FP16)},
     "vae_decoder": {"fp32": Tolerance(1e-5, 5e-4, _FP32), "fp16": Tolerance(1e-2, 3e-2, _FP16)},
     "saliency": {"fp32": Tolerance(1e-5, 1e-4, _FP32), "fp16": Tolerance(1e-2, 3e-2, _FP16)},
+    # The reward image tower is a 4-block CNN with GroupNorm, shallow like the VAE encoder (measured ≤ 4e-6 on
+    # embeddings of scale 0.8; ≈3e-4 of the scale in fp16). The head is always fp32 (see reward_contracts); its
+    # output is a probability, so the bound is ≤ 1.1e-4 (measured ≤ 1e-7, while averaging over the padding too,
+    # a plausible export bug, moved scores by ≥ 5e-3).
+    "reward_image": {"fp32": Tolerance(1e-5, 1e-4, _FP32), "fp16": Tolerance(1e-2, 3e-2, _FP16)},
+    "reward_head": {"fp32": Tolerance(1e-5, 1e-4, _FP32)},
 }
 
 
@@ -307,6 +316,31 @@ class StackDims:
 
 
 @dataclass(frozen=True)
+class RewardDims:
+    """The sizes the reward contracts need, read from a `RewardConfig` (cg4ctr_fast.models.reward)."""
+
+    image_size: int  # side of the square images embed_images takes
+    image_dim: int  # length of the stored image embedding
+    max_title_tokens: int
+    max_caption_tokens: int
+    group_dim: int
+    title_vocab_size: int
+    caption_vocab_size: int
+
+    @classmethod
+    def from_config(cls, config) -> "RewardDims":
+        return cls(
+            image_size=int(config.image_size),
+            image_dim=int(config.image_dim),
+            max_title_tokens=int(config.max_title_tokens),
+            max_caption_tokens=int(config.max_caption_tokens),
+            group_dim=int(config.group_dim),
+            title_vocab_size=int(config.title_vocab_size),
+            caption_vocab_size=int(config.caption_vocab_size),
+        )
+
+
+@dataclass(frozen=True)
 class ExportSettings:
     """batch: creatives per call (user groups × images per group) as MIN:OPT:MAX; height/width: the opt image."""
 
@@ -341,9 +375,13 @@ def parse_batch(text: str) -> tuple[int, int, int]:
 
 
 def build_contracts(
-    stack: StackDims, settings: ExportSettings, components: Iterable[str] = COMPONENTS
+    stack: StackDims,
+    settings: ExportSettings,
+    components: Iterable[str] = COMPONENTS,
+    reward: Optional[RewardDims] = None,
 ) -> dict[str, ComponentContract]:
-    """Every requested component's contract, its profile derived from the stack and the settings."""
+    """Every requested component's contract, its profile derived from the stack (and the reward model's sizes)
+    and the settings."""
     precision = settings.precision
     float_dtype = PRECISIONS[precision]
     scale = stack.vae_scale_factor
@@ -445,44 +483,53 @@ def build_contracts(
                 tolerance=TOLERANCES[name][precision],
             )
         elif name in REWARD_COMPONENTS:
-            raise InputError(_NO_REWARD.format(name=name))
+            if reward is None:
+                raise InputError(f"component {name!r} needs --reward DIR (a folder written by RewardModel.save)")
+            contracts[name] = reward_contracts(reward, settings)[name]
         else:
-            raise InputError(f"unknown component {name!r}; choose from {', '.join(COMPONENTS)}")
+            raise InputError(f"unknown component {name!r}; choose from {', '.join(EXPORTABLE)}")
     return contracts
 
 
-def reward_contracts(
-    *, image_side: int, embed_dim: int, group_features: int, settings: ExportSettings
-) -> dict[str, ComponentContract]:
-    """The hook for the reward model (DESIGN.md §5): an image tower computed once per creative, and a small head.
+def reward_contracts(reward: RewardDims, settings: ExportSettings) -> dict[str, ComponentContract]:
+    """The reward model as served: an image tower run once per creative, and a small head run per ranking.
 
-    Declared so that export, TensorRT profiles and runtime checks have a place for it; no reward model exists in
-    this codebase yet, so `cg4ctr-export` does not call this. When the model lands, its builder fills these
-    sizes from its config and the exporter treats the two parts like any other component. Tolerances follow the
-    text encoder's (an embedding network) until measured.
+    Batch = creatives per call, the settings' MIN:OPT:MAX; the runtime splits larger rankings into calls of at
+    most MAX. Every other axis is fixed by the model's config: the image side it was trained at and the token
+    lengths its vocabularies pad to (the runtime right-pads shorter id rows with <pad>, which the mean over
+    token embeddings skips, so they score as in torch).
+
+    reward_image follows --dtype (a CNN over pixels: where fp16 pays on a GPU). reward_head is fp32 whatever
+    --dtype says: it is a few small matrices over five tokens, so fp16 saves nothing, and its output is a CTR
+    of a few percent that ranks creatives: fp16's spacing there (≈1.5e-5 at 0.03) would tie close creatives.
     """
     lo, opt, hi = settings.batch
-    dtype = PRECISIONS[settings.precision]
-    tol = TOLERANCES["text_encoder"][settings.precision]
+    image_dtype = PRECISIONS[settings.precision]
+    batch = (Dim("batch", lo, opt, hi),)
     return {
         "reward_image": ComponentContract(
             name="reward_image",
             precision=settings.precision,
-            inputs=(TensorSpec("image", dtype, ("batch", 3, image_side, image_side), "uniform:-1:1"),),
-            outputs=(TensorSpec("image_embedding", dtype, ("batch", embed_dim)),),
-            dims=(Dim("batch", lo, opt, hi),),
-            tolerance=tol,
+            inputs=(TensorSpec("image", image_dtype, ("batch", 3, reward.image_size, reward.image_size), "uniform:0:1"),),
+            outputs=(TensorSpec("image_embedding", image_dtype, ("batch", reward.image_dim)),),
+            dims=batch,
+            tolerance=TOLERANCES["reward_image"][settings.precision],
         ),
         "reward_head": ComponentContract(
             name="reward_head",
-            precision=settings.precision,
+            precision="fp32",
             inputs=(
-                TensorSpec("image_embedding", dtype, ("batch", embed_dim)),
-                TensorSpec("group_features", dtype, ("batch", group_features)),
+                TensorSpec("image_embedding", "float32", ("batch", reward.image_dim)),
+                # Ids over the whole vocabulary, <pad> (0) included, so sample rows carry padding as in use.
+                TensorSpec("title_ids", "int64", ("batch", reward.max_title_tokens), f"randint:0:{reward.title_vocab_size}"),
+                TensorSpec(
+                    "caption_ids", "int64", ("batch", reward.max_caption_tokens), f"randint:0:{reward.caption_vocab_size}"
+                ),
+                TensorSpec("group_features", "float32", ("batch", reward.group_dim)),
             ),
             outputs=(TensorSpec("score", "float32", ("batch",)),),
-            dims=(Dim("batch", lo, opt, hi),),
-            tolerance=tol,
+            dims=batch,
+            tolerance=TOLERANCES["reward_head"]["fp32"],
         ),
     }
 
@@ -495,11 +542,9 @@ def parse_components(text: Optional[str]) -> tuple[str, ...]:
     if not names:
         raise InputError("--components is empty")
     for name in names:
-        if name in REWARD_COMPONENTS:
-            raise InputError(_NO_REWARD.format(name=name))
-        if name not in COMPONENTS:
-            raise InputError(f"unknown component {name!r}; choose from {', '.join(COMPONENTS)}")
-    return tuple(n for n in COMPONENTS if n in names)
+        if name not in EXPORTABLE:
+            raise InputError(f"unknown component {name!r}; choose from {', '.join(EXPORTABLE)}")
+    return tuple(n for n in EXPORTABLE if n in names)
 
 
 def contract_digest(contract: ComponentContract) -> str:

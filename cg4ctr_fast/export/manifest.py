@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional
 
 from cg4ctr_fast.errors import InputError
-from cg4ctr_fast.export.contracts import ComponentContract
+from cg4ctr_fast.export.contracts import REWARD_COMPONENTS, ComponentContract
 
 ONNX_FORMAT = "cg4ctr-onnx"
 ENGINE_FORMAT = "cg4ctr-tensorrt"
@@ -24,6 +24,7 @@ VALIDATION = "validation.json"
 MODEL_INFO = "model_info.json"
 LIBRARIES = ("torch", "diffusers", "transformers", "peft", "onnx", "onnxruntime", "onnxscript", "tensorrt", "triton")
 REEXPORT = "re-export with `cg4ctr-export onnx`"
+REWARD_DIR = "reward"  # the reward model's config.json and vocab.json, beside reward_image/ and reward_head/
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
@@ -94,25 +95,37 @@ def read_manifest(folder: str | Path, *, expect: str = ONNX_FORMAT) -> dict[str,
 def check_files(
     folder: str | Path, manifest: Mapping[str, Any], components: Optional[Iterable[str]] = None, *, hashes: bool = True
 ) -> None:
-    """Every listed file of the components exists with the recorded size and sha256 (InputError otherwise)."""
+    """Every listed file of the components exists with the recorded size and sha256 (InputError otherwise).
+
+    The reward components also need the reward model's config and vocabularies (manifest "reward" → "files"):
+    the head's embedding tables are indexed by one vocabulary's ids, so a swapped vocab.json would score wrong
+    without any error.
+    """
     root = Path(folder)
     again = "rebuild with `cg4ctr-export engine`" if manifest.get("format") == ENGINE_FORMAT else REEXPORT
     names = list(components) if components is not None else list(manifest["components"])
+    records: list[Mapping[str, Any]] = []
     for name in names:
         entry = manifest["components"].get(name)
         if entry is None:
             raise InputError(f"{root}: the manifest has no component {name!r} (it has {', '.join(manifest['components'])})")
-        for record in entry.get("files", []):
-            path = root / record["path"]
-            if not path.is_file():
-                raise InputError(f"{path}: missing (the manifest lists it): {again}")
-            size = path.stat().st_size
-            if size != record["bytes"]:
-                raise InputError(
-                    f"{path}: {size} bytes, the manifest says {record['bytes']} (truncated or modified): {again}"
-                )
-            if hashes and sha256_file(path) != record["sha256"]:
-                raise InputError(f"{path}: sha256 differs from the manifest (modified after export): {again}")
+        records.extend(entry.get("files", []))
+    if any(name in REWARD_COMPONENTS for name in names):
+        reward = manifest.get("reward")
+        if not isinstance(reward, dict) or not reward.get("files"):
+            raise InputError(f"{root}: the manifest lists reward components but no reward model files: {again}")
+        records.extend(reward["files"])
+    for record in records:
+        path = root / record["path"]
+        if not path.is_file():
+            raise InputError(f"{path}: missing (the manifest lists it): {again}")
+        size = path.stat().st_size
+        if size != record["bytes"]:
+            raise InputError(
+                f"{path}: {size} bytes, the manifest says {record['bytes']} (truncated or modified): {again}"
+            )
+        if hashes and sha256_file(path) != record["sha256"]:
+            raise InputError(f"{path}: sha256 differs from the manifest (modified after export): {again}")
 
 
 def contract_of(manifest: Mapping[str, Any], name: str) -> ComponentContract:

@@ -4,6 +4,7 @@ Layout (like optimum's), everything the pipeline needs to run from the folder al
 
     DIR/text_encoder/model.onnx   DIR/unet/model.onnx (+ model.onnx.data when over 2 GB)
     DIR/vae_encoder/model.onnx    DIR/vae_decoder/model.onnx    DIR/saliency/model.onnx (with --saliency)
+    DIR/reward_image/model.onnx   DIR/reward_head/model.onnx    DIR/reward/{config,vocab}.json (with --reward)
     DIR/tokenizer/  DIR/scheduler/  DIR/model_info.json  DIR/validation.json  DIR/manifest.json (written last)
 
 Exporter: torch.onnx's TorchScript-based exporter (`dynamo=False`) with `dynamic_axes` from the contracts. On
@@ -15,6 +16,11 @@ sizes (only when a latent side is not a multiple of 2^upsamplers); a trace at a 
 `scale_factor=2` upsampling, whose graph then fails at other sizes (measured: Concat mismatch at 15×15). Traced
 at an odd size, the graph takes every upsample size from the skip tensors' shapes and runs at any size; at the
 multiples, nearest upsampling to twice the size equals scale 2, so the outputs are the same.
+
+The reward model (--reward, a folder written by `RewardModel.save`) exports as two graphs, as it is served:
+`reward_image` (embed_images, once per creative) and `reward_head` (score on stored embeddings, calibration
+included). The graphs carry its weights; its config.json and vocab.json are copied to DIR/reward/ so the runtime
+can size images and encode titles and captions exactly as the torch model does (model.safetensors is not).
 """
 from __future__ import annotations
 
@@ -27,12 +33,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import torch
+
 from cg4ctr_fast.errors import InputError
 from cg4ctr_fast.export import manifest as mf
 from cg4ctr_fast.export.contracts import (
     COMPONENTS,
+    REWARD_COMPONENTS,
     ComponentContract,
     ExportSettings,
+    RewardDims,
     StackDims,
     build_contracts,
 )
@@ -62,6 +72,7 @@ class ExportRequest:
     opset: int = 17
     unet_channels: Optional[int] = None
     components: Optional[tuple[str, ...]] = None
+    reward: Optional[str] = None  # a RewardModel folder: exports reward_image and reward_head
 
 
 def _log(message: str) -> None:
@@ -85,13 +96,19 @@ def check_request(req: ExportRequest) -> tuple[Any, ExportSettings, tuple[str, .
     settings = ExportSettings(
         precision=req.precision, batch=tuple(req.batch), height=req.height, width=req.width, opset=req.opset
     )
-    components = tuple(req.components) if req.components else tuple(
-        c for c in COMPONENTS if c != "saliency" or req.saliency
+    components = tuple(req.components) if req.components else (
+        *(c for c in COMPONENTS if c != "saliency" or req.saliency),
+        *(REWARD_COMPONENTS if req.reward else ()),
     )
     if "saliency" in components and not req.saliency:
         raise InputError("component 'saliency' needs --saliency WEIGHTS (a U2NetP .pth or .safetensors)")
     if req.saliency and not Path(req.saliency).is_file():
         raise InputError(f"saliency checkpoint {req.saliency}: no such file")
+    for name in components:
+        if name in REWARD_COMPONENTS and not req.reward:
+            raise InputError(f"component {name!r} needs --reward DIR (a folder written by RewardModel.save)")
+    if req.reward:
+        check_reward_folder(req.reward)
     if req.lora is not None:
         resolve_lora(req.lora)
         check_scale(req.lora_scale)
@@ -104,6 +121,25 @@ def check_request(req: ExportRequest) -> tuple[Any, ExportSettings, tuple[str, .
     return preset, settings, components
 
 
+def check_reward_folder(path: str) -> None:
+    """A RewardModel folder has its three files; their contents are checked when the model loads."""
+    from cg4ctr_fast.models.reward import CONFIG_FILE, VOCAB_FILE, WEIGHTS_FILE
+
+    root = Path(path)
+    if not root.is_dir():
+        raise InputError(f"reward model {root}: no such directory (--reward takes a folder written by RewardModel.save)")
+    missing = [name for name in (WEIGHTS_FILE, CONFIG_FILE, VOCAB_FILE) if not (root / name).is_file()]
+    if missing:
+        raise InputError(f"reward model {root}: not a RewardModel folder ({', '.join(missing)} missing)")
+
+
+def reward_fingerprint(path: str | Path) -> dict[str, str]:
+    """sha256 of each file of a RewardModel folder: weights, and config (its calibration) and vocabularies."""
+    from cg4ctr_fast.models.reward import CONFIG_FILE, VOCAB_FILE, WEIGHTS_FILE
+
+    return {name: mf.sha256_file(Path(path) / name) for name in (WEIGHTS_FILE, CONFIG_FILE, VOCAB_FILE)}
+
+
 def _load_modules(req: ExportRequest, preset):
     from cg4ctr_fast.models.diffusion import build_modules, load_modules
 
@@ -114,8 +150,6 @@ def _load_modules(req: ExportRequest, preset):
 
 def export_onnx(req: ExportRequest, *, log: Callable[[str], None] = _log) -> dict[str, Any]:
     """Export, validate and write the folder; returns the manifest. InputError / ValidationFailed otherwise."""
-    import torch
-
     from cg4ctr_fast.export.lora import fuse_lora
     from cg4ctr_fast.export.modules import export_module
     from cg4ctr_fast.export.validate import compare, open_session, reference_cases, table
@@ -136,8 +170,16 @@ def export_onnx(req: ExportRequest, *, log: Callable[[str], None] = _log) -> dic
 
         saliency_net = load_saliency(req.saliency)
         saliency_sha = mf.sha256_file(req.saliency)
+    reward_model = None
+    reward_files = None
+    if any(name in REWARD_COMPONENTS for name in components):
+        from cg4ctr_fast.models.reward import RewardModel
+
+        reward_model = RewardModel.load(req.reward)  # InputError (one line) for broken files
+        reward_files = reward_fingerprint(req.reward)
     stack = StackDims.from_modules(modules)
-    contracts = build_contracts(stack, settings, components)
+    reward_dims = RewardDims.from_config(reward_model.config) if reward_model is not None else None
+    contracts = build_contracts(stack, settings, components, reward=reward_dims)
     info = model_info(modules)
     if lora is not None:
         info = type(info)(**{**asdict(info), "model_id": f"{info.model_id}+lora:{lora['id'][:16]}"})
@@ -148,9 +190,14 @@ def export_onnx(req: ExportRequest, *, log: Callable[[str], None] = _log) -> dic
     with torch.no_grad(), atomic_dir(out) as tmp:
         for name in components:
             contract = contracts[name]
-            module = export_module(name, modules, saliency_net)
+            if name in REWARD_COMPONENTS:
+                # References from the model's own methods; the traced module is their ONNX-exportable twin.
+                reference, module = reward_module(name, reward_model), reward_module(name, reward_model, traceable=True)
+            else:
+                reference = module = export_module(name, modules, saliency_net)
             t0 = time.perf_counter()
-            cases = reference_cases(contract, module)  # fp32 references before any cast
+            cases = reference_cases(contract, reference)  # fp32 references before any cast
+            del reference
             if contract.precision != "fp32":
                 module = copy.deepcopy(module).to(dtype=torch.float16)
             files = export_component(contract, module, tmp, settings.opset)
@@ -189,6 +236,9 @@ def export_onnx(req: ExportRequest, *, log: Callable[[str], None] = _log) -> dic
 
         modules.tokenizer.save_pretrained(str(tmp / "tokenizer"))
         modules.scheduler.save_pretrained(str(tmp / "scheduler"))
+        reward_section = None
+        if reward_model is not None:
+            reward_section = _copy_reward_files(Path(req.reward), tmp, reward_model)
         mf.write_json(tmp / mf.MODEL_INFO, asdict(info))
         mf.write_json(tmp / mf.VALIDATION, report)
         manifest = {
@@ -204,6 +254,8 @@ def export_onnx(req: ExportRequest, *, log: Callable[[str], None] = _log) -> dic
                 "unet_channels": stack.unet_in_channels,
                 "saliency": str(Path(req.saliency).resolve()) if saliency_net is not None else None,
                 "saliency_sha256": saliency_sha,
+                "reward": str(Path(req.reward).resolve()) if reward_model is not None else None,
+                "reward_sha256": reward_files,
             },
             "lora": lora,
             "settings": {
@@ -216,6 +268,7 @@ def export_onnx(req: ExportRequest, *, log: Callable[[str], None] = _log) -> dic
             "stack": asdict(stack),
             "model_info": asdict(info),
             "components": entries,
+            "reward": reward_section,
             "validation": {"file": mf.VALIDATION, "ok": True},
             "exporter": "torch.onnx.export(dynamo=False, dynamic_axes from the contracts)",
             "libraries": mf.library_versions(),
@@ -225,6 +278,91 @@ def export_onnx(req: ExportRequest, *, log: Callable[[str], None] = _log) -> dic
         mf.write_json(tmp / mf.MANIFEST, manifest)  # last: its presence marks a complete folder
     log(f"wrote {out} ({', '.join(components)}) in {time.perf_counter() - started:.1f} s")
     return manifest
+
+
+def _copy_reward_files(source: Path, tmp: Path, model) -> dict[str, Any]:
+    """The reward model's non-weight files into tmp/reward/; the manifest's "reward" section listing them."""
+    from cg4ctr_fast.models.reward import CONFIG_FILE, FORMAT, VOCAB_FILE
+
+    (tmp / mf.REWARD_DIR).mkdir()
+    for name in (CONFIG_FILE, VOCAB_FILE):
+        shutil.copy2(source / name, tmp / mf.REWARD_DIR / name)
+    return {
+        "format": FORMAT,
+        "folder": mf.REWARD_DIR,
+        "files": [mf.file_record(tmp, f"{mf.REWARD_DIR}/{name}") for name in (CONFIG_FILE, VOCAB_FILE)],
+        "config": model.config.to_dict(),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The reward model's two graphs
+# ---------------------------------------------------------------------------------------------------------
+
+
+class RewardImageExport(torch.nn.Module):
+    """reward_image: RewardModel.embed_images, images [B, 3, S, S] in [0, 1] → embeddings [B, D]."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, image):
+        return self.model.embed_images(image)
+
+
+class RewardHeadExport(torch.nn.Module):
+    """reward_head: RewardModel.score, the calibrated CTR [B] from stored embeddings, token ids and group features."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, image_embedding, title_ids, caption_ids, group_features):
+        return self.model.score(image_embedding, title_ids, caption_ids, group_features)
+
+
+class MaskedMeanEmbedding(torch.nn.Module):
+    """nn.EmbeddingBag(mode="mean", padding_idx=p) over [B, L] ids, in ops the ONNX exporter has.
+
+    torch.onnx refuses embedding_bag with a padding_idx. The same mean written out: gather the rows, drop the
+    padding positions, divide by the number left; a row of padding only gives zeros, as EmbeddingBag does.
+    """
+
+    def __init__(self, bag: torch.nn.EmbeddingBag):
+        super().__init__()
+        if bag.mode != "mean" or bag.max_norm is not None:
+            raise ValueError(f"only EmbeddingBag(mode='mean') without max_norm exports, got mode={bag.mode!r}")
+        self.weight = bag.weight
+        self.padding_idx = bag.padding_idx
+
+    def forward(self, ids):
+        vectors = torch.nn.functional.embedding(ids, self.weight)
+        if self.padding_idx is None:
+            return vectors.mean(dim=1)
+        keep = (ids != self.padding_idx).unsqueeze(-1).to(vectors.dtype)
+        return (vectors * keep).sum(dim=1) / keep.sum(dim=1).clamp_min(1.0)
+
+
+def reward_module(name: str, model, *, traceable: bool = False) -> torch.nn.Module:
+    """The torch module of reward component `name` over a RewardModel (eval mode).
+
+    traceable=False: the model's own methods, the reference validation compares with. traceable=True: the same
+    over a copy whose EmbeddingBags are MaskedMeanEmbedding, which the exporter can trace (validation then checks
+    the two agree, through ONNX Runtime).
+    """
+    if name == "reward_image":
+        return RewardImageExport(model).eval()
+    if name != "reward_head":
+        raise ValueError(f"unknown reward component {name!r}")
+    if not traceable:
+        return RewardHeadExport(model).eval()
+    twin = copy.deepcopy(model)  # a few MB: the towers and a small transformer
+    for parent in list(twin.modules()):
+        for child_name, child in list(parent.named_children()):
+            if isinstance(child, torch.nn.EmbeddingBag):
+                setattr(parent, child_name, MaskedMeanEmbedding(child))
+    return RewardHeadExport(twin).eval()
 
 
 def trace_values(contract: ComponentContract) -> dict[str, int]:
@@ -239,7 +377,6 @@ def trace_values(contract: ComponentContract) -> dict[str, int]:
 def export_component(contract: ComponentContract, module, root: Path, opset: int) -> list[dict[str, Any]]:
     """Trace `module` into root/<name>/model.onnx (+ one external data file when large); check it; hash it."""
     import onnx
-    import torch
 
     folder = root / contract.name
     scratch = root / f".scratch-{contract.name}"
@@ -248,19 +385,26 @@ def export_component(contract: ComponentContract, module, root: Path, opset: int
     try:
         inputs = contract.sample_inputs(trace_values(contract), seed=0)
         args = tuple(inputs[name] for name in contract.input_names)
+        # nn.TransformerEncoderLayer (the reward head) takes a fused native kernel in eval mode, which has no
+        # ONNX symbolic; off during the trace, it records the same math as plain ops.
+        fastpath = torch.backends.mha.get_fastpath_enabled()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch.onnx.export(
-                module,
-                args,
-                str(scratch / "model.onnx"),
-                dynamo=False,
-                input_names=contract.input_names,
-                output_names=contract.output_names,
-                dynamic_axes=contract.dynamic_axes(),
-                opset_version=opset,
-                do_constant_folding=True,
-            )
+            torch.backends.mha.set_fastpath_enabled(False)
+            try:
+                torch.onnx.export(
+                    module,
+                    args,
+                    str(scratch / "model.onnx"),
+                    dynamo=False,
+                    input_names=contract.input_names,
+                    output_names=contract.output_names,
+                    dynamic_axes=contract.dynamic_axes(),
+                    opset_version=opset,
+                    do_constant_folding=True,
+                )
+            finally:
+                torch.backends.mha.set_fastpath_enabled(fastpath)
         weight_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
         written = sorted(p.name for p in scratch.iterdir())
         if written == ["model.onnx"] and weight_bytes < EXTERNAL_DATA_BYTES:

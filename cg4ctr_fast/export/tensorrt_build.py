@@ -3,7 +3,8 @@
 - Strongly typed networks: precision comes from the ONNX graph (fp16 export), not from builder flags (TensorRT
   11 always types strongly and has no fp16 flag). After a build, the engine's I/O tensor dtypes are checked
   against the contract.
-- One optimization profile per component, from the contract's min/opt/max (export/contracts.py).
+- One optimization profile per component, from the contract's min/opt/max (export/contracts.py): every component
+  the ONNX folder lists, the reward model's reward_image / reward_head included (batch-only profiles).
 - A timing cache (--timing-cache FILE) is read before and written after the builds.
 - Engine cache key = sha256 over (TensorRT version, GPU compute capability, ONNX sha256, LoRA id, profile,
   refittable). At load, a key that no longer matches this machine is refused with one line: rebuild with …
@@ -321,6 +322,8 @@ def _copy_runtime_files(onnx_root: Path, tmp: Path) -> None:
     for folder in ("tokenizer", "scheduler"):
         shutil.copytree(onnx_root / folder, tmp / folder)
     shutil.copy2(onnx_root / mf.MODEL_INFO, tmp / mf.MODEL_INFO)
+    if (onnx_root / mf.REWARD_DIR).is_dir():  # the reward model's config and vocabularies (--reward)
+        shutil.copytree(onnx_root / mf.REWARD_DIR, tmp / mf.REWARD_DIR)
 
 
 def _engine_manifest(onnx_root, onnx_manifest, entries, version, capability, gpu, refittable) -> dict[str, Any]:
@@ -339,6 +342,7 @@ def _engine_manifest(onnx_root, onnx_manifest, entries, version, capability, gpu
         "settings": onnx_manifest["settings"],
         "model_info": onnx_manifest["model_info"],
         "components": entries,
+        "reward": onnx_manifest.get("reward"),  # same relative paths, so check_files covers the copies
         "validation": {"file": mf.VALIDATION, "ok": True},
         "libraries": mf.library_versions(),
         "host": mf.host_description(),

@@ -2,8 +2,9 @@
 
 1. the manifest's format and version; every file's size and sha256 (a modified or truncated model is refused);
 2. `onnx.checker.check_model` (path form) on every component;
-3. the torch modules rebuilt from the manifest's source (preset + seed, or the model folder; LoRA and saliency
-   files checked against their recorded sha256) and compared with ONNX Runtime exactly as at export time.
+3. the torch modules rebuilt from the manifest's source (preset + seed, or the model folder; LoRA, saliency and
+   reward model files checked against their recorded sha256) and compared with ONNX Runtime exactly as at export
+   time. The reward components are compared with the RewardModel's own embed_images / score.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Any, Callable, Optional
 
 from cg4ctr_fast.errors import InputError
 from cg4ctr_fast.export import manifest as mf
+from cg4ctr_fast.export.contracts import REWARD_COMPONENTS
 
 
 def _log(message: str) -> None:
@@ -25,6 +27,7 @@ def verify_folder(
     model: Optional[str] = None,
     lora: Optional[str] = None,
     saliency: Optional[str] = None,
+    reward: Optional[str] = None,
     log: Callable[[str], None] = _log,
 ) -> dict[str, Any]:
     import onnx
@@ -33,6 +36,7 @@ def verify_folder(
     from cg4ctr_fast.config import get_preset, with_unet_channels
     from cg4ctr_fast.export.lora import fuse_lora, lora_record
     from cg4ctr_fast.export.modules import export_module
+    from cg4ctr_fast.export.onnx_export import check_reward_folder, reward_fingerprint, reward_module
     from cg4ctr_fast.export.validate import ValidationFailed, compare, open_session, reference_cases, table
     from cg4ctr_fast.models.diffusion import build_modules, load_modules
 
@@ -77,12 +81,26 @@ def verify_folder(
         if mf.sha256_file(sal_path) != source.get("saliency_sha256"):
             raise InputError(f"saliency weights {sal_path} differ from the ones this folder was exported with")
         saliency_net = load_saliency(sal_path)
+    reward_model = None
+    if any(name in REWARD_COMPONENTS for name in manifest["components"]):
+        from cg4ctr_fast.models.reward import RewardModel
+
+        reward_path = reward or source.get("reward")
+        if not reward_path or not Path(reward_path).is_dir():
+            raise InputError(f"reward model {reward_path} not found: pass --reward DIR (the one this folder was exported with)")
+        check_reward_folder(reward_path)
+        if reward_fingerprint(reward_path) != source.get("reward_sha256"):
+            raise InputError(f"reward model {reward_path} differs from the one this folder was exported with (sha256)")
+        reward_model = RewardModel.load(reward_path)
 
     report: dict[str, Any] = {"precision": manifest["settings"]["precision"], "components": {}, "ok": True}
     with torch.no_grad():
         for name, entry in manifest["components"].items():
             contract = mf.contract_of(manifest, name)
-            module = export_module(name, modules, saliency_net)
+            if name in REWARD_COMPONENTS:
+                module = reward_module(name, reward_model)
+            else:
+                module = export_module(name, modules, saliency_net)
             cases = reference_cases(contract, module)
             record = compare(contract, open_session(root / entry["file"]), cases)
             report["components"][name] = record

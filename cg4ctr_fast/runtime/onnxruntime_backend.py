@@ -6,19 +6,23 @@ on the CPU they go through numpy. Every call checks its input shapes against the
 was exported with, and says in one line what to re-export when a shape falls outside them.
 
 The loop is the pipeline's own: only the slots differ.
+
+A folder exported with --reward also holds the reward model: `load_reward_engine(DIR)` gives an object with
+RewardModel's serving API (embed_images, score, encode_titles, ...), so a serving stack ranks stored creatives
+in ONNX Runtime; its `pipeline_scorer(...)` is a `reward=` callable for `CreativePipeline.from_engines`.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
 
 from cg4ctr_fast.errors import InputError
 from cg4ctr_fast.export import manifest as mf
-from cg4ctr_fast.export.contracts import PIPELINE_COMPONENTS, ComponentContract
+from cg4ctr_fast.export.contracts import PIPELINE_COMPONENTS, REWARD_COMPONENTS, ComponentContract
 from cg4ctr_fast.runtime.slots import Components, ModelInfo
 
 PROVIDER_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
@@ -232,3 +236,140 @@ def onnxruntime_saliency(folder: str | Path, *, providers: Optional[Sequence[str
         root / manifest["components"]["saliency"]["file"], mf.contract_of(manifest, "saliency"), chosen, _device_for(chosen)
     )
     return OrtSaliency(component).eval()
+
+
+class OrtRewardEngine:
+    """The exported reward model with `RewardModel`'s serving semantics (cg4ctr_fast.models.reward).
+
+    embed_images: images [B, 3, S, S] in [0, 1] → embeddings [B, D] float32 (reward_image).
+    score: embeddings, title_ids / caption_ids [B or 1, ≤ L] int64, group_features [B or 1, G] → calibrated CTR
+        [B] float32 (reward_head; the calibration is part of the graph). As in torch, inputs with batch 1 are
+        broadcast; id rows shorter than the exported length are right-padded with <pad>, which the model's mean
+        over token embeddings skips, so they score exactly as in torch.
+    Batches over the exported profile's maximum run in several calls of at most that size.
+    """
+
+    def __init__(self, image: OrtComponent, head: OrtComponent, config, title_vocab, caption_vocab):
+        self.image = image
+        self.head = head
+        self.config = config
+        self.title_vocab = title_vocab
+        self.caption_vocab = caption_vocab
+        self.device = head.device
+
+    def embed_images(self, images: torch.Tensor) -> torch.Tensor:
+        return self._run_batched(self.image, {"image": images}).float()
+
+    def score(
+        self, embeddings: torch.Tensor, title_ids: torch.Tensor, caption_ids: torch.Tensor, group_features: torch.Tensor
+    ) -> torch.Tensor:
+        batch = int(embeddings.shape[0])
+        feeds = {
+            "image_embedding": embeddings,
+            "title_ids": self._ids(title_ids, "title_ids", batch),
+            "caption_ids": self._ids(caption_ids, "caption_ids", batch),
+            "group_features": _broadcast(torch.as_tensor(group_features), "group_features", batch),
+        }
+        return self._run_batched(self.head, feeds)
+
+    def __call__(self, images, title_ids, caption_ids, group_features) -> torch.Tensor:
+        return self.score(self.embed_images(images), title_ids, caption_ids, group_features)
+
+    def encode_titles(self, titles: Sequence[str]) -> torch.Tensor:
+        return self.title_vocab.encode(titles, self.config.max_title_tokens)
+
+    def encode_captions(self, captions: Sequence[str]) -> torch.Tensor:
+        return self.caption_vocab.encode(captions, self.config.max_caption_tokens)
+
+    def prepare_images(self, images) -> torch.Tensor:
+        from cg4ctr_fast.models.reward import images_to_tensor
+
+        return images_to_tensor(images, self.config.image_size)
+
+    def score_images(self, images, titles: Sequence[str], captions: Sequence[str], group_features) -> np.ndarray:
+        """One call from PIL images / paths: calibrated CTR as numpy [B] (RewardModel.score_images)."""
+        groups = torch.as_tensor(np.asarray(group_features, dtype=np.float32)).reshape(-1, self.config.group_dim)
+        ctr = self(self.prepare_images(images), self.encode_titles(list(titles)), self.encode_captions(list(captions)),
+                   groups)
+        return ctr.cpu().numpy()
+
+    def pipeline_scorer(self, group_features, title: str = "",
+                        captions: Optional[Sequence[str]] = None) -> Callable[[list, list], list]:
+        """A `reward=` callable for `CreativePipeline` (RewardModel.pipeline_scorer): (images, groups) → CTRs."""
+        table = np.asarray(group_features, dtype=np.float32).reshape(-1, self.config.group_dim)
+
+        def reward(images: list, groups: list) -> list:
+            caps = [captions[g] if captions is not None else "" for g in groups]
+            return self.score_images(images, [title] * len(images), caps, table[list(groups)]).tolist()
+
+        return reward
+
+    # ------------------------------------------------------------------ helpers
+    def _ids(self, ids: torch.Tensor, name: str, batch: int) -> torch.Tensor:
+        ids = _broadcast(torch.as_tensor(ids), name, batch)
+        length = self.head.contract.input(name).shape[1]
+        if ids.dim() != 2 or ids.shape[1] > length:
+            raise InputError(
+                f"reward_head (onnxruntime): {name} has shape {list(ids.shape)}, expected [B, ≤ {length}] "
+                f"(the config's token limit; encode with encode_titles / encode_captions)"
+            )
+        if ids.shape[1] < length:
+            ids = torch.nn.functional.pad(ids, (0, length - ids.shape[1]), value=0)  # 0 = <pad>
+        return ids
+
+    @staticmethod
+    def _run_batched(component: OrtComponent, feeds: dict[str, torch.Tensor]) -> torch.Tensor:
+        batch = int(next(iter(feeds.values())).shape[0])
+        if batch == 0:
+            out = component.contract.outputs[0]  # its non-batch axes are fixed sizes
+            return torch.zeros((0, *out.shape[1:]), dtype=_TORCH_DTYPES[out.dtype], device=component.device)
+        step = component.contract.dim("batch").max
+        parts = [
+            component.run(**{k: v[i : i + step] for k, v in feeds.items()})[0] for i in range(0, batch, step)
+        ]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def _broadcast(tensor: torch.Tensor, name: str, batch: int) -> torch.Tensor:
+    """RewardModel's rule: an input with batch 1 serves the whole batch."""
+    if tensor.dim() >= 1 and tensor.shape[0] == batch:
+        return tensor
+    if tensor.dim() >= 1 and tensor.shape[0] == 1:
+        return tensor.expand(batch, *tensor.shape[1:])
+    raise InputError(f"reward_head (onnxruntime): {name} has batch {list(tensor.shape)[:1]}, expected {batch} or 1")
+
+
+def _read_reward_files(root: Path):
+    """(RewardConfig, title Vocabulary, caption Vocabulary) from the folder's reward/ copy (hash-checked)."""
+    from cg4ctr_fast.models.reward import CONFIG_FILE, FORMAT, VOCAB_FILE, RewardConfig, Vocabulary
+
+    folder = root / mf.REWARD_DIR
+    try:
+        raw = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
+        vocab = json.loads((folder / VOCAB_FILE).read_text(encoding="utf-8"))
+        if raw.pop("format", None) != FORMAT:
+            raise ValueError(f"{CONFIG_FILE} is not a {FORMAT} config")
+        config = RewardConfig(**raw)
+        return config, Vocabulary(vocab["title"]), Vocabulary(vocab["caption"])
+    except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise InputError(f"{folder}: unreadable reward model files ({' '.join(str(exc).split())[:200]}): {mf.REEXPORT}") from None
+
+
+def load_reward_engine(folder: str | Path, *, providers: Optional[Sequence[str]] = None) -> OrtRewardEngine:
+    """The folder's exported reward model in ONNX Runtime (needs an export with `--reward DIR`)."""
+    root = Path(folder)
+    manifest = mf.read_manifest(root)
+    missing = [c for c in REWARD_COMPONENTS if c not in manifest["components"]]
+    if missing:
+        raise InputError(
+            f"{root}: no {', '.join(missing)} in this folder: export it with `cg4ctr-export onnx --reward DIR`"
+        )
+    mf.check_files(root, manifest, REWARD_COMPONENTS)
+    config, title_vocab, caption_vocab = _read_reward_files(root)
+    chosen = available_providers(providers)
+    device = _device_for(chosen)
+    image, head = (
+        OrtComponent(root / manifest["components"][name]["file"], mf.contract_of(manifest, name), chosen, device)
+        for name in REWARD_COMPONENTS
+    )
+    return OrtRewardEngine(image, head, config, title_vocab, caption_vocab)
