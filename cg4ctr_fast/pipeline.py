@@ -114,12 +114,22 @@ class CreativePipeline:
         device: Optional[str] = None,
         dtype: Optional[torch.dtype] = None,
         saliency=None,
+        lora: Optional[str] = None,
+        lora_scale: float = 1.0,
         **kwargs,
     ) -> "CreativePipeline":
-        """Torch modules (DiffusionModules) into slots; `saliency` is a module or a weights path."""
+        """Torch modules (DiffusionModules) into slots; `saliency` is a module or a weights path.
+
+        lora: a LoRA (diffusers, kohya or peft files, e.g. a `cg4ctr-train cycle` checkpoint's `lora/`) fused
+        into the weights through diffusers before anything runs, so it costs nothing per step.
+        """
         from cg4ctr_fast.models.diffusion import swap_scheduler
         from cg4ctr_fast.runtime.torch_backend import torch_components
 
+        if lora is not None:
+            from cg4ctr_fast.export.lora import fuse_lora
+
+            fuse_lora(modules, lora, lora_scale)
         if scheduler is not None:
             modules.scheduler = swap_scheduler(modules.scheduler, scheduler)
         if device is not None or dtype is not None:

@@ -1,12 +1,14 @@
 """`cg4ctr-train`: train the project's models from the command line.
 
     cg4ctr-train reward --data DIR --out MODEL_DIR [--epochs N] [--seed S] [--test-fraction F] [--quiet]
+    cg4ctr-train cycle --config FILE --out RUN_DIR [--resume]
+    cg4ctr-train ablate --config FILE --seeds N --out DIR
 
 Subcommands live in `SUBCOMMANDS` (name → Subcommand(help, add_arguments, run)); to add one, write
-its two functions and add an entry (`saliency`, `base`, `prompt` are planned).  `run(args)` returns
+its two functions and add an entry.  `run(args)` returns
 the exit code and raises `InputError` for bad input, which `main` prints as one line on stderr with
 exit code 2.  Outputs are written to a temporary folder renamed at the end, so a failed run leaves
-nothing behind.
+nothing behind; `cycle` writes one such folder per cycle and resumes from the last one.
 """
 from __future__ import annotations
 
@@ -200,12 +202,63 @@ def _run_prompt(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------------------------
+# cycle, ablate: self-cyclic training of the LoRA and the prompt model (cg4ctr_fast.training.cycle)
+# --------------------------------------------------------------------------------------------
+
+
+def _cycle_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="TOML file: [run] [models] [generate] [lora] [prompt] [eval] (configs/cycle.toml)")
+    p.add_argument("--out", required=True, help="run folder: config, one atomic checkpoint per cycle, metrics.json/png")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last finished cycle")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or per-cycle lines")
+
+
+def _run_cycle(args: argparse.Namespace) -> int:
+    from cg4ctr_fast.training.cycle import main_log, run_cycles
+    from cg4ctr_fast.training.cycle_config import load_cycle_config
+
+    config = load_cycle_config(args.config)
+    history = run_cycles(config, Path(args.out), resume=args.resume, progress=not args.quiet, log=main_log(args.quiet))
+    last = history[-1]["eval"]
+    print(f"cycle {history[-1]['cycle']}: held-out lift {last['lift_mean']:+.3f} (cycle 0: "
+          f"{history[0]['eval']['lift_mean']:+.3f}) → {args.out}", file=sys.stderr)
+    return 0
+
+
+def _ablate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="TOML file as for `cycle`; [run] update_* are set per arm")
+    p.add_argument("--seeds", type=int, default=3, help="seeds run.seed … run.seed+N−1 (default 3)")
+    p.add_argument("--out", required=True, help="folder: one run per seed and arm, results.json, results.md, lift_per_cycle.png; rerun to resume")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or per-cycle lines")
+
+
+def _run_ablate(args: argparse.Namespace) -> int:
+    from cg4ctr_fast.imaging import atomic_write_bytes
+    from cg4ctr_fast.training.ablate import results_markdown, run_ablation
+    from cg4ctr_fast.training.cycle import main_log
+    from cg4ctr_fast.training.cycle_config import load_cycle_config
+
+    config = load_cycle_config(args.config)
+    results = run_ablation(config, args.seeds, Path(args.out), progress=not args.quiet, log=main_log(args.quiet))
+    command = f"cg4ctr-train ablate --config {args.config} --seeds {args.seeds} --out {args.out}"
+    atomic_write_bytes(Path(args.out) / "results.md", results_markdown(results, command).encode())
+    comparison = results["comparisons"]["full_minus_global_prompt"]
+    print(f"full − global prompt at cycle {results['cycles']}: {comparison['mean']:+.1%} "
+          f"[{comparison['ci95'][0]:+.1%}, {comparison['ci95'][1]:+.1%}] → {args.out}/results.md", file=sys.stderr)
+    return 0
+
+
 SUBCOMMANDS: dict[str, Subcommand] = {
     "reward": Subcommand("train the multimodal CTR reward model on click logs", _reward_arguments, _run_reward),
     "saliency": Subcommand("train the U2NetP saliency net on a synthetic world", _saliency_arguments, _run_saliency),
     "base": Subcommand("train the toy generator (VAE, UNet, text encoder) on a synthetic world",
                        _base_arguments, _run_base),
     "prompt": Subcommand("train the prompt model on a synthetic world's logs", _prompt_arguments, _run_prompt),
+    "cycle": Subcommand("self-cyclic training: LoRA and prompt model alternate on reward-ranked creatives",
+                        _cycle_arguments, _run_cycle),
+    "ablate": Subcommand("the self-cyclic ablation arms over several seeds, with confidence intervals",
+                         _ablate_arguments, _run_ablate),
 }
 
 

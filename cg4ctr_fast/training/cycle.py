@@ -1,0 +1,465 @@
+"""Self-cyclic training: the generator's LoRA and the prompt model alternate on reward-ranked creatives.
+
+One cycle (`run_cycle`):
+    1. propose   per training product × user group, the prompt model samples prompts from its top-p nucleus
+    2. generate  all groups of one product in one batched denoising loop
+    3. rank      the reward model scores every creative; the top-k per (product, group) are kept
+    4. LoRA      the adapter learns from the top-k images, denoising loss on the background only (prompt frozen)
+    5. prompt    the prompt model learns the top-k prompts against the rest (LoRA frozen)
+    6. evaluate  held-out products: the oracle's true CTR of the reward's pick per group against the original
+                 image, the mean reward, the reward/oracle gap, diversity, product pixels unchanged
+    7. checkpoint one atomic folder per cycle: LoRA (diffusers format), prompt model, metrics
+
+Cycle 0 is the evaluation of the starting models. Every random draw is seeded from (run seed, cycle,
+stage) with hashlib, and each cycle's optimizers start fresh, so a cycle depends only on the checkpoint it
+starts from: a run resumed after a kill gives the same numbers as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import torch
+
+from cg4ctr_fast.errors import InputError
+from cg4ctr_fast.pipeline import derive_seed
+from cg4ctr_fast.training.cycle_config import CycleConfig, to_toml
+
+CYCLE_DIR = "cycles"
+RUN_FILES = frozenset({"config.toml", "config.json", CYCLE_DIR, "metrics.json", "metrics.png"})
+
+
+# ------------------------------------------------------------------------------------------------ context
+@dataclass
+class CycleContext:
+    """Everything a cycle reads: the world and its logs, the models, the products, the group features."""
+
+    config: CycleConfig
+    dataset: Any  # cg4ctr_fast.sim.SimDataset
+    modules: Any  # DiffusionModules (the UNet carries the LoRA adapter when the run updates it)
+    pipe: Any  # CreativePipeline over `modules`
+    reward: Any  # RewardModel
+    prompt_model: Any  # PromptModel (updated in place by the prompt step)
+    group_ids: list[int]
+    group_features: np.ndarray  # [G, group_dim]
+    train_items: list[int]
+    eval_items: list[int]
+    model_paths: dict[str, str]
+
+    @property
+    def world(self):
+        return self.dataset.world
+
+    def item_features(self, item_id: int) -> np.ndarray:
+        from cg4ctr_fast.training.toy import item_features_for
+
+        return item_features_for(self.world, item_id, self.dataset.items)
+
+
+def resolve_models(config: CycleConfig, log: Callable[[str], Any] = print) -> dict[str, str]:
+    """The four model folders: the config's, or the embedded toy models (built and cached on first use)."""
+    given = {k: getattr(config.models, k) for k in ("world", "generator", "reward", "prompt")}
+    if all(given.values()):
+        return given
+    if any(given.values()):
+        missing = [k for k, v in given.items() if not v]
+        raise InputError(f"config: [models] sets some folders but not {', '.join(missing)}; set all four or none")
+    from cg4ctr_fast.training.toy import ToyConfig, build_toy_models
+
+    toy = build_toy_models(ToyConfig(), log=log)
+    return {"world": str(toy.world), "generator": str(toy.generator), "reward": str(toy.reward), "prompt": str(toy.prompt)}
+
+
+def pick_items(config: CycleConfig, dataset) -> tuple[list[int], list[int]]:
+    """Training products: a seeded draw from the logged items. Held-out products: ids past every logged
+    one, a different block per seed, so seeds also vary the products the evaluation sees."""
+    from cg4ctr_fast.training.toy import HELD_OUT_ITEM_BASE
+
+    logged = sorted(int(i) for i in dataset.items["item_id"])
+    run = config.run
+    if run.train_products > len(logged):
+        raise InputError(f"run.train_products is {run.train_products} but the logs hold {len(logged)} items")
+    rng = np.random.default_rng(derive_seed(run.seed, "train-items") % (2**32))
+    train = sorted(int(i) for i in rng.choice(logged, size=run.train_products, replace=False))
+    start = HELD_OUT_ITEM_BASE + run.seed * run.eval_products
+    return train, list(range(start, start + run.eval_products))
+
+
+def build_context(config: CycleConfig, *, log: Callable[[str], Any] = print,
+                  model_paths: Optional[dict[str, str]] = None) -> CycleContext:
+    from cg4ctr_fast.models.diffusion import load_modules
+    from cg4ctr_fast.models.prompt import PromptModel
+    from cg4ctr_fast.models.reward import RewardModel
+    from cg4ctr_fast.pipeline import CreativePipeline
+    from cg4ctr_fast.sim import load_dataset
+    from cg4ctr_fast.training.lora import add_lora
+
+    paths = model_paths or resolve_models(config, log=log)
+    dataset = load_dataset(paths["world"])
+    modules = load_modules(paths["generator"])
+    if config.run.update_lora:
+        # peft draws lora_A at random: seed it so the adapter's start is part of the run's seed.
+        torch.manual_seed(derive_seed(config.run.seed, "lora-init") % (2**63))
+        add_lora(modules.unet, config.lora)
+    pipe = CreativePipeline.from_modules(modules)
+    reward = RewardModel.load(paths["reward"]).eval()
+    prompt_model = PromptModel.load(paths["prompt"])
+    groups = sorted(dataset.groups, key=lambda g: g["group_id"])
+    train_items, eval_items = pick_items(config, dataset)
+    return CycleContext(
+        config=config, dataset=dataset, modules=modules, pipe=pipe, reward=reward, prompt_model=prompt_model,
+        group_ids=[int(g["group_id"]) for g in groups],
+        group_features=np.stack([np.asarray(g["features"], dtype=np.float32) for g in groups]),
+        train_items=train_items, eval_items=eval_items, model_paths=paths,
+    )
+
+
+# ------------------------------------------------------------------------------------------------ generation
+def generate_for_groups(ctx: CycleContext, item_id: int, group_prompts: Sequence[Sequence[str]], *,
+                        images_per_prompt: int, steps: int, seed: int) -> list[dict[str, Any]]:
+    """One batched denoising loop for one product: `group_prompts[g]` are group g's prompts. Identical prompts
+    are generated once and shared (the pipeline's noise depends on the prompt, so they would be identical
+    anyway). Every creative is scored by the reward model for its group. Returns one row per (group, creative)."""
+    product = ctx.world.product(item_id)
+    unique = list(dict.fromkeys(p for prompts in group_prompts for p in prompts))
+    creatives = ctx.pipe(unique, product.image, product.mask, num_inference_steps=steps,
+                         guidance_scale=ctx.config.generate.guidance, num_images_per_prompt=images_per_prompt,
+                         seed=seed, show_progress=False)
+    by_prompt: dict[str, list] = {}
+    for creative in creatives:
+        by_prompt.setdefault(unique[creative.group], []).append(creative)
+    rows = []
+    for g, prompts in enumerate(group_prompts):
+        for prompt in prompts:
+            for creative in by_prompt[prompt]:
+                rows.append({"item_id": item_id, "group": g, "prompt": prompt, "image": creative.image,
+                             "mask": product.mask, "title": product.title})
+    if rows:
+        captions = [r["prompt"] if ctx.config.generate.reward_sees_prompt else "" for r in rows]
+        scores = ctx.reward.score_images([r["image"] for r in rows], [r["title"] for r in rows], captions,
+                                         ctx.group_features[[r["group"] for r in rows]])
+        for row, score in zip(rows, scores):
+            row["reward"] = float(score)
+    return rows
+
+
+def top_k(rows: Sequence[dict[str, Any]], k: int) -> list[dict[str, Any]]:
+    """The k best rows by reward per (item, group); ties keep generation order (stable sort)."""
+    buckets: dict[tuple[int, int], list[dict[str, Any]]] = {}
+    for row in rows:
+        buckets.setdefault((row["item_id"], row["group"]), []).append(row)
+    kept = []
+    for key in sorted(buckets):
+        ranked = sorted(buckets[key], key=lambda r: -r["reward"])
+        kept.extend(ranked[:k])
+    return kept
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+def evaluate(ctx: CycleContext, prompts_for: Callable[[int], list[str]], *, seed: int,
+             images_per_group: Optional[int] = None, steps: Optional[int] = None) -> dict[str, Any]:
+    """The reward's pick per (held-out product, group), scored by the world's oracle against the original image.
+
+    prompts_for(item_id) gives one prompt per group. Returns the aggregate metrics and one row per
+    (product, group): `lift` = true CTR of the pick / true CTR of the original − 1.
+    """
+    world = ctx.world
+    per_group = images_per_group or ctx.config.eval.images_per_group
+    n_steps = steps or ctx.config.eval.steps
+    rows, diversity, unchanged = [], [], True
+    for item_id in ctx.eval_items:
+        product = world.product(item_id)
+        prompts = prompts_for(item_id)
+        generated = generate_for_groups(ctx, item_id, [[p] for p in prompts], images_per_prompt=per_group,
+                                        steps=n_steps, seed=derive_seed(seed, "eval", item_id))
+        keep = np.asarray(product.mask) < 128  # the product: must come back bit for bit
+        original = np.asarray(product.image.convert("RGB"))
+        original_ctr = world.true_ctr_groups(product.image, item_id=item_id)
+        picks = []
+        for g in range(len(ctx.group_ids)):
+            group_rows = [r for r in generated if r["group"] == g]
+            for r in group_rows:
+                unchanged &= bool(np.array_equal(np.asarray(r["image"])[keep], original[keep]))
+            best = max(group_rows, key=lambda r: r["reward"])
+            true_ctr = float(world.true_ctr(best["image"], ctx.group_ids[g], item_id=item_id))
+            base = float(original_ctr[ctx.group_ids[g]])
+            rows.append({"item_id": item_id, "group": ctx.group_ids[g], "prompt": best["prompt"],
+                         "reward": best["reward"], "true_ctr": true_ctr, "original_true_ctr": base,
+                         "lift": true_ctr / base - 1.0})
+            picks.append(np.asarray(best["image"], dtype=np.float32)[~keep] / 255.0)
+        # Diversity: mean absolute pixel difference between the picks of different groups, background only.
+        pairs = [np.abs(a - b).mean() for i, a in enumerate(picks) for b in picks[i + 1 :]]
+        diversity.append(float(np.mean(pairs)) if pairs else 0.0)
+    lifts = np.array([r["lift"] for r in rows])
+    rewards = np.array([r["reward"] for r in rows])
+    ctrs = np.array([r["true_ctr"] for r in rows])
+    return {
+        "lift_mean": float(lifts.mean()),
+        "true_ctr_mean": float(ctrs.mean()),
+        "original_true_ctr_mean": float(np.mean([r["original_true_ctr"] for r in rows])),
+        "reward_mean": float(rewards.mean()),
+        # Calibrated reward = predicted CTR: predicted − true on the picks. Growth here is over-optimization.
+        "reward_oracle_gap": float((rewards - ctrs).mean()),
+        "diversity": float(np.mean(diversity)),
+        "distinct_prompts": len({r["prompt"] for r in rows}),
+        "product_pixels_unchanged": unchanged,
+        "rows": rows,
+    }
+
+
+def prompt_model_prompts(ctx: CycleContext) -> Callable[[int], list[str]]:
+    """Greedy top-p proposals of the current prompt model, one per group."""
+
+    def prompts_for(item_id: int) -> list[str]:
+        item = np.repeat(ctx.item_features(item_id)[None], len(ctx.group_ids), axis=0)
+        return ctx.prompt_model.propose(ctx.group_features, item, top_p=ctx.config.generate.top_p)
+
+    return prompts_for
+
+
+# ------------------------------------------------------------------------------------------------ one cycle
+def run_cycle(ctx: CycleContext, cycle: int, *, progress: bool = False) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Cycle `cycle` (≥ 1) from the models' current state; returns its metrics and the top-k rows."""
+    from tqdm.auto import tqdm
+
+    cfg = ctx.config
+    gen_cfg = cfg.generate
+    seed = cfg.run.seed
+    timings: dict[str, float] = {}
+    # 1-3. propose, generate, rank.
+    started = time.perf_counter()
+    sampler = torch.Generator().manual_seed(derive_seed(seed, cycle, "propose") % (2**63))
+    rows: list[dict[str, Any]] = []
+    for item_id in tqdm(ctx.train_items, desc=f"cycle {cycle}: generate", disable=not progress, leave=False):
+        item = np.repeat(ctx.item_features(item_id)[None], len(ctx.group_ids) * gen_cfg.prompts_per_group, axis=0)
+        groups = np.repeat(ctx.group_features, gen_cfg.prompts_per_group, axis=0)
+        proposals = ctx.prompt_model.propose(groups, item, top_p=gen_cfg.top_p, sample=True, generator=sampler)
+        group_prompts = [proposals[g * gen_cfg.prompts_per_group : (g + 1) * gen_cfg.prompts_per_group]
+                         for g in range(len(ctx.group_ids))]
+        rows.extend(generate_for_groups(ctx, item_id, group_prompts, images_per_prompt=gen_cfg.images_per_prompt,
+                                        steps=gen_cfg.steps, seed=derive_seed(seed, cycle, "generate", item_id)))
+    kept = top_k(rows, gen_cfg.top_k)
+    timings["generate_s"] = time.perf_counter() - started
+    metrics: dict[str, Any] = {
+        "cycle": cycle,
+        "train_creatives": len(rows),
+        "train_reward_mean": float(np.mean([r["reward"] for r in rows])),
+        "topk_reward_mean": float(np.mean([r["reward"] for r in kept])),
+        "topk_distinct_prompts": len({r["prompt"] for r in kept}),
+    }
+    # 4. LoRA on the top-k images, prompt model frozen.
+    if cfg.run.update_lora:
+        started = time.perf_counter()
+        metrics.update(lora_step(ctx, kept, seed=derive_seed(seed, cycle, "lora"), progress=progress,
+                                 desc=f"cycle {cycle}: LoRA"))
+        timings["lora_s"] = time.perf_counter() - started
+    # 5. prompt model on the top-k prompts against the rest, LoRA frozen.
+    if cfg.run.update_prompt:
+        started = time.perf_counter()
+        metrics.update(prompt_step(ctx, rows, kept, seed=derive_seed(seed, cycle, "prompt")))
+        timings["prompt_s"] = time.perf_counter() - started
+    # 6. held-out evaluation, the same noise every cycle so cycles differ only by the models.
+    started = time.perf_counter()
+    evaluation = evaluate(ctx, prompt_model_prompts(ctx), seed=derive_seed(seed, "heldout"))
+    timings["eval_s"] = time.perf_counter() - started
+    metrics["eval"] = evaluation
+    metrics["seconds"] = timings
+    return metrics, kept
+
+
+def lora_step(ctx: CycleContext, kept: Sequence[dict[str, Any]], *, seed: int, progress: bool = False,
+              desc: str = "LoRA") -> dict[str, Any]:
+    from cg4ctr_fast.training.lora import encode_examples, train_lora
+
+    images = torch.stack([torch.from_numpy(np.asarray(r["image"].convert("RGB"), dtype=np.float32)) for r in kept])
+    images = images.permute(0, 3, 1, 2) / 127.5 - 1.0
+    masks = torch.stack([torch.from_numpy(np.asarray(r["mask"], dtype=np.float32) / 255.0) for r in kept]).unsqueeze(1)
+    modules = ctx.modules
+    examples = encode_examples(modules.vae, images, masks)
+    return train_lora(modules.unet, modules.text_encoder, modules.tokenizer, modules.scheduler, examples,
+                      [r["prompt"] for r in kept], ctx.config.lora, seed=seed % (2**63), progress=progress, desc=desc)
+
+
+def prompt_step(ctx: CycleContext, rows: Sequence[dict[str, Any]], kept: Sequence[dict[str, Any]], *,
+                seed: int) -> dict[str, Any]:
+    """Rows: every generated creative's (group, item, prompt); label 1 for the top-k. Weight: how far the
+    creative's reward sits from its (product, group) mean, relative, as for the logs (training/toy.py)."""
+    from cg4ctr_fast.models.prompt import train_prompt_model
+
+    kept_ids = {id(r) for r in kept}
+    means: dict[tuple[int, int], float] = {}
+    for key in {(r["item_id"], r["group"]) for r in rows}:
+        means[key] = float(np.mean([r["reward"] for r in rows if (r["item_id"], r["group"]) == key]))
+    group = np.stack([ctx.group_features[r["group"]] for r in rows])
+    item = np.stack([ctx.item_features(r["item_id"]) for r in rows])
+    labels = np.array([1.0 if id(r) in kept_ids else 0.0 for r in rows])
+    weights = np.array([abs(r["reward"] - means[(r["item_id"], r["group"])]) / means[(r["item_id"], r["group"])]
+                        for r in rows])
+    if weights.sum() <= 0:
+        weights = np.ones_like(weights)
+    cfg = ctx.config.prompt
+    history = train_prompt_model(ctx.prompt_model, group, item, [r["prompt"] for r in rows], labels,
+                                 weights=weights, epochs=cfg.epochs, lr=cfg.lr, seed=seed % (2**63))
+    return {"prompt_loss_first": float(history[0]) if history else float("nan"),
+            "prompt_loss_last": float(history[-1]) if history else float("nan")}
+
+
+# ------------------------------------------------------------------------------------------------ the run
+def finished_cycles(out: Path) -> list[int]:
+    """Cycles whose checkpoint folder is complete (each is renamed into place whole)."""
+    root = out / CYCLE_DIR
+    if not root.is_dir():
+        return []
+    done = []
+    for path in root.iterdir():
+        if path.name.startswith("cycle_") and path.name[6:].isdigit() and (path / "metrics.json").is_file():
+            done.append(int(path.name[6:]))
+    return sorted(done)
+
+
+def cycle_path(out: Path, cycle: int) -> Path:
+    return out / CYCLE_DIR / f"cycle_{cycle:03d}"
+
+
+def restore(ctx: CycleContext, out: Path, cycle: int) -> None:
+    """Load the LoRA and the prompt model a finished cycle saved."""
+    from cg4ctr_fast.models.prompt import PromptModel
+    from cg4ctr_fast.training.lora import load_lora_file
+
+    folder = cycle_path(out, cycle)
+    if ctx.config.run.update_lora and (folder / "lora").is_dir():
+        load_lora_file(ctx.modules.unet, folder / "lora")
+    if ctx.config.run.update_prompt and (folder / "prompt").is_dir():
+        ctx.prompt_model = PromptModel.load(folder / "prompt")
+
+
+def save_cycle(ctx: CycleContext, out: Path, cycle: int, metrics: dict[str, Any],
+               kept: Sequence[dict[str, Any]]) -> Path:
+    from cg4ctr_fast.imaging import atomic_dir
+    from cg4ctr_fast.training.lora import save_lora
+
+    summary = {k: v for k, v in metrics.items() if k != "eval"}
+    summary["eval"] = {k: v for k, v in metrics["eval"].items() if k != "rows"}
+    with atomic_dir(cycle_path(out, cycle)) as tmp:
+        if cycle > 0 and ctx.config.run.update_lora:
+            save_lora(ctx.modules.unet, tmp / "lora", ctx.config.lora,
+                      extra_metadata={"cycle": cycle, "seed": ctx.config.run.seed, "metrics": summary})
+        if cycle > 0 and ctx.config.run.update_prompt:
+            ctx.prompt_model.save(tmp / "prompt")
+        (tmp / "topk.json").write_text(json.dumps(
+            [{k: r[k] for k in ("item_id", "group", "prompt", "reward")} for r in kept], indent=1) + "\n")
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+    return cycle_path(out, cycle)
+
+
+def check_run_folder(out: Path, config: CycleConfig, resume: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: exists and is not a directory; choose another --out")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not resume:
+        raise InputError(f"{out}: a run folder already exists; pass --resume to continue it or choose another --out")
+    foreign = sorted({p.name for p in out.iterdir() if not p.name.startswith(".")} - RUN_FILES)
+    if foreign:
+        raise InputError(f"{out}: not a cg4ctr-train cycle folder (it holds {', '.join(foreign[:3])})")
+    saved = out / "config.json"
+    if saved.is_file():
+        before = json.loads(saved.read_text())
+        now = config.to_dict()
+        changed = [f"{s}.{k}" for s in now for k in now[s] if before.get(s, {}).get(k) != now[s][k]]
+        if changed:
+            raise InputError(f"{out}: --resume with a different config ({changed[0]} changed); use the saved "
+                             f"{out / 'config.toml'} or another --out")
+
+
+def run_cycles(config: CycleConfig, out: str | Path, *, resume: bool = False, progress: bool = True,
+               log: Callable[[str], Any] = print, model_paths: Optional[dict[str, str]] = None) -> list[dict[str, Any]]:
+    """Run (or resume) `config.run.cycles` cycles into `out`; returns every cycle's metrics, cycle 0 first."""
+    from cg4ctr_fast.imaging import atomic_write_bytes
+
+    out = Path(out)
+    check_run_folder(out, config, resume)
+    if config.run.threads:
+        torch.set_num_threads(config.run.threads)
+    ctx = build_context(config, log=log, model_paths=model_paths)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out / "config.toml", to_toml(config).encode())
+    atomic_write_bytes(out / "config.json", (json.dumps(config.to_dict(), indent=2) + "\n").encode())
+    done = finished_cycles(out)
+    history: list[dict[str, Any]] = [json.loads((cycle_path(out, c) / "metrics.json").read_text()) for c in done]
+    if done:
+        if done != list(range(len(done))):
+            raise InputError(f"{out}: cycle folders {done} have a gap; remove the later ones to resume")
+        restore(ctx, out, done[-1])
+        log(f"[cycle] resuming after cycle {done[-1]} ({out})")
+    else:
+        started = time.perf_counter()
+        evaluation = evaluate(ctx, prompt_model_prompts(ctx), seed=derive_seed(config.run.seed, "heldout"))
+        metrics = {"cycle": 0, "eval": evaluation, "seconds": {"eval_s": time.perf_counter() - started}}
+        save_cycle(ctx, out, 0, metrics, [])
+        history.append(json.loads((cycle_path(out, 0) / "metrics.json").read_text()))
+        log(_line(history[-1]))
+    for cycle in range(len(history), config.run.cycles + 1):
+        metrics, kept = run_cycle(ctx, cycle, progress=progress)
+        save_cycle(ctx, out, cycle, metrics, kept)
+        history.append(json.loads((cycle_path(out, cycle) / "metrics.json").read_text()))
+        log(_line(history[-1]))
+        write_summary(out, history)
+    write_summary(out, history)
+    return history
+
+
+def _line(metrics: dict[str, Any]) -> str:
+    e = metrics["eval"]
+    return (f"[cycle {metrics['cycle']}] held-out lift {e['lift_mean']:+.3f}, reward {e['reward_mean']:.4f}, "
+            f"true CTR {e['true_ctr_mean']:.4f}, gap {e['reward_oracle_gap']:+.4f}, diversity {e['diversity']:.3f}, "
+            f"product unchanged {e['product_pixels_unchanged']}")
+
+
+def write_summary(out: Path, history: Sequence[dict[str, Any]]) -> None:
+    """metrics.json (one entry per cycle, no per-row detail) and metrics.png, rewritten atomically."""
+    from cg4ctr_fast.imaging import atomic_write_bytes
+
+    compact = []
+    for m in history:
+        entry = {k: v for k, v in m.items() if k != "eval"}
+        entry["eval"] = {k: v for k, v in m["eval"].items() if k != "rows"}
+        compact.append(entry)
+    atomic_write_bytes(out / "metrics.json", (json.dumps(compact, indent=2) + "\n").encode())
+    try:
+        atomic_write_bytes(out / "metrics.png", plot_cycles(compact))
+    except ImportError:  # matplotlib is optional ([train] extra); the JSON has everything
+        pass
+
+
+def plot_cycles(history: Sequence[dict[str, Any]]) -> bytes:
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cycles = [m["cycle"] for m in history]
+    panels = (("lift_mean", "held-out true-CTR lift"), ("reward_mean", "mean reward of picks"),
+              ("reward_oracle_gap", "reward − true CTR"), ("diversity", "diversity (pixel L1)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
+    for ax, (key, title) in zip(axes, panels):
+        ax.plot(cycles, [m["eval"][key] for m in history], marker="o")
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("cycle")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def main_log(quiet: bool) -> Callable[[str], Any]:
+    return (lambda _msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))

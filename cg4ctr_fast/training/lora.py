@@ -1,0 +1,236 @@
+"""The generator's LoRA: attached with peft, trained with a denoising loss on the repainted background only,
+saved in diffusers' format (safetensors + adapter metadata) so that both `CreativePipeline(lora=...)` and
+diffusers' own `load_lora_weights` read it.
+
+Why the loss is masked: the composite pastes the original product back bit for bit, so whatever the UNet
+predicts under the product never reaches an advertiser. Training on those latents would only teach the LoRA
+to reproduce product pixels it is never asked for, and would pull the adapter toward the products of the
+cycle's winners instead of their backgrounds.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cg4ctr_fast.errors import InputError
+
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+ADAPTER_NAME = "cg4ctr_cycle"
+# Attention projections of every transformer block: the layers SD LoRAs adapt (DreamBooth-LoRA's default).
+DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+@dataclass(frozen=True)
+class LoraTrainConfig:
+    rank: int = 4
+    alpha: float = 4.0
+    targets: tuple[str, ...] = DEFAULT_TARGETS
+    steps: int = 60  # optimizer steps per cycle
+    batch: int = 8
+    lr: float = 1e-3
+    max_grad_norm: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise InputError(f"lora.rank must be ≥ 1, got {self.rank}")
+        if self.alpha <= 0:
+            raise InputError(f"lora.alpha must be > 0, got {self.alpha}")
+        if not self.targets:
+            raise InputError("lora.targets must name at least one module")
+        if self.steps < 0 or self.batch < 1:
+            raise InputError(f"lora.steps must be ≥ 0 and lora.batch ≥ 1, got {self.steps} and {self.batch}")
+        if not self.lr > 0:
+            raise InputError(f"lora.lr must be > 0, got {self.lr}")
+
+
+def add_lora(unet, config: LoraTrainConfig) -> None:
+    """Attach a fresh LoRA adapter (peft) to the UNet; only its parameters train.
+
+    peft initialises lora_B to zero, so the adapted UNet starts exactly equal to the base one.
+    """
+    from peft import LoraConfig
+
+    unet.requires_grad_(False)
+    unet.add_adapter(
+        LoraConfig(r=config.rank, lora_alpha=config.alpha, target_modules=list(config.targets), init_lora_weights=True),
+        adapter_name=ADAPTER_NAME,
+    )
+    for name, param in unet.named_parameters():
+        param.requires_grad_(".lora_" in name)
+
+
+def lora_parameters(unet) -> list[torch.nn.Parameter]:
+    return [p for n, p in unet.named_parameters() if ".lora_" in n]
+
+
+def lora_state(unet) -> dict[str, torch.Tensor]:
+    """The adapter's tensors in peft naming (exact copies, for checkpoints)."""
+    from peft import get_peft_model_state_dict
+
+    return {k: v.detach().clone().contiguous() for k, v in get_peft_model_state_dict(unet, adapter_name=ADAPTER_NAME).items()}
+
+
+def load_lora_state(unet, state: dict[str, torch.Tensor]) -> None:
+    from peft import set_peft_model_state_dict
+
+    result = set_peft_model_state_dict(unet, state, adapter_name=ADAPTER_NAME)
+    unexpected = getattr(result, "unexpected_keys", None) or []
+    if unexpected:
+        raise InputError(f"LoRA checkpoint does not fit this UNet: unexpected keys such as {unexpected[0]}")
+
+
+def masked_denoising_loss(pred: torch.Tensor, target: torch.Tensor, background: torch.Tensor) -> torch.Tensor:
+    """Mean squared error over the background latents only.
+
+    background: [B, 1, h, w], 1 where the latent is repainted, 0 under the product. Each example's error is
+    averaged over its own background area, so a small product and a large one weigh alike. An example with
+    no background contributes zero (and no gradient).
+    """
+    weight = background.to(pred.dtype).expand_as(pred)
+    per_example = ((pred - target) ** 2 * weight).flatten(1).sum(1)
+    area = weight.flatten(1).sum(1)
+    return (per_example / area.clamp(min=1.0)).mean()
+
+
+@torch.no_grad()
+def encode_examples(vae, images: torch.Tensor, masks: torch.Tensor, batch: int = 32) -> dict[str, torch.Tensor]:
+    """Latents of the creatives and of their masked (product-only) images, scaled as the UNet sees them,
+    and the latent-size repaint masks (nearest, as the pipeline does).
+
+    images: [N, 3, H, W] in [-1, 1]; masks: [N, 1, H, W], 1 = background.
+    """
+    scale = vae.config.scaling_factor
+    latents, masked = [], []
+    for start in range(0, images.shape[0], batch):
+        x = images[start : start + batch]
+        m = masks[start : start + batch]
+        latents.append(vae.encode(x).latent_dist.mean * scale)
+        masked.append(vae.encode(x * (m < 0.5)).latent_dist.mean * scale)
+    latents_t = torch.cat(latents)
+    latent_masks = F.interpolate(masks, size=latents_t.shape[-2:])
+    return {"latents": latents_t, "masked_latents": torch.cat(masked), "masks": latent_masks}
+
+
+def train_lora(
+    unet,
+    text_encoder,
+    tokenizer,
+    scheduler,
+    examples: dict[str, torch.Tensor],
+    prompts: Sequence[str],
+    config: LoraTrainConfig,
+    *,
+    seed: int,
+    progress: bool = False,
+    desc: str = "LoRA",
+) -> dict[str, Any]:
+    """`config.steps` AdamW steps on the adapter with the masked epsilon loss; a fresh optimizer per call, so a
+    cycle depends only on the adapter it starts from (what the checkpoint holds) and its seed."""
+    from tqdm.auto import tqdm
+
+    if not prompts:
+        return {"lora_steps": 0, "lora_loss_first": float("nan"), "lora_loss_last": float("nan")}
+    gen = torch.Generator().manual_seed(seed)
+    params = lora_parameters(unet)
+    if not params:
+        raise RuntimeError("the UNet has no LoRA adapter: call add_lora first")
+    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
+    with torch.no_grad():
+        ids = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length,
+                        truncation=True, return_tensors="pt").input_ids
+        hidden = torch.cat([text_encoder(ids[s : s + 64])[0] for s in range(0, len(ids), 64)])
+    alphas_cumprod = scheduler.alphas_cumprod
+    n_train = scheduler.config.num_train_timesteps
+    latents, masked_latents, masks = examples["latents"], examples["masked_latents"], examples["masks"]
+    losses: list[float] = []
+    unet.train()
+    for _ in tqdm(range(config.steps), desc=desc, disable=not progress, leave=False):
+        idx = torch.randint(0, latents.shape[0], (config.batch,), generator=gen)
+        x0 = latents[idx]
+        noise = torch.randn(x0.shape, generator=gen)
+        t = torch.randint(0, n_train, (config.batch,), generator=gen)
+        a = alphas_cumprod[t].view(-1, 1, 1, 1)
+        noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        model_in = torch.cat([noisy, masks[idx], masked_latents[idx]], dim=1)
+        pred = unet(model_in, t, encoder_hidden_states=hidden[idx]).sample
+        loss = masked_denoising_loss(pred, noise, masks[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+        opt.step()
+        losses.append(float(loss.item()))
+    unet.eval()
+    head = losses[: max(1, len(losses) // 5)]
+    tail = losses[-max(1, len(losses) // 5) :]
+    return {"lora_steps": len(losses), "lora_loss_first": float(np.mean(head)), "lora_loss_last": float(np.mean(tail))}
+
+
+def save_lora(unet, out_dir: str | Path, config: LoraTrainConfig, extra_metadata: Optional[dict] = None) -> Path:
+    """diffusers' layout: `pytorch_lora_weights.safetensors` with the adapter config in its header (without it
+    diffusers reloads alpha as r and the output moves), plus our own keys (`cg4ctr.*`: cycle, metrics).
+
+    Written into `out_dir`, which the caller makes atomic (a cycle checkpoint is one atomic folder)."""
+    from diffusers import StableDiffusionInpaintPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import get_peft_model_state_dict
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=ADAPTER_NAME))
+    adapter_config = unet.peft_config[ADAPTER_NAME].to_dict()
+    StableDiffusionInpaintPipeline.save_lora_weights(
+        str(out), unet_lora_layers=layers, unet_lora_adapter_metadata=adapter_config, weight_name=LORA_WEIGHT_NAME,
+    )
+    file = out / LORA_WEIGHT_NAME
+    with safe_open(str(file), framework="pt") as handle:
+        metadata = dict(handle.metadata() or {})
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+    for key, value in (extra_metadata or {}).items():
+        metadata[f"cg4ctr.{key}"] = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+    save_file(tensors, str(file), metadata=metadata)
+    return file
+
+
+def read_lora_metadata(path: str | Path) -> dict[str, Any]:
+    """Our `cg4ctr.*` header entries of a saved LoRA (JSON-decoded)."""
+    from safetensors import safe_open
+
+    file = Path(path)
+    if file.is_dir():
+        file = file / LORA_WEIGHT_NAME
+    with safe_open(str(file), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+    out: dict[str, Any] = {}
+    for key, value in metadata.items():
+        if key.startswith("cg4ctr."):
+            try:
+                out[key[len("cg4ctr.") :]] = json.loads(value)
+            except json.JSONDecodeError:
+                out[key[len("cg4ctr.") :]] = value
+    return out
+
+
+def load_lora_file(unet, path: str | Path) -> None:
+    """Load a LoRA saved by `save_lora` (diffusers keys) into the UNet's adapter, exactly (a resume)."""
+    from diffusers.utils import convert_unet_state_dict_to_peft
+    from safetensors.torch import load_file
+
+    file = Path(path)
+    if file.is_dir():
+        file = file / LORA_WEIGHT_NAME
+    if not file.is_file():
+        raise InputError(f"{file}: no LoRA weights")
+    state = load_file(str(file))
+    prefix = "unet."
+    unet_state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    if not unet_state:
+        raise InputError(f"{file}: holds no UNet LoRA weights")
+    load_lora_state(unet, convert_unet_state_dict_to_peft(unet_state))

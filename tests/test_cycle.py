@@ -1,0 +1,327 @@
+"""Self-cyclic training: config checks, the masked loss, one tiny run end to end, kill + resume, the LoRA in
+diffusers, and the ablation's statistics."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cg4ctr_fast.errors import InputError
+from cg4ctr_fast.training.base import BaseTrainConfig
+from cg4ctr_fast.training.cycle_config import CycleConfig, load_cycle_config, to_toml
+from cg4ctr_fast.training.lora import masked_denoising_loss
+from cg4ctr_fast.training.saliency import SaliencyTrainConfig
+from cg4ctr_fast.training.toy import ToyConfig, build_toy_models
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ToyConfig(
+    products=8, creatives_per_product=4, days=3,
+    generator=BaseTrainConfig(n_images=64, vae_steps=10, vae_batch=8, unet_steps=20, unet_batch=8),
+    saliency=SaliencyTrainConfig(steps=2, batch=4), saliency_images=8,
+    reward_epochs=1, prompt_epochs=5, eval_items=1, steering_images=2, steering_steps=2,
+)
+TINY_RUN = {
+    "run": {"seed": 0, "cycles": 2, "train_products": 2, "eval_products": 1, "threads": 1},
+    "generate": {"prompts_per_group": 2, "images_per_prompt": 1, "steps": 2, "top_k": 1},
+    "lora": {"steps": 3, "batch": 2, "rank": 2, "alpha": 2.0},
+    "prompt": {"epochs": 2},
+    "eval": {"images_per_group": 2, "steps": 2},
+}
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    return build_toy_models(SMALL, cache=tmp_path_factory.mktemp("toy-cache"), progress=False, log=lambda _m: None)
+
+
+def _write_config(path: Path, toy, **changes) -> Path:
+    sections = json.loads(json.dumps(TINY_RUN))
+    for section, values in changes.items():
+        sections.setdefault(section, {}).update(values)
+    sections["models"] = {"world": str(toy.world), "generator": str(toy.generator), "reward": str(toy.reward),
+                          "prompt": str(toy.prompt)}
+    config = CycleConfig().replace(**sections)
+    path.write_text(to_toml(config))
+    return path
+
+
+def _run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "cg4ctr_fast.cli.train", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=ROOT)
+
+
+def _comparable(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if k != "seconds"}
+
+
+# ------------------------------------------------------------------------------------------------ config
+def test_default_config_file_matches_the_dataclasses():
+    config = load_cycle_config(ROOT / "configs" / "cycle.toml")
+    assert config.replace(run={"threads": 0}) == CycleConfig()
+    assert config.run.threads == 1
+
+
+def test_config_round_trips_through_toml(tmp_path):
+    config = CycleConfig().replace(run={"seed": 7, "cycles": 3}, lora={"targets": ("to_q", "to_v"), "lr": 5e-4})
+    (tmp_path / "c.toml").write_text(to_toml(config))
+    assert load_cycle_config(tmp_path / "c.toml") == config
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("[run]\ncycels = 3\n", "unknown key 'cycels' in [run]"),
+    ("[lorra]\nrank = 3\n", "unknown key 'lorra' in the top level"),
+    ("[lora]\nrank = 'four'\n", "lora.rank must be an integer"),
+    ("[run]\nupdate_lora = 1\n", "run.update_lora must be true or false"),
+    ("[generate]\ntop_k = 9\n", "generate.top_k (9) exceeds"),
+    ("[generate]\ntop_p = 1.5\n", "generate.top_p must be in (0, 1]"),
+    ("[run\ncycles = 3\n", "not valid TOML"),
+])
+def test_bad_config_fails_with_one_line(tmp_path, text, needle):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(InputError) as info:
+        load_cycle_config(path)
+    assert needle in str(info.value)
+    from cg4ctr_fast.cli.train import main
+
+    assert main(["cycle", "--config", str(path), "--out", str(tmp_path / "run")]) == 2
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_config_on_the_command_line_is_one_line(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text("[eval]\nimages = 3\n")
+    result = _run_cli("cycle", "--config", str(path), "--out", str(tmp_path / "run"), timeout=120)
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "unknown key 'images' in [eval]" in lines[0], result.stderr
+
+
+# ------------------------------------------------------------------------------------------------ masked loss
+@pytest.mark.parametrize("shape", [(2, 4, 8, 8), (3, 4, 5, 7)])
+def test_masked_loss_ignores_product_latents(shape):
+    gen = torch.Generator().manual_seed(1)
+    pred = torch.randn(shape, generator=gen, requires_grad=True)
+    target = torch.randn(shape, generator=gen)
+    background = (torch.rand((shape[0], 1, *shape[2:]), generator=gen) > 0.4).float()
+    background[0, 0, 0, 0] = 0.0  # at least one product latent
+    loss = masked_denoising_loss(pred, target, background)
+    loss.backward()
+    product = (background == 0).expand(shape)
+    assert torch.count_nonzero(pred.grad[product]) == 0  # exactly zero, not small
+    assert torch.all(pred.grad[~product] != 0)
+    # Changing the target under the product does not change the loss.
+    moved = target.clone()
+    moved[product] += 100.0
+    assert torch.equal(masked_denoising_loss(pred, moved, background), loss)
+    # Reference: per example, the mean squared error over its background latents, then the batch mean.
+    reference = torch.stack([((pred[b] - target[b])[background[b].expand(shape[1:]) > 0] ** 2).mean()
+                             for b in range(shape[0])]).mean()
+    torch.testing.assert_close(loss, reference, rtol=1e-6, atol=1e-7)
+
+
+def test_masked_loss_all_background_is_plain_mse():
+    gen = torch.Generator().manual_seed(2)
+    pred, target = torch.randn(2, 4, 6, 6, generator=gen), torch.randn(2, 4, 6, 6, generator=gen)
+    loss = masked_denoising_loss(pred, target, torch.ones(2, 1, 6, 6))
+    torch.testing.assert_close(loss, torch.nn.functional.mse_loss(pred, target))
+
+
+# ------------------------------------------------------------------------------------------------ the run
+@pytest.fixture(scope="module")
+def tiny_run(toy, tmp_path_factory):
+    """One uninterrupted tiny run, in process."""
+    from cg4ctr_fast.training.cycle import run_cycles
+
+    root = tmp_path_factory.mktemp("cycle")
+    config = load_cycle_config(_write_config(root / "tiny.toml", toy))
+    started = time.perf_counter()
+    history = run_cycles(config, root / "run", progress=False, log=lambda _m: None)
+    return {"root": root, "out": root / "run", "history": history, "config": config,
+            "seconds": time.perf_counter() - started}
+
+
+def test_tiny_cycle_end_to_end(tiny_run):
+    out, history = tiny_run["out"], tiny_run["history"]
+    assert tiny_run["seconds"] < 120
+    assert [m["cycle"] for m in history] == [0, 1, 2]
+    for m in history:
+        e = m["eval"]
+        assert e["product_pixels_unchanged"] is True
+        assert len(e["rows"]) == 8  # 1 held-out product × 8 groups
+        assert all(0 < r["true_ctr"] < 1 and 0 < r["original_true_ctr"] < 1 for r in e["rows"])
+        assert e["lift_mean"] == pytest.approx(np.mean([r["true_ctr"] / r["original_true_ctr"] - 1 for r in e["rows"]]))
+    for m in history[1:]:
+        assert m["train_creatives"] == 2 * 8 * 2  # products × groups × (prompts × images)
+        assert m["lora_steps"] == 3 and np.isfinite(m["lora_loss_last"]) and np.isfinite(m["prompt_loss_last"])
+        folder = out / "cycles" / f"cycle_{m['cycle']:03d}"
+        assert (folder / "lora" / "pytorch_lora_weights.safetensors").is_file()
+        assert (folder / "prompt" / "model.safetensors").is_file()
+        top = json.loads((folder / "topk.json").read_text())
+        assert len(top) == 2 * 8  # top-1 per (product, group)
+    summary = json.loads((out / "metrics.json").read_text())
+    assert [m["cycle"] for m in summary] == [0, 1, 2] and "rows" not in summary[0]["eval"]
+    assert (out / "metrics.png").stat().st_size > 1000
+    assert load_cycle_config(out / "config.toml") == tiny_run["config"]
+
+
+def test_lora_changes_the_unet_and_carries_metadata(tiny_run):
+    from safetensors.torch import load_file
+
+    from cg4ctr_fast.training.lora import read_lora_metadata
+
+    file = tiny_run["out"] / "cycles" / "cycle_002" / "lora" / "pytorch_lora_weights.safetensors"
+    tensors = load_file(str(file))
+    ups = [v for k, v in tensors.items() if "lora.up" in k or "lora_B" in k]
+    assert ups and any(float(v.abs().max()) > 0 for v in ups)  # lora_B starts at zero: training moved it
+    meta = read_lora_metadata(file)
+    assert meta["cycle"] == 2 and meta["seed"] == 0 and "eval" in meta["metrics"]
+
+
+def test_lora_from_the_loop_loads_in_diffusers_and_in_the_pipeline(tiny_run, toy):
+    """diffusers' load_lora_weights on the saved file gives the UNet the loop trained (adapter unfused), and
+    CreativePipeline(lora=...) (fused) makes the same images."""
+    from diffusers import StableDiffusionInpaintPipeline
+
+    from cg4ctr_fast.models.diffusion import load_modules
+    from cg4ctr_fast.pipeline import CreativePipeline
+    from cg4ctr_fast.sim import load_dataset
+    from cg4ctr_fast.training.lora import LoraTrainConfig, add_lora, load_lora_file
+
+    lora_dir = tiny_run["out"] / "cycles" / "cycle_002" / "lora"
+    config = tiny_run["config"]
+    # The loop's UNet: base + peft adapter loaded from the checkpoint.
+    ours = load_modules(toy.generator)
+    add_lora(ours.unet, LoraTrainConfig(rank=config.lora.rank, alpha=config.lora.alpha))
+    load_lora_file(ours.unet, lora_dir)
+    # diffusers' own loader.
+    theirs = load_modules(toy.generator)
+    pipe = StableDiffusionInpaintPipeline(vae=theirs.vae, text_encoder=theirs.text_encoder, tokenizer=theirs.tokenizer,
+                                          unet=theirs.unet, scheduler=theirs.scheduler, safety_checker=None,
+                                          feature_extractor=None, requires_safety_checker=False)
+    pipe.load_lora_weights(str(lora_dir))
+    base = load_modules(toy.generator)
+    gen = torch.Generator().manual_seed(3)
+    sample = torch.randn(2, 9, 8, 8, generator=gen)
+    hidden = torch.randn(2, 77, ours.text_encoder.config.hidden_size, generator=gen)
+    t = torch.tensor([500, 20])
+    with torch.no_grad():
+        a = ours.unet(sample, t, encoder_hidden_states=hidden).sample
+        b = pipe.unet(sample, t, encoder_hidden_states=hidden).sample
+        c = base.unet(sample, t, encoder_hidden_states=hidden).sample
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    assert float((a - c).abs().max()) > 1e-6  # the LoRA does something
+
+    world = load_dataset(toy.world).world
+    product = world.product(100_000)
+    kwargs = dict(num_inference_steps=3, guidance_scale=5.0, seed=1, show_progress=False, output_type="np")
+    looped = CreativePipeline.from_modules(ours)(["warm smooth studio soft"], product.image, product.mask, **kwargs)
+    fused = CreativePipeline.from_pretrained(str(toy.generator), lora=str(lora_dir))(
+        ["warm smooth studio soft"], product.image, product.mask, **kwargs)
+    np.testing.assert_allclose(fused[0].image, looped[0].image, atol=2e-4)
+
+
+def test_resume_after_kill_equals_uninterrupted(tiny_run, toy, tmp_path):
+    """Kill the CLI (SIGKILL) after cycle 1 is checkpointed, resume, compare with the uninterrupted run."""
+    from safetensors.torch import load_file
+
+    config_file = _write_config(tmp_path / "tiny.toml", toy)
+    out = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "cg4ctr_fast.cli.train", "cycle", "--config", str(config_file),
+                             "--out", str(out), "--quiet"], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not (out / "cycles" / "cycle_001" / "metrics.json").is_file():
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = sorted(p.name for p in (out / "cycles").iterdir() if not p.name.startswith("."))
+    assert "cycle_001" in done and "cycle_002" not in done or proc.returncode == 0
+
+    result = _run_cli("cycle", "--config", str(config_file), "--out", str(out), "--resume", "--quiet")
+    assert result.returncode == 0, result.stderr
+    reference = tiny_run["out"]
+    for cycle in (0, 1, 2):
+        name = f"cycle_{cycle:03d}"
+        got = json.loads((out / "cycles" / name / "metrics.json").read_text())
+        want = json.loads((reference / "cycles" / name / "metrics.json").read_text())
+        assert _comparable(got) == _comparable(want)
+    for sub, file in (("lora", "pytorch_lora_weights.safetensors"), ("prompt", "model.safetensors")):
+        got = load_file(str(out / "cycles" / "cycle_002" / sub / file))
+        want = load_file(str(reference / "cycles" / "cycle_002" / sub / file))
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+
+
+def test_run_folder_guards(tiny_run, toy, tmp_path):
+    from cg4ctr_fast.cli.train import main
+
+    config_file = _write_config(tmp_path / "tiny.toml", toy)
+    out = str(tiny_run["out"])
+    assert main(["cycle", "--config", str(config_file), "--out", out]) == 2  # exists, no --resume
+    changed = _write_config(tmp_path / "changed.toml", toy, lora={"steps": 4})
+    assert main(["cycle", "--config", str(changed), "--out", out, "--resume"]) == 2  # other config
+
+
+# ------------------------------------------------------------------------------------------------ ablation
+def test_ablation_tiny(toy, tmp_path):
+    from cg4ctr_fast.training.ablate import ARMS, run_ablation
+
+    config = load_cycle_config(_write_config(tmp_path / "tiny.toml", toy, run={"cycles": 1}))
+    results = run_ablation(config, 1, tmp_path / "ablate", progress=False, log=lambda _m: None)
+    assert set(results["lift"]) == set(ARMS)
+    for arm in ARMS:
+        for cycle in ("0", "1"):
+            cell = results["lift"][arm][cycle]
+            assert cell["n"] == 8 and cell["ci95"][0] <= cell["mean"] + 1e-12 <= cell["ci95"][1] + 2e-12
+    assert results["lift"]["original"]["1"]["mean"] == 0.0
+    # Cycle 0 is the same starting point in every cyclic arm.
+    assert results["lift"]["full"]["0"]["mean"] == results["lift"]["lora_only"]["0"]["mean"] \
+        == results["lift"]["prompt_only"]["0"]["mean"]
+    assert results["comparisons"]["full_minus_global_prompt"]["a"] == "full@1"
+    md = (tmp_path / "ablate" / "results.md").read_text()
+    assert "| full |" in md and "| global_prompt |" in md and "95 %" in md
+    assert (tmp_path / "ablate" / "lift_per_cycle.png").stat().st_size > 1000
+    # A second call reuses every finished run (no new cycle folders, same numbers).
+    again = run_ablation(config, 1, tmp_path / "ablate", progress=False, log=lambda _m: None)
+    assert again["lift"] == results["lift"]
+
+
+def test_cluster_bootstrap_interval():
+    from cg4ctr_fast.training.ablate import cluster_bootstrap
+
+    # Constant values: the interval collapses onto the mean.
+    assert cluster_bootstrap(np.full(12, 0.3), [k // 4 for k in range(12)]) == pytest.approx((0.3, 0.3, 0.3))
+    # Clusters far apart: a wide interval that still holds the mean; with one value per cluster it matches
+    # the ordinary bootstrap's scale (≈ ±1.96 standard errors).
+    rng = np.random.default_rng(0)
+    values = rng.normal(1.0, 1.0, size=400)
+    mean, low, high = cluster_bootstrap(values, list(range(400)), n=4000)
+    se = values.std(ddof=1) / np.sqrt(400)
+    assert low < mean < high
+    assert (high - low) == pytest.approx(2 * 1.96 * se, rel=0.15)
+    # Perfectly correlated clusters (8 identical values each): the interval is as wide as for 50 values.
+    per_cluster = rng.normal(size=50)
+    wide = cluster_bootstrap(np.repeat(per_cluster, 8), np.repeat(np.arange(50), 8).tolist(), n=4000)
+    narrow_se = np.repeat(per_cluster, 8).std(ddof=1) / np.sqrt(400)
+    assert (wide[2] - wide[1]) > 2.0 * (2 * 1.96 * narrow_se)
+
+
+def test_global_prompt_from_logs(toy):
+    from cg4ctr_fast.sim import CATEGORIES, STYLE_VOCAB, load_dataset
+    from cg4ctr_fast.training.ablate import global_prompt_from_logs
+
+    words = global_prompt_from_logs(load_dataset(toy.world)).split()
+    assert len(words) == len(CATEGORIES)
+    assert all(w in STYLE_VOCAB[c] for w, c in zip(words, CATEGORIES))
