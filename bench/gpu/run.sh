@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One prepared run on a lent GPU machine (H100/H200), ≤ 8 minutes. From the repository root:
 #   bash bench/gpu/run.sh            # writes into $OUT (or /tmp/cg4ctr-gpu) and prints a table last
+#   STEPS=sd15_onnx bash bench/gpu/run.sh   # only some steps (comma list of the step names below)
 # The machine has torch, triton, transformers, onnx but not diffusers: its wheel travels in .whl/
 # (with CLIP's BPE vocabulary file, bpe_simple_vocab_16e6.txt.gz, for the tokenizer).
 set -uo pipefail
@@ -17,8 +18,10 @@ fi
 [ -f .whl/bpe_simple_vocab_16e6.txt.gz ] && export CG4CTR_CLIP_BPE="$PWD/.whl/bpe_simple_vocab_16e6.txt.gz"
 export CG4CTR_CACHE=/tmp/cg4ctr-cache
 
+STEPS="${STEPS:-kernels_selfcheck,kernel_bench,pipeline_bench,sd15_onnx}"
 step() {  # step NAME SECONDS CMD...: run with a time limit, keep its output, never stop the script
   local name=$1 limit=$2; shift 2
+  case ",$STEPS," in *",$name,"*) ;; *) return 0 ;; esac
   echo "=== $name (limit ${limit}s)"
   local start=$SECONDS
   timeout "$limit" "$@" > >(tee "$OUT/$name.log") 2>&1
@@ -38,6 +41,13 @@ step kernel_bench 90 python3 bench/kernel_bench.py --device cuda --dtype fp16 --
 step pipeline_bench 280 python3 -m cg4ctr_fast.cli.bench --preset sd15-inpaint --random-weights --device cuda \
   --dtype fp16 --backends torch,compile --fuse both --groups 1,8 --steps 20 --runs 3 --warmup 2 \
   --json "$OUT/pipeline_bench.json" --plot "$OUT/pipeline_bench.png"
+# 4. The SD1.5-inpaint architecture (random weights) through `cg4ctr-export onnx` at 512x512, fp32: the UNet
+#    goes over 2 GB and takes the external-data path. ONNX Runtime validates every component against torch at
+#    batch 1 and 2, on the providers validation_providers() picks from those printed first.
+step sd15_onnx 420 bash -c 'python3 -c "import onnxruntime as o; print(\"onnxruntime\", o.__version__, o.get_available_providers())" \
+  && python3 -m cg4ctr_fast.cli.export onnx --preset sd15-inpaint --random-weights --batch 1:1:2 --out /tmp/sd15-onnx \
+  && cp /tmp/sd15-onnx/validation.json "$0/sd15_onnx_validation.json" && cp /tmp/sd15-onnx/manifest.json "$0/sd15_onnx_manifest.json" \
+  && du -sh /tmp/sd15-onnx/*/' "$OUT"
 
 echo "=== summary"
 python3 - "$OUT" <<'PY'
