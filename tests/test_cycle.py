@@ -325,3 +325,26 @@ def test_global_prompt_from_logs(toy):
     words = global_prompt_from_logs(load_dataset(toy.world)).split()
     assert len(words) == len(CATEGORIES)
     assert all(w in STYLE_VOCAB[c] for w, c in zip(words, CATEGORIES))
+
+
+def test_generate_cli_with_a_cycle_lora(tiny_run, toy, tmp_path):
+    from PIL import Image
+
+    from cg4ctr_fast.cli.main import main
+    from cg4ctr_fast.sim import load_dataset
+
+    product = load_dataset(toy.world).world.product(100_001)
+    product.image.save(tmp_path / "product.png")
+    product.mask.save(tmp_path / "mask.png")
+    lora = tiny_run["out"] / "cycles" / "cycle_002" / "lora"
+    common = ["generate", "--model", str(toy.generator), "--image", str(tmp_path / "product.png"),
+              "--mask", str(tmp_path / "mask.png"), "--prompt", "cool rough beach dim", "--steps", "3", "--quiet"]
+    assert main(common + ["--out", str(tmp_path / "with"), "--lora", str(lora)]) == 0
+    assert main(common + ["--out", str(tmp_path / "without")]) == 0
+    with_lora = np.asarray(Image.open(next((tmp_path / "with").glob("creative_*.png"))), dtype=np.int16)
+    without = np.asarray(Image.open(next((tmp_path / "without").glob("creative_*.png"))), dtype=np.int16)
+    keep = np.asarray(product.mask) < 128
+    assert np.array_equal(with_lora[keep], without[keep])  # the product is the photo's in both
+    assert np.abs(with_lora - without)[~keep].max() > 0  # the LoRA changed the background
+    assert main(common + ["--out", str(tmp_path / "bad"), "--lora", str(tmp_path / "missing.safetensors")]) == 2
+    assert not (tmp_path / "bad").exists()

@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--unet-channels", type=int, choices=(4, 9), default=None, help="built-in presets only")
     gen.add_argument("--seed", type=int, default=0, help="mixed into every creative's hashlib-derived seed")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
+    gen.add_argument("--lora", help="LoRA to fuse first: diffusers/kohya .safetensors, a peft folder, or a "
+                     "`cg4ctr-train cycle` checkpoint's lora/ folder")
+    gen.add_argument("--lora-scale", type=float, default=1.0)
     gen.add_argument("--engines", help="run a cg4ctr-export folder (ONNX or TensorRT engines) instead of torch")
     gen.add_argument("--backend", choices=("onnxruntime", "tensorrt"), default=None,
                      help="backend for --engines (default: onnxruntime)")
@@ -98,13 +101,19 @@ def cmd_generate(args) -> int:
         raise InputError("--backend needs --engines DIR (a folder written by cg4ctr-export)")
     if args.engines:
         clashing = [flag for flag, value in (("--model", args.model), ("--random-weights", args.random_weights),
-                                             ("--unet-channels", args.unet_channels)) if value]
+                                             ("--unet-channels", args.unet_channels), ("--lora", args.lora)) if value]
         if clashing:
-            raise InputError(f"--engines runs an exported folder; {', '.join(clashing)} apply to the torch stack")
+            raise InputError(f"--engines runs an exported folder; {', '.join(clashing)} apply to the torch stack "
+                             "(fuse a LoRA at export: cg4ctr-export onnx --lora)")
         preset = get_preset(_engine_preset(args.engines) or args.preset)
     elif args.model is None and not args.random_weights and not preset.buildable:
         raise InputError(f"preset {preset.name!r} needs --model PATH (a local diffusers folder) or --random-weights")
     # Read and check every input before any model loads: bad input fails in milliseconds.
+    if args.lora:
+        from cg4ctr_fast.export.lora import check_scale, resolve_lora
+
+        resolve_lora(args.lora)
+        check_scale(args.lora_scale)
     source = load_image(args.image, what="image")
     rgb, alpha_mask = to_rgb_and_alpha_mask(source)
     mask = load_mask(args.mask, rgb.size) if args.mask else None
@@ -126,6 +135,8 @@ def cmd_generate(args) -> int:
             unet_in_channels=args.unet_channels,
             scheduler=args.scheduler,
             saliency=args.saliency,
+            lora=args.lora,
+            lora_scale=args.lora_scale,
         )
     steps = args.steps or preset.default_steps
     guidance = preset.default_guidance if args.guidance is None else args.guidance
