@@ -49,6 +49,9 @@ class Creative:
     seed: Optional[int]  # per-creative seed when derived by the pipeline; None when the caller passed a generator
     mask: Image.Image  # at the image's original size; white = repainted, black = product kept
     reward: Optional[float] = None
+    # The final denoised latents [C, h, w] in the UNet's (scaled) space, with return_latents=True: what
+    # training on the pipeline's own output wants, without a VAE decode + encode round trip.
+    latents: Optional[torch.Tensor] = None
 
 
 def derive_seed(*parts: Any) -> int:
@@ -329,6 +332,7 @@ class CreativePipeline:
         eta: float = 0.0,
         seed: int = 0,
         show_progress: bool = True,
+        return_latents: bool = False,
     ) -> list[Creative]:
         from diffusers.utils.torch_utils import randn_tensor
         from tqdm.auto import tqdm
@@ -461,6 +465,7 @@ class CreativePipeline:
                 index=k % num_images_per_prompt,
                 seed=seeds[k],
                 mask=mask,
+                latents=latents[k].detach().float().cpu() if return_latents else None,
             )
             for k, out in enumerate(images)
         ]

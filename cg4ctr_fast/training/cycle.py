@@ -129,7 +129,7 @@ def generate_for_groups(ctx: CycleContext, item_id: int, group_prompts: Sequence
     unique = list(dict.fromkeys(p for prompts in group_prompts for p in prompts))
     creatives = ctx.pipe(unique, product.image, product.mask, num_inference_steps=steps,
                          guidance_scale=ctx.config.generate.guidance, num_images_per_prompt=images_per_prompt,
-                         seed=seed, show_progress=False)
+                         seed=seed, show_progress=False, return_latents=True)
     by_prompt: dict[str, list] = {}
     for creative in creatives:
         by_prompt.setdefault(unique[creative.group], []).append(creative)
@@ -138,7 +138,7 @@ def generate_for_groups(ctx: CycleContext, item_id: int, group_prompts: Sequence
         for prompt in prompts:
             for creative in by_prompt[prompt]:
                 rows.append({"item_id": item_id, "group": g, "prompt": prompt, "image": creative.image,
-                             "mask": product.mask, "title": product.title})
+                             "latents": creative.latents, "mask": product.mask, "title": product.title})
     if rows:
         captions = [r["prompt"] if ctx.config.generate.reward_sees_prompt else "" for r in rows]
         scores = ctx.reward.score_images([r["image"] for r in rows], [r["title"] for r in rows], captions,
@@ -280,7 +280,8 @@ def lora_step(ctx: CycleContext, kept: Sequence[dict[str, Any]], *, seed: int, p
     images = images.permute(0, 3, 1, 2) / 127.5 - 1.0
     masks = torch.stack([torch.from_numpy(np.asarray(r["mask"], dtype=np.float32) / 255.0) for r in kept]).unsqueeze(1)
     modules = ctx.modules
-    examples = encode_examples(modules.vae, images, masks)
+    latents = torch.stack([r["latents"] for r in kept]) if ctx.config.lora.train_on == "latents" else None
+    examples = encode_examples(modules.vae, images, masks, latents=latents)
     return train_lora(modules.unet, modules.text_encoder, modules.tokenizer, modules.scheduler, examples,
                       [r["prompt"] for r in kept], ctx.config.lora, seed=seed % (2**63), progress=progress, desc=desc)
 
