@@ -373,3 +373,30 @@ def test_pipeline_returns_the_latents_it_decoded(toy):
         again = np.asarray(composite(product.image.convert("RGB"), pixels, product.mask), dtype=np.int16)
         assert np.abs(again - np.asarray(creative.image, dtype=np.int16)).max() <= 1
     assert pipe(["warm"], product.image, product.mask, num_inference_steps=2, show_progress=False)[0].latents is None
+
+
+def test_guided_loss_fits_the_guided_prediction(toy):
+    """guided_loss trains through eps_u + w (eps_c − eps_u); at w = 1 it is the plain loss, step for step."""
+    from cg4ctr_fast.models.diffusion import load_modules
+    from cg4ctr_fast.training.lora import LoraTrainConfig, add_lora, lora_state, train_lora
+
+    gen = torch.Generator().manual_seed(5)
+    examples = {"latents": torch.randn(3, 4, 16, 16, generator=gen),
+                "masked_latents": torch.randn(3, 4, 16, 16, generator=gen),
+                "masks": (torch.rand(3, 1, 16, 16, generator=gen) > 0.3).float()}
+    prompts = ["warm smooth studio soft", "cool rough beach dim", "neon marble city bright"]
+
+    def trained(guided: bool, guidance: float) -> dict:
+        modules = load_modules(toy.generator)
+        torch.manual_seed(0)
+        config = LoraTrainConfig(steps=2, batch=2, guided_loss=guided, caption_dropout=0.0)
+        add_lora(modules.unet, config)
+        train_lora(modules.unet, modules.text_encoder, modules.tokenizer, modules.scheduler, examples, prompts,
+                   config, seed=1, guidance=guidance)
+        return lora_state(modules.unet)
+
+    plain = trained(False, 5.0)
+    same = trained(True, 1.0)
+    guided = trained(True, 5.0)
+    assert all(torch.equal(plain[k], same[k]) for k in plain)
+    assert any(not torch.allclose(plain[k], guided[k]) for k in plain)

@@ -283,7 +283,8 @@ def lora_step(ctx: CycleContext, kept: Sequence[dict[str, Any]], *, seed: int, p
     latents = torch.stack([r["latents"] for r in kept]) if ctx.config.lora.train_on == "latents" else None
     examples = encode_examples(modules.vae, images, masks, latents=latents)
     return train_lora(modules.unet, modules.text_encoder, modules.tokenizer, modules.scheduler, examples,
-                      [r["prompt"] for r in kept], ctx.config.lora, seed=seed % (2**63), progress=progress, desc=desc)
+                      [r["prompt"] for r in kept], ctx.config.lora, seed=seed % (2**63),
+                      guidance=ctx.config.generate.guidance, progress=progress, desc=desc)
 
 
 def prompt_step(ctx: CycleContext, rows: Sequence[dict[str, Any]], kept: Sequence[dict[str, Any]], *,

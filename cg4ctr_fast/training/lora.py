@@ -44,6 +44,12 @@ class LoraTrainConfig:
     # conditional branch learns the winners, and the cond − uncond gap that guidance multiplies grew 1.9×
     # at t = 900 over 2 cycles; with it, 1.4× (docs/cycle.md).
     caption_dropout: float = 0.1
+    # Fit the *guided* prediction eps_u + w (eps_c − eps_u) (both branches through the adapter, w = the
+    # generation's guidance) instead of eps_c alone. The creatives were sampled with guidance, so fitting
+    # eps_c to them makes the conditional branch absorb the guidance, and sampling with w again compounds
+    # it cycle after cycle. Fitting the guided prediction makes "no selection" a fixed point: only the
+    # top-k choice moves the generator. Costs a second UNet pass per example.
+    guided_loss: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.caption_dropout < 1.0:
@@ -143,6 +149,7 @@ def train_lora(
     config: LoraTrainConfig,
     *,
     seed: int,
+    guidance: float = 1.0,
     progress: bool = False,
     desc: str = "LoRA",
 ) -> dict[str, Any]:
@@ -180,7 +187,13 @@ def train_lora(
         if config.caption_dropout > 0:
             drop = torch.rand(config.batch, generator=gen) < config.caption_dropout
             states = torch.where(drop.view(-1, 1, 1), empty.expand_as(states), states)
-        pred = unet(model_in, t, encoder_hidden_states=states).sample
+        if config.guided_loss and guidance != 1.0:
+            both = unet(torch.cat([model_in, model_in]), torch.cat([t, t]),
+                        encoder_hidden_states=torch.cat([empty.expand_as(states), states])).sample
+            uncond, cond = both.chunk(2)
+            pred = uncond + guidance * (cond - uncond)
+        else:
+            pred = unet(model_in, t, encoder_hidden_states=states).sample
         loss = masked_denoising_loss(pred, noise, masks[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
