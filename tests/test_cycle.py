@@ -283,12 +283,15 @@ def test_ablation_tiny(toy, tmp_path):
     from cg4ctr_fast.training.ablate import ARMS, run_ablation
 
     config = load_cycle_config(_write_config(tmp_path / "tiny.toml", toy, run={"cycles": 1}))
-    results = run_ablation(config, 1, tmp_path / "ablate", progress=False, log=lambda _m: None)
+    # Two seeds in two worker processes (the --jobs path).
+    results = run_ablation(config, 2, tmp_path / "ablate", progress=False, log=lambda _m: None, jobs=2)
+    assert results["seeds"] == [0, 1]
     assert set(results["lift"]) == set(ARMS)
     for arm in ARMS:
         for cycle in ("0", "1"):
             cell = results["lift"][arm][cycle]
-            assert cell["n"] == 8 and cell["ci95"][0] <= cell["mean"] + 1e-12 <= cell["ci95"][1] + 2e-12
+            assert cell["n"] == 2 * 8 and set(cell["per_seed"]) == {"0", "1"}
+            assert cell["ci95"][0] <= cell["mean"] + 1e-12 <= cell["ci95"][1] + 2e-12
     assert results["lift"]["original"]["1"]["mean"] == 0.0
     # Cycle 0 is the same starting point in every cyclic arm.
     assert results["lift"]["full"]["0"]["mean"] == results["lift"]["lora_only"]["0"]["mean"] \
@@ -298,8 +301,11 @@ def test_ablation_tiny(toy, tmp_path):
     assert "| full |" in md and "| global_prompt |" in md and "95 %" in md
     assert (tmp_path / "ablate" / "lift_per_cycle.png").stat().st_size > 1000
     # A second call reuses every finished run (no new cycle folders, same numbers).
-    again = run_ablation(config, 1, tmp_path / "ablate", progress=False, log=lambda _m: None)
+    again = run_ablation(config, 2, tmp_path / "ablate", progress=False, log=lambda _m: None)
     assert again["lift"] == results["lift"]
+    # The same seed in one process gives the same numbers as in a worker.
+    single = run_ablation(config, 1, tmp_path / "single", progress=False, log=lambda _m: None)
+    assert single["lift"]["full"]["1"]["per_seed"]["0"] == results["lift"]["full"]["1"]["per_seed"]["0"]
 
 
 def test_cluster_bootstrap_interval():

@@ -230,6 +230,7 @@ def _ablate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="TOML file as for `cycle`; [run] update_* are set per arm")
     p.add_argument("--seeds", type=int, default=3, help="seeds run.seed … run.seed+N−1 (default 3)")
     p.add_argument("--out", required=True, help="folder: one run per seed and arm, results.json, results.md, lift_per_cycle.png; rerun to resume")
+    p.add_argument("--jobs", type=int, default=1, help="seeds run at once, in separate processes (default 1)")
     p.add_argument("--quiet", action="store_true", help="no progress bars or per-cycle lines")
 
 
@@ -240,8 +241,11 @@ def _run_ablate(args: argparse.Namespace) -> int:
     from cg4ctr_fast.training.cycle_config import load_cycle_config
 
     config = load_cycle_config(args.config)
-    results = run_ablation(config, args.seeds, Path(args.out), progress=not args.quiet, log=main_log(args.quiet))
+    results = run_ablation(config, args.seeds, Path(args.out), progress=not args.quiet, log=main_log(args.quiet),
+                           jobs=args.jobs)
     command = f"cg4ctr-train ablate --config {args.config} --seeds {args.seeds} --out {args.out}"
+    if args.jobs > 1:
+        command += f" --jobs {args.jobs}"
     atomic_write_bytes(Path(args.out) / "results.md", results_markdown(results, command).encode())
     comparison = results["comparisons"]["full_minus_global_prompt"]
     print(f"full − global prompt at cycle {results['cycles']}: {comparison['mean']:+.1%} "

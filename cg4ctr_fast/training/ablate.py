@@ -83,14 +83,51 @@ def static_arms(config: CycleConfig, model_paths: dict[str, str], log: Callable[
     return out
 
 
-def run_ablation(config: CycleConfig, seeds: int, out: str | Path, *, progress: bool = True,
-                 log: Callable[[str], Any] = print) -> dict[str, Any]:
-    """Every arm for seeds config.run.seed … +seeds−1; resumable (finished arms and cycles are reused)."""
+def run_seed(config: CycleConfig, seed: int, out: Path, model_paths: dict[str, str], *, progress: bool = False,
+             log: Callable[[str], Any] = print) -> None:
+    """Every arm of one seed into out/seed_<seed>/ (each arm resumes where it stopped)."""
     from cg4ctr_fast.imaging import atomic_write_bytes
-    from cg4ctr_fast.training.cycle import resolve_models, run_cycles
+    from cg4ctr_fast.training.cycle import run_cycles
+
+    seed_config = config.replace(run={"seed": seed})
+    seed_dir = out / f"seed_{seed}"
+    static_file = seed_dir / STATIC_FILE
+    if not static_file.is_file():
+        log(f"[ablate] seed {seed}: random-prompt and global-prompt arms")
+        static = static_arms(seed_config, model_paths, log)
+        seed_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(static_file, (json.dumps(static, indent=1) + "\n").encode())
+    for arm, (update_lora, update_prompt) in CYCLIC_ARMS.items():
+        log(f"[ablate] seed {seed}: {arm}")
+        arm_config = seed_config.replace(run={"update_lora": update_lora, "update_prompt": update_prompt})
+        run_cycles(arm_config, seed_dir / arm, resume=True, progress=progress, log=log, model_paths=model_paths)
+
+
+def _seed_worker(config: CycleConfig, seed: int, out: str, model_paths: dict[str, str], quiet: bool) -> int:
+    import sys
+
+    def log(message: str) -> None:
+        if not quiet:
+            print(f"[seed {seed}] {message}", file=sys.stderr, flush=True)
+
+    run_seed(config, seed, Path(out), model_paths, progress=False, log=log)
+    return seed
+
+
+def run_ablation(config: CycleConfig, seeds: int, out: str | Path, *, progress: bool = True,
+                 log: Callable[[str], Any] = print, jobs: int = 1) -> dict[str, Any]:
+    """Every arm for seeds config.run.seed … +seeds−1; resumable (finished arms and cycles are reused).
+
+    jobs > 1 runs that many seeds at once in separate processes (each with config.run.threads torch
+    threads): the ops are small, so on 2 cores two one-thread processes do about twice the work of one.
+    """
+    from cg4ctr_fast.imaging import atomic_write_bytes
+    from cg4ctr_fast.training.cycle import resolve_models
 
     if seeds < 1:
         raise InputError(f"--seeds must be ≥ 1, got {seeds}")
+    if jobs < 1:
+        raise InputError(f"--jobs must be ≥ 1, got {jobs}")
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: exists and is not a directory; choose another --out")
@@ -100,22 +137,22 @@ def run_ablation(config: CycleConfig, seeds: int, out: str | Path, *, progress: 
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out / "config.toml", to_toml(config).encode())
     atomic_write_bytes(saved, (json.dumps(config.to_dict(), indent=2) + "\n").encode())
-    paths = resolve_models(config, log=log)
+    paths = resolve_models(config, log=log)  # built once here, not by every worker
     started = time.perf_counter()
-    for offset in range(seeds):
-        seed = config.run.seed + offset
-        seed_config = config.replace(run={"seed": seed})
-        seed_dir = out / f"seed_{seed}"
-        static_file = seed_dir / STATIC_FILE
-        if not static_file.is_file():
-            log(f"[ablate] seed {seed}: random-prompt and global-prompt arms")
-            static = static_arms(seed_config, paths, log)
-            seed_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_bytes(static_file, (json.dumps(static, indent=1) + "\n").encode())
-        for arm, (update_lora, update_prompt) in CYCLIC_ARMS.items():
-            log(f"[ablate] seed {seed}: {arm}")
-            arm_config = seed_config.replace(run={"update_lora": update_lora, "update_prompt": update_prompt})
-            run_cycles(arm_config, seed_dir / arm, resume=True, progress=progress, log=log, model_paths=paths)
+    seed_list = [config.run.seed + offset for offset in range(seeds)]
+    if jobs == 1:
+        for seed in seed_list:
+            run_seed(config, seed, out, paths, progress=progress, log=log)
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        quiet = progress is False
+        # spawn, not fork: a forked child inherits torch's thread pools and locks mid-state.
+        with ProcessPoolExecutor(max_workers=min(jobs, seeds), mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = [pool.submit(_seed_worker, config, seed, str(out), paths, quiet) for seed in seed_list]
+            for future in futures:
+                log(f"[ablate] seed {future.result()} done")
     results = summarize(out, config, seeds)
     results["seconds"] = time.perf_counter() - started
     atomic_write_bytes(out / "results.json", (json.dumps(results, indent=2) + "\n").encode())
