@@ -162,7 +162,8 @@ def top_k(rows: Sequence[dict[str, Any]], k: int) -> list[dict[str, Any]]:
 
 # ------------------------------------------------------------------------------------------------ evaluation
 def evaluate(ctx: CycleContext, prompts_for: Callable[[int], list[str]], *, seed: int,
-             images_per_group: Optional[int] = None, steps: Optional[int] = None) -> dict[str, Any]:
+             images_per_group: Optional[int] = None, steps: Optional[int] = None, progress: bool = False,
+             desc: str = "evaluate") -> dict[str, Any]:
     """The reward's pick per (held-out product, group), scored by the world's oracle against the original image.
 
     prompts_for(item_id) gives one prompt per group. Returns the aggregate metrics and one row per
@@ -171,8 +172,10 @@ def evaluate(ctx: CycleContext, prompts_for: Callable[[int], list[str]], *, seed
     world = ctx.world
     per_group = images_per_group or ctx.config.eval.images_per_group
     n_steps = steps or ctx.config.eval.steps
+    from tqdm.auto import tqdm
+
     rows, diversity, unchanged = [], [], True
-    for item_id in ctx.eval_items:
+    for item_id in tqdm(ctx.eval_items, desc=desc, disable=not progress, leave=False):
         product = world.product(item_id)
         prompts = prompts_for(item_id)
         generated = generate_for_groups(ctx, item_id, [[p] for p in prompts], images_per_prompt=per_group,
@@ -265,7 +268,8 @@ def run_cycle(ctx: CycleContext, cycle: int, *, progress: bool = False) -> tuple
         timings["prompt_s"] = time.perf_counter() - started
     # 6. held-out evaluation, the same noise every cycle so cycles differ only by the models.
     started = time.perf_counter()
-    evaluation = evaluate(ctx, prompt_model_prompts(ctx), seed=derive_seed(seed, "heldout"))
+    evaluation = evaluate(ctx, prompt_model_prompts(ctx), seed=derive_seed(seed, "heldout"), progress=progress,
+                          desc=f"cycle {cycle}: evaluate")
     timings["eval_s"] = time.perf_counter() - started
     metrics["eval"] = evaluation
     metrics["seconds"] = timings
@@ -401,7 +405,8 @@ def run_cycles(config: CycleConfig, out: str | Path, *, resume: bool = False, pr
         log(f"[cycle] resuming after cycle {done[-1]} ({out})")
     else:
         started = time.perf_counter()
-        evaluation = evaluate(ctx, prompt_model_prompts(ctx), seed=derive_seed(config.run.seed, "heldout"))
+        evaluation = evaluate(ctx, prompt_model_prompts(ctx), seed=derive_seed(config.run.seed, "heldout"),
+                              progress=progress, desc="cycle 0: evaluate")
         metrics = {"cycle": 0, "eval": evaluation, "seconds": {"eval_s": time.perf_counter() - started}}
         save_cycle(ctx, out, 0, metrics, [])
         history.append(json.loads((cycle_path(out, 0) / "metrics.json").read_text()))
