@@ -173,15 +173,20 @@ def _device_for(providers: Sequence[str]) -> torch.device:
 
 def load_engine_folder(folder: str | Path, *, require: Sequence[str] = PIPELINE_COMPONENTS) -> dict[str, Any]:
     """The checked manifest of an ONNX folder: format, version, the required components, sizes and sha256."""
-    root = Path(folder)
+    return _checked_manifest(Path(folder), require, "(exported with --components?): export every pipeline "
+                             "component with `cg4ctr-export onnx`")
+
+
+def _checked_manifest(root: Path, require: Sequence[str], how: str, check: Optional[Sequence[str]] = None) -> dict:
+    """The folder's manifest, refused with one line when a required component is missing or a file differs."""
     manifest = mf.read_manifest(root)
     missing = [c for c in require if c not in manifest["components"]]
     if missing:
-        raise InputError(
-            f"{root}: no {', '.join(missing)} in this folder (exported with --components?): "
-            "export every pipeline component with `cg4ctr-export onnx`"
-        )
-    mf.check_files(root, manifest)
+        raise InputError(f"{root}: no {', '.join(missing)} in this folder {how}")
+    if check is None:
+        mf.check_files(root, manifest)
+    else:
+        mf.check_files(root, manifest, check)
     return manifest
 
 
@@ -358,13 +363,8 @@ def _read_reward_files(root: Path):
 def load_reward_engine(folder: str | Path, *, providers: Optional[Sequence[str]] = None) -> OrtRewardEngine:
     """The folder's exported reward model in ONNX Runtime (needs an export with `--reward DIR`)."""
     root = Path(folder)
-    manifest = mf.read_manifest(root)
-    missing = [c for c in REWARD_COMPONENTS if c not in manifest["components"]]
-    if missing:
-        raise InputError(
-            f"{root}: no {', '.join(missing)} in this folder: export it with `cg4ctr-export onnx --reward DIR`"
-        )
-    mf.check_files(root, manifest, REWARD_COMPONENTS)
+    manifest = _checked_manifest(root, REWARD_COMPONENTS, "(export it with `cg4ctr-export onnx --reward DIR`)",
+                                 check=REWARD_COMPONENTS)
     config, title_vocab, caption_vocab = _read_reward_files(root)
     chosen = available_providers(providers)
     device = _device_for(chosen)

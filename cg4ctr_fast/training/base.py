@@ -105,6 +105,17 @@ def encode_set(vae, data: CreativeSet, batch: int = 64) -> tuple[torch.Tensor, t
     return torch.cat(latents), torch.cat(masked)
 
 
+def noisy_batch(latents: torch.Tensor, alphas_cumprod: torch.Tensor, n_train: int, batch: int,
+                gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One training draw under SD's noise schedule: example indices, noise, timesteps, noisy latents."""
+    idx = torch.randint(0, latents.shape[0], (batch,), generator=gen)
+    x0 = latents[idx]
+    noise = torch.randn(x0.shape, generator=gen)
+    t = torch.randint(0, n_train, (batch,), generator=gen)
+    a = alphas_cumprod[t].view(-1, 1, 1, 1)
+    return idx, noise, t, a.sqrt() * x0 + (1 - a).sqrt() * noise
+
+
 def train_unet(
     unet,
     text_encoder,
@@ -146,12 +157,7 @@ def train_unet(
                 break
             for group, base in zip(opt.param_groups, (cfg.unet_lr, cfg.text_lr)):
                 group["lr"] = _cosine_lr(step, cfg.unet_steps, base)
-            idx = torch.randint(0, latents.shape[0], (cfg.unet_batch,), generator=gen)
-            x0 = latents[idx]
-            noise = torch.randn(x0.shape, generator=gen)
-            t = torch.randint(0, n_train, (cfg.unet_batch,), generator=gen)
-            a = alphas_cumprod[t].view(-1, 1, 1, 1)
-            noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
+            idx, noise, t, noisy = noisy_batch(latents, alphas_cumprod, n_train, cfg.unet_batch, gen)
             ids = tokens[idx].clone()
             drop = torch.rand(cfg.unet_batch, generator=gen) < cfg.caption_dropout
             ids[drop] = empty_ids

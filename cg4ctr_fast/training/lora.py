@@ -159,6 +159,8 @@ def train_lora(
     cycle depends only on the adapter it starts from (what the checkpoint holds) and its seed."""
     from tqdm.auto import tqdm
 
+    from cg4ctr_fast.training.base import noisy_batch
+
     if not prompts:
         return {"lora_steps": 0, "lora_loss_first": float("nan"), "lora_loss_last": float("nan")}
     gen = torch.Generator().manual_seed(seed)
@@ -178,12 +180,7 @@ def train_lora(
     losses: list[float] = []
     unet.train()
     for _ in tqdm(range(config.steps), desc=desc, disable=not progress, leave=False):
-        idx = torch.randint(0, latents.shape[0], (config.batch,), generator=gen)
-        x0 = latents[idx]
-        noise = torch.randn(x0.shape, generator=gen)
-        t = torch.randint(0, n_train, (config.batch,), generator=gen)
-        a = alphas_cumprod[t].view(-1, 1, 1, 1)
-        noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        idx, noise, t, noisy = noisy_batch(latents, alphas_cumprod, n_train, config.batch, gen)
         model_in = torch.cat([noisy, masks[idx], masked_latents[idx]], dim=1)
         states = hidden[idx]
         if config.caption_dropout > 0:
