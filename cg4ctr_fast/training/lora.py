@@ -43,8 +43,9 @@ class LoraTrainConfig:
     # "images" without, but 2 cycles of "latents" without dropout ended at 0.0356 against 0.0357 with it).
     train_on: str = "images"
     # Share of examples trained with the empty prompt, as the base model was (10 %). Without it only the
-    # conditional branch learns the winners, and the cond − uncond gap that guidance multiplies grew 1.9×
-    # at t = 900 over 2 cycles; with it, 1.4× (docs/cycle.md).
+    # conditional branch learns the winners, and the cond − uncond gap that guidance multiplies widens:
+    # at t = 900, 1.93× the base after 4 LoRA-only cycles without it, 1.37× with it (bench/guidance_gap.py,
+    # docs/cycle.md). It did not keep more true CTR in those runs; it is kept for the narrower gap.
     caption_dropout: float = 0.1
     # Fit the *guided* prediction eps_u + w (eps_c − eps_u) (both branches through the adapter, w = the
     # generation's guidance) instead of eps_c alone. The creatives were sampled with guidance, so fitting
