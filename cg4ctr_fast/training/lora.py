@@ -51,7 +51,8 @@ class LoraTrainConfig:
     # generation's guidance) instead of eps_c alone. The creatives were sampled with guidance, so fitting
     # eps_c to them makes the conditional branch absorb the guidance, and sampling with w again compounds
     # it cycle after cycle. Fitting the guided prediction makes "no selection" a fixed point: only the
-    # top-k choice moves the generator. Costs a second UNet pass per example.
+    # top-k choice moves the generator. Costs a second UNet pass per example. Over 3 seeds on the toy
+    # world it lost more lift than the plain loss (LoRA-only −8.3 % vs −2.7 % after 4 cycles), so it is off.
     guided_loss: bool = False
 
     def __post_init__(self) -> None:
