@@ -194,9 +194,6 @@ def onnxruntime_components(
     folder: str | Path, *, providers: Optional[Sequence[str]] = None, scheduler: Optional[str] = None
 ) -> Components:
     """Components whose slots run the folder's ONNX models in ONNX Runtime."""
-    from cg4ctr_fast.models.diffusion import swap_scheduler
-    from cg4ctr_fast.models.tokenizer import load_clip_tokenizer
-
     root = Path(folder)
     manifest = load_engine_folder(root)
     chosen = available_providers(providers)
@@ -205,6 +202,16 @@ def onnxruntime_components(
         name: OrtComponent(root / manifest["components"][name]["file"], mf.contract_of(manifest, name), chosen, device)
         for name in PIPELINE_COMPONENTS
     }
+    return engine_components(root, parts, backend="onnxruntime", device=device, scheduler=scheduler)
+
+
+def engine_components(root: Path, parts: dict[str, Any], *, backend: str, device: torch.device,
+                      scheduler: Optional[str] = None) -> Components:
+    """Slots over an exported folder's components (ONNX Runtime or TensorRT: each part only needs
+    `run(**inputs)` and its contract), with the folder's model info, tokenizer and scheduler."""
+    from cg4ctr_fast.models.diffusion import swap_scheduler
+    from cg4ctr_fast.models.tokenizer import load_clip_tokenizer
+
     try:
         info = ModelInfo(**json.loads((root / mf.MODEL_INFO).read_text()))
     except (OSError, TypeError, ValueError) as exc:
@@ -222,7 +229,7 @@ def onnxruntime_components(
         tokenizer=load_clip_tokenizer(root / "tokenizer"),
         scheduler=sched,
         info=info,
-        backend="onnxruntime",
+        backend=backend,
         device=device,
         dtype=_TORCH_DTYPES[parts["unet"].contract.inputs[0].dtype],
         modules=None,

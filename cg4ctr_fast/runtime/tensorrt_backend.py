@@ -10,7 +10,6 @@ machine (no GPU, no tensorrt); its pure-Python checks are tested there.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Optional
 
@@ -19,7 +18,7 @@ import torch
 from cg4ctr_fast.errors import InputError
 from cg4ctr_fast.export import manifest as mf
 from cg4ctr_fast.export.contracts import PIPELINE_COMPONENTS, ComponentContract
-from cg4ctr_fast.runtime.slots import Components, ModelInfo
+from cg4ctr_fast.runtime.slots import Components
 
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64, "int32": torch.int32}
 
@@ -81,15 +80,7 @@ def _components(root: Path, manifest: dict[str, Any], names) -> dict[str, TrtCom
 def tensorrt_components(folder: str | Path, *, scheduler: Optional[str] = None) -> Components:
     """Components whose slots run the folder's TensorRT engines (checked against this machine first)."""
     from cg4ctr_fast.export.tensorrt_build import load_engine_manifest
-    from cg4ctr_fast.models.diffusion import swap_scheduler
-    from cg4ctr_fast.models.tokenizer import load_clip_tokenizer
-    from cg4ctr_fast.runtime.onnxruntime_backend import (
-        OrtTextEncoderSlot,
-        OrtUNetSlot,
-        OrtVaeDecoderSlot,
-        OrtVaeEncoderSlot,
-        _load_scheduler,
-    )
+    from cg4ctr_fast.runtime.onnxruntime_backend import engine_components
 
     root = Path(folder)
     manifest = load_engine_manifest(root)  # TRT_UNAVAILABLE without tensorrt or a GPU; "rebuild with …" on mismatch
@@ -97,24 +88,8 @@ def tensorrt_components(folder: str | Path, *, scheduler: Optional[str] = None) 
     if missing:
         raise InputError(f"{root}: no {', '.join(missing)} engine in this folder: rebuild from a full ONNX export")
     parts = _components(root, manifest, PIPELINE_COMPONENTS)
-    sched = _load_scheduler(root)
-    if scheduler is not None:
-        sched = swap_scheduler(sched, scheduler)
-    unet_dtype = _TORCH_DTYPES[parts["unet"].contract.inputs[0].dtype]
     # The ORT slot adapters only call component.run(**inputs): the same argument plumbing serves both backends.
-    return Components(
-        text_encoder=OrtTextEncoderSlot(parts["text_encoder"]),
-        unet=OrtUNetSlot(parts["unet"]),
-        vae_encoder=OrtVaeEncoderSlot(parts["vae_encoder"]),
-        vae_decoder=OrtVaeDecoderSlot(parts["vae_decoder"]),
-        tokenizer=load_clip_tokenizer(root / "tokenizer"),
-        scheduler=sched,
-        info=ModelInfo(**json.loads((root / mf.MODEL_INFO).read_text())),
-        backend="tensorrt",
-        device=parts["unet"].device,
-        dtype=unet_dtype,
-        modules=None,
-    )
+    return engine_components(root, parts, backend="tensorrt", device=parts["unet"].device, scheduler=scheduler)
 
 
 def tensorrt_saliency(folder: str | Path):
