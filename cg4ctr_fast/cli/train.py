@@ -235,18 +235,16 @@ def _ablate_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _run_ablate(args: argparse.Namespace) -> int:
-    from cg4ctr_fast.imaging import atomic_write_bytes
-    from cg4ctr_fast.training.ablate import results_markdown, run_ablation
+    from cg4ctr_fast.training.ablate import run_ablation
     from cg4ctr_fast.training.cycle import main_log
     from cg4ctr_fast.training.cycle_config import load_cycle_config
 
     config = load_cycle_config(args.config)
-    results = run_ablation(config, args.seeds, Path(args.out), progress=not args.quiet, log=main_log(args.quiet),
-                           jobs=args.jobs)
     command = f"cg4ctr-train ablate --config {args.config} --seeds {args.seeds} --out {args.out}"
     if args.jobs > 1:
         command += f" --jobs {args.jobs}"
-    atomic_write_bytes(Path(args.out) / "results.md", results_markdown(results, command).encode())
+    results = run_ablation(config, args.seeds, Path(args.out), progress=not args.quiet, log=main_log(args.quiet),
+                           jobs=args.jobs, command=command)
     comparison = results["comparisons"]["full_minus_global_prompt"]
     print(f"full − global prompt at cycle {results['cycles']}: {comparison['mean']:+.1%} "
           f"[{comparison['ci95'][0]:+.1%}, {comparison['ci95'][1]:+.1%}] → {args.out}/results.md", file=sys.stderr)

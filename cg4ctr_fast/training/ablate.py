@@ -115,11 +115,12 @@ def _seed_worker(config: CycleConfig, seed: int, out: str, model_paths: dict[str
 
 
 def run_ablation(config: CycleConfig, seeds: int, out: str | Path, *, progress: bool = True,
-                 log: Callable[[str], Any] = print, jobs: int = 1) -> dict[str, Any]:
+                 log: Callable[[str], Any] = print, jobs: int = 1, command: Optional[str] = None) -> dict[str, Any]:
     """Every arm for seeds config.run.seed … +seeds−1; resumable (finished arms and cycles are reused).
 
     jobs > 1 runs that many seeds at once in separate processes (each with config.run.threads torch
     threads): the ops are small, so on 2 cores two one-thread processes do about twice the work of one.
+    command: how the run was started, quoted at the top of results.md.
     """
     from cg4ctr_fast.imaging import atomic_write_bytes
     from cg4ctr_fast.training.cycle import resolve_models
@@ -156,7 +157,7 @@ def run_ablation(config: CycleConfig, seeds: int, out: str | Path, *, progress: 
     results = summarize(out, config, seeds)
     results["seconds"] = time.perf_counter() - started
     atomic_write_bytes(out / "results.json", (json.dumps(results, indent=2) + "\n").encode())
-    atomic_write_bytes(out / "results.md", results_markdown(results).encode())
+    atomic_write_bytes(out / "results.md", results_markdown(results, command).encode())
     try:
         atomic_write_bytes(out / "lift_per_cycle.png", plot_lift(results))
     except ImportError:  # matplotlib is optional; results.md and results.json hold the numbers
@@ -165,23 +166,28 @@ def run_ablation(config: CycleConfig, seeds: int, out: str | Path, *, progress: 
 
 
 # ------------------------------------------------------------------------------------------------ statistics
-def _arm_rows(out: Path, config: CycleConfig, seeds: int) -> dict[str, dict[int, list[dict[str, Any]]]]:
-    """arm → cycle → rows (seed, item_id, group, lift)."""
+def _collect(out: Path, config: CycleConfig, seeds: int):
+    """Every finished run's evaluation, read once: arm → cycle → rows (seed, item_id, group, lift), the cyclic
+    arms' evaluation summaries per (arm, cycle) over seeds, and the global prompt of each seed."""
     cycles = config.run.cycles
     table: dict[str, dict[int, list[dict[str, Any]]]] = {arm: {c: [] for c in range(cycles + 1)} for arm in ARMS}
+    evals: dict[tuple[str, int], list[dict[str, Any]]] = {(arm, c): [] for arm in CYCLIC_ARMS for c in range(cycles + 1)}
+    global_prompts = set()
     for offset in range(seeds):
         seed = config.run.seed + offset
         seed_dir = out / f"seed_{seed}"
         static = json.loads((seed_dir / STATIC_FILE).read_text())
+        global_prompts.add(static["global_prompt_text"])
         for arm in CYCLIC_ARMS:
             for c in range(cycles + 1):
                 metrics = json.loads((seed_dir / arm / "cycles" / f"cycle_{c:03d}" / "metrics.json").read_text())
                 table[arm][c].extend({**r, "seed": seed} for r in metrics["eval"]["rows"])
+                evals[(arm, c)].append(metrics["eval"])
         for c in range(cycles + 1):
             for arm in ("random_prompts", "global_prompt"):
                 table[arm][c].extend({**r, "seed": seed} for r in static[arm]["rows"])
             table["original"][c].extend({**r, "seed": seed, "lift": 0.0} for r in static["global_prompt"]["rows"])
-    return table
+    return table, evals, sorted(global_prompts)
 
 
 def cluster_bootstrap(values: np.ndarray, clusters: Sequence[Any], *, seed: int = 0, n: int = BOOTSTRAP,
@@ -212,7 +218,7 @@ def _paired(a_rows, b_rows) -> tuple[np.ndarray, list]:
 
 
 def summarize(out: Path, config: CycleConfig, seeds: int) -> dict[str, Any]:
-    table = _arm_rows(out, config, seeds)
+    table, evals, global_prompts = _collect(out, config, seeds)
     cycles = config.run.cycles
     arms: dict[str, Any] = {}
     for arm in ARMS:
@@ -242,15 +248,10 @@ def summarize(out: Path, config: CycleConfig, seeds: int) -> dict[str, Any]:
     for arm in CYCLIC_ARMS:
         extras[arm] = {}
         for c in range(cycles + 1):
-            values = []
-            for offset in range(seeds):
-                path = out / f"seed_{config.run.seed + offset}" / arm / "cycles" / f"cycle_{c:03d}" / "metrics.json"
-                values.append(json.loads(path.read_text())["eval"])
+            values = evals[(arm, c)]
             extras[arm][str(c)] = {k: float(np.mean([v[k] for v in values]))
                                    for k in ("reward_mean", "true_ctr_mean", "reward_oracle_gap", "diversity")}
             extras[arm][str(c)]["product_pixels_unchanged"] = all(v["product_pixels_unchanged"] for v in values)
-    global_prompts = sorted({json.loads((out / f"seed_{config.run.seed + o}" / STATIC_FILE).read_text())["global_prompt_text"]
-                             for o in range(seeds)})
     return {"config": config.to_dict(), "seeds": [config.run.seed + o for o in range(seeds)], "cycles": cycles,
             "lift": arms, "comparisons": comparisons, "eval_metrics": extras, "global_prompt": global_prompts,
             "bootstrap": {"resamples": BOOTSTRAP, "cluster": "(seed, held-out product)", "level": 0.95}}
