@@ -298,9 +298,10 @@ def prompt_step(ctx: CycleContext, rows: Sequence[dict[str, Any]], kept: Sequenc
     from cg4ctr_fast.models.prompt import train_prompt_model
 
     kept_ids = {id(r) for r in kept}
-    means: dict[tuple[int, int], float] = {}
-    for key in {(r["item_id"], r["group"]) for r in rows}:
-        means[key] = float(np.mean([r["reward"] for r in rows if (r["item_id"], r["group"]) == key]))
+    rewards: dict[tuple[int, int], list[float]] = {}
+    for r in rows:
+        rewards.setdefault((r["item_id"], r["group"]), []).append(r["reward"])
+    means = {key: float(np.mean(values)) for key, values in rewards.items()}
     group = np.stack([ctx.group_features[r["group"]] for r in rows])
     item = np.stack([ctx.item_features(r["item_id"]) for r in rows])
     labels = np.array([1.0 if id(r) in kept_ids else 0.0 for r in rows])
@@ -411,13 +412,16 @@ def run_cycles(config: CycleConfig, out: str | Path, *, resume: bool = False, pr
         save_cycle(ctx, out, 0, metrics, [])
         history.append(json.loads((cycle_path(out, 0) / "metrics.json").read_text()))
         log(_line(history[-1]))
+        write_summary(out, history)
     for cycle in range(len(history), config.run.cycles + 1):
         metrics, kept = run_cycle(ctx, cycle, progress=progress)
         save_cycle(ctx, out, cycle, metrics, kept)
         history.append(json.loads((cycle_path(out, cycle) / "metrics.json").read_text()))
         log(_line(history[-1]))
         write_summary(out, history)
-    write_summary(out, history)
+    if done and len(history) == len(done):
+        # Nothing left to run: a kill between a checkpoint and its summary may have left the summary behind.
+        write_summary(out, history)
     return history
 
 
