@@ -354,7 +354,7 @@ def save_cycle(ctx: CycleContext, out: Path, cycle: int, metrics: dict[str, Any]
     summary["eval"] = {k: v for k, v in metrics["eval"].items() if k != "rows"}
     with atomic_dir(cycle_path(out, cycle)) as tmp:
         if cycle > 0 and ctx.config.run.update_lora:
-            save_lora(ctx.modules.unet, tmp / "lora", ctx.config.lora,
+            save_lora(ctx.modules.unet, tmp / "lora",
                       extra_metadata={"cycle": cycle, "seed": ctx.config.run.seed, "metrics": summary})
         if cycle > 0 and ctx.config.run.update_prompt:
             ctx.prompt_model.save(tmp / "prompt")

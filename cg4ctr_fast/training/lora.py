@@ -207,11 +207,13 @@ def train_lora(
     return {"lora_steps": len(losses), "lora_loss_first": float(np.mean(head)), "lora_loss_last": float(np.mean(tail))}
 
 
-def save_lora(unet, out_dir: str | Path, config: LoraTrainConfig, extra_metadata: Optional[dict] = None) -> Path:
+def save_lora(unet, out_dir: str | Path, extra_metadata: Optional[dict] = None) -> Path:
     """diffusers' layout: `pytorch_lora_weights.safetensors` with the adapter config in its header (without it
     diffusers reloads alpha as r and the output moves), plus our own keys (`cg4ctr.*`: cycle, metrics).
 
-    Written into `out_dir`, which the caller makes atomic (a cycle checkpoint is one atomic folder)."""
+    diffusers writes the file, then it is rewritten once with our keys added to its header: its header
+    format stays diffusers' own. Written into `out_dir`, which the caller makes atomic (a cycle checkpoint
+    is one atomic folder)."""
     from diffusers import StableDiffusionInpaintPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft import get_peft_model_state_dict
