@@ -71,7 +71,7 @@ def main(argv=None) -> int:
     print(f"rank {args.candidates} stored creatives, one thread: p50 {stats['p50'] * 1e3:.3f} ms, "
           f"p99 {stats['p99'] * 1e3:.3f} ms per request; {report['per_candidate_us_p50']:.1f} µs per candidate (p50)")
     if args.json:
-        from cg4ctr_fast.imaging import atomic_write_bytes
+        from cg4ctr_fast.fileio import atomic_write_bytes
 
         atomic_write_bytes(args.json, (json.dumps(report, indent=2) + "\n").encode())
     return 0

@@ -31,7 +31,7 @@ def main(argv=None) -> int:
 
     from cg4ctr_fast.bench import environment, percentiles, time_calls
     from cg4ctr_fast.config import get_preset
-    from cg4ctr_fast.imaging import atomic_write_bytes
+    from cg4ctr_fast.fileio import atomic_write_bytes
     from cg4ctr_fast.models.diffusion import build_modules
     from cg4ctr_fast.runtime.torch_backend import UNetSlot
 

@@ -10,14 +10,10 @@ back bit for bit, whatever the diffusion model did to them.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import os
-import secrets
-import shutil
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Union
 
@@ -25,6 +21,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from cg4ctr_fast.errors import InputError
+from cg4ctr_fast.fileio import path_label as _path_label
 
 __all__ = [
     "MAX_SIDE",
@@ -37,8 +34,6 @@ __all__ = [
     "working_size",
     "composite",
     "image_sha256",
-    "atomic_write_bytes",
-    "atomic_dir",
 ]
 
 # Limits on what a user may hand us.  The side limit is far above what SD inpainting runs at
@@ -57,16 +52,6 @@ _THRESHOLD = 128
 def _one_line(text: object) -> str:
     """Collapse any text (an exception message, a path) onto one line for an InputError."""
     return " ".join(str(text).split())
-
-
-def _path_label(path: str | os.PathLike[str]) -> str:
-    """The path as the user typed it, made safe to print on one line."""
-    text = os.fspath(path)
-    # A file name may legally contain a newline or other control characters; repr() shows them
-    # escaped instead of breaking the one-line message.
-    if any(ord(ch) < 32 or ord(ch) == 127 for ch in text):
-        return repr(text)
-    return text
 
 
 def _check_dimensions(img: Image.Image, label: str, what: str) -> None:
@@ -411,115 +396,3 @@ def image_sha256(img: Image.Image) -> str:
         palette = img.getpalette()
         digest.update(b"\0palette\0" + bytes(palette or []))
     return digest.hexdigest()
-
-
-def _fsync_dir(directory: str | os.PathLike[str]) -> None:
-    # Makes the rename itself durable across a power cut; best effort because some platforms
-    # (Windows) and filesystems cannot open or fsync a directory.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _temp_name(final: Path, kind: str) -> Path:
-    # Hidden, in the same directory (so os.replace is an atomic same-filesystem rename), and
-    # recognisable if a crash ever leaves one behind.
-    return final.parent / f".{final.name}.{kind}-{secrets.token_hex(6)}"
-
-
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write `data` to `path` so readers see either the old file or the whole new one.
-
-    Writes a temporary file next to `path`, fsyncs it and renames it over `path`.  The temporary
-    file is created with os.open(..., 0o666) rather than mkstemp so the umask applies and the
-    result has the same permissions an ordinary open() would give (mkstemp forces 0600).
-    """
-    final = Path(path)
-    while True:
-        tmp = _temp_name(final, "tmp")
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0),
-                         0o666)
-            break
-        except FileExistsError:
-            continue
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, final)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(final.parent)
-
-
-@contextlib.contextmanager
-def atomic_dir(final_path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a fresh temporary directory that becomes `final_path` only if the block succeeds.
-
-    The directory is created next to `final_path` (same parent, named `.{name}.tmp-<random>`) so
-    the final rename is atomic.  Missing parent directories are created (mkdir -p; they stay if
-    the block fails).  On normal exit:
-    - `final_path` absent: the temporary directory is renamed to it.
-    - `final_path` an existing directory (or a symlink): it is renamed aside, the new directory
-      renamed in, then the old one deleted.  Readers never see a half-written directory; there
-      is only a moment between the two renames when `final_path` does not exist.
-    - `final_path` an existing file: InputError, raised on entry (before any work is done).
-    On an exception (KeyboardInterrupt included) the temporary directory is removed and the
-    exception re-raised, leaving `final_path` as it was.
-    """
-    final = Path(final_path)
-    label = _path_label(final_path)
-    if final.exists() and not final.is_dir():
-        raise InputError(f"{label}: exists and is not a directory")
-    final.parent.mkdir(parents=True, exist_ok=True)
-
-    while True:
-        tmp = _temp_name(final, "tmp")
-        try:
-            # 0o777 with the umask applied, like mkdir; mkdtemp would force 0700.
-            os.mkdir(tmp, 0o777)
-            break
-        except FileExistsError:
-            continue
-
-    try:
-        yield tmp
-        _move_into_place(tmp, final, label)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _fsync_dir(final.parent)
-
-
-def _move_into_place(tmp: Path, final: Path, label: str) -> None:
-    if not (final.is_symlink() or final.exists()):
-        os.rename(tmp, final)
-        return
-    if final.exists() and not final.is_dir():
-        # Became a file while the block ran.
-        raise InputError(f"{label}: exists and is not a directory")
-    old = _temp_name(final, "old")
-    os.rename(final, old)
-    try:
-        os.rename(tmp, final)
-    except BaseException:
-        # Put the previous result back rather than leave the user with neither.
-        os.rename(old, final)
-        raise
-    if old.is_symlink():
-        old.unlink()
-    else:
-        # The new result is already in place; failing to delete the old one must not turn a
-        # success into an error, so leftovers are ignored (they are hidden, named `.*.old-*`).
-        shutil.rmtree(old, ignore_errors=True)

@@ -14,12 +14,11 @@ from PIL import Image
 
 from cg4ctr_fast import imaging
 from cg4ctr_fast.errors import InputError
+from cg4ctr_fast.fileio import atomic_dir, atomic_write_bytes
 from cg4ctr_fast.imaging import (
     MAX_BYTES,
     MAX_PIXELS,
     MAX_SIDE,
-    atomic_dir,
-    atomic_write_bytes,
     check_mask,
     composite,
     image_sha256,

@@ -159,7 +159,7 @@ def run(args) -> dict:
 
 def _write_report(args, device, preset, size, backends, results, *, final: bool) -> dict:
     from cg4ctr_fast.bench import environment, plot, table
-    from cg4ctr_fast.imaging import atomic_write_bytes
+    from cg4ctr_fast.fileio import atomic_write_bytes
 
     report = {
         "environment": environment(device),

@@ -55,7 +55,7 @@ def run_demo(
     """Build (or reuse) the toy models, then for held-out products × all user groups: prompt model →
     one batched generation per product → reward model → the top creative per group, scored by the
     world's oracle against the original image."""
-    from cg4ctr_fast.imaging import atomic_dir
+    from cg4ctr_fast.fileio import atomic_dir
     from cg4ctr_fast.models.prompt import PromptModel
     from cg4ctr_fast.models.reward import RewardModel
     from cg4ctr_fast.pipeline import CreativePipeline

@@ -93,7 +93,8 @@ def _check_numbers(args) -> None:
 
 def cmd_generate(args) -> int:
     from cg4ctr_fast.config import get_preset
-    from cg4ctr_fast.imaging import atomic_dir, load_image, load_mask, to_rgb_and_alpha_mask
+    from cg4ctr_fast.fileio import atomic_dir
+    from cg4ctr_fast.imaging import load_image, load_mask, to_rgb_and_alpha_mask
 
     _check_numbers(args)
     preset = get_preset(args.preset)

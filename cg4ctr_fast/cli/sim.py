@@ -116,7 +116,7 @@ def cmd_sheet(args) -> int:
     import numpy as np
 
     from cg4ctr_fast.cli.demo import contact_sheet
-    from cg4ctr_fast.imaging import atomic_write_bytes
+    from cg4ctr_fast.fileio import atomic_write_bytes
     from cg4ctr_fast.sim.render import render_background
     from cg4ctr_fast.sim.vocab import CATEGORIES, STYLE_VOCAB
     from cg4ctr_fast.sim.world import World

@@ -172,7 +172,7 @@ def _run_base(args: argparse.Namespace) -> int:
     data = generator_dataset(dataset.world, cfg.n_images, items, args.seed)
     train_generator(data, args.out, cfg, progress=not args.quiet, log=lambda m: print(m, file=sys.stderr))
     if args.steering:
-        from cg4ctr_fast.imaging import atomic_write_bytes
+        from cg4ctr_fast.fileio import atomic_write_bytes
         from cg4ctr_fast.pipeline import CreativePipeline
 
         pipe = CreativePipeline.from_pretrained(args.out)

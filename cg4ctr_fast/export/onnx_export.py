@@ -153,7 +153,7 @@ def export_onnx(req: ExportRequest, *, log: Callable[[str], None] = _log) -> dic
     from cg4ctr_fast.export.lora import fuse_lora
     from cg4ctr_fast.export.modules import export_module
     from cg4ctr_fast.export.validate import compare, open_session, reference_cases, table
-    from cg4ctr_fast.imaging import atomic_dir
+    from cg4ctr_fast.fileio import atomic_dir
     from cg4ctr_fast.runtime.torch_backend import model_info
 
     preset, settings, components = check_request(req)

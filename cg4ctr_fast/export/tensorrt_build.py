@@ -228,7 +228,7 @@ def _build_plan(
 def _validate_engine(contract: ComponentContract, plan: bytes, onnx_path: Path) -> dict[str, Any]:
     """The engine against ONNX Runtime on the validated ONNX, with the component's tolerance."""
     from cg4ctr_fast.export.validate import Case, case_seed, compare, open_session
-    from cg4ctr_fast.runtime.tensorrt_backend import TrtComponent
+    from cg4ctr_fast.export.tensorrt_engine import TrtComponent
 
     import torch
 
@@ -261,7 +261,7 @@ def build_engines(
     import tensorrt as trt
 
     from cg4ctr_fast.export.validate import ValidationFailed, table
-    from cg4ctr_fast.imaging import atomic_dir, atomic_write_bytes
+    from cg4ctr_fast.fileio import atomic_dir, atomic_write_bytes
 
     onnx_root = Path(onnx_dir).resolve()
     onnx_manifest = mf.read_manifest(onnx_root)
@@ -374,7 +374,7 @@ def refit_engines(
     from cg4ctr_fast.export.modules import export_module
     from cg4ctr_fast.export.onnx_export import export_component
     from cg4ctr_fast.export.validate import ValidationFailed, compare, reference_cases, table
-    from cg4ctr_fast.imaging import atomic_dir
+    from cg4ctr_fast.fileio import atomic_dir
     from cg4ctr_fast.models.diffusion import build_modules, load_modules
 
     root = Path(engine_dir)
@@ -413,7 +413,7 @@ def refit_engines(
             if not parser_refitter.refit_from_file(str(onnx_path)) or not refitter.refit_cuda_engine():
                 raise InputError(f"{name}: TensorRT could not refit the engine from the re-export: {rebuild_hint(manifest, root)}")
             plan = bytes(engine.serialize())
-            from cg4ctr_fast.runtime.tensorrt_backend import TrtComponent
+            from cg4ctr_fast.export.tensorrt_engine import TrtComponent
 
             trt_component = TrtComponent.from_plan(plan, contract, torch.device("cuda"))
 

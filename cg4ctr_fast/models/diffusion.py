@@ -163,7 +163,7 @@ def diffusers_inpaint_pipeline(modules: DiffusionModules):
 
 def save_modules(modules: DiffusionModules, path: str | os.PathLike) -> Path:
     """Write a diffusers folder (safetensors) that diffusers' own StableDiffusionInpaintPipeline loads."""
-    from cg4ctr_fast.imaging import atomic_dir
+    from cg4ctr_fast.fileio import atomic_dir
 
     final = Path(path)
     with atomic_dir(final) as tmp:

@@ -154,7 +154,7 @@ class PromptModel(nn.Module):
     def save(self, out_dir: str | os.PathLike) -> Path:
         from safetensors.torch import save_file
 
-        from cg4ctr_fast.imaging import atomic_dir
+        from cg4ctr_fast.fileio import atomic_dir
 
         out = Path(out_dir)
         with atomic_dir(out) as tmp:

@@ -371,7 +371,7 @@ class RewardModel(nn.Module):
         """Write model.safetensors, config.json and vocab.json into `directory`, each atomically."""
         from safetensors.torch import save as st_save
 
-        from cg4ctr_fast.imaging import atomic_write_bytes
+        from cg4ctr_fast.fileio import atomic_write_bytes
 
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)

@@ -17,55 +17,9 @@ import torch
 
 from cg4ctr_fast.errors import InputError
 from cg4ctr_fast.export import manifest as mf
-from cg4ctr_fast.export.contracts import PIPELINE_COMPONENTS, ComponentContract
+from cg4ctr_fast.export.contracts import PIPELINE_COMPONENTS
+from cg4ctr_fast.export.tensorrt_engine import TrtComponent
 from cg4ctr_fast.runtime.slots import Components
-
-_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64, "int32": torch.int32}
-
-
-class TrtComponent:
-    """One engine + execution context with its contract."""
-
-    def __init__(self, engine, contract: ComponentContract, device: torch.device):
-        self.engine = engine
-        self.context = engine.create_execution_context()
-        self.contract = contract
-        self.device = device
-        self.name = contract.name
-        self.input_dtypes = {s.name: s.dtype for s in contract.inputs}
-        self.output_dtypes = {s.name: s.dtype for s in contract.outputs}
-
-    @classmethod
-    def from_plan(cls, plan: bytes, contract: ComponentContract, device: torch.device) -> "TrtComponent":
-        import tensorrt as trt
-
-        logger = trt.Logger(trt.Logger.WARNING)
-        engine = trt.Runtime(logger).deserialize_cuda_engine(plan)
-        if engine is None:
-            raise InputError(f"{contract.name}: TensorRT cannot deserialize the engine (another TensorRT version?)")
-        component = cls(engine, contract, device)
-        component._keep = logger  # the logger must outlive the engine
-        return component
-
-    def run(self, **feeds: torch.Tensor) -> list[torch.Tensor]:
-        self.contract.check_shapes({k: tuple(v.shape) for k, v in feeds.items()}, where=f"{self.name} (tensorrt)")
-        alive = []
-        for spec in self.contract.inputs:
-            tensor = feeds[spec.name].to(device=self.device, dtype=_TORCH_DTYPES[spec.dtype]).contiguous()
-            alive.append(tensor)
-            self.context.set_input_shape(spec.name, tuple(tensor.shape))
-            self.context.set_tensor_address(spec.name, tensor.data_ptr())
-        outputs = []
-        for spec in self.contract.outputs:
-            shape = tuple(self.context.get_tensor_shape(spec.name))
-            out = torch.empty(shape, dtype=_TORCH_DTYPES[spec.dtype], device=self.device)
-            self.context.set_tensor_address(spec.name, out.data_ptr())
-            outputs.append(out)
-        stream = torch.cuda.current_stream(self.device)
-        if not self.context.execute_async_v3(stream.cuda_stream):
-            raise RuntimeError(f"{self.name}: TensorRT execution failed")
-        return outputs
-
 
 def _components(root: Path, manifest: dict[str, Any], names) -> dict[str, TrtComponent]:
     device = torch.device("cuda", torch.cuda.current_device())

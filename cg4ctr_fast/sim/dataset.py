@@ -10,7 +10,7 @@
       masks/<item_id>.png        mode L: 255 = background to repaint, 0 = product
       creatives/<creative_id>.png
 
-The folder is written atomically (imaging.atomic_dir): it appears complete or not at all.
+The folder is written atomically (fileio.atomic_dir): it appears complete or not at all.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image
 
 from cg4ctr_fast.errors import InputError
-from cg4ctr_fast.imaging import atomic_dir
+from cg4ctr_fast.fileio import atomic_dir
 from cg4ctr_fast.sim.groups import GROUP_FEATURE_NAMES
 from cg4ctr_fast.sim.world import CREATIVE_COLUMNS, ITEM_COLUMNS, LOG_COLUMNS, SimLogs, World
 

@@ -31,7 +31,8 @@ import numpy as np
 from PIL import Image
 
 from cg4ctr_fast.errors import InputError
-from cg4ctr_fast.imaging import atomic_write_bytes, composite
+from cg4ctr_fast.fileio import atomic_write_bytes
+from cg4ctr_fast.imaging import composite
 from cg4ctr_fast.sim.features import ANALYSIS_SIZE, CONTRAST, FEATURE_NAMES, features_batch, prepare
 from cg4ctr_fast.sim.groups import ATTRIBUTES, GROUP_FEATURE_NAMES, MAX_GROUPS, UserGroup, draw_groups
 from cg4ctr_fast.sim.products import _PRICE, ITEM_FEATURE_NAMES, Product, draw_product, product_spec, rasterize

@@ -86,7 +86,7 @@ def static_arms(config: CycleConfig, model_paths: dict[str, str], log: Callable[
 def run_seed(config: CycleConfig, seed: int, out: Path, model_paths: dict[str, str], *, progress: bool = False,
              log: Callable[[str], Any] = print) -> None:
     """Every arm of one seed into out/seed_<seed>/ (each arm resumes where it stopped)."""
-    from cg4ctr_fast.imaging import atomic_write_bytes
+    from cg4ctr_fast.fileio import atomic_write_bytes
     from cg4ctr_fast.training.cycle import run_cycles
 
     seed_config = config.replace(run={"seed": seed})
@@ -122,7 +122,7 @@ def run_ablation(config: CycleConfig, seeds: int, out: str | Path, *, progress: 
     threads): the ops are small, so on 2 cores two one-thread processes do about twice the work of one.
     command: how the run was started, quoted at the top of results.md.
     """
-    from cg4ctr_fast.imaging import atomic_write_bytes
+    from cg4ctr_fast.fileio import atomic_write_bytes
     from cg4ctr_fast.training.cycle import resolve_models
 
     if seeds < 1:

@@ -192,7 +192,7 @@ def train_generator(
 ) -> dict[str, Any]:
     """Train the tiny preset's stack on `data` and save a diffusers folder at `out_dir`."""
     from cg4ctr_fast.config import get_preset
-    from cg4ctr_fast.imaging import atomic_write_bytes
+    from cg4ctr_fast.fileio import atomic_write_bytes
     from cg4ctr_fast.models.diffusion import build_modules, save_modules
 
     torch.manual_seed(cfg.seed)

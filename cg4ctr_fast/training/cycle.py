@@ -347,7 +347,7 @@ def restore(ctx: CycleContext, out: Path, cycle: int) -> None:
 
 def save_cycle(ctx: CycleContext, out: Path, cycle: int, metrics: dict[str, Any],
                kept: Sequence[dict[str, Any]]) -> Path:
-    from cg4ctr_fast.imaging import atomic_dir
+    from cg4ctr_fast.fileio import atomic_dir
     from cg4ctr_fast.training.lora import save_lora
 
     summary = {k: v for k, v in metrics.items() if k != "eval"}
@@ -387,7 +387,7 @@ def check_run_folder(out: Path, config: CycleConfig, resume: bool) -> None:
 def run_cycles(config: CycleConfig, out: str | Path, *, resume: bool = False, progress: bool = True,
                log: Callable[[str], Any] = print, model_paths: Optional[dict[str, str]] = None) -> list[dict[str, Any]]:
     """Run (or resume) `config.run.cycles` cycles into `out`; returns every cycle's metrics, cycle 0 first."""
-    from cg4ctr_fast.imaging import atomic_write_bytes
+    from cg4ctr_fast.fileio import atomic_write_bytes
 
     out = Path(out)
     check_run_folder(out, config, resume)
@@ -434,7 +434,7 @@ def _line(metrics: dict[str, Any]) -> str:
 
 def write_summary(out: Path, history: Sequence[dict[str, Any]]) -> None:
     """metrics.json (one entry per cycle, no per-row detail) and metrics.png, rewritten atomically."""
-    from cg4ctr_fast.imaging import atomic_write_bytes
+    from cg4ctr_fast.fileio import atomic_write_bytes
 
     compact = []
     for m in history:

@@ -379,7 +379,7 @@ def _train_reward(log: AdLog, config: RewardTrainConfig, *, progress: bool, imag
 
 def save_reward_run(result: RewardTrainResult, out_dir: Union[str, "Path"]) -> Path:
     """Write model.safetensors, config.json, vocab.json and metrics.json into `out_dir`, atomically as a folder."""
-    from cg4ctr_fast.imaging import atomic_dir
+    from cg4ctr_fast.fileio import atomic_dir
 
     out = Path(out_dir)
     with atomic_dir(out) as tmp:

@@ -105,7 +105,7 @@ def train_saliency(
 
 def save_trained_saliency(model: U2NetP, metrics: dict[str, Any], out_dir: str | Path) -> Path:
     """`saliency.safetensors` (official key layout), `config.json` (inference size), `metrics.json`."""
-    from cg4ctr_fast.imaging import atomic_dir
+    from cg4ctr_fast.fileio import atomic_dir
     from cg4ctr_fast.models.saliency import save_saliency
 
     out = Path(out_dir)

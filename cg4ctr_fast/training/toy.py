@@ -170,7 +170,7 @@ def train_prompt_on_dataset(dataset, out: Path, config: ToyConfig) -> dict[str, 
     metrics = {"loss_first": history[0], "loss_last": history[-1], "rows": len(rows["prompts"])}
     metrics.update(prompt_oracle_agreement(model, dataset, n_items=config.eval_items))
     model.save(out)
-    from cg4ctr_fast.imaging import atomic_write_bytes
+    from cg4ctr_fast.fileio import atomic_write_bytes
 
     atomic_write_bytes(out / "metrics.json", (json.dumps(metrics, indent=2) + "\n").encode())
     return metrics
@@ -252,7 +252,7 @@ def build_toy_models(
         train_generator(data, paths.generator, config.generator, progress=progress, log=log)
     steering_file = paths.generator / "steering.json"
     if not steering_file.is_file():
-        from cg4ctr_fast.imaging import atomic_write_bytes
+        from cg4ctr_fast.fileio import atomic_write_bytes
         from cg4ctr_fast.pipeline import CreativePipeline
 
         log("[toy] measuring how prompts steer the generator")
