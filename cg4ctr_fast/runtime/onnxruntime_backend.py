@@ -44,12 +44,16 @@ def available_providers(requested: Optional[Sequence[str]] = None) -> list[str]:
 class OrtComponent:
     """One ONNX Runtime session with its contract: shape checks, numpy on the CPU, IO binding on CUDA."""
 
-    def __init__(self, path: Path, contract: ComponentContract, providers: Sequence[str], device: torch.device):
+    def __init__(self, path: Path, contract: ComponentContract, providers: Sequence[str], device: torch.device,
+                 threads: Optional[int] = None):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
+        if threads:
+            # The intra-op pool (default: one thread per physical core); benchmarks give torch the same count.
+            options.intra_op_num_threads = int(threads)
         if device.type == "cpu":
             # ORT's worker threads busy-wait after each run by default. The loop runs torch (scheduler step,
             # guidance) between UNet calls on the same cores, and spinning threads starve it: on the 2-core
@@ -191,15 +195,18 @@ def _checked_manifest(root: Path, require: Sequence[str], how: str, check: Optio
 
 
 def onnxruntime_components(
-    folder: str | Path, *, providers: Optional[Sequence[str]] = None, scheduler: Optional[str] = None
+    folder: str | Path, *, providers: Optional[Sequence[str]] = None, scheduler: Optional[str] = None,
+    threads: Optional[int] = None,
 ) -> Components:
-    """Components whose slots run the folder's ONNX models in ONNX Runtime."""
+    """Components whose slots run the folder's ONNX models in ONNX Runtime (`threads`: intra-op threads per
+    session; None keeps ONNX Runtime's default)."""
     root = Path(folder)
     manifest = load_engine_folder(root)
     chosen = available_providers(providers)
     device = _device_for(chosen)
     parts = {
-        name: OrtComponent(root / manifest["components"][name]["file"], mf.contract_of(manifest, name), chosen, device)
+        name: OrtComponent(root / manifest["components"][name]["file"], mf.contract_of(manifest, name), chosen, device,
+                           threads=threads)
         for name in PIPELINE_COMPONENTS
     }
     return engine_components(root, parts, backend="onnxruntime", device=device, scheduler=scheduler)
