@@ -40,14 +40,32 @@ PROMPT_CACHE_SIZE = 1024  # embeddings are 77 × 768 fp32 ≈ 236 KB each at SD1
 
 @dataclass
 class Creative:
-    """One generated creative for one user group."""
+    """One generated creative for one user group, as `CreativePipeline.__call__` returns it.
 
-    image: Any  # PIL.Image (output_type="pil") or float32 HxWx3 array in [0, 1] (output_type="np")
+    image: by `output_type`, at the product image's original (displayed) size H × W unless noted:
+        "pil":    PIL.Image, mode "RGB", 8-bit sRGB;
+        "np":     numpy float32 [H, W, 3], values in [0, 1];
+        "pt":     torch float32 [3, H, W] on the CPU, values in [0, 1], the same floats as "np";
+        "latent": torch [C, h, w] (C = the VAE's latent channels, h × w = height × width / 8), the final
+                  denoised latents in the UNet's scaled space (not divided by the VAE scaling factor),
+                  on the pipeline's device and dtype, as diffusers returns them: no decode, no composite.
+        With composite=False, "np" and "pt" are the decoder's output at the working height × width
+        (what diffusers returns); "pil" is resized to H × W.
+    prompt: this creative's prompt; group: the index of that prompt in the request (= user group);
+    index: the image index within the group (0 .. num_images_per_prompt − 1);
+    seed: the 63-bit seed this creative's noise was drawn from when the pipeline derived it, None when
+        the caller passed `generator`;
+    mask: mode "L" at H × W, 255 (white) = repainted, 0 (black) = product kept (the diffusion mask);
+    reward: the attached reward model's score (a CTR in [0, 1] for the project's reward model), or None;
+    latents: with return_latents=True, the final latents [C, h, w] float32 on the CPU (as "latent").
+    """
+
+    image: Any
     prompt: str
-    group: int  # index of the prompt in the request = user group
-    index: int  # image index within the group
-    seed: Optional[int]  # per-creative seed when derived by the pipeline; None when the caller passed a generator
-    mask: Image.Image  # at the image's original size; white = repainted, black = product kept
+    group: int
+    index: int
+    seed: Optional[int]
+    mask: Image.Image
     reward: Optional[float] = None
     # The final denoised latents [C, h, w] in the UNet's (scaled) space, with return_latents=True: what
     # training on the pipeline's own output wants, without a VAE decode + encode round trip.
@@ -66,7 +84,32 @@ def _generator(seed: int) -> torch.Generator:
 
 
 class CreativePipeline:
-    """Stable Diffusion inpainting for ad creatives: the product stays, the background follows the prompt."""
+    """Stable Diffusion inpainting for ad creatives: the product stays, the background follows the prompt.
+
+    One product image and one prompt per user group in; `Creative`s out, all groups denoised in one
+    batched loop.  The product's pixels are pasted back after decoding (bit for bit where opaque), the
+    background is repainted.  Built on diffusers components and argument names; with composite=False the
+    output equals diffusers' StableDiffusionInpaintPipeline on the same components (tests/test_parity.py).
+
+    Build it with `from_preset`, `from_pretrained`, `from_diffusers`, `from_modules` or `from_engines`
+    rather than from `Components` directly.
+
+    Args (all keyword-only after `components`):
+        components: the filled backend slots (text_encoder, unet, vae_encoder, vae_decoder, scheduler).
+        saliency: a U2NetP (or any module with its interface) that finds the product when neither a mask
+            nor transparency is given; None: such a call raises InputError.
+        reward: callable (list of images, list of group indices) → list of floats, scored on every
+            creative (stage 10); None: `Creative.reward` stays None.
+        saliency_threshold: saliency in [0, 1] at or above which a pixel is product; None (default): the
+            net's own config (`U2NetP.config.threshold`, 0.5 for the official weights).
+        saliency_dilate_px: pixels (≥ 0) the repaint region grows over the product edge (default 2).
+        saliency_size: the square side in pixels the saliency net runs at; None (default): the net's own
+            config, i.e. the size it was trained at (`cg4ctr-train saliency` records it), 320 for the
+            official u2netp.pth.
+        max_side: the longer side in pixels inputs are resized to for the model (a multiple of 8);
+            None: the preset's resolution (64 for `tiny`, 512 for `sd15-inpaint`).
+    Raises InputError for a bad saliency threshold, size or dilation.
+    """
 
     def __init__(
         self,
@@ -74,19 +117,25 @@ class CreativePipeline:
         *,
         saliency: Optional[torch.nn.Module] = None,
         reward: Optional[Callable] = None,
-        saliency_threshold: float = 0.5,
+        saliency_threshold: Optional[float] = None,
         saliency_dilate_px: int = 2,
-        saliency_size: int = 320,
+        saliency_size: Optional[int] = None,
         max_side: Optional[int] = None,
     ):
         from diffusers.image_processor import VaeImageProcessor
 
+        from cg4ctr_fast.models.saliency import SaliencyConfig
+
+        # Validates the explicit values now (InputError), so a bad one fails before any image is read.
+        SaliencyConfig(size=saliency_size or 320, threshold=0.5 if saliency_threshold is None else saliency_threshold,
+                       dilate_px=saliency_dilate_px)
         self.components = components
         self.saliency = saliency
         self.reward = reward
         self.saliency_threshold = saliency_threshold
         self.saliency_dilate_px = saliency_dilate_px
-        self.saliency_size = saliency_size  # the official u2netp runs at 320 px; our toy net at 64
+        # None: the net decides (a net trained at 64 px and run at 320 kept 57 of 1,681 product pixels).
+        self.saliency_size = saliency_size
         self.max_side = max_side or components.info.resolution
         scale = components.info.vae_scale_factor
         # Same processors as diffusers' inpainting pipeline, so preprocessing is identical.
@@ -121,10 +170,19 @@ class CreativePipeline:
         lora_scale: float = 1.0,
         **kwargs,
     ) -> "CreativePipeline":
-        """Torch modules (DiffusionModules) into slots; `saliency` is a module or a weights path.
+        """A pipeline over torch modules (a `DiffusionModules`: unet, vae, text_encoder, tokenizer, scheduler).
 
+        backend: "torch" (eager) or "compile" (torch.compile'd slots).
+        scheduler: None keeps the modules' scheduler; a name ("ddim", "euler", "dpm++", ...) swaps it.
+        device / dtype: move and cast the modules first (e.g. "cuda", torch.float16); None keeps them.
+        saliency: a U2NetP module, or a path to its weights (.pth / .pt / .safetensors, or a folder written
+            by `cg4ctr-train saliency`), whose config decides its input size (see `load_saliency`).
         lora: a LoRA (diffusers, kohya or peft files, e.g. a `cg4ctr-train cycle` checkpoint's `lora/`) fused
-        into the weights through diffusers before anything runs, so it costs nothing per step.
+            into the weights through diffusers before anything runs, so it costs nothing per step;
+            lora_scale multiplies it (1.0 = as trained).
+        **kwargs: passed to `CreativePipeline(...)` (reward, saliency_threshold, max_side, ...).
+        Raises InputError for an unknown scheduler or backend, an unreadable saliency file or LoRA, or a LoRA
+        for another architecture.
         """
         from cg4ctr_fast.models.diffusion import swap_scheduler
         from cg4ctr_fast.runtime.torch_backend import torch_components
@@ -157,7 +215,15 @@ class CreativePipeline:
         dtype: torch.dtype = torch.float32,
         **kwargs,
     ) -> "CreativePipeline":
-        """`tiny` builds in code; `sd15-inpaint` loads `model` (a local diffusers folder) or random weights."""
+        """A pipeline for a named preset: `tiny` builds in code (64×64); `sd15-inpaint` loads `model`.
+
+        model: a local diffusers folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/); nothing is
+            downloaded.  random_weights: build the preset's architecture with weights seeded by `seed`
+            (latency work; the images are noise).  unet_in_channels: 9 (inpainting UNet) or 4 (plain UNet
+            with masked latent blending), built-in presets only.  Other arguments as in `from_modules`.
+        Raises InputError for an unknown preset, a preset without built-in weights and neither `model`
+        nor `random_weights`, or a model folder that cannot be used.
+        """
         from cg4ctr_fast.config import get_preset, with_unet_channels
         from cg4ctr_fast.models.diffusion import build_modules, load_modules
 
@@ -189,7 +255,11 @@ class CreativePipeline:
         dtype: torch.dtype = torch.float32,
         **kwargs,
     ) -> "CreativePipeline":
-        """Load a local diffusers folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/); no network."""
+        """Load a local diffusers folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/); no network.
+
+        Arguments as in `from_modules`.  Raises InputError when the folder is missing, incomplete or holds an
+        architecture this pipeline does not run.
+        """
         from cg4ctr_fast.models.diffusion import load_modules
 
         modules = load_modules(path, dtype=dtype)
@@ -199,7 +269,11 @@ class CreativePipeline:
 
     @classmethod
     def from_diffusers(cls, pipe, saliency=None, reward=None, **kwargs) -> "CreativePipeline":
-        """Reuse the components of an existing diffusers inpainting pipeline (no copy of the weights)."""
+        """Reuse the components of an existing diffusers inpainting pipeline (no copy of the weights).
+
+        pipe: a `StableDiffusionInpaintPipeline` (or any pipeline with unet, vae, text_encoder, tokenizer and
+        scheduler).  Other arguments as in `from_modules`.
+        """
         from cg4ctr_fast.models.diffusion import DiffusionModules
 
         modules = DiffusionModules(
@@ -221,25 +295,42 @@ class CreativePipeline:
         saliency: Optional[str] = None,
         scheduler: Optional[str] = None,
         providers: Optional[Sequence[str]] = None,
+        reward: Any = None,
         **kwargs,
     ) -> "CreativePipeline":
         """Run a `cg4ctr-export` folder: ONNX models in ONNX Runtime, or TensorRT engines. Same loop, other slots.
 
         saliency: U2NetP weights for the torch saliency net; by default the folder's exported one, if any.
+        reward: None (default): the folder's reward engines when it was exported with `--reward`, attached as a
+            `cg4ctr_fast.runtime.onnxruntime_backend.PipelineReward` (no title, no caption and the default
+            user-group row unless set on it: `pipe.reward.title`, `.captions`, `.group_features`), so every
+            creative gets a calibrated CTR; False: none; a callable (images, groups) → scores: that one.
+        Files are checked against the folder's manifest first (sizes and sha256; graphs over 256 MiB by size):
+        a modified tokenizer, scheduler, model_info.json or graph is an InputError naming the file.
         """
         if backend == "onnxruntime":
-            from cg4ctr_fast.runtime.onnxruntime_backend import onnxruntime_components, onnxruntime_saliency
+            from cg4ctr_fast.runtime.onnxruntime_backend import (
+                onnxruntime_components,
+                onnxruntime_reward,
+                onnxruntime_saliency,
+            )
 
             components = onnxruntime_components(path, providers=providers, scheduler=scheduler)
             saliency_model = _load_saliency(saliency) if saliency else onnxruntime_saliency(path, providers=providers)
+            folder_reward = (lambda: onnxruntime_reward(path, providers=providers))  # noqa: E731
         elif backend == "tensorrt":
-            from cg4ctr_fast.runtime.tensorrt_backend import tensorrt_components, tensorrt_saliency
+            from cg4ctr_fast.runtime.tensorrt_backend import tensorrt_components, tensorrt_reward, tensorrt_saliency
 
             components = tensorrt_components(path, scheduler=scheduler)
             saliency_model = _load_saliency(saliency) if saliency else tensorrt_saliency(path)
+            folder_reward = (lambda: tensorrt_reward(path))  # noqa: E731
         else:
             raise InputError(f"unknown engine backend {backend!r}; choose onnxruntime or tensorrt")
-        return cls(components, saliency=saliency_model, **kwargs)
+        if reward is None:
+            reward = folder_reward()
+        elif reward is False:
+            reward = None
+        return cls(components, saliency=saliency_model, reward=reward, **kwargs)
 
     @property
     def scheduler(self):
@@ -343,7 +434,8 @@ class CreativePipeline:
         info = comps.info
         device, dtype = comps.device, comps.dtype
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        _check_call_args(prompts, num_inference_steps, guidance_scale, strength, num_images_per_prompt, output_type)
+        _check_call_args(prompts, num_inference_steps, guidance_scale, strength, num_images_per_prompt, output_type,
+                         scheduler=comps.scheduler)
         scale = info.vae_scale_factor
         for side_name, side in (("height", height), ("width", width)):
             if side is not None and (side <= 0 or side % 8):
@@ -507,18 +599,25 @@ class CreativePipeline:
         return images
 
 
-def _check_call_args(prompts, steps, guidance, strength, per_prompt, output_type) -> None:
+def _check_call_args(prompts, steps, guidance, strength, per_prompt, output_type, scheduler=None) -> None:
+    from cg4ctr_fast.errors import check_utf8
+
     if not prompts:
         raise InputError("no prompt: pass one prompt per user group")
     for p in prompts:
         if not isinstance(p, str):
             raise InputError(f"prompts must be strings, got {type(p).__name__}")
+        check_utf8(p, "prompt")
     if not isinstance(steps, int) or steps <= 0:
         raise InputError(f"num_inference_steps must be a positive integer, got {steps}")
     if not np.isfinite(guidance) or guidance < 0:
         raise InputError(f"guidance_scale must be a finite number ≥ 0, got {guidance}")
     if not (0.0 <= strength <= 1.0) or not np.isfinite(strength):
         raise InputError(f"strength must be in [0, 1], got {strength}")
+    if scheduler is not None:  # steps past the trained timesteps fail mid-call inside diffusers (IndexError)
+        from cg4ctr_fast.models.diffusion import check_steps
+
+        check_steps(scheduler, steps, strength)
     if not isinstance(per_prompt, int) or per_prompt <= 0:
         raise InputError(f"num_images_per_prompt must be a positive integer, got {per_prompt}")
     if output_type not in ("pil", "np"):

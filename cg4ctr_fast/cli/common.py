@@ -69,9 +69,30 @@ def make_parser(prog: str, description: str) -> OneLineParser:
     """A top-level parser with `--version` and `--debug`, the flags every command shares."""
     parser = OneLineParser(prog=prog, description=description)
     parser.add_argument("--version", action="version", version=f"{prog} {package_version()}")
-    parser.add_argument("--debug", action="store_true",
-                        help="on an internal error, print the full traceback instead of writing it to a file")
+    parser.add_argument("--debug", action="store_true", help=_DEBUG_HELP)
     return parser
+
+
+_DEBUG_HELP = "on an internal error, print the full traceback instead of writing it to a file"
+
+
+def add_subcommands(parser: argparse.ArgumentParser):
+    """The subcommand table of `parser`; add each with `add_subcommand` so it takes `--debug` too."""
+    return parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=OneLineParser)
+
+
+def add_subcommand(subparsers, name: str, help: str, description: Optional[str] = None) -> OneLineParser:
+    """A subcommand parser that also accepts `--debug` after the subcommand (`cg4ctr generate --debug`)."""
+    sub = subparsers.add_parser(name, help=help, description=description or help, formatter_class=HelpFormatter)
+    # SUPPRESS: an absent flag must not reset a `--debug` given before the subcommand.
+    sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=_DEBUG_HELP)
+    return sub
+
+
+def add_overwrite(parser: argparse.ArgumentParser, what: str = "--out") -> None:
+    """The `--overwrite` flag of the one rule for an existing output (see `check_out_dir`)."""
+    parser.add_argument("--overwrite", action="store_true",
+                        help=f"replace an existing, non-empty {what} (atomically, once the work succeeded)")
 
 
 def quiet_libraries() -> None:
@@ -99,18 +120,30 @@ def check_out_dir(path: str | os.PathLike[str], *, overwrite: bool = False, flag
     out = Path(path)
     if out.exists() and not out.is_dir():
         raise InputError(f"{flag} {out}: exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise InputError(f"{flag} {out}: folder exists and is not empty; pass --overwrite to replace it, "
-                         "or choose another path")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise InputError(f"{flag} {out}: folder exists and is not empty; pass --overwrite to replace it, "
+                             "or choose another path")
+        # Replacing deletes the old folder: never the working folder, one above it, or the home folder.
+        resolved, cwd = out.resolve(), Path.cwd().resolve()
+        if resolved == cwd or resolved in cwd.parents or resolved == Path.home().resolve():
+            raise InputError(f"{flag} {out}: --overwrite would delete the current, a parent or the home "
+                             "folder; choose a folder of its own")
     _check_writable_parent(out, flag)
     return out
 
 
-def check_out_file(path: str | os.PathLike[str], *, flag: str) -> Path:
-    """Check an output file path (e.g. `--json x.json`) before any work: a folder that exists and can be written."""
+def check_out_file(path: str | os.PathLike[str], *, flag: str, overwrite: Optional[bool] = None) -> Path:
+    """Check an output file path (e.g. `--json x.json`) before any work: a folder that exists and can be written.
+
+    With `overwrite` given (True/False), an existing file is refused unless it is True, as for `--out`
+    folders; None leaves existing files to be replaced (reports rewritten on every run).
+    """
     out = Path(path)
     if out.is_dir():
         raise InputError(f"{flag} {out}: is a folder, expected a file path")
+    if overwrite is False and out.exists():
+        raise InputError(f"{flag} {out}: file exists; pass --overwrite to replace it, or choose another path")
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.is_dir():
         raise InputError(f"{flag} {out}: folder {parent} does not exist")

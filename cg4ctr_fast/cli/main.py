@@ -1,47 +1,48 @@
 """`cg4ctr`: generate ad creatives from the command line.
 
-    cg4ctr generate --preset tiny --image product.png --prompt "warm beach" --prompt "cool studio" --out out/
+    cg4ctr generate --preset toy --image product.png --prompt "warm beach" --prompt "cool studio" --out out/
 
-Bad input gets one line on stderr and exit code 2; nothing is left behind (the output folder is written
-to a temporary folder and renamed at the end).
+Every input is checked before any model loads. Bad input gets one line on stderr and exit code 2; an
+internal error one line and exit code 1 naming the file that holds the traceback (`--debug` prints it);
+nothing is left behind (the output folder is written to a temporary folder and renamed at the end).
+The shared rules live in `cg4ctr_fast.cli.common`.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from cg4ctr_fast.errors import InputError
+from cg4ctr_fast.cli.common import (
+    EXIT_BAD_INPUT,
+    OneLineParser,
+    add_overwrite,
+    add_subcommand,
+    add_subcommands,
+    check_out_dir,
+    make_parser,
+    quiet_libraries,
+    run_cli,
+)
+from cg4ctr_fast.errors import InputError, check_utf8
 
-EXIT_BAD_INPUT = 2
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse that reports a usage error as one line (the usage text is one `--help` away)."""
-
-    def error(self, message: str):  # noqa: D401 - argparse's signature
-        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def _quiet_libraries() -> None:
-    # transformers warns about torchvision-backed image processors on import; irrelevant to us.
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-    # Our own bars cover the long steps; transformers' per-file load/save bars would interleave with them.
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+PROG = "cg4ctr"
+# Kept for the commands that still import them from here.
+_quiet_libraries = quiet_libraries
+__all__ = ["EXIT_BAD_INPUT", "OneLineParser", "build_parser", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(prog="cg4ctr", description="Generate CTR-oriented ad creatives.")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+    parser = make_parser(PROG, "Generate CTR-oriented ad creatives.")
+    sub = add_subcommands(parser)
 
-    gen = sub.add_parser("generate", help="repaint a product image's background, one prompt per user group")
-    gen.add_argument("--preset", default="tiny", help="tiny | sd15-inpaint (default: tiny)")
+    gen = add_subcommand(sub, "generate", "repaint a product image's background, one prompt per user group")
+    gen.add_argument("--preset", default="tiny",
+                     help="toy: the demo's trained generator (run `cg4ctr demo` once); tiny: random weights, for "
+                          "latency work (its images are noise); sd15-inpaint: needs --model or --random-weights")
     gen.add_argument("--model", help="local diffusers folder with the weights (unet/, vae/, text_encoder/, ...)")
     gen.add_argument("--random-weights", action="store_true", help="build the preset with random weights")
     gen.add_argument("--saliency", help="U2NetP weights (.pth or .safetensors) to find the product")
@@ -49,9 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--mask", help="mask image: white = background to repaint, black = product to keep")
     gen.add_argument("--prompt", action="append", required=True, help="one per user group; repeat the flag")
     gen.add_argument("--negative-prompt", default=None)
-    gen.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
-    gen.add_argument("--steps", type=int, default=None, help="denoising steps (default: the preset's)")
-    gen.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
+    gen.add_argument("--out", required=True, help="output folder")
+    add_overwrite(gen)
+    gen.add_argument("--steps", type=int, default=None,
+                     help="denoising steps, at most what the scheduler supports (default: the preset's)")
+    gen.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale "
+                     "(default: the preset's)")
     gen.add_argument("--strength", type=float, default=1.0, help="how much of the background to redraw, (0, 1]")
     gen.add_argument("--images-per-prompt", type=int, default=1)
     gen.add_argument("--scheduler", default=None, help="ddim | euler | dpm++ | ... (default: the model's)")
@@ -65,8 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--backend", choices=("onnxruntime", "tensorrt"), default=None,
                      help="backend for --engines (default: onnxruntime)")
 
-    demo = sub.add_parser("demo", help="train (or reuse) the toy models and run the whole system on held-out products")
-    demo.add_argument("--out", default="out/demo", help="output folder (replaced if it exists)")
+    demo = add_subcommand(sub, "demo", "train (or reuse) the toy models and run the whole system on held-out products")
+    demo.add_argument("--out", default="out/demo", help="output folder")
+    add_overwrite(demo)
     demo.add_argument("--steps", type=int, default=20)
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--products", type=int, default=4, help="held-out products")
@@ -75,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _check_numbers(args) -> None:
+def _check_inputs(args) -> None:
+    """Every number, text and output path of `generate`, before anything loads."""
     if args.steps is not None and args.steps <= 0:
         raise InputError(f"--steps must be a positive integer, got {args.steps}")
     if args.guidance is not None and not (args.guidance >= 0 and args.guidance < float("inf")):
@@ -86,30 +92,75 @@ def _check_numbers(args) -> None:
         raise InputError(f"--images-per-prompt must be a positive integer, got {args.images_per_prompt}")
     if any(not p.strip() for p in args.prompt):
         raise InputError("--prompt must not be empty")
-    out = Path(args.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise InputError(f"{out}: output folder exists and is not empty; choose another --out")
+    for text in args.prompt:
+        check_utf8(text, "--prompt")
+    if args.negative_prompt is not None:
+        check_utf8(args.negative_prompt, "--negative-prompt")
+    if args.backend is not None and not args.engines:
+        raise InputError("--backend needs --engines DIR (a folder written by cg4ctr-export)")
+    check_out_dir(args.out, overwrite=args.overwrite)
+
+
+def _toy_folders() -> tuple[Path, Path]:
+    """The demo's trained toy generator and saliency folders (`cg4ctr demo` builds and caches them)."""
+    from cg4ctr_fast.training.toy import ToyConfig, toy_root
+
+    root = toy_root(ToyConfig())
+    generator, saliency = root / "generator", root / "saliency"
+    if not (generator / "model_index.json").is_file() or not (saliency / "saliency.safetensors").is_file():
+        raise InputError(f"--preset toy: the toy models are not trained yet; run `cg4ctr demo` once (it trains "
+                         f"and caches them in {root}) or pass --model DIR")
+    return generator, saliency
+
+
+def _scheduler_for(args, preset):
+    """The scheduler the run will use, built from configs only (no weights), to check --steps up front."""
+    from cg4ctr_fast.models.diffusion import folder_scheduler, inspect_model_folder, make_scheduler, swap_scheduler
+
+    if args.model:
+        scheduler = folder_scheduler(inspect_model_folder(args.model))  # validates the whole folder too
+    else:
+        scheduler = make_scheduler(preset.scheduler, preset.scheduler_kwargs())
+    return swap_scheduler(scheduler, args.scheduler) if args.scheduler else scheduler
 
 
 def cmd_generate(args) -> int:
     from cg4ctr_fast.config import get_preset
     from cg4ctr_fast.fileio import atomic_dir
     from cg4ctr_fast.imaging import load_image, load_mask, to_rgb_and_alpha_mask
+    from cg4ctr_fast.models.diffusion import check_steps
 
-    _check_numbers(args)
-    preset = get_preset(args.preset)
-    if args.backend is not None and not args.engines:
-        raise InputError("--backend needs --engines DIR (a folder written by cg4ctr-export)")
+    _check_inputs(args)
+    # 1. Which weights: an engine folder, a model folder, the trained toy generator, or a preset in code.
+    toy = args.preset == "toy"
+    preset = get_preset("tiny" if toy else args.preset)  # the toy generator is the tiny stack, trained
+    saliency, pipe_options = args.saliency, {}
     if args.engines:
         clashing = [flag for flag, value in (("--model", args.model), ("--random-weights", args.random_weights),
                                              ("--unet-channels", args.unet_channels), ("--lora", args.lora)) if value]
         if clashing:
             raise InputError(f"--engines runs an exported folder; {', '.join(clashing)} apply to the torch stack "
                              "(fuse a LoRA at export: cg4ctr-export onnx --lora)")
-        preset = get_preset(_engine_preset(args.engines) or args.preset)
+        preset = get_preset(_engine_preset(args.engines) or preset.name)
+    elif toy:
+        clashing = [flag for flag, value in (("--model", args.model), ("--random-weights", args.random_weights),
+                                             ("--unet-channels", args.unet_channels)) if value]
+        if clashing:
+            raise InputError(f"--preset toy is the demo's trained generator; {', '.join(clashing)} do not apply")
+        generator, toy_saliency = _toy_folders()
+        args.model = str(generator)
+        if saliency is None and args.mask is None:
+            saliency = str(toy_saliency / "saliency.safetensors")
+            config = json.loads((toy_saliency / "config.json").read_text())
+            pipe_options = {"saliency_size": config["size"], "saliency_threshold": config["threshold"]}
     elif args.model is None and not args.random_weights and not preset.buildable:
         raise InputError(f"preset {preset.name!r} needs --model PATH (a local diffusers folder) or --random-weights")
-    # Read and check every input before any model loads: bad input fails in milliseconds.
+    steps = args.steps or preset.default_steps
+    guidance = preset.default_guidance if args.guidance is None else args.guidance
+
+    # 2. Read and check every input before any model loads: bad input fails in milliseconds.
+    if not args.engines:
+        check_steps(_scheduler_for(args, preset), steps, args.strength, flag="--steps")
     if args.lora:
         from cg4ctr_fast.export.lora import check_scale, resolve_lora
 
@@ -118,29 +169,29 @@ def cmd_generate(args) -> int:
     source = load_image(args.image, what="image")
     rgb, alpha_mask = to_rgb_and_alpha_mask(source)
     mask = load_mask(args.mask, rgb.size) if args.mask else None
-    if mask is None and alpha_mask is None and args.saliency is None and not args.engines:
+    if mask is None and alpha_mask is None and saliency is None and not args.engines:
         raise InputError("no mask: pass --mask, an image with transparency, or --saliency WEIGHTS")
 
+    # 3. Load and run.
     from cg4ctr_fast.pipeline import CreativePipeline
 
     started = time.perf_counter()
     if args.engines:
         pipe = CreativePipeline.from_engines(
-            args.engines, backend=args.backend or "onnxruntime", saliency=args.saliency, scheduler=args.scheduler
+            args.engines, backend=args.backend or "onnxruntime", saliency=saliency, scheduler=args.scheduler
         )
     else:
         pipe = CreativePipeline.from_preset(
-            args.preset,
+            preset.name,
             model=args.model,
             random_weights=args.random_weights,
             unet_in_channels=args.unet_channels,
             scheduler=args.scheduler,
-            saliency=args.saliency,
+            saliency=saliency,
             lora=args.lora,
             lora_scale=args.lora_scale,
+            **pipe_options,
         )
-    steps = args.steps or preset.default_steps
-    guidance = preset.default_guidance if args.guidance is None else args.guidance
     creatives = pipe(
         args.prompt,
         source,
@@ -153,6 +204,8 @@ def cmd_generate(args) -> int:
         seed=args.seed,
         show_progress=not args.quiet,
     )
+
+    # 4. Write the folder atomically.
     out = Path(args.out)
     records = []
     with atomic_dir(out) as tmp:
@@ -174,7 +227,7 @@ def cmd_generate(args) -> int:
             )
         meta = {
             "image": str(Path(args.image)),
-            "preset": preset.name,
+            "preset": "toy" if toy else preset.name,
             "backend": pipe.components.backend,
             "engines": str(Path(args.engines)) if args.engines else None,
             "steps": steps,
@@ -209,30 +262,27 @@ def cmd_demo(args) -> int:
             raise InputError(f"{name} must be a positive integer, got {value}")
     summary = run_demo(Path(args.out), steps=args.steps, seed=args.seed, quiet=args.quiet,
                        n_products=args.products, images_per_group=args.images_per_group)
-    lifts = summary["mean_true_ctr_lift_of_chosen_by_group"]
+    head, kept = summary["aggregate_true_ctr_lift"], summary["original_kept"]
     print(
         f"wrote {len(summary['creatives'])} creatives, contact_sheet.png, creatives.json and report.md to "
-        f"{args.out} in {summary['seconds']:.0f} s; mean true-CTR lift of the chosen creative "
-        f"{sum(lifts.values()) / len(lifts):+.1%} over the original",
+        f"{args.out} in {summary['seconds']:.0f} s; aggregate true-CTR lift over the original "
+        f"{head['lift']:+.1%} [95 % CI {head['ci95'][0]:+.1%}, {head['ci95'][1]:+.1%}] (mean of per-group ratios "
+        f"{head['mean_of_ratios']:+.1%}; original kept in {kept['count']} of {kept['of']})",
         file=sys.stderr,
     )
     return 0
 
 
+def _demo(args) -> int:
+    check_out_dir(args.out, overwrite=args.overwrite)
+    return cmd_demo(args)
+
+
+COMMANDS = {"generate": cmd_generate, "demo": _demo}
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    _quiet_libraries()
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        if args.command == "generate":
-            return cmd_generate(args)
-        if args.command == "demo":
-            return cmd_demo(args)
-    except InputError as exc:
-        print(f"cg4ctr: error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    parser.error(f"unknown command {args.command!r}")
-    return EXIT_BAD_INPUT
+    return run_cli(PROG, build_parser(), lambda args: COMMANDS[args.command](args), argv)
 
 
 if __name__ == "__main__":

@@ -93,46 +93,241 @@ def swap_scheduler(scheduler, name: str):
     return make_scheduler(name, dict(scheduler.config))
 
 
-def load_modules(
-    path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, tokenizer_dir: str | None = None
-) -> DiffusionModules:
-    """Load unet/, vae/, text_encoder/, tokenizer/ and scheduler/ from a local diffusers folder."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel
+# Weight files per component, in the order diffusers and transformers look for them. Only safetensors load:
+# a pickle `.bin` can run code on load.
+_WEIGHT_NAMES = {
+    "unet": "diffusion_pytorch_model",
+    "vae": "diffusion_pytorch_model",
+    "text_encoder": "model",
+}
+# Pipelines whose unet/vae/text_encoder/tokenizer layout this loader serves (SD 1.x / 2.x, inpainting or not).
+_SUPPORTED_PIPELINES = ("StableDiffusionInpaintPipeline", "StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline")
 
-    from cg4ctr_fast.models.tokenizer import load_clip_tokenizer
+
+@dataclass
+class ModelFolder:
+    """What `inspect_model_folder` found: parsed configs, the weights variant per component, the scheduler."""
+
+    root: Path
+    configs: dict[str, dict]
+    variants: dict[str, str | None]
+    scheduler_class: str
+    scheduler_config: dict[str, Any]
+
+
+def _read_json(path: Path, root: Path) -> dict:
+    """A JSON object from `path`; InputError naming the file (relative to `root`) when missing or invalid."""
+    name = path.relative_to(root) if path.is_relative_to(root) else path
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"{root}: not a supported model folder: missing {name}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"{root}: cannot read {name}: {exc}") from None
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{root}: {name} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{root}: {name} must hold a JSON object, found {type(data).__name__}")
+    return data
+
+
+def _weights_variant(root: Path, component: str) -> str | None:
+    """None for the plain weights file, else the one variant present (e.g. "fp16"); InputError otherwise."""
+    folder = root / component
+    stem = _WEIGHT_NAMES[component]
+    if (folder / f"{stem}.safetensors").is_file() or (folder / f"{stem}.safetensors.index.json").is_file():
+        return None
+    prefix, suffix = f"{stem}.", ".safetensors"
+    variants = sorted(
+        {f.name[len(prefix):-len(suffix)].split(".")[0] for f in folder.glob(f"{stem}.*{suffix}")}
+        | {f.name[len(prefix):].split(".")[0] for f in folder.glob(f"{stem}.*.safetensors.index.json")}
+    )
+    variants = [v for v in variants if v and not v.startswith("safetensors")]
+    if len(variants) == 1:
+        return variants[0]
+    if len(variants) > 1:
+        raise InputError(f"{root}: {component}/ holds weight variants {', '.join(variants)} and no plain "
+                         f"{stem}.safetensors; keep one variant")
+    pickles = sorted(p.name for p in folder.glob(f"{stem}*.bin"))
+    if pickles:
+        raise InputError(f"{root}: {component}/ has only pickle weights ({pickles[0]}); only .safetensors load "
+                         "(a .bin can run code when loaded): convert it with diffusers' save_pretrained("
+                         "safe_serialization=True)")
+    raise InputError(f"{root}: not a supported model folder: missing {component}/{stem}.safetensors")
+
+
+def inspect_model_folder(path: str | os.PathLike) -> ModelFolder:
+    """Validate a local diffusers folder before any weight loads.
+
+    Checks, in order: the folder; `model_index.json` if present (valid JSON, a Stable Diffusion 1.x/2.x
+    pipeline, no second text encoder); `unet/`, `vae/`, `text_encoder/` each with a valid `config.json` and
+    one safetensors weights file (plain, sharded, or a single variant such as fp16); the architecture (a
+    UNet2DConditionModel with 4 or 9 input channels, no `addition_embed_type`/`encoder_hid_dim_type`,
+    `cross_attention_dim` equal to the CLIPTextModel's `hidden_size`, latent channels matching the VAE);
+    `tokenizer/` files; and `scheduler/scheduler_config.json` naming a diffusers scheduler class.
+
+    Raises InputError (one line naming the folder and what was found) on the first problem.
+    """
+    import diffusers
 
     root = Path(path)
     if not root.is_dir():
         raise InputError(f"{root}: model folder not found (expected a diffusers folder with unet/, vae/, ...)")
-    missing = [sub for sub in ("unet", "vae", "text_encoder") if not (root / sub / "config.json").is_file()]
+    index = _read_json(root / "model_index.json", root) if (root / "model_index.json").is_file() else {}
+    pipeline_class = index.get("_class_name")
+    second = [name for name in ("text_encoder_2", "tokenizer_2") if name in index or (root / name).is_dir()]
+    if second:
+        raise InputError(f"{root}: unsupported architecture: found {pipeline_class or 'a pipeline'} with two text "
+                         f"encoders ({', '.join(n + '/' for n in second)}, as SDXL); supported: Stable Diffusion "
+                         "1.x/2.x folders with one CLIP text encoder")
+    if pipeline_class is not None and pipeline_class not in _SUPPORTED_PIPELINES:
+        raise InputError(f"{root}: unsupported architecture: model_index.json names {pipeline_class}; supported: "
+                         f"{', '.join(_SUPPORTED_PIPELINES)}")
+    missing = [sub for sub in _WEIGHT_NAMES if not (root / sub).is_dir()]
     if missing:
-        raise InputError(f"{root}: not a diffusers model folder: missing {', '.join(s + '/config.json' for s in missing)}")
-    try:
-        unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet", torch_dtype=dtype, local_files_only=True)
-        vae = AutoencoderKL.from_pretrained(root, subfolder="vae", torch_dtype=dtype, local_files_only=True)
-        text_encoder = CLIPTextModel.from_pretrained(
-            root / "text_encoder", torch_dtype=dtype, local_files_only=True
-        )
-    except (OSError, ValueError, RuntimeError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InputError(f"{root}: cannot load model weights: {first_line}") from None
-    if tokenizer_dir is not None:
-        tokenizer = load_clip_tokenizer(tokenizer_dir)
-    elif (root / "tokenizer").is_dir():
-        tokenizer = load_clip_tokenizer(root / "tokenizer")
-    else:
-        tokenizer = load_clip_tokenizer()
-    scheduler_config_file = root / "scheduler" / "scheduler_config.json"
-    if scheduler_config_file.is_file():
-        config = json.loads(scheduler_config_file.read_text())
-        class_name = config.pop("_class_name", "DDIMScheduler")
+        raise InputError(f"{root}: not a supported model folder: missing {', '.join(m + '/' for m in missing)}")
+    configs = {sub: _read_json(root / sub / "config.json", root) for sub in _WEIGHT_NAMES}
+    unet, vae, text = configs["unet"], configs["vae"], configs["text_encoder"]
+
+    def refuse(what: str) -> InputError:
+        return InputError(f"{root}: unsupported architecture: {what}")
+
+    if unet.get("_class_name", "UNet2DConditionModel") != "UNet2DConditionModel":
+        raise refuse(f"unet/config.json is a {unet['_class_name']}, expected UNet2DConditionModel")
+    for key in ("addition_embed_type", "encoder_hid_dim_type"):
+        if unet.get(key) is not None:
+            raise refuse(f"unet/config.json has {key} = {unet[key]!r} (SDXL-style extra conditioning)")
+    architectures = text.get("architectures") or ["CLIPTextModel"]
+    if architectures[0] != "CLIPTextModel":
+        raise refuse(f"text_encoder/ is a {architectures[0]}, expected CLIPTextModel")
+    cross, hidden = unet.get("cross_attention_dim", 1280), text.get("hidden_size")
+    if not isinstance(cross, int) or cross != hidden:
+        raise refuse(f"the UNet's cross_attention_dim {cross} does not match the text encoder's hidden_size {hidden}")
+    latent = vae.get("latent_channels", 4)
+    in_channels, out_channels = unet.get("in_channels", 4), unet.get("out_channels", 4)
+    # 4 = latents only (masked blending); 9 = latents + mask + masked-image latents (an inpainting UNet).
+    if in_channels not in (latent, 2 * latent + 1) or out_channels != latent:
+        raise refuse(f"the UNet takes {in_channels} and gives {out_channels} channels; with the VAE's {latent} "
+                     f"latent channels it must take {latent} or {2 * latent + 1} and give {latent}")
+    variants = {sub: _weights_variant(root, sub) for sub in _WEIGHT_NAMES}
+
+    tokenizer = root / "tokenizer"
+    if tokenizer.is_dir():
+        absent = [f for f in ("vocab.json", "merges.txt") if not (tokenizer / f).is_file()]
+        if absent:
+            raise InputError(f"{root}: tokenizer/ lacks {', '.join(absent)}")
+        if (tokenizer / "tokenizer_config.json").is_file():
+            _read_json(tokenizer / "tokenizer_config.json", root)
+
+    scheduler_file = root / "scheduler" / "scheduler_config.json"
+    if scheduler_file.is_file():
+        config = _read_json(scheduler_file, root)
+        class_name = config.get("_class_name", "DDIMScheduler")
+        cls = getattr(diffusers, str(class_name), None)
+        if not (isinstance(cls, type) and issubclass(cls, diffusers.SchedulerMixin)):
+            raise InputError(f"{root}: scheduler/scheduler_config.json names {class_name!r}, which is not a "
+                             "diffusers scheduler class")
         config = {k: v for k, v in config.items() if not k.startswith("_")}
-        scheduler = make_scheduler(class_name, config)
+        train_steps = config.get("num_train_timesteps", 1000)
+        if not isinstance(train_steps, int) or isinstance(train_steps, bool) or train_steps <= 0:
+            raise InputError(f"{root}: scheduler/scheduler_config.json: num_train_timesteps must be a positive "
+                             f"integer, got {train_steps!r}")
     else:
         from cg4ctr_fast.config import SD_SCHEDULE
 
-        scheduler = make_scheduler("ddim", {**SD_SCHEDULE, "clip_sample": False, "set_alpha_to_one": False})
+        class_name, config = "DDIMScheduler", {**SD_SCHEDULE, "clip_sample": False, "set_alpha_to_one": False}
+    return ModelFolder(root=root, configs=configs, variants=variants, scheduler_class=str(class_name),
+                       scheduler_config=config)
+
+
+def folder_scheduler(folder: ModelFolder):
+    """The folder's scheduler, built from its validated config (InputError if the config does not build)."""
+    try:
+        return make_scheduler(folder.scheduler_class, folder.scheduler_config)
+    except InputError:
+        raise
+    except (TypeError, ValueError, KeyError) as exc:
+        raise InputError(f"{folder.root}: scheduler/scheduler_config.json does not build a "
+                         f"{folder.scheduler_class}: {' '.join(str(exc).split())}") from None
+
+
+def max_inference_steps(scheduler) -> int:
+    """The most denoising steps `scheduler` supports: every timestep must fall within the trained ones.
+
+    That is `num_train_timesteps` (1000 for SD) for most samplers, one less for DDIM/PNDM with
+    `steps_offset` 1 (their last timestep would be 1000, past the trained range [0, 999]).
+    """
+    train = int(scheduler.config.num_train_timesteps)
+    if _steps_fit(scheduler, train):
+        return train
+    low, high = 1, train  # low fits, high does not; the fit is monotone in the step count for diffusers' spacings
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (mid, high) if _steps_fit(scheduler, mid) else (low, mid)
+    return low
+
+
+def _steps_fit(scheduler, steps: int) -> bool:
+    trial = scheduler.__class__.from_config(scheduler.config)
+    try:
+        trial.set_timesteps(steps)
+    except (ValueError, IndexError):
+        return False
+    timesteps = trial.timesteps
+    return len(timesteps) > 0 and float(timesteps.max()) < trial.config.num_train_timesteps and float(timesteps.min()) >= 0
+
+
+def check_steps(scheduler, steps: int, strength: float = 1.0, *, flag: str = "num_inference_steps") -> None:
+    """Refuse a step count the scheduler cannot run (InputError), before any model work.
+
+    Steps beyond the trained timesteps would repeat or run past them (diffusers raises IndexError or
+    ValueError mid-call); with `strength` < 1 only int(steps × strength) of them run, and at least one must.
+    """
+    if steps > int(scheduler.config.num_train_timesteps) or not _steps_fit(scheduler, steps):
+        most = max_inference_steps(scheduler)
+        raise InputError(f"{flag} {steps} is more than {type(scheduler).__name__} supports here: at most {most} "
+                         f"(its timesteps must fall within the {scheduler.config.num_train_timesteps} it was "
+                         "trained on)")
+    if min(int(steps * strength), steps) < 1:
+        raise InputError(f"strength {strength} with {steps} steps leaves no denoising step: "
+                         f"int(steps × strength) must be ≥ 1")
+
+
+def load_modules(
+    path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, tokenizer_dir: str | None = None
+) -> DiffusionModules:
+    """Load unet/, vae/, text_encoder/, tokenizer/ and scheduler/ from a local diffusers folder.
+
+    The folder is validated first (`inspect_model_folder`): an unsupported architecture, a missing or
+    invalid file, or an unknown scheduler raises InputError naming what was found, before any weight loads.
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from safetensors import SafetensorError
+    from transformers import CLIPTextModel
+
+    from cg4ctr_fast.models.tokenizer import load_clip_tokenizer
+
+    folder = inspect_model_folder(path)
+    root = folder.root
+    scheduler = folder_scheduler(folder)
+    try:
+        unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet", torch_dtype=dtype, local_files_only=True,
+                                                    variant=folder.variants["unet"], use_safetensors=True)
+        vae = AutoencoderKL.from_pretrained(root, subfolder="vae", torch_dtype=dtype, local_files_only=True,
+                                            variant=folder.variants["vae"], use_safetensors=True)
+        text_encoder = CLIPTextModel.from_pretrained(root / "text_encoder", torch_dtype=dtype, local_files_only=True,
+                                                     variant=folder.variants["text_encoder"], use_safetensors=True)
+    except (OSError, ValueError, RuntimeError, SafetensorError) as exc:  # damaged file, shapes unlike the config
+        text = str(exc).strip()
+        first_line = text.splitlines()[0] if text else type(exc).__name__
+        raise InputError(f"{root}: cannot load model weights: {first_line}") from None
+    positions = int(text_encoder.config.max_position_embeddings)
+    if tokenizer_dir is not None:
+        tokenizer = load_clip_tokenizer(tokenizer_dir, max_positions=positions)
+    elif (root / "tokenizer").is_dir():
+        tokenizer = load_clip_tokenizer(root / "tokenizer", max_positions=positions)
+    else:
+        tokenizer = load_clip_tokenizer(max_positions=positions)
     return DiffusionModules(
         unet=unet.eval(),
         vae=vae.eval(),

@@ -116,10 +116,25 @@ def clip_tokenizer_dir() -> Path:
     return out
 
 
-def load_clip_tokenizer(folder: str | os.PathLike | None = None):
-    """transformers.CLIPTokenizer from `folder`, or CLIP's vocabulary converted offline."""
+def load_clip_tokenizer(folder: str | os.PathLike | None = None, *, max_positions: int | None = None):
+    """transformers.CLIPTokenizer from `folder`, or CLIP's vocabulary converted offline.
+
+    max_positions: the text encoder's `max_position_embeddings` (77 for CLIP). A tokenizer_config.json
+    without `model_max_length` leaves transformers' "unset" value, int(1e30), which overflows when used
+    as a padding length; a value above the encoder's positions would index past them. Either way the
+    tokenizer's length becomes `max_positions`.
+
+    Raises InputError when the folder's files cannot be read as a CLIP tokenizer.
+    """
     from transformers import CLIPTokenizer
 
     path = Path(folder) if folder is not None else clip_tokenizer_dir()
-    # from_pretrained on a folder: the vocab_file=/merges_file= keywords are ignored by transformers 5.
-    return CLIPTokenizer.from_pretrained(str(path), local_files_only=True)
+    try:
+        # from_pretrained on a folder: the vocab_file=/merges_file= keywords are ignored by transformers 5.
+        tokenizer = CLIPTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError, TypeError, KeyError, UnicodeDecodeError) as exc:
+        text = " ".join(str(exc).split())[:200] or type(exc).__name__
+        raise InputError(f"{path}: cannot load the CLIP tokenizer: {text}") from None
+    if max_positions is not None and not 0 < tokenizer.model_max_length <= max_positions:
+        tokenizer.model_max_length = int(max_positions)
+    return tokenizer
