@@ -256,6 +256,14 @@ class World:
     def group(self, group_id: int) -> UserGroup:
         return self.groups[self._group_index(group_id)]
 
+    def group_traffic(self) -> np.ndarray:
+        """Each group's share of impressions, float64 (n_groups,), indexed by group_id, summing to 1.
+
+        s_g / Σs with s_g the group size `sample_logs` draws impressions with, so these are the weights an
+        A/B test's aggregate CTR gives the groups (total clicks / total impressions).
+        """
+        return self._group_size / self._group_size.sum()
+
     def _group_index(self, group_id: int) -> int:
         return _check_int("group_id", group_id, 0, self.n_groups - 1)
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import pandas as pd
@@ -36,6 +37,9 @@ __all__ = [
     "uplift_at_1",
     "uplift_at_5",
     "evaluate",
+    "CtrLift",
+    "aggregate_ctr_lift",
+    "pick_over_original",
 ]
 
 _EPS = 1e-7
@@ -256,3 +260,101 @@ def evaluate(pred, scores, clicks, impressions, list_ids: Sequence, prior: BetaP
         "clicks": float(c.sum()),
         "base_ctr": float(c.sum() / n.sum()) if n.sum() > 0 else float("nan"),
     }
+
+
+# --------------------------------------------------------------------------------------------
+# A/B-test lift: aggregate CTR, as an A/B test measures it
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CtrLift:
+    """The result of `aggregate_ctr_lift`; every rate is a fraction (0.03 = 3 %), lifts are relative (−0.02 = −2 %)."""
+
+    lift: float  # aggregate CTR(treatment) / aggregate CTR(control) − 1: the headline number
+    ci95: tuple[float, float]  # cluster-bootstrap percentile interval of `lift` (NaN, NaN without clusters)
+    treatment_ctr: float  # Σ w·t / Σ w
+    control_ctr: float  # Σ w·c / Σ w
+    mean_of_ratios: float  # mean over cells of t/c − 1, unweighted: secondary, over-weights small cells
+    mean_of_ratios_ci95: tuple[float, float]
+    cells: int
+    clusters: int
+
+    def to_dict(self) -> dict:
+        return {"lift": self.lift, "ci95": list(self.ci95), "treatment_ctr": self.treatment_ctr,
+                "control_ctr": self.control_ctr, "mean_of_ratios": self.mean_of_ratios,
+                "mean_of_ratios_ci95": list(self.mean_of_ratios_ci95), "cells": self.cells,
+                "clusters": self.clusters}
+
+
+def aggregate_ctr_lift(treatment_ctr, control_ctr, weights=None, *, clusters: Optional[Sequence] = None,
+                       resamples: int = 2000, level: float = 0.95, seed: int = 0) -> CtrLift:
+    """Aggregate-CTR lift of a treatment over a control, as an A/B test reports it, with a cluster bootstrap.
+
+    One cell i per (group[, product][, seed]): its true CTR under the treatment t_i and under the control
+    c_i, and its share of the traffic w_i (impressions; any positive scale, e.g. the world's group shares
+    `World.group_traffic()[group]`).  With n_i = w_i·N impressions per cell, expected clicks are n_i·t_i, so
+
+        aggregate CTR(arm) = Σ_i w_i·t_i / Σ_i w_i          (total clicks / total impressions)
+        lift               = Σ_i w_i·t_i / Σ_i w_i·c_i − 1  (aggregate CTR(treatment) / aggregate CTR(control) − 1)
+
+    (DESIGN.md §13).  The mean of per-cell ratios, mean_i(t_i / c_i − 1), is returned beside it as a
+    secondary value only: it weights a group of 5 % of the traffic like one of 25 %, and a small group at
+    +242 % can turn an aggregate −2 % into a "mean lift" of +26 %.
+
+    Interval: `clusters` names each cell's cluster (e.g. (seed, product): the groups of one product share
+    its images and noise, so they are not independent draws).  Each of `resamples` draws takes as many
+    clusters as there are, with replacement, and recomputes both statistics over the cells they hold; the
+    interval is the (1 − level)/2 and (1 + level)/2 percentiles.  Without `clusters` the intervals are NaN.
+
+    Args: treatment_ctr, control_ctr: array-likes of n cells, values in (0, 1]; weights: n values ≥ 0,
+    not all 0 (default: all 1).  Raises ValueError for different lengths, no cells, a control CTR ≤ 0,
+    negative weights or weights summing to 0.
+    """
+    t, c = _arrays(treatment_ctr, control_ctr)
+    w = np.ones_like(t) if weights is None else _arrays(weights, t)[0]
+    if len(t) == 0:
+        raise ValueError("aggregate_ctr_lift: no cells")
+    if np.any(c <= 0) or not np.all(np.isfinite(t)) or not np.all(np.isfinite(c)):
+        raise ValueError("aggregate_ctr_lift: control CTRs must be > 0 and every CTR finite")
+    if np.any(w < 0) or w.sum() <= 0:
+        raise ValueError("aggregate_ctr_lift: weights must be ≥ 0 and not all 0")
+    lift = float(np.sum(w * t) / np.sum(w * c) - 1.0)
+    ratios = t / c - 1.0
+    ci, ratio_ci, n_clusters = (math.nan, math.nan), (math.nan, math.nan), 0
+    if clusters is not None:
+        keys = list(clusters)
+        if len(keys) != len(t):
+            raise ValueError(f"aggregate_ctr_lift: {len(keys)} cluster labels for {len(t)} cells")
+        ids = np.asarray(pd.factorize(pd.Series(keys, dtype=object))[0])
+        n_clusters = int(ids.max()) + 1
+        # Per-cluster sums: a draw's statistics are sums of its clusters' sums, so one matrix product each.
+        wt = np.bincount(ids, weights=w * t, minlength=n_clusters)
+        wc = np.bincount(ids, weights=w * c, minlength=n_clusters)
+        rs = np.bincount(ids, weights=ratios, minlength=n_clusters)
+        ns = np.bincount(ids, minlength=n_clusters).astype(np.float64)
+        draws = np.random.default_rng(seed).integers(0, n_clusters, size=(resamples, n_clusters))
+        rows = np.repeat(np.arange(resamples), n_clusters) * n_clusters
+        counts = np.bincount(rows + draws.ravel(), minlength=resamples * n_clusters).reshape(resamples, n_clusters)
+        counts = counts.astype(np.float64)  # counts[r, k]: how often draw r took cluster k
+        with np.errstate(divide="ignore", invalid="ignore"):
+            lifts = (counts @ wt) / (counts @ wc) - 1.0
+        mors = (counts @ rs) / (counts @ ns)
+        lifts = lifts[np.isfinite(lifts)]  # a draw of only zero-weight clusters has no aggregate
+        q = ((1 - level) / 2, (1 + level) / 2)
+        ci = tuple(float(v) for v in np.quantile(lifts, q)) if len(lifts) else ci
+        ratio_ci = tuple(float(v) for v in np.quantile(mors, q))
+    return CtrLift(lift=lift, ci95=ci, treatment_ctr=float(np.sum(w * t) / w.sum()),
+                   control_ctr=float(np.sum(w * c) / w.sum()), mean_of_ratios=float(ratios.mean()),
+                   mean_of_ratios_ci95=ratio_ci, cells=int(len(t)), clusters=n_clusters)
+
+
+def pick_over_original(rewards: Sequence[float], original_reward: float) -> Optional[int]:
+    """Which candidate to show: the index of the highest reward, or None (show the original image) unless that
+    reward is strictly above the original's.  The original is always a candidate, so a pick can only replace
+    it when the reward model prefers the creative; ties and an empty list keep the original.  Ties among
+    creatives go to the first (generation order)."""
+    if len(rewards) == 0:
+        return None
+    best = int(np.argmax(np.asarray(rewards, dtype=np.float64)))
+    return best if float(rewards[best]) > float(original_reward) else None
