@@ -1,8 +1,20 @@
 """Loading, checking and compositing the images a creative is made from.
 
 The product photo and its optional mask come from users, so everything here assumes they may be
-missing, huge, corrupt, in an odd mode or rotated by EXIF.  Every such problem becomes an
-`InputError` whose message is one line naming the file, so the command line can print it as is.
+missing, huge, corrupt, in an odd mode, rotated by EXIF or in another colour space.  Every such
+problem becomes an `InputError` whose message is one line naming the file, so the command line can
+print it as is.
+
+Images as the person sees them.  `load_product` is the one load path for a product photo, whatever
+it arrives as (path, bytes or PIL image):
+  1. EXIF orientation is applied (`load_image`), for every input type, so image, alpha, mask and
+     composite all use the orientation a viewer displays;
+  2. an embedded ICC profile other than sRGB (Display P3 from phones, Adobe RGB, CMYK press
+     profiles) is converted to sRGB with Pillow's ImageCms (`to_srgb`), relative colorimetric
+     intent; the creatives carry no profile, i.e. they are sRGB.  "Product pixels bit-exact" means
+     bit-exact to this sRGB-converted input, which is ImageCms's own transform of the file;
+  3. alpha stays straight (not premultiplied): `composite` blends partially transparent edge
+     pixels over the GENERATED background, C·a + G·(1 − a), never over white.
 
 Mask convention (the one diffusers' inpainting pipelines use): white (255) marks the background
 to repaint, black (0) marks the product to keep.  `composite` puts the original product pixels
@@ -14,8 +26,8 @@ import hashlib
 import io
 import os
 import warnings
-from pathlib import Path
-from typing import Union
+from dataclasses import dataclass
+from typing import Optional, Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -27,12 +39,16 @@ __all__ = [
     "MAX_SIDE",
     "MAX_PIXELS",
     "MAX_BYTES",
+    "ProductImage",
     "load_image",
+    "load_product",
+    "to_srgb",
     "to_rgb_and_alpha_mask",
     "load_mask",
     "check_mask",
     "working_size",
     "composite",
+    "composite_float",
     "image_sha256",
 ]
 
@@ -241,41 +257,183 @@ def _has_alpha(img: Image.Image) -> bool:
     return img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
 
 
+# ---------------------------------------------------------------------------------------------
+# Colour management
+# ---------------------------------------------------------------------------------------------
+
+# Relative colorimetric: in-gamut colours land on the same sRGB colour a colour-managed viewer
+# shows, out-of-gamut ones (saturated P3 reds and greens) clip to the sRGB gamut edge.  For the
+# matrix/TRC profiles phones write (Display P3) every intent gives this same result.
+_INTENT_NAME = "relative colorimetric"
+
+# Image modes per ICC colour space that a transform can take directly; alpha is split off first.
+_RGB_FAMILY = ("RGB", "RGBA", "RGBX", "RGBa", "P", "PA")
+
+
+def _srgb_profile():
+    from PIL import ImageCms
+
+    return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
+
+
+def _is_srgb(profile) -> bool:
+    """True for an embedded profile that IS sRGB (then the bytes are kept as they are).
+
+    Most JPEGs and many PNGs embed one of the sRGB profiles ("sRGB IEC61966-2.1", "sRGB built-in",
+    ...).  Running them through LittleCMS anyway would move some pixels by one 8-bit step (table vs
+    parametric tone curves) for no visible reason, so they are recognised by name, or failing that
+    by an identity transform on a 16-level RGB grid (4,096 colours) against LittleCMS's own sRGB.
+    """
+    from PIL import ImageCms
+
+    try:
+        name = ImageCms.getProfileDescription(profile) or ""
+    except ImageCms.PyCMSError:
+        name = ""
+    if "srgb" in name.lower():
+        return True
+    levels = np.arange(0, 256, 17, dtype=np.uint8)  # 0, 17, ..., 255: 16 levels per channel
+    grid = np.stack(np.meshgrid(levels, levels, levels, indexing="ij"), axis=-1).reshape(64, 64, 3)
+    probe = Image.fromarray(grid)
+    converted = ImageCms.profileToProfile(
+        probe, profile, _srgb_profile(), outputMode="RGB",
+        renderingIntent=ImageCms.Intent.RELATIVE_COLORIMETRIC,
+    )
+    return np.array_equal(np.asarray(converted), grid)
+
+
+def to_srgb(img: Image.Image) -> Image.Image:
+    """`img` in sRGB: converted through its embedded ICC profile when it carries one that is not sRGB.
+
+    Input: a decoded PIL image in any mode.  Output: a new image (the input is never modified)
+    without an "icc_profile" entry in `.info`, so calling `to_srgb` again is a no-op.
+    - RGB-family modes with an RGB profile (Display P3, Adobe RGB, ...) -> "RGB", or "RGBA" when
+      the image has alpha (alpha copied unchanged, colours converted straight, not premultiplied);
+    - "CMYK" with a CMYK profile -> "RGB" through that profile (Pillow's naive CMYK->RGB formula
+      is used only for CMYK without a profile);
+    - anything else (no profile, an sRGB profile, a grayscale or other profile, or a profile that
+      does not match the image's mode) comes back unchanged in mode and pixels, less the profile.
+      A profile LittleCMS cannot parse is ignored, as browsers do: the pixels are shown as sRGB.
+    Conversion: Pillow's ImageCms (LittleCMS), relative colorimetric intent, 8 bits per channel;
+    out-of-gamut colours clip to the sRGB gamut.
+    """
+    from PIL import ImageCms
+
+    icc = img.info.get("icc_profile")
+    out = img.copy()
+    out.info.pop("icc_profile", None)
+    if not icc:
+        return out
+    try:
+        profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        space = profile.profile.xcolor_space.strip()
+    except (ImageCms.PyCMSError, OSError, ValueError, TypeError):
+        return out  # unreadable profile: shown as sRGB, as a browser would
+    if space == "RGB" and img.mode in _RGB_FAMILY:
+        if _is_srgb(profile):
+            return out
+        alpha = None
+        if _has_alpha(img):
+            rgba = img.convert("RGBA")  # un-premultiplies RGBa, expands palettes and tRNS
+            alpha = rgba.getchannel("A")
+            rgb = rgba.convert("RGB")
+        else:
+            rgb = img.convert("RGB")
+        converted = ImageCms.profileToProfile(
+            rgb, profile, _srgb_profile(), outputMode="RGB",
+            renderingIntent=ImageCms.Intent.RELATIVE_COLORIMETRIC,
+        )
+        if alpha is not None:
+            converted.putalpha(alpha)
+    elif space == "CMYK" and img.mode == "CMYK":
+        converted = ImageCms.profileToProfile(
+            img, profile, _srgb_profile(), outputMode="RGB",
+            renderingIntent=ImageCms.Intent.RELATIVE_COLORIMETRIC,
+        )
+    else:
+        return out
+    converted.info = {k: v for k, v in img.info.items() if k != "icc_profile"}
+    return converted
+
+
 def to_rgb_and_alpha_mask(img: Image.Image) -> tuple[Image.Image, Image.Image | None]:
-    """Convert any mode to RGB, and turn real transparency into an inpainting mask.
+    """Convert any mode to sRGB RGB, and turn real transparency into an inpainting mask.
 
-    Returns (rgb, mask).  `mask` is mode "L" in diffusers' convention: 255 where alpha < 128
-    (transparent: background to repaint), 0 where alpha >= 128 (opaque: product to keep).  It is
-    None when the image has no alpha, or when no pixel is below 128 (nothing would be repainted,
-    so the alpha carries no usable mask; a user-supplied mask is then needed).
-
-    Transparent images are composited over white so every pixel has a defined colour (the RGB
-    under alpha 0 is often garbage or black); fully opaque pixels keep their exact values.
+    Returns (rgb, mask).  `rgb` is `to_srgb(img)` in mode RGB; partially or fully transparent
+    pixels are shown over white (what the diffusion model is given as the product photo; the final
+    creative blends them over the generated background instead, see `load_product` and
+    `composite`).  `mask` is mode "L" in diffusers' convention: 255 where alpha < 128 (transparent:
+    background to repaint), 0 where alpha >= 128 (opaque: product to keep).  It is None when the
+    image has no alpha, or when no pixel is below 128 (nothing would be repainted, so the alpha
+    carries no usable mask; a user-supplied mask is then needed).
     16-bit and float grayscale are scaled as documented in `_wide_gray_to_uint8`.
     """
+    product = _split_product(img)
+    return product.model_rgb, product.alpha_mask
+
+
+@dataclass(frozen=True)
+class ProductImage:
+    """A product photo as the person sees it: oriented, in sRGB, with straight alpha.
+
+    rgb:        mode "RGB", the straight (not premultiplied) sRGB colours; under alpha 0 the colour
+                is whatever the file holds and is never shown.
+    alpha:      uint8 array [height, width], 0 (transparent) .. 255 (opaque), or None when every
+                pixel is opaque (or the image has no alpha at all).
+    alpha_mask: mode "L" repaint mask from alpha (255 where alpha < 128), or None when alpha marks
+                nothing to repaint.
+    model_rgb:  mode "RGB", `rgb` shown over white where alpha < 255 (so every pixel the diffusion
+                model sees has a defined colour); `rgb` itself when alpha is None.
+    """
+
+    rgb: Image.Image
+    alpha: Optional[np.ndarray]
+    alpha_mask: Optional[Image.Image]
+    model_rgb: Image.Image
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.rgb.size
+
+
+def _split_product(img: Image.Image) -> ProductImage:
     if _is_wide_gray(img.mode):
         gray = _wide_gray_to_uint8(img)
-        return Image.fromarray(np.stack([gray] * 3, axis=-1)), None
-
+        rgb = Image.fromarray(np.stack([gray] * 3, axis=-1))
+        return ProductImage(rgb, None, None, rgb)
+    img = to_srgb(img)
     if not _has_alpha(img):
         # Covers 1, L, P, CMYK, RGB, YCbCr, LAB, HSV, RGBX; a copy even for RGB so the caller
         # can never mutate the loaded image through it.
-        return img.convert("RGB"), None
-
+        rgb = img.convert("RGB")
+        return ProductImage(rgb, None, None, rgb)
     # RGBa / La are premultiplied; convert("RGBA") un-premultiplies.  P/PA/L/RGB with a
     # transparency entry become RGBA through the palette / colour key.
     rgba = np.asarray(img.convert("RGBA"))
+    straight = Image.fromarray(np.ascontiguousarray(rgba[..., :3]))
+    alpha = np.ascontiguousarray(rgba[..., 3])
+    if alpha.min() == 255:
+        return ProductImage(straight, None, None, straight)
     rgb = rgba[..., :3].astype(np.uint32)
-    alpha = rgba[..., 3:].astype(np.uint32)
-    # Integer "over white": (c*a + 255*(255-a)) / 255, rounded; exact for a == 255.
-    over_white = (rgb * alpha + 255 * (255 - alpha) + 127) // 255
-    rgb_img = Image.fromarray(over_white.astype(np.uint8))
+    a = alpha[..., None].astype(np.uint32)
+    # Integer "over white": (c*a + 255*(255-a)) / 255 rounded to nearest; exact for a == 255.
+    over_white = Image.fromarray(((rgb * a + 255 * (255 - a) + 127) // 255).astype(np.uint8))
+    repaint = alpha < _THRESHOLD
+    alpha_mask = Image.fromarray(np.where(repaint, 255, 0).astype(np.uint8)) if repaint.any() else None
+    return ProductImage(straight, alpha, alpha_mask, over_white)
 
-    repaint = rgba[..., 3] < _THRESHOLD
-    if not repaint.any():
-        return rgb_img, None
-    mask = Image.fromarray(np.where(repaint, 255, 0).astype(np.uint8))
-    return rgb_img, mask
+
+def load_product(source: Union[ImageSource, ProductImage], *, what: str = "image") -> ProductImage:
+    """The one load path for a product photo: a path, raw bytes or a PIL image, all treated alike.
+
+    `load_image` (checks, full decode, EXIF orientation applied, also to a PIL image passed in),
+    then `to_srgb` (an embedded non-sRGB ICC profile converted to sRGB), then straight alpha split
+    off (`ProductImage`).  A ProductImage passes through unchanged.  Never modifies a PIL image
+    passed in.  Raises InputError as `load_image` does (one line naming the file).
+    """
+    if isinstance(source, ProductImage):
+        return source
+    return _split_product(load_image(source, what=what))
 
 
 def _to_gray(img: Image.Image) -> np.ndarray:
@@ -354,29 +512,75 @@ def working_size(width: int, height: int, max_side: int, multiple: int = 8) -> t
     return scaled(width), scaled(height)
 
 
-def composite(original: Image.Image, generated: Image.Image, mask: Image.Image) -> Image.Image:
-    """Paste the product back: original where mask < 128, generated where mask >= 128.
-
-    `generated` usually comes out of the model at `working_size`; if its size differs from the
-    original it is resized to the original's size with LANCZOS first (the sharpest of Pillow's
-    filters for the background).  Selection is done on uint8 arrays, so product pixels are
-    bit-identical to `original`.  `original` must be RGB and `mask` the original's size.
-    """
+def _paste_weights(original: Image.Image, mask: Image.Image, alpha: Optional[np.ndarray], where: str) -> np.ndarray:
+    """Per-pixel product weight 0..255 (uint8 [H, W]): alpha (255 without one) where mask < 128, else 0."""
     if original.mode != "RGB":
-        raise ValueError(f"composite: original must be RGB, got mode {original.mode}")
+        raise ValueError(f"{where}: original must be RGB, got mode {original.mode}")
     if mask.size != original.size:
         raise ValueError(
-            f"composite: mask is {mask.width}×{mask.height} "
+            f"{where}: mask is {mask.width}×{mask.height} "
             f"but the image is {original.width}×{original.height}"
         )
+    keep = np.asarray(mask if mask.mode == "L" else mask.convert("L")) < _THRESHOLD
+    if alpha is None:
+        return np.where(keep, 255, 0).astype(np.uint8)
+    alpha = np.asarray(alpha)
+    if alpha.shape != (original.height, original.width) or alpha.dtype != np.uint8:
+        raise ValueError(
+            f"{where}: alpha must be uint8 [{original.height}, {original.width}], "
+            f"got {alpha.dtype} {list(alpha.shape)}"
+        )
+    return np.where(keep, alpha, 0).astype(np.uint8)
+
+
+def composite(
+    original: Image.Image, generated: Image.Image, mask: Image.Image, alpha: Optional[np.ndarray] = None
+) -> Image.Image:
+    """Paste the product back over the generated background, as 8-bit sRGB.
+
+    original:  mode "RGB", the product photo's straight colours C (uint8 0..255).
+    generated: the generated image G (any mode, converted to RGB); when its size differs from the
+               original's it is resized to it with LANCZOS first (the sharpest of Pillow's filters).
+    mask:      the original's size; pixels with mask >= 128 are background: G is kept there.
+    alpha:     optional straight alpha a, uint8 [H, W] (0..255), of the product (an RGBA cut-out).
+    Where mask < 128 the output is (C·a + G·(255 − a)) / 255 rounded to nearest, computed in
+    integers as (C·a + G·(255 − a) + 127) // 255: no ties occur (255 is odd), opaque pixels
+    (a = 255, or no alpha) are C bit for bit and a = 0 gives G.  Returns a new "RGB" image.
+    Raises ValueError for a non-RGB original, a mask or alpha of another size.
+    """
+    weights = _paste_weights(original, mask, alpha, "composite")
     if generated.mode != "RGB":
         generated = generated.convert("RGB")
     if generated.size != original.size:
         generated = generated.resize(original.size, Image.Resampling.LANCZOS)
-    mask_values = np.asarray(mask if mask.mode == "L" else mask.convert("L"))
-    repaint = (mask_values >= _THRESHOLD)[..., None]
-    out = np.where(repaint, np.asarray(generated), np.asarray(original))
-    return Image.fromarray(out.astype(np.uint8, copy=False))
+    c = np.asarray(original).astype(np.uint32)
+    g = np.asarray(generated).astype(np.uint32)
+    a = weights[..., None].astype(np.uint32)
+    out = (c * a + g * (255 - a) + 127) // 255
+    return Image.fromarray(out.astype(np.uint8))
+
+
+def composite_float(
+    original: Image.Image, generated: np.ndarray, mask: Image.Image, alpha: Optional[np.ndarray] = None
+) -> np.ndarray:
+    """`composite` without 8-bit rounding of the background: float32 [H, W, 3] in [0, 1].
+
+    generated: float array [H, W, 3] in [0, 1] at the original's size (the decoder's output,
+    resized).  Where mask < 128 the output is c·α + G·(1 − α) with c = C / 255 and α = a / 255 in
+    float32, so opaque product pixels are exactly float32(C) / 255 (x·1 + G·0 = x in IEEE
+    arithmetic) and a = 0 gives G exactly; elsewhere G.  Raises ValueError as `composite` does, or
+    for a generated array of another shape.
+    """
+    weights = _paste_weights(original, mask, alpha, "composite_float")
+    generated = np.asarray(generated, dtype=np.float32)
+    if generated.shape != (original.height, original.width, 3):
+        raise ValueError(
+            f"composite_float: generated is {list(generated.shape)}, "
+            f"expected [{original.height}, {original.width}, 3]"
+        )
+    c = np.asarray(original, dtype=np.float32) / np.float32(255.0)
+    a = weights[..., None].astype(np.float32) / np.float32(255.0)
+    return (c * a + generated * (np.float32(1.0) - a)).astype(np.float32, copy=False)
 
 
 def image_sha256(img: Image.Image) -> str:

@@ -35,6 +35,7 @@ from cg4ctr_fast.kernels.step import Blend, fused_unsupported_reason, make_step,
 from cg4ctr_fast.runtime.slots import Components
 
 GeneratorArg = Union[torch.Generator, list, None]
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")  # diffusers' names
 PROMPT_CACHE_SIZE = 1024  # embeddings are 77 × 768 fp32 ≈ 236 KB each at SD1.5 size: ≈ 240 MB at most
 
 
@@ -110,6 +111,9 @@ class CreativePipeline:
             None: the preset's resolution (64 for `tiny`, 512 for `sd15-inpaint`).
     Raises InputError for a bad saliency threshold, size or dilation.
     """
+
+    # The tensors a callback_on_step_end may read and replace: diffusers' StableDiffusionInpaintPipeline list.
+    _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds", "mask", "masked_image_latents"]
 
     def __init__(
         self,
@@ -379,8 +383,31 @@ class CreativePipeline:
         latents = DiagonalGaussianDistribution(moments).sample(generator=generator)
         return self.components.info.scaling_factor * latents
 
+    def saliency_settings(self) -> tuple[int, float]:
+        """(input size in px, threshold) the saliency net runs with: explicit values, else the net's config.
+
+        A net trained by `cg4ctr-train saliency` records its training size (e.g. 64) in its folder's
+        config.json and safetensors metadata; `load_saliency` puts it on `net.config`.  Nets without a
+        config (the official u2netp.pth, an ONNX engine) run at 320 px with threshold 0.5.
+        """
+        from cg4ctr_fast.models.saliency import SaliencyConfig
+
+        config = getattr(self.saliency, "config", None)
+        if not isinstance(config, SaliencyConfig):
+            config = SaliencyConfig()
+        size = self.saliency_size if self.saliency_size is not None else config.size
+        threshold = self.saliency_threshold if self.saliency_threshold is not None else config.threshold
+        return size, threshold
+
     def product_mask(self, rgb: Image.Image, mask_image=None, alpha_mask: Optional[Image.Image] = None) -> Image.Image:
-        """The repaint mask at the image's size: given, the image's alpha, or the saliency net's."""
+        """The repaint mask at the image's size: given, the image's alpha, or the saliency net's.
+
+        rgb: the product as the model sees it (mode "RGB", displayed orientation, sRGB).
+        mask_image: a path, bytes or PIL image of exactly rgb's size, EXIF-oriented like the image and
+            binarized at 128 (≥ 128 = repaint).  alpha_mask: the mask from the image's alpha.
+        Returns mode "L": 255 = repaint, 0 = keep.  Raises InputError for a mask of another size, an all-black
+        or all-white mask, or when there is no mask, no transparency and no saliency net.
+        """
         from cg4ctr_fast.imaging import check_mask, load_mask
 
         if mask_image is not None:
@@ -390,11 +417,10 @@ class CreativePipeline:
         elif self.saliency is not None:
             from cg4ctr_fast.models.saliency import mask_from_saliency, predict_saliency
 
+            size, threshold = self.saliency_settings()
             with self._stage("saliency"):
-                saliency_map = predict_saliency(self.saliency, rgb, size=self.saliency_size)
-            mask = mask_from_saliency(
-                saliency_map, threshold=self.saliency_threshold, dilate_px=self.saliency_dilate_px
-            )
+                saliency_map = predict_saliency(self.saliency, rgb, size=size)
+            mask = mask_from_saliency(saliency_map, threshold=threshold, dilate_px=self.saliency_dilate_px)
         else:
             raise InputError(
                 "no mask: pass mask_image (white = background to repaint), an RGBA image with transparency, "
@@ -424,11 +450,78 @@ class CreativePipeline:
         seed: int = 0,
         show_progress: bool = True,
         return_latents: bool = False,
+        callback_on_step_end: Optional[Callable] = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
     ) -> list[Creative]:
+        """Generate creatives: one product image, one prompt per user group, one denoising loop for all.
+
+        Args:
+            prompt: a string or a list of strings, one per user group (group g = prompt g).
+            image: the product photo: a path, raw file bytes, a PIL image, or an `imaging.ProductImage`.
+                Every input type takes the same load path (`imaging.load_product`): EXIF orientation
+                applied (the photo as a viewer displays it), an embedded non-sRGB ICC profile (Display
+                P3, Adobe RGB, CMYK) converted to sRGB, straight alpha kept for the composite.  At most
+                4096 × 4096 pixels and 64 MiB; any mode (grayscale, palette, CMYK, 16-bit) is converted.
+            mask_image: white (≥ 128) = background to repaint, black = product to keep; a path, bytes or
+                PIL image of exactly the image's displayed size.  None: the image's alpha (alpha < 128 is
+                repainted), else the attached saliency net.
+            negative_prompt: a string or one per prompt (used when guidance_scale > 1); None = "".
+            num_inference_steps: denoising steps (≥ 1, at most what the scheduler was trained with).
+            guidance_scale: classifier-free guidance weight w ≥ 0; guidance runs when w > 1.
+            strength: in [0, 1]; 1 starts from pure noise, lower values start from the noised product
+                photo and run int(num_inference_steps × strength) steps.
+            num_images_per_prompt: creatives per group (≥ 1); the batch is groups × this.
+            generator: None (default): each creative's noise comes from its own seed,
+                hashlib(sha256 of the sRGB product pixels, prompt, index within the group, `seed`), so the
+                same request gives the same pixels in any process and a creative does not depend on the
+                other groups in the batch; `Creative.seed` records it.  A torch.Generator, or a list of
+                one per creative, is used as diffusers uses it (noise drawn from it; the product is
+                VAE-encoded with the first one); `Creative.seed` is then None.
+            output_type: "pil" (default), "np", "pt" or "latent"; see `Creative.image` for shapes,
+                dtypes and ranges.  "np" and "pt" composite in float (no 8-bit rounding of the background),
+                "pil" in 8-bit integers (the two agree to within one 8-bit step).  "latent" skips the VAE
+                decode, the composite and the reward model.
+            composite: paste the product back after decoding (default True): opaque product pixels are
+                copied bit for bit from the sRGB input, partially transparent ones (an RGBA cut-out's
+                anti-aliased edge) are blended over the generated background, C·a + G·(1 − a)
+                (`imaging.composite` states the rounding).  False: the decoder's output as is.
+            height, width: the size in pixels the model runs at, positive multiples of 8.  By default the
+                input is resized (aspect ratio kept) so its longer side equals the preset's resolution
+                (`max_side`: 64 for `tiny`, 512 for `sd15-inpaint`), each side rounded to the nearest
+                multiple of 8 (`imaging.working_size`); height / width override that.  The creatives come
+                back at the input's own size either way (except "latent", and "np" / "pt" without
+                composite).
+            eta: DDIM's η (0 = deterministic DDIM); ignored by other schedulers.
+            seed: mixed into every derived seed (ignored with `generator`).
+            show_progress: a tqdm bar over the denoising steps.
+            return_latents: also return each creative's final latents in `Creative.latents`.
+            callback_on_step_end: diffusers' contract: called after each denoising step (after the
+                scheduler step and, for a 4-channel UNet, the masked blend) as
+                callback_on_step_end(pipeline, i, t, callback_kwargs) with the step index i, the timestep
+                t and a dict holding the tensors named in `callback_on_step_end_tensor_inputs`; it returns
+                a dict, and any of "latents", "prompt_embeds", "mask", "masked_image_latents" in it replaces
+                that tensor for the following steps ("negative_prompt_embeds" is accepted and, as in
+                diffusers, not read again).  A diffusers `PipelineCallback` / `MultiPipelineCallbacks`
+                supplies its own tensor_inputs; callbacks that change pipeline attributes (such as
+                `_guidance_scale`) are not honoured.  Shapes as in diffusers: latents [B, C, h, w];
+                prompt_embeds [2B, 77, D] with guidance ([negatives; prompts]), else [B, 77, D];
+                mask [2B or B, 1, h, w] in {0, 1}; masked_image_latents [2B or B, C, h, w].
+            callback_on_step_end_tensor_inputs: names from `_callback_tensor_inputs` (default ["latents"]).
+
+        Returns: a list of groups × num_images_per_prompt `Creative`s, group-major (group 0's images first).
+
+        Raises:
+            InputError (a ValueError) for anything the caller controls: an unreadable, corrupt, oversized or
+                empty image or mask, a mask of another size or marking nothing / everything, no mask at
+                all, a bad step count, guidance, strength, size, output type, negative-prompt or generator
+                count, a non-UTF-8 prompt, an unknown callback tensor name, or a callback returning
+                something other than a dict.
+            RuntimeError when the VAE decode gives NaN/Inf even in float32.
+        """
         from diffusers.utils.torch_utils import randn_tensor
         from tqdm.auto import tqdm
 
-        from cg4ctr_fast.imaging import image_sha256, load_image, to_rgb_and_alpha_mask, working_size
+        from cg4ctr_fast.imaging import image_sha256, load_product, working_size
 
         comps = self.components
         info = comps.info
@@ -440,11 +533,18 @@ class CreativePipeline:
         for side_name, side in (("height", height), ("width", width)):
             if side is not None and (side <= 0 or side % 8):
                 raise InputError(f"{side_name} must be a positive multiple of 8, got {side}")
+        callback_inputs = _callback_tensor_names(callback_on_step_end, callback_on_step_end_tensor_inputs)
 
         # 1. product image and mask -------------------------------------------------------------
-        source = image if isinstance(image, Image.Image) else load_image(image, what="image")
-        rgb, alpha_mask = to_rgb_and_alpha_mask(source)
-        mask = self.product_mask(rgb, mask_image, alpha_mask)
+        # One load path for every input type: oriented, sRGB, straight alpha (imaging.load_product).
+        product = load_product(image, what="image")
+        rgb = product.model_rgb
+        mask = self.product_mask(rgb, mask_image, product.alpha_mask)
+        # The composite's keep region: the mask's black part; when the mask comes from the alpha itself, every
+        # pixel with alpha > 0, so the anti-aliased outer edge (alpha 1..127) blends over the new background.
+        paste_mask = mask
+        if mask_image is None and product.alpha_mask is not None:
+            paste_mask = Image.fromarray(np.where(product.alpha > 0, 0, 255).astype(np.uint8))
         work_w, work_h = working_size(rgb.width, rgb.height, self.max_side)
         height = height or work_h
         width = width or work_w
@@ -533,6 +633,43 @@ class CreativePipeline:
                 blend = Blend(mask_latents, image_latents.expand(batch, -1, -1, -1), noise, next_t)
             with self._stage("step"):
                 latents = stepper(noise_pred, t, latents, blend=blend)
+            if callback_on_step_end is not None:
+                # diffusers' names for our tensors: "mask" / "masked_image_latents" are the UNet's inputs
+                # (doubled under guidance), "negative_prompt_embeds" the negative half of prompt_embeds.
+                tensors = {
+                    "latents": latents,
+                    "prompt_embeds": prompt_embeds,
+                    "negative_prompt_embeds": prompt_embeds[:batch] if do_cfg else None,
+                    "mask": unet_mask,
+                    "masked_image_latents": unet_masked_latents,
+                }
+                outputs = callback_on_step_end(self, i, t, {k: tensors[k] for k in callback_inputs})
+                if not isinstance(outputs, dict):
+                    raise InputError(
+                        f"callback_on_step_end must return a dict (diffusers' contract), got {type(outputs).__name__}"
+                    )
+                latents = outputs.pop("latents", latents)
+                prompt_embeds = outputs.pop("prompt_embeds", prompt_embeds)
+                if "mask" in outputs:
+                    unet_mask = outputs.pop("mask")
+                    # The 4-channel blend reads the unguided half, as diffusers' mask.chunk(2) does.
+                    mask_latents = unet_mask.chunk(2)[0] if do_cfg else unet_mask
+                unet_masked_latents = outputs.pop("masked_image_latents", unet_masked_latents)
+
+        if output_type == "latent":
+            # diffusers returns the scaled latents themselves: no decode, so no composite and no reward.
+            return [
+                Creative(
+                    image=latents[k],
+                    prompt=creative_prompts[k],
+                    group=k // num_images_per_prompt,
+                    index=k % num_images_per_prompt,
+                    seed=seeds[k],
+                    mask=mask,
+                    latents=latents[k].detach().float().cpu() if return_latents else None,
+                )
+                for k in range(batch)
+            ]
 
         # 8. decode -----------------------------------------------------------------------------
         with self._stage("vae_decode"):
@@ -548,7 +685,7 @@ class CreativePipeline:
 
         # 9. postprocess, restore the original size, paste the product back ------------------
         with self._stage("composite"):
-            images = self._postprocess(decoded, rgb, mask, composite=composite, output_type=output_type)
+            images = self._postprocess(decoded, product, paste_mask, composite=composite, output_type=output_type)
         creatives = [
             Creative(
                 image=out,
@@ -570,7 +707,6 @@ class CreativePipeline:
                 creative.reward = float(score)
         return creatives
 
-
     def _make_stepper(self, scheduler, guidance_scale: float, do_cfg: bool, eta: float, generator, device):
         """The per-step work outside the UNet: fused when asked (or on CUDA), else diffusers' literal sequence."""
         fuse = self.fuse_step
@@ -583,20 +719,34 @@ class CreativePipeline:
             return make_step(scheduler, guidance_scale, do_cfg, fused=True, backend=self.step_backend, eta=eta)
         return make_step(scheduler, guidance_scale, do_cfg, fused=False, eta=eta, generator=generator)
 
-    def _postprocess(self, decoded, rgb: Image.Image, mask: Image.Image, *, composite: bool, output_type: str):
-        """Decoder output → images at the original size, with the original product pixels when compositing."""
-        from cg4ctr_fast.imaging import composite as paste_product
+    def _postprocess(self, decoded, product, paste_mask: Image.Image, *, composite: bool, output_type: str):
+        """Decoder output → images at the original size, with the original product pixels when compositing.
 
-        if not composite and output_type == "np":
-            return list(self.image_processor.postprocess(decoded, output_type="np"))
-        images: list[Any] = []
-        for generated in self.image_processor.postprocess(decoded, output_type="pil"):
-            if generated.size != rgb.size:
-                generated = generated.resize(rgb.size, Image.LANCZOS)
-            if composite:
-                generated = paste_product(rgb, generated, mask)
-            images.append(generated if output_type == "pil" else np.asarray(generated, dtype=np.float32) / 255.0)
-        return images
+        "pil": 8-bit, resized with LANCZOS in 8 bits, composited in integers (imaging.composite).
+        "np" / "pt": float, resized per channel with LANCZOS in 32-bit float and clipped to [0, 1], composited
+        in float (imaging.composite_float), so no 8-bit rounding; the same floats for both.
+        """
+        from cg4ctr_fast.imaging import composite as paste_product
+        from cg4ctr_fast.imaging import composite_float
+
+        rgb = product.rgb
+        if not composite and output_type in ("np", "pt"):
+            arrays = self.image_processor.postprocess(decoded, output_type="np")
+            return [_as_output(a, output_type) for a in arrays]
+        if output_type == "pil":
+            images: list[Any] = []
+            for generated in self.image_processor.postprocess(decoded, output_type="pil"):
+                if generated.size != rgb.size:
+                    generated = generated.resize(rgb.size, Image.LANCZOS)
+                if composite:
+                    generated = paste_product(rgb, generated, paste_mask, product.alpha)
+                images.append(generated)
+            return images
+        out = []
+        for generated in self.image_processor.postprocess(decoded, output_type="np"):
+            generated = _resize_float(generated, rgb.size)
+            out.append(_as_output(composite_float(rgb, generated, paste_mask, product.alpha), output_type))
+        return out
 
 
 def _check_call_args(prompts, steps, guidance, strength, per_prompt, output_type, scheduler=None) -> None:
@@ -620,8 +770,44 @@ def _check_call_args(prompts, steps, guidance, strength, per_prompt, output_type
         check_steps(scheduler, steps, strength)
     if not isinstance(per_prompt, int) or per_prompt <= 0:
         raise InputError(f"num_images_per_prompt must be a positive integer, got {per_prompt}")
-    if output_type not in ("pil", "np"):
-        raise InputError(f"output_type must be 'pil' or 'np', got {output_type!r}")
+    if output_type not in OUTPUT_TYPES:
+        raise InputError(f"output_type must be one of {', '.join(map(repr, OUTPUT_TYPES))}, got {output_type!r}")
+
+
+def _callback_tensor_names(callback, names) -> list[str]:
+    """diffusers' check: every requested tensor must be one of `_callback_tensor_inputs`."""
+    if callback is not None and not callable(callback):
+        raise InputError(f"callback_on_step_end must be callable, got {type(callback).__name__}")
+    # PipelineCallback / MultiPipelineCallbacks name their own inputs, as diffusers reads them.
+    names = list(getattr(callback, "tensor_inputs", None) or names or [])
+    unknown = [n for n in names if n not in CreativePipeline._callback_tensor_inputs]
+    if unknown:
+        raise InputError(
+            f"callback_on_step_end_tensor_inputs has to be in {CreativePipeline._callback_tensor_inputs}, "
+            f"but found {unknown}"
+        )
+    return names if callback is not None else []
+
+
+def _resize_float(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """float32 [h, w, 3] → [H, W, 3] with Pillow's LANCZOS per channel in 32-bit float, clipped to [0, 1]."""
+    if image.shape[1] == size[0] and image.shape[0] == size[1]:
+        return np.asarray(image, dtype=np.float32)
+    channels = [
+        np.asarray(Image.fromarray(np.ascontiguousarray(image[..., c], dtype=np.float32))
+                   .resize(size, Image.Resampling.LANCZOS))
+        for c in range(image.shape[-1])
+    ]
+    # LANCZOS overshoots at edges (negative lobes); the decoder's range is [0, 1].
+    return np.clip(np.stack(channels, axis=-1), 0.0, 1.0).astype(np.float32, copy=False)
+
+
+def _as_output(image: np.ndarray, output_type: str):
+    """float32 [H, W, 3] → itself ("np") or a float32 [3, H, W] CPU tensor with the same values ("pt")."""
+    image = np.asarray(image, dtype=np.float32)
+    if output_type == "pt":
+        return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+    return image
 
 
 def _negative_prompts(negative_prompt, n: int) -> list[str]:

@@ -8,9 +8,16 @@ Mask convention (diffusers inpainting): 255 / white = repaint (background), 0 / 
 
 The network's module names follow the official implementation so that the published `u2netp.pth`
 loads key for key (686 tensors, plus optional `num_batches_tracked` counters).
+
+The net's own config decides how it runs: `U2NetP.config` (a `SaliencyConfig`) holds the input size
+and threshold.  `load_saliency` fills it from the folder's `config.json` (written by `cg4ctr-train
+saliency`, which trains at 64 px) or the safetensors metadata; weights without either (the official
+u2netp.pth) run at 320 px, the size they were trained for.  A 64-px net run at 320 px kept 57 of 1,681
+product pixels.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import tempfile
@@ -36,7 +43,13 @@ __all__ = [
     "predict_saliency",
     "preprocess",
     "save_saliency",
+    "CONFIG_FILE",
+    "WEIGHTS_FILE",
 ]
+
+CONFIG_FILE = "config.json"  # beside the weights in a `cg4ctr-train saliency` folder
+WEIGHTS_FILE = "saliency.safetensors"
+_CONFIG_KEYS = {"size", "threshold", "dilate_px", "architecture"}
 
 # ImageNet statistics, as in the official u2net_test.py (ToTensorLab, flag=0).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -171,8 +184,10 @@ class U2NetP(nn.Module):
     training use the numerically stable BCE-with-logits.
     """
 
-    def __init__(self, in_ch: int = 3, out_ch: int = 1) -> None:
+    def __init__(self, in_ch: int = 3, out_ch: int = 1, config: "SaliencyConfig | None" = None) -> None:
         super().__init__()
+        # How this net runs (input size, threshold): set by load_saliency from the net's own files.
+        self.config = config or SaliencyConfig()
         # Every stage is 16 mid / 64 out channels: that is what makes "-p" 1.13 M parameters
         # (4.7 MB fp32) against 44 M for the full U^2-Net.
         self.stage1 = RSU(7, in_ch, 16, 64)
@@ -302,15 +317,76 @@ def _read_state_dict(path: Path) -> Mapping[str, object]:
     raise InputError(f"{where}: unknown extension {path.suffix!r}; use .pth, .pt or .safetensors")
 
 
-def load_saliency(path: str | os.PathLike[str]) -> U2NetP:
-    """Load a U2NetP from `.pth`/`.pt` (bare or {"state_dict": ...}, optional "module." prefix) or `.safetensors`.
+def _resolve_weights(path: Path) -> Path:
+    """The weights file for `path`: itself, or inside a folder saliency.safetensors / its only weights file."""
+    if not path.is_dir():
+        return path
+    if (path / WEIGHTS_FILE).is_file():
+        return path / WEIGHTS_FILE
+    found = sorted(p for p in path.iterdir()
+                   if p.is_file() and p.suffix.lower() in (*_TORCH_SUFFIXES, _SAFETENSORS_SUFFIX))
+    if len(found) != 1:
+        what = "no weights file" if not found else f"{len(found)} weights files ({_name_some([p.name for p in found])})"
+        raise InputError(f"saliency folder {path}: {what}; expected {WEIGHTS_FILE} (as cg4ctr-train saliency writes)")
+    return found[0]
 
+
+def _config_from_dict(values: Mapping, where: str) -> SaliencyConfig:
+    kwargs = {key: values[key] for key in ("size", "threshold", "dilate_px") if key in values}
+    try:
+        return SaliencyConfig(**kwargs)
+    except InputError as error:
+        raise InputError(f"{where}: {error}") from error
+
+
+def _read_config(weights: Path) -> SaliencyConfig | None:
+    """The net's own config: `config.json` beside the weights, else the safetensors metadata, else None.
+
+    A config.json is read only when it looks like a saliency config (a "size" and no keys other than
+    size / threshold / dilate_px / architecture), so the official u2netp.pth next to some other
+    project's config.json still runs at its 320 px.  Bad values in a saliency config raise InputError.
+    """
+    config_path = weights.parent / CONFIG_FILE
+    if config_path.is_file():
+        try:
+            values = json.loads(config_path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as error:
+            raise InputError(f"saliency config {config_path}: cannot read as JSON ({_one_line(error)})") from error
+        if isinstance(values, dict) and "size" in values and set(values) <= _CONFIG_KEYS:
+            return _config_from_dict(values, f"saliency config {config_path}")
+    if weights.suffix.lower() == _SAFETENSORS_SUFFIX:
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(weights), framework="pt") as handle:
+                metadata = handle.metadata() or {}
+        except Exception:  # noqa: BLE001 - unreadable files are reported by _read_state_dict
+            return None
+        if "input_size" in metadata:
+            try:
+                values = {"size": int(metadata["input_size"])}
+                if "threshold" in metadata:
+                    values["threshold"] = float(metadata["threshold"])
+            except ValueError as error:
+                raise InputError(f"saliency checkpoint {weights}: bad metadata ({_one_line(error)})") from error
+            return _config_from_dict(values, f"saliency checkpoint {weights}")
+    return None
+
+
+def load_saliency(path: str | os.PathLike[str]) -> U2NetP:
+    """Load a U2NetP from `.pth`/`.pt` (bare or {"state_dict": ...}, optional "module." prefix) or `.safetensors`,
+    or from a folder written by `cg4ctr-train saliency` (saliency.safetensors + config.json).
+
+    The returned net's `config` (SaliencyConfig: input size in px, threshold) is its own: the folder's
+    config.json (beside the weights), else the safetensors metadata `save_saliency` writes, else the
+    official defaults (320 px, 0.5).  `CreativePipeline` runs the net with it unless told otherwise.
     Strict: missing keys, unexpected keys or wrong shapes raise InputError (one line). The optional
     `*.num_batches_tracked` BatchNorm counters are accepted but not required. Returns the model in eval mode.
     """
-    path = Path(path)
+    path = _resolve_weights(Path(path))
     where = f"saliency checkpoint {path}"
     raw = _read_state_dict(path)
+    config = _read_config(path) if path.is_file() else None
 
     state: dict[str, torch.Tensor] = {}
     for key, value in raw.items():
@@ -319,7 +395,7 @@ def load_saliency(path: str | os.PathLike[str]) -> U2NetP:
         # nn.DataParallel / DDP checkpoints prefix every key with "module.".
         state[key.removeprefix("module.")] = value
 
-    model = U2NetP()
+    model = U2NetP(config=config)
     expected = model.state_dict()
     required = [key for key in expected if not key.endswith(_NUM_BATCHES_TRACKED)]
     missing = [key for key in required if key not in state]
@@ -345,7 +421,10 @@ def load_saliency(path: str | os.PathLike[str]) -> U2NetP:
 
 
 def save_saliency(model: U2NetP, path: str | os.PathLike[str]) -> Path:
-    """Write the model's weights as safetensors, atomically: a reader never sees a half-written file."""
+    """Write the model's weights as safetensors, atomically: a reader never sees a half-written file.
+
+    The metadata records `model.config` (input_size, threshold), so the file alone runs at its own size.
+    """
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -362,7 +441,10 @@ def save_saliency(model: U2NetP, path: str | os.PathLike[str]) -> Path:
     handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(handle)
     try:
-        save_file(tensors, tmp_name, metadata={"format": "pt", "architecture": "u2netp"})
+        config = getattr(model, "config", None) or SaliencyConfig()
+        metadata = {"format": "pt", "architecture": "u2netp",
+                    "input_size": str(int(config.size)), "threshold": repr(float(config.threshold))}
+        save_file(tensors, tmp_name, metadata=metadata)
         os.replace(tmp_name, path)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
