@@ -24,7 +24,7 @@ $(VENV)/.setup-done: $(BIN)/python pyproject.toml constraints.txt
 setup: $(VENV)/.setup-done
 
 demo: setup
-	$(BIN)/cg4ctr demo --out out/demo
+	$(BIN)/cg4ctr demo --out out/demo --overwrite
 
 test: setup
 	$(BIN)/python -m pytest -q

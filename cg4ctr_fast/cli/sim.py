@@ -1,12 +1,13 @@
 """`cg4ctr-sim`: the synthetic ad world from the command line.
 
-    cg4ctr-sim logs --out data/sim [--seed 0] [--products 48] [--creatives-per-product 8] [--days 14]
-                    [--image-size 64] [--groups 8] [--quiet]
+    cg4ctr-sim logs --out data/sim [--overwrite] [--seed 0] [--products 48] [--creatives-per-product 8]
+                    [--days 14] [--image-size 64] [--groups 8] [--quiet]
     cg4ctr-sim oracle (--data data/sim | --seed 0 [--groups 8]) [--item ID]
-    cg4ctr-sim sheet --out sheet.png [--seed 0] [--image-size 64]
+    cg4ctr-sim sheet --out sheet.png [--overwrite] [--seed 0] [--image-size 64]
 
-Bad arguments get one line on stderr and exit code 2; nothing is written (the dataset folder is built in a
-temporary folder and renamed at the end). The world is synthetic: see docs/sim.md.
+Bad arguments get one line on stderr and exit code 2 (`cg4ctr_fast.cli.common.run_cli`); nothing is
+written (the dataset folder is built in a temporary folder and renamed at the end; an existing, non-empty
+`--out` needs `--overwrite`). The world is synthetic: see docs/sim.md.
 """
 from __future__ import annotations
 
@@ -14,18 +15,28 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from cg4ctr_fast.cli.main import EXIT_BAD_INPUT, OneLineParser
+from cg4ctr_fast.cli.common import (
+    OneLineParser,
+    add_overwrite,
+    add_subcommand,
+    add_subcommands,
+    check_out_dir,
+    check_out_file,
+    make_parser,
+    run_cli,
+)
 from cg4ctr_fast.errors import InputError
 
 PROG = "cg4ctr-sim"
 
 
 def build_parser() -> OneLineParser:
-    parser = OneLineParser(prog=PROG, description="Synthetic ad world: products, user groups, click logs, oracle CTR.")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+    parser = make_parser(PROG, "Synthetic ad world: products, user groups, click logs, oracle CTR.")
+    sub = add_subcommands(parser)
 
-    logs = sub.add_parser("logs", help="write a simulated dataset: images, masks, groups, items, creatives, click logs")
-    logs.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
+    logs = add_subcommand(sub, "logs", "write a simulated dataset: images, masks, groups, items, creatives, click logs")
+    logs.add_argument("--out", required=True, help="output folder")
+    add_overwrite(logs)
     logs.add_argument("--seed", type=int, default=0, help="world seed (default 0): same seed, same dataset")
     logs.add_argument("--products", type=int, default=48, help="number of products (default 48)")
     logs.add_argument("--creatives-per-product", type=int, default=8, help="creatives per product (default 8)")
@@ -34,14 +45,15 @@ def build_parser() -> OneLineParser:
     logs.add_argument("--groups", type=int, default=8, help="number of user groups, 1..64 (default 8)")
     logs.add_argument("--quiet", action="store_true", help="no progress bar or summary line")
 
-    oracle = sub.add_parser("oracle", help="print each group's best caption and its CTR lift (the hidden truth)")
+    oracle = add_subcommand(sub, "oracle", "print each group's best caption and its CTR lift (the hidden truth)")
     oracle.add_argument("--data", help="a dataset folder written by `cg4ctr-sim logs` (its world.json)")
     oracle.add_argument("--seed", type=int, default=0, help="world seed when --data is not given")
     oracle.add_argument("--groups", type=int, default=8, help="number of groups when --data is not given")
     oracle.add_argument("--item", type=int, default=None, help="score captions on this product (default: no product)")
 
-    sheet = sub.add_parser("sheet", help="a contact sheet: one row per vocabulary category, plus a row of products")
+    sheet = add_subcommand(sub, "sheet", "a contact sheet: one row per vocabulary category, plus a row of products")
     sheet.add_argument("--out", required=True, help="PNG file to write")
+    add_overwrite(sheet)
     sheet.add_argument("--seed", type=int, default=0)
     sheet.add_argument("--image-size", type=int, default=64)
     return parser
@@ -61,21 +73,26 @@ def _check_common(args) -> None:
 def cmd_logs(args) -> int:
     from tqdm import tqdm
 
+    from cg4ctr_fast.fileio import atomic_dir
     from cg4ctr_fast.sim.dataset import write_dataset
 
     _check_common(args)
+    out = check_out_dir(args.out, overwrite=args.overwrite)
     bar = None
 
     def on_start(total: int) -> None:
         nonlocal bar
         bar = tqdm(total=total, desc=PROG, unit="img", disable=args.quiet, file=sys.stderr, leave=False)
 
+    # write_dataset fills the fresh temporary folder; atomic_dir then renames it onto --out (replacing it
+    # with --overwrite), so an old dataset stays whole until the new one is complete.
     try:
-        summary = write_dataset(
-            Path(args.out), seed=args.seed, n_products=args.products, creatives_per_product=args.creatives_per_product,
-            days=args.days, image_size=args.image_size, n_groups=args.groups,
-            progress=lambda n: bar.update(n) if bar is not None else None, on_start=on_start,
-        )
+        with atomic_dir(out) as tmp:
+            summary = write_dataset(
+                tmp, seed=args.seed, n_products=args.products, creatives_per_product=args.creatives_per_product,
+                days=args.days, image_size=args.image_size, n_groups=args.groups,
+                progress=lambda n: bar.update(n) if bar is not None else None, on_start=on_start,
+            )
     finally:
         if bar is not None:
             bar.close()
@@ -84,7 +101,7 @@ def cmd_logs(args) -> int:
         print(
             f"wrote {summary['products']} products, {summary['creatives']} creatives, {summary['rows']} log rows "
             f"({summary['impressions']} impressions, {summary['clicks']} clicks, CTR {ctr:.2%}; true CTR "
-            f"{summary['true_ctr_min']:.2%}..{summary['true_ctr_max']:.2%}) to {summary['out']} "
+            f"{summary['true_ctr_min']:.2%}..{summary['true_ctr_max']:.2%}) to {out} "
             f"in {summary['seconds']:.1f} s",
             file=sys.stderr,
         )
@@ -123,8 +140,12 @@ def cmd_sheet(args) -> int:
 
     _check_common(args)
     out = Path(args.out)
-    if out.is_dir():
-        raise InputError(f"{out}: is a directory; --out takes a PNG file name")
+    if out.suffix.lower() != ".png":
+        raise InputError(f"--out {out}: takes a .png file name")
+    if not out.parent.exists():  # as atomic_dir does for folders: missing parents are created
+        check_out_dir(out.parent, overwrite=True, flag="--out")
+    else:
+        check_out_file(out, flag="--out", overwrite=args.overwrite)
     world = World(seed=args.seed, image_size=args.image_size)
     base = {"palette": "warm", "texture": "smooth", "scene": "studio", "lighting": "soft"}
     rng = np.random.default_rng([args.seed, 7])
@@ -147,21 +168,11 @@ def cmd_sheet(args) -> int:
     return 0
 
 
+COMMANDS = {"logs": cmd_logs, "oracle": cmd_oracle, "sheet": cmd_sheet}
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        if args.command == "logs":
-            return cmd_logs(args)
-        if args.command == "oracle":
-            return cmd_oracle(args)
-        if args.command == "sheet":
-            return cmd_sheet(args)
-    except InputError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    parser.error(f"unknown command {args.command!r}")
-    return EXIT_BAD_INPUT
+    return run_cli(PROG, build_parser(), lambda args: COMMANDS[args.command](args), argv)
 
 
 if __name__ == "__main__":

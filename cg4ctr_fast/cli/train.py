@@ -5,10 +5,12 @@
     cg4ctr-train ablate --config FILE --seeds N --out DIR
 
 Subcommands live in `SUBCOMMANDS` (name → Subcommand(help, add_arguments, run)); to add one, write
-its two functions and add an entry.  `run(args)` returns
-the exit code and raises `InputError` for bad input, which `main` prints as one line on stderr with
-exit code 2.  Outputs are written to a temporary folder renamed at the end, so a failed run leaves
-nothing behind; `cycle` writes one such folder per cycle and resumes from the last one.
+its two functions and add an entry.  `run(args)` returns the exit code and raises `InputError` for bad
+input, which `main` (`cg4ctr_fast.cli.common.run_cli`) prints as one line on stderr with exit code 2.
+Every output path is checked before any work: an existing, non-empty `--out` needs `--overwrite`.
+Outputs are written to a temporary folder renamed at the end, so a failed run leaves nothing behind;
+`cycle` writes one such folder per cycle and resumes from the last one (`--resume`), `ablate` resumes
+when rerun on the same folder.
 """
 from __future__ import annotations
 
@@ -17,7 +19,14 @@ import sys
 from pathlib import Path
 from typing import Callable, NamedTuple, Optional, Sequence
 
-from cg4ctr_fast.cli.main import EXIT_BAD_INPUT, OneLineParser, _quiet_libraries
+from cg4ctr_fast.cli.common import (
+    add_overwrite,
+    add_subcommand,
+    add_subcommands,
+    check_out_dir,
+    make_parser,
+    run_cli,
+)
 from cg4ctr_fast.errors import InputError
 
 PROG = "cg4ctr-train"
@@ -29,29 +38,9 @@ class Subcommand(NamedTuple):
     run: Callable[[argparse.Namespace], int]
 
 
-def check_out_dir(out: Path, allowed: frozenset, overwrite: bool) -> None:
-    """Refuse an --out that is a file, or a non-empty folder unless --overwrite and it only holds our files."""
-    if out.exists() and not out.is_dir():
-        raise InputError(f"{out}: exists and is not a directory; choose another --out")
-    if out.is_dir():
-        present = {p.name for p in out.iterdir()}
-        if not present:
-            return
-        if not overwrite:
-            raise InputError(f"{out}: output folder exists and is not empty; choose another --out or pass --overwrite")
-        foreign = sorted(present - allowed)
-        if foreign:
-            raise InputError(
-                f"{out}: --overwrite only replaces a folder this command wrote, but it holds {', '.join(foreign[:5])}"
-            )
-
-
 # --------------------------------------------------------------------------------------------
 # reward
 # --------------------------------------------------------------------------------------------
-
-REWARD_FILES = frozenset({"model.safetensors", "config.json", "vocab.json", "metrics.json"})
-
 
 def _reward_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="logs folder: sim world, CreativeRanking list + images/, or CG4CTR JSON + images/")
@@ -68,7 +57,7 @@ def _reward_arguments(p: argparse.ArgumentParser) -> None:
                    help="torch threads while training (default 1: the ops are small, and extra threads slow down badly on a busy machine)")
     p.add_argument("--layout", choices=("sim", "creative_ranking", "cg4ctr_json"), default=None,
                    help="data layout (default: detected)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing model folder written by this command")
+    add_overwrite(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars or summary line")
 
 
@@ -80,8 +69,9 @@ def _run_reward(args: argparse.Namespace) -> int:
         epochs=args.epochs, seed=args.seed, test_fraction=args.test_fraction, val_fraction=args.val_fraction,
         image_size=args.image_size, batch_items=args.batch_items, lr=args.lr, threads=args.threads,
     )
-    out = Path(args.out)
-    check_out_dir(out, REWARD_FILES, args.overwrite)
+    out = check_out_dir(args.out, overwrite=args.overwrite)
+    if not Path(args.data).is_dir():
+        raise InputError(f"--data {args.data}: folder not found")
     log = load_ad_log(args.data, layout=args.layout)
     result = train_reward(log, config, progress=not args.quiet)
     save_reward_run(result, out)
@@ -108,7 +98,8 @@ def _run_reward(args: argparse.Namespace) -> int:
 
 def _world_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="a synthetic-world folder written by `cg4ctr-sim logs`")
-    p.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
+    p.add_argument("--out", required=True, help="output folder")
+    add_overwrite(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -116,9 +107,9 @@ def _world_arguments(p: argparse.ArgumentParser) -> None:
 def _load_world_data(args):
     from cg4ctr_fast.sim import load_dataset
 
+    check_out_dir(args.out, overwrite=args.overwrite)
     if not (Path(args.data) / "world.json").is_file():
         raise InputError(f"{args.data}: not a synthetic-world folder (no world.json); write one with `cg4ctr-sim logs`")
-    check_out_dir(Path(args.out), frozenset(), overwrite=False)
     return load_dataset(args.data)
 
 
@@ -161,6 +152,7 @@ def _base_arguments(p: argparse.ArgumentParser) -> None:
 def _run_base(args: argparse.Namespace) -> int:
     import json
 
+    from cg4ctr_fast.fileio import atomic_dir
     from cg4ctr_fast.training.base import BaseTrainConfig, train_generator
     from cg4ctr_fast.training.toy import HELD_OUT_ITEM_BASE, generator_dataset, steering_effect
 
@@ -170,16 +162,17 @@ def _run_base(args: argparse.Namespace) -> int:
     items = sorted(int(i) for i in dataset.items["item_id"])
     cfg = BaseTrainConfig(seed=args.seed, n_images=args.images, vae_steps=args.vae_steps, unet_steps=args.unet_steps)
     data = generator_dataset(dataset.world, cfg.n_images, items, args.seed)
-    train_generator(data, args.out, cfg, progress=not args.quiet, log=lambda m: print(m, file=sys.stderr))
-    if args.steering:
-        from cg4ctr_fast.fileio import atomic_write_bytes
-        from cg4ctr_fast.pipeline import CreativePipeline
+    # One atomic folder for the weights and steering.json: train_generator replaces the empty `tmp`.
+    with atomic_dir(args.out) as tmp:
+        train_generator(data, tmp, cfg, progress=not args.quiet, log=lambda m: print(m, file=sys.stderr))
+        if args.steering:
+            from cg4ctr_fast.pipeline import CreativePipeline
 
-        pipe = CreativePipeline.from_pretrained(args.out)
-        effect = steering_effect(pipe, dataset.world, [HELD_OUT_ITEM_BASE + k for k in range(4)], seed=args.seed)
-        atomic_write_bytes(Path(args.out) / "steering.json", (json.dumps(effect, indent=2) + "\n").encode())
-        for name, row in effect.items():
-            print(f"steering {name}: {row['feature']} Cohen's d {row['cohens_d']:+.2f}", file=sys.stderr)
+            pipe = CreativePipeline.from_pretrained(str(tmp))
+            effect = steering_effect(pipe, dataset.world, [HELD_OUT_ITEM_BASE + k for k in range(4)], seed=args.seed)
+            (tmp / "steering.json").write_text(json.dumps(effect, indent=2) + "\n")
+            for name, row in effect.items():
+                print(f"steering {name}: {row['feature']} Cohen's d {row['cohens_d']:+.2f}", file=sys.stderr)
     return 0
 
 
@@ -190,13 +183,15 @@ def _prompt_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _run_prompt(args: argparse.Namespace) -> int:
+    from cg4ctr_fast.fileio import atomic_dir
     from cg4ctr_fast.training.toy import ToyConfig, train_prompt_on_dataset
 
     _positive("--epochs", args.epochs)
     _positive("--top-k", args.top_k)
     dataset = _load_world_data(args)
-    metrics = train_prompt_on_dataset(dataset, Path(args.out),
-                                      ToyConfig(seed=args.seed, prompt_epochs=args.epochs, prompt_top_k=args.top_k))
+    with atomic_dir(args.out) as tmp:  # the model and its metrics.json appear together or not at all
+        metrics = train_prompt_on_dataset(dataset, tmp,
+                                          ToyConfig(seed=args.seed, prompt_epochs=args.epochs, prompt_top_k=args.top_k))
     print(f"prompt model: oracle-token agreement {metrics['oracle_token_agreement_mean']:.2f}, proposal CTR / "
           f"best caption CTR {metrics['proposal_ctr_over_best_caption_ctr']:.2f} → {args.out}", file=sys.stderr)
     return 0
@@ -221,8 +216,9 @@ def _run_cycle(args: argparse.Namespace) -> int:
     config = load_cycle_config(args.config)
     history = run_cycles(config, Path(args.out), resume=args.resume, progress=not args.quiet, log=main_log(args.quiet))
     last = history[-1]["eval"]
-    print(f"cycle {history[-1]['cycle']}: held-out lift {last['lift_mean']:+.3f} (cycle 0: "
-          f"{history[0]['eval']['lift_mean']:+.3f}) → {args.out}", file=sys.stderr)
+    print(f"cycle {history[-1]['cycle']}: held-out aggregate CTR lift {last['aggregate_lift']:+.1%} (cycle 0: "
+          f"{history[0]['eval']['aggregate_lift']:+.1%}; mean of ratios {last['lift_mean_of_ratios']:+.1%}) → {args.out}",
+          file=sys.stderr)
     return 0
 
 
@@ -245,8 +241,8 @@ def _run_ablate(args: argparse.Namespace) -> int:
         command += f" --jobs {args.jobs}"
     results = run_ablation(config, args.seeds, Path(args.out), progress=not args.quiet, log=main_log(args.quiet),
                            jobs=args.jobs, command=command)
-    comparison = results["comparisons"]["full_minus_global_prompt"]
-    print(f"full − global prompt at cycle {results['cycles']}: {comparison['mean']:+.1%} "
+    comparison = results["comparisons"]["full_over_global_prompt"]
+    print(f"aggregate CTR of full over global prompt at cycle {results['cycles']}: {comparison['lift']:+.1%} "
           f"[{comparison['ci95'][0]:+.1%}, {comparison['ci95'][1]:+.1%}] → {args.out}/results.md", file=sys.stderr)
     return 0
 
@@ -265,21 +261,15 @@ SUBCOMMANDS: dict[str, Subcommand] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(prog=PROG, description="Train cg4ctr_fast models.")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+    parser = make_parser(PROG, "Train cg4ctr_fast models.")
+    sub = add_subcommands(parser)
     for name, command in SUBCOMMANDS.items():
-        command.add_arguments(sub.add_parser(name, help=command.help, description=command.help))
+        command.add_arguments(add_subcommand(sub, name, command.help))
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    _quiet_libraries()
-    args = build_parser().parse_args(argv)
-    try:
-        return SUBCOMMANDS[args.command].run(args)
-    except InputError as exc:
-        print(f"{PROG}: error: {' '.join(str(exc).split())}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    return run_cli(PROG, build_parser(), lambda args: SUBCOMMANDS[args.command].run(args), argv)
 
 
 if __name__ == "__main__":

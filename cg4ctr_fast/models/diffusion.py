@@ -148,7 +148,7 @@ def _weights_variant(root: Path, component: str) -> str | None:
     if len(variants) > 1:
         raise InputError(f"{root}: {component}/ holds weight variants {', '.join(variants)} and no plain "
                          f"{stem}.safetensors; keep one variant")
-    pickles = sorted(p.name for p in folder.glob(f"{stem}*.bin"))
+    pickles = sorted(p.name for p in folder.glob("*.bin"))  # diffusion_pytorch_model.bin, pytorch_model.bin
     if pickles:
         raise InputError(f"{root}: {component}/ has only pickle weights ({pickles[0]}); only .safetensors load "
                          "(a .bin can run code when loaded): convert it with diffusers' save_pretrained("
@@ -213,11 +213,13 @@ def inspect_model_folder(path: str | os.PathLike) -> ModelFolder:
 
     tokenizer = root / "tokenizer"
     if tokenizer.is_dir():
-        absent = [f for f in ("vocab.json", "merges.txt") if not (tokenizer / f).is_file()]
-        if absent:
-            raise InputError(f"{root}: tokenizer/ lacks {', '.join(absent)}")
-        if (tokenizer / "tokenizer_config.json").is_file():
-            _read_json(tokenizer / "tokenizer_config.json", root)
+        # transformers 5 saves tokenizer.json alone; older folders carry vocab.json + merges.txt.
+        slow = [f for f in ("vocab.json", "merges.txt") if not (tokenizer / f).is_file()]
+        if slow and not (tokenizer / "tokenizer.json").is_file():
+            raise InputError(f"{root}: tokenizer/ has neither tokenizer.json nor {' + '.join(slow)}")
+        for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json"):
+            if (tokenizer / name).is_file():
+                _read_json(tokenizer / name, root)
 
     scheduler_file = root / "scheduler" / "scheduler_config.json"
     if scheduler_file.is_file():
