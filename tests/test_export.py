@@ -131,8 +131,12 @@ def test_export_writes_every_component_with_manifest_and_validation(tiny9):
 
 
 def test_verify_reruns_validation(tiny4, capsys):
-    assert export_cli("verify", str(tiny4)) == 0
+    assert export_cli("verify", "--engines", str(tiny4)) == 0
     assert "validation: passed" in capsys.readouterr().out
+    assert export_cli("verify", str(tiny4)) == 0  # the older positional form still works
+    capsys.readouterr()
+    code = export_cli("verify", str(tiny4), "--engines", str(tiny4.parent))
+    assert "two engine folders given" in one_line_error(capsys, code)
 
 
 # ------------------------------------------------------------------------------------------------ the runtime
@@ -365,6 +369,11 @@ def test_interrupted_export_leaves_nothing(tmp_path, monkeypatch, capsys):
         (["--preset", "sd15-inpaint"], "--random-weights"),
         (["--batch", "4:2:8"], "--batch"),
         (["--height", "60"], "multiple of 8"),
+        (["--height", "64:72:100"], "--height must be a multiple of 8 at min, opt and max, got 100"),
+        (["--width", "64:x:128"], "--width must be MIN:OPT:MAX (e.g. 64:64:128) or one number, got '64:x:128'"),
+        (["--height", "64:128"], "--height must be MIN:OPT:MAX"),
+        (["--width", "128:64:64"], "--width must be MIN:OPT:MAX with 1 ≤ MIN ≤ OPT ≤ MAX, got 128:64:64"),
+        (["--height", "0"], "--height must be MIN:OPT:MAX with 1 ≤ MIN"),
         (["--opset", "9"], "--opset"),
         (["--components", "saliency"], "--saliency"),
         (["--lora", "/nonexistent/lora.safetensors"], "no such file"),
@@ -556,9 +565,36 @@ def test_tensorrt_profile_and_dtypes_from_contracts():
         check_dtypes({**good, "out_sample": "float16"}, unet)
 
 
+def test_side_ranges_reach_contracts_validation_and_tensorrt_profiles():
+    ranged = _contracts(batch=(1, 1, 2), height=(48, 64, 96), width=(64, 64, 96))
+    unet, encoder, decoder = ranged["unet"], ranged["vae_encoder"], ranged["vae_decoder"]
+    # tiny: VAE scale 4, so 48:64:96 pixels are 12:16:24 latents.
+    assert encoder.profile_dict() == {"batch": [1, 1, 2], "height": [48, 64, 96], "width": [64, 64, 96]}
+    assert unet.profile_dict()["latent_height"] == [12, 16, 24] and unet.profile_dict()["latent_width"] == [16, 16, 24]
+    profile = {name: shapes for name, *shapes in trt_profile(unet)}
+    assert profile["sample"] == [(1, 9, 12, 16), (2, 9, 16, 16), (4, 9, 24, 24)]
+    # Validation covers the range: batch min and opt at opt, then batch min at the max and at the min sides.
+    points = [(p["batch"], p["latent_height"], p["latent_width"]) for p in unet.validation_points()]
+    assert points == [(1, 16, 16), (2, 16, 16), (1, 24, 24), (1, 12, 16)]
+    assert [(p["height"], p["width"]) for p in decoder.validation_points()][2:] == [(96, 96), (48, 64)]
+    encoder.check_shapes({"image": (1, 3, 96, 72)})
+    with pytest.raises(InputError, match="height 104 is outside the exported profile 48..96"):
+        encoder.check_shapes({"image": (1, 3, 104, 64)})
+    # One number is a fixed side: nothing else runs, and nothing else is validated.
+    fixed = _contracts(height=64, width=64)["vae_encoder"]
+    assert fixed.profile_dict()["height"] == [64, 64, 64] and len(fixed.validation_points()) == 2
+    with pytest.raises(InputError, match="height 48 is outside the exported profile 64..64"):
+        fixed.check_shapes({"image": (1, 3, 48, 64)})
+    # The default keeps every aspect ratio the pipeline makes (longer side = the resolution) and validates at opt.
+    default = _contracts()["vae_encoder"]
+    assert default.profile_dict()["height"] == [8, 64, 64] and len(default.validation_points()) == 2
+
+
 @pytest.mark.skipif(not NO_TRT, reason="TensorRT is available here: the GPU tests cover the real path")
 def test_engine_commands_without_tensorrt(tiny9, tmp_path, capsys):
-    for args in (["engine", "--onnx", str(tiny9), "--out", str(tmp_path / "trt")],
+    for args in (["engine", "--engines", str(tiny9), "--out", str(tmp_path / "trt")],
+                 ["engine", "--onnx", str(tiny9), "--out", str(tmp_path / "trt")],  # the older spelling
+                 ["refit", "--engines", str(tmp_path / "trt"), "--lora", "x.safetensors"],
                  ["refit", "--engine", str(tmp_path / "trt"), "--lora", "x.safetensors"]):
         code = export_cli(*args)
         assert one_line_error(capsys, code) == TRT_UNAVAILABLE
@@ -575,7 +611,7 @@ def test_tensorrt_engines_run_the_same_loop(tiny9, tmp_path):  # pragma: no cove
     from cg4ctr_fast.pipeline import CreativePipeline
 
     engines = tmp_path / "trt"
-    assert export_cli("engine", "--onnx", str(tiny9), "--out", str(engines), "--timing-cache",
+    assert export_cli("engine", "--engines", str(tiny9), "--out", str(engines), "--timing-cache",
                       str(tmp_path / "cache.bin")) == 0
     manifest = json.loads((engines / "manifest.json").read_text())
     assert manifest["format"] == mf.ENGINE_FORMAT and (tmp_path / "cache.bin").is_file()
@@ -591,8 +627,8 @@ def test_tensorrt_engines_run_the_same_loop(tiny9, tmp_path):  # pragma: no cove
 @pytest.mark.skipif(NO_TRT, reason=TRT_UNAVAILABLE)
 def test_tensorrt_refit_swaps_the_lora(tiny9, loras, tmp_path):  # pragma: no cover - needs a GPU and tensorrt
     engines = tmp_path / "trt"
-    assert export_cli("engine", "--onnx", str(tiny9), "--out", str(engines), "--refittable") == 0
-    assert export_cli("refit", "--engine", str(engines), "--lora", str(loras["diffusers"])) == 0
+    assert export_cli("engine", "--engines", str(tiny9), "--out", str(engines), "--refittable") == 0
+    assert export_cli("refit", "--engines", str(engines), "--lora", str(loras["diffusers"])) == 0
     manifest = json.loads((engines / "manifest.json").read_text())
     assert manifest["lora"]["format"] == "diffusers"
     assert manifest["components"]["unet"]["key_fields"]["lora_id"] == manifest["lora"]["id"]

@@ -1,14 +1,21 @@
 """`cg4ctr-export`: validated ONNX folders and TensorRT engines from the torch stack.
 
     cg4ctr-export onnx --preset tiny --out engines/tiny [--lora FILE --lora-scale 0.8] [--saliency u2netp.pth]
-                       [--reward models/reward] [--dtype fp32|fp16] [--batch 1:1:8] [--height 64 --width 64] [--opset 17] [--unet-channels 9]
-    cg4ctr-export engine --onnx engines/tiny --out engines/tiny-trt [--refittable] [--timing-cache FILE]
-    cg4ctr-export refit --engine engines/tiny-trt --lora FILE [--lora-scale S]
-    cg4ctr-export verify engines/tiny [--reward models/reward]
+                       [--reward models/reward] [--dtype fp32|fp16] [--batch 1:1:8] [--height 64:64:128]
+                       [--width 64] [--opset 17] [--unet-channels 9] [--overwrite]
+    cg4ctr-export engine --engines engines/tiny --out engines/tiny-trt [--refittable] [--timing-cache FILE]
+    cg4ctr-export refit --engines engines/tiny-trt --lora FILE [--lora-scale S]
+    cg4ctr-export verify --engines engines/tiny [--model DIR] [--lora FILE] [--saliency FILE] [--reward DIR]
     cg4ctr-export env
 
-Exit codes: 0 done; 1 a component out of tolerance (nothing written); 2 bad input (one line on stderr, nothing
-written); 130 interrupted (nothing written: every folder is built beside its target and renamed at the end).
+One name for an engine folder: `--engines DIR` names a folder to read, ONNX (`cg4ctr-export onnx`) or TensorRT
+(`cg4ctr-export engine`), in every command (`cg4ctr generate --engines`, `cg4ctr-bench --engines`); `--out`
+names a folder to write. The older `engine --onnx`, `refit --engine` and `verify FOLDER` still work, hidden.
+
+Exit codes: 0 done; 1 a component out of tolerance, or an internal error (one line naming the file with the
+traceback; --debug prints it); 2 bad input: arguments, a missing/modified/truncated file, a source that is not
+the one exported (one line on stderr, nothing written); 130 interrupted (nothing written: every folder is built
+beside its target and renamed at the end). An existing non-empty --out is refused unless --overwrite is given.
 """
 from __future__ import annotations
 
@@ -16,62 +23,87 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from cg4ctr_fast.cli.main import EXIT_BAD_INPUT, OneLineParser, _quiet_libraries
+from cg4ctr_fast.cli.common import EXIT_BAD_INPUT, EXIT_INTERNAL, OneLineParser, check_out_dir, make_parser, run_cli
 from cg4ctr_fast.errors import InputError
 
-EXIT_VALIDATION = 1
+EXIT_VALIDATION = EXIT_INTERNAL  # out of tolerance: not the user's input, but nothing is written either
 PROG = "cg4ctr-export"
+ENGINES_HELP = "engine folder to read: written by `cg4ctr-export onnx` (or `engine`)"
+
+
+def _engines_flag(parser: argparse.ArgumentParser, help_text: str, *old: str) -> None:
+    """--engines DIR, plus the command's older spellings as hidden aliases of the same value."""
+    parser.add_argument("--engines", metavar="DIR", default=None, help=help_text)
+    for flag in old:
+        parser.add_argument(flag, dest="engines_alias", metavar="DIR", default=None, help=argparse.SUPPRESS)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(prog=PROG, description="Export the creative pipeline's components: ONNX, TensorRT.")
+    parser = make_parser(PROG, "Export the creative pipeline's components: ONNX, TensorRT.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 
     onnx = sub.add_parser("onnx", help="export every component to ONNX, validated against torch")
-    onnx.add_argument("--preset", default="tiny", help="tiny | sd15-inpaint (default: tiny)")
-    onnx.add_argument("--model", help="local diffusers folder with the weights")
+    onnx.add_argument("--preset", default="tiny", help="tiny | sd15-inpaint")
+    onnx.add_argument("--model", help="local diffusers folder with the weights (recorded by its content hash)")
     onnx.add_argument("--random-weights", action="store_true", help="the preset's architecture with random weights")
     onnx.add_argument("--seed", type=int, default=0, help="weights seed for built-in presets / --random-weights")
     onnx.add_argument("--saliency", help="U2NetP weights (.pth / .safetensors): exports the saliency component")
     onnx.add_argument("--reward", metavar="DIR",
                       help="RewardModel folder (RewardModel.save): exports reward_image and reward_head")
     onnx.add_argument("--lora", help="LoRA to fuse: diffusers .safetensors, kohya .safetensors or a peft folder")
-    onnx.add_argument("--lora-scale", type=float, default=1.0)
-    onnx.add_argument("--out", required=True, help="output folder (replaced atomically if it is an export folder)")
+    onnx.add_argument("--lora-scale", type=float, default=1.0, help="LoRA scale")
+    onnx.add_argument("--out", required=True, help="output folder, written atomically")
+    onnx.add_argument("--overwrite", action="store_true", help="replace a non-empty --out (atomically, at the end)")
     onnx.add_argument("--dtype", default="fp32", choices=("fp32", "fp16"), help="precision of the graphs")
     onnx.add_argument("--batch", default="1:1:8", help="creatives per call MIN:OPT:MAX (the UNet gets 2× with guidance)")
-    onnx.add_argument("--height", type=int, default=None, help="opt image height (default: the model's resolution)")
-    onnx.add_argument("--width", type=int, default=None, help="opt image width (default: the model's resolution)")
-    onnx.add_argument("--opset", type=int, default=17)
+    onnx.add_argument("--height", default=None, metavar="MIN:OPT:MAX",
+                      help="image height in pixels, MIN:OPT:MAX or one number (fixed); multiples of 8 "
+                           "(default: 8:R:R, R = the model's resolution)")
+    onnx.add_argument("--width", default=None, metavar="MIN:OPT:MAX",
+                      help="image width in pixels, as --height (default: 8:R:R)")
+    onnx.add_argument("--opset", type=int, default=17, help="ONNX opset (14..20)")
     onnx.add_argument("--unet-channels", type=int, choices=(4, 9), default=None, help="built-in presets only")
     onnx.add_argument("--components", default=None,
                       help="comma list (default: text_encoder,unet,vae_encoder,vae_decoder[,saliency]"
                            "[,reward_image,reward_head])")
 
     engine = sub.add_parser("engine", help="TensorRT engines from an ONNX folder (needs an NVIDIA GPU)")
-    engine.add_argument("--onnx", required=True, help="folder written by `cg4ctr-export onnx`")
-    engine.add_argument("--out", required=True)
+    _engines_flag(engine, "ONNX engine folder to build from (written by `cg4ctr-export onnx`)", "--onnx")
+    engine.add_argument("--out", required=True, help="TensorRT engine folder to write")
+    engine.add_argument("--overwrite", action="store_true", help="replace a non-empty --out (atomically, at the end)")
     engine.add_argument("--refittable", action="store_true", help="allow `refit` (can be slower; validated)")
     engine.add_argument("--timing-cache", default=None, help="TensorRT timing cache file, read and updated")
 
     refit = sub.add_parser("refit", help="swap the LoRA of a refittable engine folder without a rebuild")
-    refit.add_argument("--engine", required=True)
-    refit.add_argument("--lora", required=True)
-    refit.add_argument("--lora-scale", type=float, default=1.0)
+    _engines_flag(refit, "TensorRT engine folder built with --refittable (replaced atomically)", "--engine")
+    refit.add_argument("--lora", required=True, help="the new LoRA file or peft folder")
+    refit.add_argument("--lora-scale", type=float, default=1.0, help="LoRA scale")
 
-    verify = sub.add_parser("verify", help="re-check an ONNX folder: hashes, onnx.checker, ONNX Runtime vs torch")
-    verify.add_argument("folder")
-    verify.add_argument("--model", help="source model folder, when it moved since the export")
-    verify.add_argument("--lora", help="the LoRA file, when it moved since the export")
-    verify.add_argument("--saliency", help="the saliency weights, when they moved since the export")
-    verify.add_argument("--reward", metavar="DIR", help="the RewardModel folder, when it moved since the export")
+    verify = sub.add_parser("verify", help="re-check an ONNX folder: every file's sha256, onnx.checker, "
+                                           "ONNX Runtime vs torch")
+    _engines_flag(verify, "ONNX engine folder to verify")
+    verify.add_argument("folder", nargs="?", default=None, help=argparse.SUPPRESS)  # the older positional form
+    verify.add_argument("--model", help="the source model folder, when it moved (checked by content hash)")
+    verify.add_argument("--lora", help="the LoRA, when it moved (checked by sha256)")
+    verify.add_argument("--saliency", help="the saliency weights, when they moved (checked by sha256)")
+    verify.add_argument("--reward", metavar="DIR", help="the RewardModel folder, when it moved (checked by sha256)")
 
     sub.add_parser("env", help="library versions and the GPU")
     return parser
 
 
+def engines_arg(args) -> str:
+    """The one engine folder the command reads: --engines, or an older spelling; two different ones clash."""
+    given = [v for v in (args.engines, getattr(args, "engines_alias", None), getattr(args, "folder", None)) if v]
+    if not given:
+        raise InputError(f"{args.command}: --engines DIR is required (the engine folder to read)")
+    if len(set(given)) > 1:
+        raise InputError(f"{args.command}: two engine folders given ({' and '.join(given)}); pass one --engines DIR")
+    return given[0]
+
+
 def cmd_onnx(args) -> int:
-    from cg4ctr_fast.export.contracts import parse_batch, parse_components
+    from cg4ctr_fast.export.contracts import parse_batch, parse_components, parse_side
     from cg4ctr_fast.export.onnx_export import ExportRequest, export_onnx
 
     request = ExportRequest(
@@ -85,12 +117,13 @@ def cmd_onnx(args) -> int:
         lora_scale=args.lora_scale,
         precision=args.dtype,
         batch=parse_batch(args.batch),
-        height=args.height,
-        width=args.width,
+        height=parse_side(args.height, "--height"),
+        width=parse_side(args.width, "--width"),
         opset=args.opset,
         unet_channels=args.unet_channels,
         components=parse_components(args.components) if args.components else None,
         reward=args.reward,
+        overwrite=args.overwrite,
     )
     export_onnx(request)
     return 0
@@ -99,21 +132,23 @@ def cmd_onnx(args) -> int:
 def cmd_engine(args) -> int:
     from cg4ctr_fast.export.tensorrt_build import build_engines
 
-    build_engines(args.onnx, args.out, refittable=args.refittable, timing_cache=args.timing_cache)
+    source = engines_arg(args)
+    check_out_dir(args.out, overwrite=args.overwrite)
+    build_engines(source, args.out, refittable=args.refittable, timing_cache=args.timing_cache)
     return 0
 
 
 def cmd_refit(args) -> int:
     from cg4ctr_fast.export.tensorrt_build import refit_engines
 
-    refit_engines(args.engine, args.lora, lora_scale=args.lora_scale)
+    refit_engines(engines_arg(args), args.lora, lora_scale=args.lora_scale)
     return 0
 
 
 def cmd_verify(args) -> int:
     from cg4ctr_fast.export.verify import verify_folder
 
-    verify_folder(args.folder, model=args.model, lora=args.lora, saliency=args.saliency, reward=args.reward)
+    verify_folder(engines_arg(args), model=args.model, lora=args.lora, saliency=args.saliency, reward=args.reward)
     return 0
 
 
@@ -138,25 +173,18 @@ COMMANDS = {"onnx": cmd_onnx, "engine": cmd_engine, "refit": cmd_refit, "verify"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    _quiet_libraries()
-    args = build_parser().parse_args(argv)
     from cg4ctr_fast.export.tensorrt_build import TensorRTUnavailable
     from cg4ctr_fast.export.validate import ValidationFailed
 
-    try:
-        return COMMANDS[args.command](args)
-    except TensorRTUnavailable as exc:
-        print(str(exc), file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except InputError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except ValidationFailed as exc:
-        print(f"{PROG}: validation failed: {exc}", file=sys.stderr)
-        return EXIT_VALIDATION
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted: nothing written", file=sys.stderr)
-        return 130
+    def dispatch(args) -> int:
+        try:
+            return COMMANDS[args.command](args)
+        except TensorRTUnavailable as exc:  # printed as it is: the message says what works here instead
+            print(str(exc), file=sys.stderr)
+            return EXIT_BAD_INPUT
+
+    return run_cli(PROG, build_parser(), dispatch, argv,
+                   extra_errors=((ValidationFailed, EXIT_VALIDATION, "validation failed"),))
 
 
 if __name__ == "__main__":

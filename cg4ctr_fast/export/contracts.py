@@ -124,6 +124,10 @@ class ComponentContract:
     tolerance: Tolerance
     # Output axes computed from input axes: (name, source axis, numerator, denominator).
     derived: tuple[tuple[str, str, int, int], ...] = ()
+    # Dynamic axes validated at their min and max too (validation_points): the image sides a user exported a
+    # range for. Empty by default: the default side floor (one 8-pixel step) is the pipeline's resize limit, not
+    # a size the stack is meant to run at (diffusers' UNet needs 2^downsamplers latents).
+    extremes: tuple[str, ...] = ()
 
     # ------------------------------------------------------------------ lookups
     def dim(self, name: str) -> Dim:
@@ -171,11 +175,18 @@ class ComponentContract:
         return {spec.name: (self.shape(spec, lo), self.shape(spec, opt), self.shape(spec, hi)) for spec in self.inputs}
 
     def validation_points(self) -> list[dict[str, int]]:
-        """Two batch sizes at the opt spatial size: the profile's min and its opt (min + 2 when they coincide)."""
+        """Two batch sizes at the opt spatial size: the profile's min and its opt (min + 2 when they coincide);
+        then, for the axes in `extremes` (a side range the user gave, e.g. --height 64:64:128), the batch min at
+        those axes' max and at their min, where they differ from opt."""
         batch = self.dim("batch")
         second = batch.opt if batch.opt > batch.min else min(batch.max, batch.min + 2)
         sizes = [batch.min] if second == batch.min else [batch.min, second]
-        return [self.values("opt", batch=b) for b in sizes]
+        points = [self.values("opt", batch=b) for b in sizes]
+        for which in ("max", "min"):
+            axes = {name: getattr(self.dim(name), which) for name in self.extremes}
+            if any(value != self.dim(name).opt for name, value in axes.items()):
+                points.append(self.values("opt", batch=batch.min, **axes))
+        return points
 
     def check_shapes(self, shapes: Mapping[str, Sequence[int]], *, where: str = "") -> None:
         """Raise InputError (one line) unless every input's shape fits this contract's profile."""
@@ -208,7 +219,7 @@ class ComponentContract:
                 multiple = f", a multiple of {d.multiple}" if d.multiple > 1 else ""
                 raise InputError(
                     f"{label}: {d.name} {got} is outside the exported profile {d.min}..{d.max}{multiple}; "
-                    f"re-export with a wider range (cg4ctr-export onnx --batch MIN:OPT:MAX / --height / --width)"
+                    f"re-export with a wider range (cg4ctr-export onnx --batch / --height / --width MIN:OPT:MAX)"
                 )
 
     def sample_inputs(self, values: Optional[Mapping[str, int]] = None, *, seed: int = 0) -> dict[str, Any]:
@@ -246,6 +257,7 @@ class ComponentContract:
                 dims=tuple(Dim(**d) for d in data["dims"]),
                 tolerance=Tolerance(**data["tolerance"]),
                 derived=tuple(tuple(x) for x in data.get("derived", ())),  # type: ignore[misc]
+                extremes=tuple(data.get("extremes", ())),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise InputError(f"malformed component contract ({type(exc).__name__}: {exc})") from None
@@ -340,14 +352,22 @@ class RewardDims:
         )
 
 
+Range = tuple[int, int, int]
+
+
 @dataclass(frozen=True)
 class ExportSettings:
-    """batch: creatives per call (user groups × images per group) as MIN:OPT:MAX; height/width: the opt image."""
+    """batch: creatives per call (user groups × images per group) as MIN:OPT:MAX.
+
+    height / width: image sides in pixels as MIN:OPT:MAX (an int means fixed: MIN = OPT = MAX). None: the
+    model's resolution as opt and max, and one 8-pixel step as min, so every image the pipeline fits to the
+    model's resolution (longer side = resolution, both sides rounded to multiples of 8) runs.
+    """
 
     precision: str = "fp32"
-    batch: tuple[int, int, int] = (1, 1, 8)
-    height: Optional[int] = None
-    width: Optional[int] = None
+    batch: Range = (1, 1, 8)
+    height: Optional[Range] = None
+    width: Optional[Range] = None
     opset: int = 17
 
     def __post_init__(self) -> None:
@@ -356,13 +376,25 @@ class ExportSettings:
         lo, opt, hi = self.batch
         if not (1 <= lo <= opt <= hi):
             raise InputError(f"--batch must be MIN:OPT:MAX with 1 ≤ MIN ≤ OPT ≤ MAX, got {lo}:{opt}:{hi}")
-        for name, side in (("--height", self.height), ("--width", self.width)):
-            if side is not None and (side <= 0 or side % 8):
-                raise InputError(f"{name} must be a positive multiple of 8, got {side}")
+        for name in ("height", "width"):
+            side = getattr(self, name)
+            if side is None:
+                continue
+            side = (side, side, side) if isinstance(side, int) else tuple(int(v) for v in side)
+            object.__setattr__(self, name, side)
+            lo, opt, hi = side
+            if not (1 <= lo <= opt <= hi):
+                raise InputError(f"--{name} must be MIN:OPT:MAX with 1 ≤ MIN ≤ OPT ≤ MAX, got {lo}:{opt}:{hi}")
+            bad = [v for v in side if v % 8]
+            if bad:
+                raise InputError(f"--{name} must be a multiple of 8 at min, opt and max, got {bad[0]} in {lo}:{opt}:{hi}")
 
 
-def parse_batch(text: str) -> tuple[int, int, int]:
-    parts = text.split(":")
+def parse_range(text: str, flag: str, example: str = "1:1:8") -> Range:
+    """'MIN:OPT:MAX' or one number (fixed: MIN = OPT = MAX) → three ints; InputError (one line) otherwise.
+
+    Only the form is checked here; the order (MIN ≤ OPT ≤ MAX) and the sizes are ExportSettings' checks."""
+    parts = str(text).split(":")
     try:
         values = [int(p) for p in parts]
     except ValueError:
@@ -370,8 +402,17 @@ def parse_batch(text: str) -> tuple[int, int, int]:
     if len(values) == 1:
         values = [values[0]] * 3
     if len(values) != 3:
-        raise InputError(f"--batch must be MIN:OPT:MAX (e.g. 1:1:8) or one number, got {text!r}")
-    return values[0], values[1], values[2]  # checked by ExportSettings
+        raise InputError(f"{flag} must be MIN:OPT:MAX (e.g. {example}) or one number, got {text!r}")
+    return values[0], values[1], values[2]
+
+
+def parse_batch(text: str) -> Range:
+    return parse_range(text, "--batch", "1:1:8")  # checked by ExportSettings
+
+
+def parse_side(text: Optional[str], flag: str) -> Optional[Range]:
+    """--height / --width: 'MIN:OPT:MAX' pixels or one number (fixed); None stays None (the model's default)."""
+    return None if text is None else parse_range(text, flag, "64:64:128")
 
 
 def build_contracts(
@@ -385,23 +426,21 @@ def build_contracts(
     precision = settings.precision
     float_dtype = PRECISIONS[precision]
     scale = stack.vae_scale_factor
-    height = settings.height or stack.resolution
-    width = settings.width or stack.resolution
-    for name, side in (("--height", height), ("--width", width)):
-        if side % scale:
-            raise InputError(f"{name} {side} is not a multiple of the VAE's scale factor {scale}")
-    lo, opt, hi = settings.batch
-    # Image sides: the pipeline fits an image's longer side to the model's resolution and rounds both sides
-    # to multiples of 8, so sides run from 8 (a very elongated image) up to the longer opt side.
+    heights, widths = image_sides(stack, settings)
     side_multiple = max(8, scale)
-    side_min = side_multiple
-    side_max = max(height, width)
+    for name, sides in (("--height", heights), ("--width", widths)):
+        bad = [v for v in sides if v % side_multiple]
+        if bad:
+            raise InputError(f"{name} {bad[0]} is not a multiple of {side_multiple} (8 and the VAE's scale factor {scale})")
+    lo, opt, hi = settings.batch
+    # A side range the user gave is validated at its min and max as well as at opt.
+    ranged = settings.height is not None or settings.width is not None
 
     def image_dims(batch: tuple[int, int, int]) -> tuple[Dim, ...]:
         return (
             Dim("batch", *batch),
-            Dim("height", side_min, height, side_max, side_multiple),
-            Dim("width", side_min, width, side_max, side_multiple),
+            Dim("height", *heights, side_multiple),
+            Dim("width", *widths, side_multiple),
         )
 
     def latent_dims(batch: tuple[int, int, int]) -> tuple[Dim, ...]:
@@ -410,9 +449,12 @@ def build_contracts(
         # (see export/onnx_export.py), not only at multiples of 8 latents as a plain trace would.
         return (
             Dim("batch", *batch),
-            Dim("latent_height", side_min // scale, height // scale, side_max // scale, side_multiple // scale),
-            Dim("latent_width", side_min // scale, width // scale, side_max // scale, side_multiple // scale),
+            Dim("latent_height", *(v // scale for v in heights), side_multiple // scale),
+            Dim("latent_width", *(v // scale for v in widths), side_multiple // scale),
         )
+
+    image_extremes = ("height", "width") if ranged else ()
+    latent_extremes = ("latent_height", "latent_width") if ranged else ()
 
     contracts: dict[str, ComponentContract] = {}
     for name in components:
@@ -444,6 +486,7 @@ def build_contracts(
                 ),
                 dims=latent_dims((lo, 2 * opt, 2 * hi)),
                 tolerance=TOLERANCES[name][precision],
+                extremes=latent_extremes,
             )
         elif name == "vae_encoder":
             # The pipeline encodes the product once (batch 1); up to MAX for batched callers.
@@ -455,6 +498,7 @@ def build_contracts(
                 dims=image_dims((1, 1, hi)),
                 tolerance=TOLERANCES[name][precision],
                 derived=(("latent_height", "height", 1, scale), ("latent_width", "width", 1, scale)),
+                extremes=image_extremes,
             )
         elif name == "vae_decoder":
             # fp32 whatever --dtype says: SD's VAE decoder overflows to NaN in fp16 on some latents. The torch
@@ -468,6 +512,7 @@ def build_contracts(
                 dims=latent_dims((lo, opt, hi)),
                 tolerance=TOLERANCES[name]["fp32"],
                 derived=(("height", "latent_height", scale, 1), ("width", "latent_width", scale, 1)),
+                extremes=latent_extremes,
             )
         elif name == "saliency":
             contracts[name] = ComponentContract(
@@ -489,6 +534,15 @@ def build_contracts(
         else:
             raise InputError(f"unknown component {name!r}; choose from {', '.join(EXPORTABLE)}")
     return contracts
+
+
+def image_sides(stack: StackDims, settings: ExportSettings) -> tuple[Range, Range]:
+    """(height, width) as MIN:OPT:MAX pixels: the settings', or by default the model's resolution as opt and
+    max with one 8-pixel step (the VAE's factor if larger) as min. The pipeline fits an image's longer side to
+    the model's resolution and rounds both sides to multiples of 8, so by default every aspect ratio runs."""
+    floor = max(8, stack.vae_scale_factor)
+    default = (floor, stack.resolution, stack.resolution)
+    return tuple(settings.height or default), tuple(settings.width or default)  # type: ignore[return-value]
 
 
 def reward_contracts(reward: RewardDims, settings: ExportSettings) -> dict[str, ComponentContract]:

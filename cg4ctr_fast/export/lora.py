@@ -42,17 +42,26 @@ def resolve_lora(path: str | Path) -> tuple[str, list[Path]]:
 
 
 def lora_record(path: str | Path, scale: float) -> dict[str, Any]:
-    """The LoRA's identity for manifests and cache keys: sha256 over its files, plus the scale."""
+    """The LoRA's identity for manifests and cache keys, by content: sha256 over its files' sha256, plus the scale.
+
+    Keys: id (sha256 of "sha256:scale"), sha256 (the content), scale, format (diffusers | kohya | peft), files
+    (each file's role and sha256) and source, the absolute path it was read from: a hint for finding it again,
+    never part of its identity. A renamed or moved file keeps its id; one changed byte or another scale does not.
+    """
     kind, files = resolve_lora(path)
     digest = hashlib.sha256()
-    for file in files:
-        digest.update(file.name.encode())
-        digest.update(_sha256(file).encode())
+    shas = [_sha256(file) for file in files]
+    # A peft folder's two files have fixed names; a single .safetensors file may be called anything.
+    roles = [file.name for file in files] if kind == "peft" else ["weights"]
+    for role, sha in zip(roles, shas):
+        digest.update(f"{role}\0{sha}\n".encode())
     files_sha = digest.hexdigest()
     if kind == "diffusers" and _has_kohya_keys(files[0]):
         kind = "kohya"
     lora_id = hashlib.sha256(f"{files_sha}:{float(scale)!r}".encode()).hexdigest()
-    return {"id": lora_id, "sha256": files_sha, "scale": float(scale), "format": kind, "source": str(Path(path))}
+    return {"id": lora_id, "sha256": files_sha, "scale": float(scale), "format": kind,
+            "files": [{"role": role, "sha256": sha} for role, sha in zip(roles, shas)],
+            "source": str(Path(path).resolve())}
 
 
 def _has_kohya_keys(file: Path) -> bool:

@@ -7,6 +7,10 @@ Layout (like optimum's), everything the pipeline needs to run from the folder al
     DIR/reward_image/model.onnx   DIR/reward_head/model.onnx    DIR/reward/{config,vocab}.json (with --reward)
     DIR/tokenizer/  DIR/scheduler/  DIR/model_info.json  DIR/validation.json  DIR/manifest.json (written last)
 
+The manifest lists every one of these files with its size and sha256 (export/manifest.py), and records the
+source by content: the model folder's `folder_sha256`, the LoRA's file hash and scale, the saliency and reward
+weights' sha256. Source paths are kept, made absolute, as hints for `cg4ctr-export verify`.
+
 Exporter: torch.onnx's TorchScript-based exporter (`dynamo=False`) with `dynamic_axes` from the contracts. On
 this machine it exported the tiny UNet in 0.8 s against 42 s for the dynamo exporter, with the same accuracy
 (≈1e-6), and it writes one file unless the model is over 2 GB (DESIGN.md §12).
@@ -67,12 +71,13 @@ class ExportRequest:
     lora_scale: float = 1.0
     precision: str = "fp32"
     batch: tuple[int, int, int] = (1, 1, 8)
-    height: Optional[int] = None
-    width: Optional[int] = None
+    height: Optional[tuple[int, int, int] | int] = None  # pixels MIN:OPT:MAX, an int = fixed; None = the model's
+    width: Optional[tuple[int, int, int] | int] = None
     opset: int = 17
     unet_channels: Optional[int] = None
     components: Optional[tuple[str, ...]] = None
     reward: Optional[str] = None  # a RewardModel folder: exports reward_image and reward_head
+    overwrite: bool = False  # replace a non-empty `out` (atomically, once everything is validated)
 
 
 def _log(message: str) -> None:
@@ -112,12 +117,9 @@ def check_request(req: ExportRequest) -> tuple[Any, ExportSettings, tuple[str, .
     if req.lora is not None:
         resolve_lora(req.lora)
         check_scale(req.lora_scale)
-    out = Path(req.out)
-    if out.exists():
-        if not out.is_dir():
-            raise InputError(f"{out}: exists and is not a directory")
-        if any(out.iterdir()) and not (out / mf.MANIFEST).is_file():
-            raise InputError(f"{out}: exists, is not empty and is not an export folder; choose another --out")
+    from cg4ctr_fast.cli.common import check_out_dir
+
+    check_out_dir(req.out, overwrite=req.overwrite)  # the one --out rule of every command
     return preset, settings, components
 
 
@@ -150,6 +152,7 @@ def _load_modules(req: ExportRequest, preset):
 
 def export_onnx(req: ExportRequest, *, log: Callable[[str], None] = _log) -> dict[str, Any]:
     """Export, validate and write the folder; returns the manifest. InputError / ValidationFailed otherwise."""
+    from cg4ctr_fast.export.contracts import image_sides
     from cg4ctr_fast.export.lora import fuse_lora
     from cg4ctr_fast.export.modules import export_module
     from cg4ctr_fast.export.validate import compare, open_session, reference_cases, table
@@ -177,7 +180,9 @@ def export_onnx(req: ExportRequest, *, log: Callable[[str], None] = _log) -> dic
 
         reward_model = RewardModel.load(req.reward)  # InputError (one line) for broken files
         reward_files = reward_fingerprint(req.reward)
+    model_sha = mf.folder_sha256(req.model) if req.model is not None else None
     stack = StackDims.from_modules(modules)
+    heights, widths = image_sides(stack, settings)
     reward_dims = RewardDims.from_config(reward_model.config) if reward_model is not None else None
     contracts = build_contracts(stack, settings, components, reward=reward_dims)
     info = model_info(modules)
@@ -241,13 +246,15 @@ def export_onnx(req: ExportRequest, *, log: Callable[[str], None] = _log) -> dic
             reward_section = _copy_reward_files(Path(req.reward), tmp, reward_model)
         mf.write_json(tmp / mf.MODEL_INFO, asdict(info))
         mf.write_json(tmp / mf.VALIDATION, report)
+        runtime_files = mf.runtime_file_records(tmp, entries)
         manifest = {
             "format": mf.ONNX_FORMAT,
             "format_version": mf.FORMAT_VERSION,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "source": {
                 "preset": req.preset,
-                "model": str(Path(req.model).resolve()) if req.model else None,
+                "model": str(Path(req.model).resolve()) if req.model else None,  # a hint: model_sha256 decides
+                "model_sha256": model_sha,
                 "model_id": modules.model_id,
                 "seed": req.seed,
                 "random_weights": req.model is None,
@@ -261,13 +268,14 @@ def export_onnx(req: ExportRequest, *, log: Callable[[str], None] = _log) -> dic
             "settings": {
                 "precision": settings.precision,
                 "batch": list(settings.batch),
-                "height": settings.height or stack.resolution,
-                "width": settings.width or stack.resolution,
+                "height": list(heights),  # pixels MIN, OPT, MAX
+                "width": list(widths),
                 "opset": settings.opset,
             },
             "stack": asdict(stack),
             "model_info": asdict(info),
             "components": entries,
+            "files": runtime_files,
             "reward": reward_section,
             "validation": {"file": mf.VALIDATION, "ok": True},
             "exporter": "torch.onnx.export(dynamo=False, dynamic_axes from the contracts)",

@@ -312,6 +312,7 @@ def build_engines(
         _copy_runtime_files(onnx_root, tmp)
         mf.write_json(tmp / mf.VALIDATION, report)
         manifest = _engine_manifest(onnx_root, onnx_manifest, entries, version, capability, gpu, refittable)
+        manifest["files"] = mf.runtime_file_records(tmp, entries)  # tokenizer, scheduler, ...: all hashed
         mf.write_json(tmp / mf.MANIFEST, manifest)
     if cache_file is not None:
         atomic_write_bytes(cache_file, cache_bytes)
@@ -356,7 +357,7 @@ def load_engine_manifest(folder: str | Path) -> dict[str, Any]:
     version, capability, _gpu = device_facts()
     check_engine_manifest(manifest, folder, tensorrt_version=version, compute_capability=capability)
     check_onnx_source(manifest, folder)
-    mf.check_files(folder, manifest)
+    mf.check_files(folder, manifest, hash_limit=mf.LOAD_HASH_BYTES)  # graphs over 256 MiB by size only
     return manifest
 
 
@@ -368,26 +369,20 @@ def refit_engines(
     import tensorrt as trt
     import torch
 
-    from cg4ctr_fast.config import get_preset, with_unet_channels
     from cg4ctr_fast.export.contracts import ExportSettings
     from cg4ctr_fast.export.lora import fuse_lora, resolve_lora
     from cg4ctr_fast.export.modules import export_module
     from cg4ctr_fast.export.onnx_export import export_component
     from cg4ctr_fast.export.validate import ValidationFailed, compare, reference_cases, table
+    from cg4ctr_fast.export.verify import _source_modules
     from cg4ctr_fast.fileio import atomic_dir
-    from cg4ctr_fast.models.diffusion import build_modules, load_modules
 
     root = Path(engine_dir)
     resolve_lora(lora)
     manifest = load_engine_manifest(root)
     if not manifest.get("refittable"):
         raise InputError(f"{root}: engines were built without --refittable: {rebuild_hint({**manifest, 'refittable': True}, root)}")
-    source = manifest["source"]
-    if source.get("model"):
-        modules = load_modules(source["model"])
-    else:
-        modules = build_modules(with_unet_channels(get_preset(source["preset"]), int(source["unet_channels"])),
-                                seed=int(source.get("seed", 0)))
+    modules = _source_modules(manifest["source"], None)  # the model folder is checked by its content hash
     record = fuse_lora(modules, lora, lora_scale)
     logger = trt.Logger(trt.Logger.WARNING)
     runtime = trt.Runtime(logger)
@@ -442,6 +437,7 @@ def refit_engines(
                 (shutil.copytree if child.is_dir() else shutil.copy2)(child, tmp / child.name)
         mf.write_json(tmp / mf.VALIDATION, report)
         new_manifest = {**manifest, "lora": record, "components": entries,
+                        "files": mf.runtime_file_records(tmp, entries),
                         "onnx": {**manifest["onnx"], "refitted": True},
                         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         mf.write_json(tmp / mf.MANIFEST, new_manifest)

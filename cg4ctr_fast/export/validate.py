@@ -108,16 +108,22 @@ def compare(contract: ComponentContract, session, cases: list[Case]) -> dict[str
 
 def table(report: dict[str, Any]) -> str:
     """A readable fixed-width table of a validation report (all components)."""
-    head = f"{'component':<14}{'output':<20}{'dtype':>6}{'batch':>6}{'max|err|':>11}{'allowed':>11}{'max|ref|':>10}  result"
+    head = (f"{'component':<14}{'output':<20}{'dtype':>6}{'batch':>6}{'size':>9}{'max|err|':>11}{'allowed':>11}"
+            f"{'max|ref|':>10}  result")
     lines = [head, "-" * len(head)]
     for name, comp in report["components"].items():
         for check in comp["checks"]:
+            values = check.get("values") or {}
+            # The spatial point checked (image pixels, or latents for the UNet / VAE decoder): sides run over a range.
+            sides = [values[k] for k in ("height", "width") if k in values] or \
+                [values[k] for k in ("latent_height", "latent_width") if k in values]
+            size = "x".join(str(v) for v in sides) if len(sides) == 2 else "-"
             for out_name, out in check["outputs"].items():
                 err = out["max_abs_error"]
                 err_text = f"{err:.2e}" if err is not None else "shape!"
                 lines.append(
-                    f"{name:<14}{out_name:<20}{comp['precision']:>6}{check['batch']:>6}{err_text:>11}{out['allowed']:>11.2e}"
-                    f"{out['max_abs_reference']:>10.3g}  {'ok' if out['ok'] else 'FAIL'}"
+                    f"{name:<14}{out_name:<20}{comp['precision']:>6}{check['batch']:>6}{size:>9}{err_text:>11}"
+                    f"{out['allowed']:>11.2e}{out['max_abs_reference']:>10.3g}  {'ok' if out['ok'] else 'FAIL'}"
                 )
     lines.append(f"validation: {'passed' if report['ok'] else 'FAILED'} (rule: max|err| ≤ atol + rtol × max|ref|, "
                  "reference: the fp32 torch module)")

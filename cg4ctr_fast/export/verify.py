@@ -1,10 +1,14 @@
 """`cg4ctr-export verify DIR`: re-run an ONNX folder's validation against its manifest.
 
-1. the manifest's format and version; every file's size and sha256 (a modified or truncated model is refused);
+1. the manifest's format and version; every file's size and sha256, graphs and runtime files alike (tokenizer/,
+   scheduler/, model_info.json, reward/, validation.json), and no unlisted file: any difference is refused in one
+   line naming the file (exit 2);
 2. `onnx.checker.check_model` (path form) on every component;
-3. the torch modules rebuilt from the manifest's source (preset + seed, or the model folder; LoRA, saliency and
-   reward model files checked against their recorded sha256) and compared with ONNX Runtime exactly as at export
-   time. The reward components are compared with the RewardModel's own embed_images / score.
+3. the torch modules rebuilt from the manifest's source and compared with ONNX Runtime exactly as at export
+   time. Sources are recognised by content: the model folder by its content hash, the LoRA, saliency and reward
+   files by sha256. The manifest's absolute paths are only where to look first; --model / --lora / --saliency /
+   --reward name a source that moved, and a different file is refused. The reward components are compared with
+   the RewardModel's own embed_images / score.
 """
 from __future__ import annotations
 
@@ -33,17 +37,16 @@ def verify_folder(
     import onnx
     import torch
 
-    from cg4ctr_fast.config import get_preset, with_unet_channels
     from cg4ctr_fast.export.lora import fuse_lora, lora_record
     from cg4ctr_fast.export.modules import export_module
     from cg4ctr_fast.export.onnx_export import check_reward_folder, reward_fingerprint, reward_module
     from cg4ctr_fast.export.validate import ValidationFailed, compare, open_session, reference_cases, table
-    from cg4ctr_fast.models.diffusion import build_modules, load_modules
 
     root = Path(folder)
     manifest = mf.read_manifest(root)
-    mf.check_files(root, manifest)
-    log(f"{root}: {len(manifest['components'])} components, sizes and sha256 match the manifest")
+    mf.check_files(root, manifest)  # every file, hashed whatever its size
+    log(f"{root}: {len(manifest['components'])} components and {len(manifest['files'])} runtime files, "
+        "sizes and sha256 match the manifest")
     for name, entry in manifest["components"].items():
         try:
             onnx.checker.check_model(str(root / entry["file"]))
@@ -52,42 +55,26 @@ def verify_folder(
             raise InputError(f"{root / entry['file']}: onnx.checker rejects it: {first}") from None
 
     source = manifest["source"]
-    model_path = model or source.get("model")
-    if model_path:
-        if not Path(model_path).is_dir():
-            raise InputError(f"source model folder {model_path} not found: pass --model PATH to compare against torch")
-        modules = load_modules(model_path)
-    else:
-        preset = get_preset(source["preset"])
-        preset = with_unet_channels(preset, int(source["unet_channels"]))
-        modules = build_modules(preset, seed=int(source.get("seed", 0)))
-    if modules.model_id != source["model_id"] and not model:
-        raise InputError(f"the rebuilt source is {modules.model_id}, the manifest says {source['model_id']}")
+    modules = _source_modules(source, model)
     recorded_lora = manifest.get("lora")
     if recorded_lora:
-        lora_path = lora or recorded_lora["source"]
-        if not Path(lora_path).exists():
-            raise InputError(f"LoRA {lora_path} not found: pass --lora FILE (the one this folder was exported with)")
-        if lora_record(lora_path, recorded_lora["scale"])["id"] != recorded_lora["id"]:
-            raise InputError(f"LoRA {lora_path} is not the one this folder was exported with (sha256 differs)")
+        lora_path = _found(lora, recorded_lora.get("source"), "LoRA", "--lora FILE")
+        if lora_record(lora_path, recorded_lora["scale"])["sha256"] != recorded_lora["sha256"]:
+            raise InputError(f"LoRA {lora_path} is not the one this folder was exported with (its sha256 differs)")
         fuse_lora(modules, lora_path, recorded_lora["scale"])
     saliency_net = None
     if "saliency" in manifest["components"]:
         from cg4ctr_fast.models.saliency import load_saliency
 
-        sal_path = saliency or source.get("saliency")
-        if not sal_path or not Path(sal_path).is_file():
-            raise InputError(f"saliency weights {sal_path} not found: pass --saliency FILE")
+        sal_path = _found(saliency, source.get("saliency"), "saliency weights", "--saliency FILE")
         if mf.sha256_file(sal_path) != source.get("saliency_sha256"):
-            raise InputError(f"saliency weights {sal_path} differ from the ones this folder was exported with")
+            raise InputError(f"saliency weights {sal_path} differ from the ones this folder was exported with (sha256)")
         saliency_net = load_saliency(sal_path)
     reward_model = None
     if any(name in REWARD_COMPONENTS for name in manifest["components"]):
         from cg4ctr_fast.models.reward import RewardModel
 
-        reward_path = reward or source.get("reward")
-        if not reward_path or not Path(reward_path).is_dir():
-            raise InputError(f"reward model {reward_path} not found: pass --reward DIR (the one this folder was exported with)")
+        reward_path = _found(reward, source.get("reward"), "reward model", "--reward DIR")
         check_reward_folder(reward_path)
         if reward_fingerprint(reward_path) != source.get("reward_sha256"):
             raise InputError(f"reward model {reward_path} differs from the one this folder was exported with (sha256)")
@@ -110,3 +97,38 @@ def verify_folder(
         bad = [n for n, r in report["components"].items() if not r["ok"]]
         raise ValidationFailed(f"{root}: {', '.join(bad)} out of tolerance", report)
     return report
+
+
+def _found(given: Optional[str], hint: Optional[str], what: str, flag: str) -> str:
+    """The path to a source file: the one given on the command line, else the manifest's hint if it is there."""
+    if given is not None:
+        if not Path(given).exists():
+            raise InputError(f"{what} {given}: not found")
+        return given
+    if hint and Path(hint).exists():
+        return hint
+    raise InputError(f"{what} not found at {hint} (where it was exported from): pass {flag} "
+                     "(it is recognised by its sha256, not its path)")
+
+
+def _source_modules(source: dict[str, Any], model: Optional[str]):
+    """The torch modules the folder was exported from: the model folder (checked by content hash) or the preset."""
+    from cg4ctr_fast.config import get_preset, with_unet_channels
+    from cg4ctr_fast.models.diffusion import build_modules, load_modules
+
+    if source.get("model_sha256") is None:  # a built-in preset: rebuilt from its name and seed
+        if model is not None:
+            raise InputError(f"this folder was exported from preset {source.get('preset')!r}, not a model folder: "
+                             "drop --model")
+        preset = with_unet_channels(get_preset(source["preset"]), int(source["unet_channels"]))
+        modules = build_modules(preset, seed=int(source.get("seed", 0)))
+        if modules.model_id != source["model_id"]:
+            raise InputError(f"the rebuilt source is {modules.model_id}, the manifest says {source['model_id']}")
+        return modules
+    path = _found(model, source.get("model"), "source model folder", "--model DIR")
+    if not Path(path).is_dir():
+        raise InputError(f"source model folder {path}: not a folder")
+    if mf.folder_sha256(path) != source["model_sha256"]:
+        raise InputError(f"source model folder {path} differs from the one this folder was exported with "
+                         "(its content hash differs)")
+    return load_modules(path)

@@ -9,7 +9,13 @@ The loop is the pipeline's own: only the slots differ.
 
 A folder exported with --reward also holds the reward model: `load_reward_engine(DIR)` gives an object with
 RewardModel's serving API (embed_images, score, encode_titles, ...), so a serving stack ranks stored creatives
-in ONNX Runtime; its `pipeline_scorer(...)` is a `reward=` callable for `CreativePipeline.from_engines`.
+in ONNX Runtime. `CreativePipeline.from_engines(DIR)` attaches it as the pipeline's reward (stage 10) through
+`PipelineReward`, whose defaults for what the pipeline does not know (title, captions, user-group features)
+are documented there.
+
+Files are checked at load against the manifest (export/manifest.py): every runtime file (tokenizer/,
+scheduler/, model_info.json, reward/) by size and sha256, graphs by sha256 up to LOAD_HASH_BYTES (256 MiB) and
+by size above; `cg4ctr-export verify` hashes everything.
 """
 from __future__ import annotations
 
@@ -187,10 +193,7 @@ def _checked_manifest(root: Path, require: Sequence[str], how: str, check: Optio
     missing = [c for c in require if c not in manifest["components"]]
     if missing:
         raise InputError(f"{root}: no {', '.join(missing)} in this folder {how}")
-    if check is None:
-        mf.check_files(root, manifest)
-    else:
-        mf.check_files(root, manifest, check)
+    mf.check_files(root, manifest, check, hash_limit=mf.LOAD_HASH_BYTES)
     return manifest
 
 
@@ -249,7 +252,7 @@ def onnxruntime_saliency(folder: str | Path, *, providers: Optional[Sequence[str
     manifest = mf.read_manifest(root)
     if "saliency" not in manifest["components"]:
         return None
-    mf.check_files(root, manifest, ["saliency"])
+    mf.check_files(root, manifest, ["saliency"], hash_limit=mf.LOAD_HASH_BYTES)
     chosen = available_providers(providers)
     component = OrtComponent(
         root / manifest["components"]["saliency"]["file"], mf.contract_of(manifest, "saliency"), chosen, _device_for(chosen)
@@ -349,6 +352,60 @@ class OrtRewardEngine:
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
+def default_group_features(group_dim: int) -> np.ndarray:
+    """The user-group row scored when none is given: float32 [group_dim].
+
+    group_dim 1: [1.0], the one feature a log without user groups gives every row (cg4ctr_fast.training.data), so
+    the model sees what it was trained on. group_dim > 1 (e.g. the synthetic world's one-hot attributes): zeros,
+    "no attribute known"; the group tower then contributes its bias only. Scores stay comparable between the
+    creatives of one call (what selection needs); pass the real groups' features for calibrated CTRs.
+    """
+    return np.ones(1, dtype=np.float32) if group_dim == 1 else np.zeros(group_dim, dtype=np.float32)
+
+
+class PipelineReward:
+    """A `reward=` callable for `CreativePipeline` (stage 10): (images, group indices) → calibrated CTRs.
+
+    images: the creatives as PIL images (any size; resized to the reward model's square side as in torch);
+    groups: the pipeline group (prompt index) of each. Returns a list of floats in (0, 1), one per image.
+
+    The reward model scores (image, product title, caption, user group); the pipeline knows only the images and
+    the group index, so the rest is set here (or later: `pipe.reward.title = ...`, `.captions`, `.group_features`):
+    - title: the product's title; default "" (a product without a title): a title row of <pad> only, which the
+      title tower averages to zeros exactly as RewardModel does for an empty title;
+    - captions: one per group (e.g. the prompts, as the demo does), or None: no caption, encoded like "";
+    - group_features: [n_groups, group_dim], row g for group g; None: `default_group_features` for every group.
+    Scores equal `RewardModel.pipeline_scorer(table, title, captions)` on the same creatives within the reward
+    contracts' tolerances. A group index beyond the table is an InputError.
+    """
+
+    def __init__(self, engine, *, title: str = "", captions: Optional[Sequence[str]] = None, group_features=None):
+        self.engine = engine
+        self.title = title
+        self.captions = captions
+        self.group_features = group_features
+
+    def table(self, n_groups: int) -> np.ndarray:
+        """The group-feature table [n_groups, group_dim] float32 this reward scores with."""
+        dim = self.engine.config.group_dim
+        if self.group_features is None:
+            return np.tile(default_group_features(dim), (n_groups, 1))
+        table = np.asarray(self.group_features, dtype=np.float32)
+        if table.ndim != 2 or table.shape[1] != dim:
+            raise InputError(f"reward group_features has shape {list(table.shape)}, expected [n_groups, {dim}]")
+        return table
+
+    def __call__(self, images: list, groups: list) -> list:
+        groups = [int(g) for g in groups]
+        table = self.table(max(groups, default=-1) + 1)
+        if groups and max(groups) >= len(table):
+            raise InputError(f"reward: group {max(groups)} has no row in group_features ({len(table)} rows)")
+        if self.captions is not None and groups and max(groups) >= len(self.captions):
+            raise InputError(f"reward: group {max(groups)} has no caption ({len(self.captions)} given)")
+        captions = [self.captions[g] if self.captions is not None else "" for g in groups]
+        return self.engine.score_images(images, [self.title] * len(images), captions, table[groups]).tolist()
+
+
 def _broadcast(tensor: torch.Tensor, name: str, batch: int) -> torch.Tensor:
     """RewardModel's rule: an input with batch 1 serves the whole batch."""
     if tensor.dim() >= 1 and tensor.shape[0] == batch:
@@ -372,6 +429,14 @@ def _read_reward_files(root: Path):
         return config, Vocabulary(vocab["title"]), Vocabulary(vocab["caption"])
     except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError, AttributeError) as exc:
         raise InputError(f"{folder}: unreadable reward model files ({' '.join(str(exc).split())[:200]}): {mf.REEXPORT}") from None
+
+
+def onnxruntime_reward(folder: str | Path, *, providers: Optional[Sequence[str]] = None) -> Optional[PipelineReward]:
+    """The folder's reward model as the pipeline's reward callable, or None when it was exported without one."""
+    manifest = mf.read_manifest(Path(folder))
+    if not all(name in manifest["components"] for name in REWARD_COMPONENTS):
+        return None
+    return PipelineReward(load_reward_engine(folder, providers=providers))
 
 
 def load_reward_engine(folder: str | Path, *, providers: Optional[Sequence[str]] = None) -> OrtRewardEngine:

@@ -5,6 +5,9 @@ checked against the contract profile the engine was built with), outputs are all
 the execution context reports. The folder is refused with one "rebuild with …" line when it was built for
 another TensorRT version or GPU (see cg4ctr_fast.export.tensorrt_build.check_engine_manifest).
 
+A folder built from an ONNX export with --reward carries reward_image / reward_head engines and reward/:
+`tensorrt_reward(DIR)` serves them behind the same `PipelineReward` callable as ONNX Runtime.
+
 Needs tensorrt and an NVIDIA GPU; elsewhere it stops with TRT_UNAVAILABLE. It has not run on the development
 machine (no GPU, no tensorrt); its pure-Python checks are tested there.
 """
@@ -17,7 +20,7 @@ import torch
 
 from cg4ctr_fast.errors import InputError
 from cg4ctr_fast.export import manifest as mf
-from cg4ctr_fast.export.contracts import PIPELINE_COMPONENTS
+from cg4ctr_fast.export.contracts import PIPELINE_COMPONENTS, REWARD_COMPONENTS
 from cg4ctr_fast.export.tensorrt_engine import TrtComponent
 from cg4ctr_fast.runtime.slots import Components
 
@@ -56,3 +59,19 @@ def tensorrt_saliency(folder: str | Path):
     if "saliency" not in manifest["components"]:
         return None
     return OrtSaliency(_components(root, manifest, ["saliency"])["saliency"]).eval()
+
+
+def tensorrt_reward(folder: str | Path):
+    """The folder's reward engines as the pipeline's reward callable (PipelineReward), or None without them."""
+    from cg4ctr_fast.export.tensorrt_build import load_engine_manifest
+    from cg4ctr_fast.runtime.onnxruntime_backend import OrtRewardEngine, PipelineReward, _read_reward_files
+
+    root = Path(folder)
+    manifest = load_engine_manifest(root)
+    if not all(name in manifest["components"] for name in REWARD_COMPONENTS):
+        return None
+    config, title_vocab, caption_vocab = _read_reward_files(root)
+    parts = _components(root, manifest, REWARD_COMPONENTS)
+    # OrtRewardEngine only calls component.run(**inputs) and reads its contract and device: TrtComponent has both.
+    engine = OrtRewardEngine(parts["reward_image"], parts["reward_head"], config, title_vocab, caption_vocab)
+    return PipelineReward(engine)
