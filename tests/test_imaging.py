@@ -575,6 +575,79 @@ def test_composite_does_not_touch_inputs():
 def test_composite_rejects_mismatched_mask():
     with pytest.raises(ValueError):
         composite(Image.new("RGB", (8, 8)), Image.new("RGB", (8, 8)), Image.new("L", (4, 4)))
+    with pytest.raises(ValueError, match="alpha"):
+        composite(Image.new("RGB", (8, 8)), Image.new("RGB", (8, 8)), Image.new("L", (8, 8)),
+                  np.zeros((8, 7), np.uint8))
+
+
+def _alpha_case(seed: int, width: int, height: int):
+    """Random colours, a random mask and a random alpha with many exact 0 and 255 values."""
+    rng = np.random.default_rng(seed)
+    original, generated = random_rgb(rng, width, height), random_rgb(rng, width, height)
+    alpha = rng.integers(0, 256, (height, width), dtype=np.uint8)
+    alpha[rng.random((height, width)) < 0.25] = 255
+    alpha[rng.random((height, width)) < 0.15] = 0
+    mask = rng.integers(0, 256, (height, width), dtype=np.uint8)
+    return original, generated, alpha, mask
+
+
+@pytest.mark.parametrize("seed,size", [(0, (1, 1)), (1, (17, 9)), (2, (33, 21)), (3, (64, 63)), (4, (5, 77))])
+def test_composite_straight_alpha_matches_numpy_reference(seed, size):
+    """C·a + G·(1 − a) over the generated background, rounded to nearest: float64 reference, no tolerance
+    (exact rationals k/255 never sit on a .5 tie, so floor(x + 0.5) and the integer formula agree)."""
+    width, height = size
+    original, generated, alpha, mask = _alpha_case(seed, width, height)
+    out = np.asarray(composite(original, generated, Image.fromarray(mask), alpha))
+    c, g = np.asarray(original, np.float64), np.asarray(generated, np.float64)
+    w = np.where(mask < 128, alpha, 0).astype(np.float64)[..., None]
+    expected = np.floor((c * w + g * (255.0 - w)) / 255.0 + 0.5).astype(np.uint8)
+    assert np.array_equal(out, expected)
+    opaque = (alpha == 255) & (mask < 128)
+    assert np.array_equal(out[opaque], np.asarray(original)[opaque])  # a copy, bit for bit
+    clear = (alpha == 0) | (mask >= 128)
+    assert np.array_equal(out[clear], np.asarray(generated)[clear])
+
+
+def test_composite_edge_over_a_dark_background_has_no_light_fringe():
+    """The seen fault: a 50 %-alpha dark edge pixel shown over white became light grey on every background."""
+    original = Image.new("RGB", (3, 1), (20, 20, 20))
+    generated = Image.new("RGB", (3, 1), (0, 0, 0))
+    alpha = np.array([[255, 128, 0]], np.uint8)
+    out = np.asarray(composite(original, generated, Image.new("L", (3, 1), 0), alpha))
+    assert out[0].tolist() == [[20, 20, 20], [10, 10, 10], [0, 0, 0]]  # (20·128 + 0·127 + 127) // 255 = 10
+
+
+@pytest.mark.parametrize("seed,size", [(5, (13, 7)), (6, (40, 31))])
+def test_composite_float_matches_reference(seed, size):
+    """Float composite: float64 reference within 1e-6 (float32 rounding, ~6e-8 per operation on [0, 1]);
+    opaque pixels exactly float32(C) / 255 and fully clear ones exactly G."""
+    width, height = size
+    original, _, alpha, mask = _alpha_case(seed, width, height)
+    generated = np.random.default_rng(seed + 100).random((height, width, 3), dtype=np.float32)
+    out = imaging.composite_float(original, generated, Image.fromarray(mask), alpha)
+    assert out.dtype == np.float32 and out.shape == (height, width, 3)
+    w = np.where(mask < 128, alpha, 0).astype(np.float64)[..., None] / 255.0
+    expected = np.asarray(original, np.float64) / 255.0 * w + generated.astype(np.float64) * (1.0 - w)
+    assert np.abs(out - expected).max() <= 1e-6
+    opaque = (alpha == 255) & (mask < 128)
+    assert np.array_equal(out[opaque], np.asarray(original, np.float32)[opaque] / np.float32(255))
+    clear = (alpha == 0) | (mask >= 128)
+    assert np.array_equal(out[clear], generated[clear])
+
+
+def test_load_product_splits_straight_alpha():
+    rng = np.random.default_rng(11)
+    rgba = rng.integers(0, 256, (9, 14, 4), dtype=np.uint8)
+    rgba[0, :, 3] = 0
+    product = imaging.load_product(png_bytes(Image.fromarray(rgba)))
+    assert np.array_equal(np.asarray(product.rgb), rgba[..., :3])  # straight colours, not over white
+    assert np.array_equal(product.alpha, rgba[..., 3])
+    expected_white = (rgba[..., :3].astype(np.uint32) * rgba[..., 3:] + 255 * (255 - rgba[..., 3:].astype(np.uint32))
+                      + 127) // 255
+    assert np.array_equal(np.asarray(product.model_rgb), expected_white.astype(np.uint8))
+    assert np.array_equal(np.asarray(product.alpha_mask), np.where(rgba[..., 3] < 128, 255, 0))
+    opaque = imaging.load_product(png_bytes(Image.fromarray(rgba[..., :3])))
+    assert opaque.alpha is None and opaque.alpha_mask is None and opaque.model_rgb is opaque.rgb
 
 
 # --------------------------------------------------------------------------------------------
