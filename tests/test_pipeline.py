@@ -263,3 +263,123 @@ def test_nan_decode_falls_back_to_fp32(product, monkeypatch):
     assert calls == [torch.bfloat16]  # the bf16 decode overflowed; decode_fp32 then ran the VAE in fp32
     assert slot.module.dtype == torch.bfloat16  # and put it back
     assert np.isfinite(np.asarray(creative.image, dtype=np.float32)).all()
+
+
+# ------------------------------------------------------------------ output types (diffusers' names)
+@pytest.mark.parametrize("size,composite", [((64, 64), True), ((53, 47), True), ((53, 47), False)])
+def test_pt_and_np_are_the_same_floats(pipe9, size, composite):
+    image, mask = make_product(*size, seed=3)
+    kwargs = dict(num_inference_steps=2, composite=composite, show_progress=False)
+    as_np = pipe9(["warm", "cool"], image, mask, output_type="np", **kwargs)
+    as_pt = pipe9(["warm", "cool"], image, mask, output_type="pt", **kwargs)
+    for a, b in zip(as_np, as_pt):
+        assert isinstance(b.image, torch.Tensor) and b.image.dtype == torch.float32
+        assert b.image.shape == (3, *a.image.shape[:2])
+        assert torch.equal(b.image, torch.from_numpy(a.image.transpose(2, 0, 1).copy()))  # same floats, no tolerance
+        assert 0.0 <= float(b.image.min()) and float(b.image.max()) <= 1.0
+    if composite:  # at the input's size, float composite: product exactly C / 255
+        keep = np.asarray(mask) < 128
+        assert as_np[0].image.shape == (size[1], size[0], 3)
+        assert np.array_equal(as_np[0].image[keep], np.asarray(image, np.float32)[keep] / np.float32(255))
+
+
+def test_pil_is_the_rounded_np_output(pipe9, product):
+    """At the working size (no resize) "pil" is "np" rounded to 8 bits: within half an 8-bit step, plus 1e-4
+    for float32 rounding at exact .5 boundaries."""
+    image, mask = product
+    pil = pipe9("warm", image, mask, num_inference_steps=2, show_progress=False)[0].image
+    flt = pipe9("warm", image, mask, num_inference_steps=2, output_type="np", show_progress=False)[0].image
+    assert np.abs(np.asarray(pil, np.float64) - flt.astype(np.float64) * 255).max() <= 0.5 + 1e-4
+
+
+def test_latent_output_skips_decode_and_reward(pipe9, product, monkeypatch):
+    image, mask = product
+    pipe9.reward = lambda images, groups: pytest.fail("no images to score with output_type='latent'")
+    try:
+        monkeypatch.setattr(pipe9.components, "vae_decoder", lambda x: pytest.fail("decoded"))
+        latent = pipe9(["warm", "cool"], image, mask, num_inference_steps=2, output_type="latent",
+                       show_progress=False)
+    finally:
+        pipe9.reward = None
+    monkeypatch.undo()
+    decoded = pipe9(["warm", "cool"], image, mask, num_inference_steps=2, output_type="np", return_latents=True,
+                    show_progress=False)
+    info = pipe9.components.info
+    for lat, full in zip(latent, decoded):
+        assert lat.image.shape == (info.latent_channels, 64 // info.vae_scale_factor, 64 // info.vae_scale_factor)
+        assert torch.equal(lat.image.float().cpu(), full.latents)  # the scaled latents diffusers returns
+        assert lat.reward is None and lat.seed == full.seed
+
+
+# ------------------------------------------------------------------ callback_on_step_end
+def test_callback_sees_every_step_and_its_tensors(pipe9, product):
+    image, mask = product
+    seen = []
+
+    def callback(pipe, i, t, kwargs):
+        assert pipe is pipe9
+        seen.append((i, int(t), {k: tuple(v.shape) for k, v in kwargs.items()}))
+        return {}
+
+    names = ["latents", "prompt_embeds", "mask", "masked_image_latents"]
+    plain = pipe9(["a", "b"], image, mask, num_inference_steps=3, guidance_scale=5.0, output_type="np",
+                  show_progress=False)
+    called = pipe9(["a", "b"], image, mask, num_inference_steps=3, guidance_scale=5.0, output_type="np",
+                   show_progress=False, callback_on_step_end=callback, callback_on_step_end_tensor_inputs=names)
+    scheduler = pipe9.scheduler.__class__.from_config(pipe9.scheduler.config)
+    scheduler.set_timesteps(3)
+    assert [(i, t) for i, t, _ in seen] == list(enumerate(int(t) for t in scheduler.timesteps))
+    shapes = seen[0][2]
+    assert shapes["latents"][0] == 2 and shapes["prompt_embeds"][0] == 4  # [negatives; prompts] under guidance
+    assert shapes["mask"][:2] == (4, 1) and shapes["masked_image_latents"][0] == 4
+    for a, b in zip(plain, called):  # returning nothing changes nothing
+        assert np.array_equal(a.image, b.image)
+
+
+def test_callback_returning_latents_is_honoured(pipe9, product):
+    image, mask = product
+
+    def zero_last(pipe, i, t, kwargs):
+        return {"latents": torch.zeros_like(kwargs["latents"])} if i == 1 else {}
+
+    out = pipe9(["a"], image, mask, num_inference_steps=2, output_type="latent", show_progress=False,
+                callback_on_step_end=zero_last)[0]
+    assert torch.count_nonzero(out.image) == 0
+    with pytest.raises(InputError, match="must return a dict"):
+        pipe9(["a"], image, mask, num_inference_steps=1, show_progress=False,
+              callback_on_step_end=lambda pipe, i, t, kwargs: None)
+
+
+# ------------------------------------------------------------------ alpha edges
+def test_rgba_edge_blends_over_the_generated_background(pipe9):
+    """An anti-aliased cut-out: opaque pixels stay bit-exact, partial ones become C·a + G·(1 − a) with G the
+    generated background at those pixels (rounding as imaging.composite states), never C over white."""
+    from cg4ctr_fast.imaging import composite, composite_float
+
+    rng = np.random.default_rng(12)
+    width, height = 51, 37
+    yy, xx = np.mgrid[0:height, 0:width]
+    distance = np.hypot(xx - 25.0, yy - 18.0)
+    alpha = np.clip((14.0 - distance) * 64.0, 0, 255).astype(np.uint8)  # a disc with a ~4-px soft edge
+    colours = rng.integers(0, 60, (height, width, 3), dtype=np.uint8)  # a dark product
+    rgba = Image.fromarray(np.dstack([colours, alpha]))
+    partial = (alpha > 0) & (alpha < 255)
+    assert partial.sum() > 50
+    kwargs = dict(num_inference_steps=2, show_progress=False)
+    background = pipe9("neon", rgba, None, composite=False, **kwargs)[0].image  # G, at the input's size
+    creative = pipe9("neon", rgba, None, **kwargs)[0]
+    keep_region = Image.fromarray(np.where(alpha > 0, 0, 255).astype(np.uint8))
+    expected = composite(Image.fromarray(colours), background, keep_region, alpha)
+    assert np.array_equal(np.asarray(creative.image), np.asarray(expected))
+    opaque = alpha == 255
+    assert np.array_equal(np.asarray(creative.image)[opaque], colours[opaque])
+    # Float output: the same blend on the float background, and nothing like "over white" on the edge.
+    background_np = pipe9("neon", rgba, None, composite=False, output_type="np", **kwargs)[0].image
+    as_np = pipe9("neon", rgba, None, output_type="np", **kwargs)[0].image
+    from cg4ctr_fast.pipeline import _resize_float
+
+    want = composite_float(Image.fromarray(colours), _resize_float(background_np, (width, height)), keep_region,
+                           alpha)
+    assert np.array_equal(as_np, want)
+    over_white = (colours.astype(np.float64) * alpha[..., None] + 255.0 * (255 - alpha[..., None])) / 255
+    assert np.abs(np.asarray(creative.image, np.float64)[partial] - over_white[partial]).mean() > 20

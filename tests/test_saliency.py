@@ -512,3 +512,83 @@ def test_module_imports_no_accelerator_stacks() -> None:
     source = Path(saliency.__file__).read_text()
     for name in ("triton", "onnx", "tensorrt"):
         assert f"import {name}" not in source and f"from {name}" not in source
+
+
+# --------------------------------------------------------------------------------------------
+# The net's own config decides its input size
+# --------------------------------------------------------------------------------------------
+
+
+def _trained_folder(tmp_path: Path, net: U2NetP, size: int, threshold: float) -> Path:
+    """A folder as `cg4ctr-train saliency` writes it (save_trained_saliency), for a given net."""
+    from cg4ctr_fast.training.saliency import save_trained_saliency
+
+    metrics = {"config": {"size": size, "threshold": threshold}}
+    return save_trained_saliency(net, metrics, tmp_path / "saliency")
+
+
+def test_trained_folder_records_and_restores_its_size(tmp_path: Path, model: U2NetP) -> None:
+    folder = _trained_folder(tmp_path, model, size=48, threshold=0.4)
+    for path in (folder, folder / "saliency.safetensors"):
+        loaded = load_saliency(path)
+        assert (loaded.config.size, loaded.config.threshold) == (48, 0.4)
+    # The weights file alone, copied elsewhere, still knows its size (safetensors metadata).
+    alone = tmp_path / "elsewhere" / "net.safetensors"
+    alone.parent.mkdir()
+    alone.write_bytes((folder / "saliency.safetensors").read_bytes())
+    assert load_saliency(alone).config.size == 48
+
+
+def test_official_weights_without_config_run_at_320(tmp_path: Path, model: U2NetP) -> None:
+    path = tmp_path / "u2netp.pth"
+    torch.save(model.state_dict(), path)
+    # Another project's config.json beside it is not a saliency config: ignored.
+    (tmp_path / "config.json").write_text('{"_class_name": "UNet2DModel", "size": 64, "in_channels": 9}')
+    assert load_saliency(path).config.size == 320
+    save_file({k: v.contiguous() for k, v in model.state_dict().items() if "num_batches" not in k},
+              str(tmp_path / "bare.safetensors"))
+    (tmp_path / "config.json").unlink()
+    assert load_saliency(tmp_path / "bare.safetensors").config.size == 320
+
+
+def test_bad_saliency_config_is_one_line(tmp_path: Path, model: U2NetP) -> None:
+    folder = _trained_folder(tmp_path, model, size=48, threshold=0.5)
+    (folder / "config.json").write_text('{"size": 0, "threshold": 0.5}')
+    with pytest.raises(InputError, match="size must be a positive integer") as excinfo:
+        load_saliency(folder)
+    assert "\n" not in str(excinfo.value) and "config.json" in str(excinfo.value)
+    (folder / "config.json").write_text("{not json")
+    with pytest.raises(InputError, match="cannot read as JSON"):
+        load_saliency(folder)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(InputError, match="no weights file"):
+        load_saliency(empty)
+
+
+def test_pipeline_runs_the_net_at_its_own_size(tmp_path: Path, model: U2NetP) -> None:
+    """The seen fault: a 64-px net run at 320 px kept 57 of 1,681 product pixels, silently.
+
+    An untrained net stands in for a trained one (what matters is the size it runs at); its threshold is
+    the median of its own 48-px map, so both product and background exist in the expected mask.
+    """
+    from cg4ctr_fast.pipeline import CreativePipeline
+    from tests.conftest import make_product
+
+    image, _ = make_product(57, 41, seed=4)
+    size = 48
+    threshold = float(np.median(predict_saliency(model, image, size=size)))
+    folder = _trained_folder(tmp_path, model, size=size, threshold=threshold)
+    expected = mask_from_saliency(predict_saliency(model, image, size=size), threshold=threshold, dilate_px=2)
+    at_320 = mask_from_saliency(predict_saliency(model, image, size=320), threshold=threshold, dilate_px=2)
+    assert not np.array_equal(np.asarray(expected), np.asarray(at_320))  # so the test can tell them apart
+
+    pipe = CreativePipeline.from_preset("tiny", saliency=str(folder))  # what `cg4ctr generate --saliency` does
+    assert pipe.saliency_settings() == (size, threshold)
+    creative = pipe("warm", image, None, num_inference_steps=1, show_progress=False)[0]
+    assert np.array_equal(np.asarray(creative.mask), np.asarray(expected))
+    keep = np.asarray(expected) < 128
+    assert np.array_equal(np.asarray(creative.image)[keep], np.asarray(image)[keep])
+    # An explicit size still wins over the net's config.
+    pipe.saliency_size = 320
+    assert pipe.saliency_settings() == (320, threshold)
