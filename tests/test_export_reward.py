@@ -158,11 +158,66 @@ def test_onnxruntime_scores_pil_images_like_torch(exported, reward_dir):
     np.testing.assert_allclose(got, want, rtol=0, atol=engine.head.contract.tolerance.allowed(1.0))
 
 
+# ------------------------------------------------------------------------------------------------ the pipeline
+def test_engine_folder_attaches_its_reward_and_scores_like_torch(exported, reward_dir):
+    """from_engines(DIR) scores every creative with the folder's reward engines, as RewardModel.pipeline_scorer
+    scores the same creatives: with the defaults (no title, no caption, the default group row) and with a title,
+    captions and group features set. Tolerance: the reward head's bound at scale 1 (1.1e-4, module docstring)."""
+    from cg4ctr_fast.pipeline import CreativePipeline
+    from cg4ctr_fast.runtime.onnxruntime_backend import PipelineReward, default_group_features
+    from tests.conftest import make_product
+
+    model = RewardModel.load(reward_dir)
+    pipe = CreativePipeline.from_engines(str(exported))
+    assert isinstance(pipe.reward, PipelineReward)
+    assert CreativePipeline.from_engines(str(exported), reward=False).reward is None
+    tol = pipe.reward.engine.head.contract.tolerance.allowed(1.0)
+    image, mask = make_product(seed=2)
+    prompts = ["warm red", "cool blue studio"]  # 2 groups × 2 images: the export's batch max of 4
+    creatives = pipe(prompts, image, mask, num_inference_steps=2, num_images_per_prompt=2, show_progress=False)
+    images, groups = [c.image for c in creatives], [c.group for c in creatives]
+    assert all(c.reward is not None and 0 < c.reward < 1 for c in creatives)
+    default = np.tile(default_group_features(model.config.group_dim), (3, 1))
+    assert default.shape == (3, 3) and not default.any()  # group_dim 3: no attribute known
+    want = model.pipeline_scorer(default, title="", captions=None)(images, groups)
+    np.testing.assert_allclose([c.reward for c in creatives], want, rtol=0, atol=tol)
+
+    pipe.reward.title, pipe.reward.captions, pipe.reward.group_features = "red ceramic mug", prompts, np.eye(3)
+    got = pipe.reward(images, groups)
+    want = model.pipeline_scorer(np.eye(3), title="red ceramic mug", captions=prompts)(images, groups)
+    np.testing.assert_allclose(got, want, rtol=0, atol=tol)
+    assert max(want) - min(want) > 10 * tol  # groups and captions move the scores: the comparison can fail
+    with pytest.raises(InputError, match="group 3 has no row"):
+        pipe.reward(images[:1], [3])
+    assert default_group_features(1).tolist() == [1.0]  # logs without user groups: the one feature they train on
+
+
+def test_generate_from_an_engine_folder_writes_reward_scores(exported, reward_dir, tmp_path, capsys):
+    from cg4ctr_fast.cli.main import main as cg4ctr_main
+    from tests.conftest import make_product
+
+    image, mask = make_product(seed=3)
+    image.save(tmp_path / "p.png")
+    mask.save(tmp_path / "m.png")
+    out = tmp_path / "gen"
+    assert cg4ctr_main(["generate", "--engines", str(exported), "--image", str(tmp_path / "p.png"), "--mask",
+                        str(tmp_path / "m.png"), "--prompt", "a", "--prompt", "b", "--steps", "2", "--out", str(out),
+                        "--quiet"]) == 0
+    capsys.readouterr()
+    records = json.loads((out / "creatives.json").read_text())["creatives"]
+    scores = [r["reward"] for r in records]
+    assert len(scores) == 2 and all(isinstance(s, float) for s in scores)
+    model = RewardModel.load(reward_dir)
+    want = model.pipeline_scorer(np.zeros((2, model.config.group_dim)))(
+        [Image.open(out / r["file"]) for r in records], [r["group"] for r in records])  # PNGs: the same 8-bit pixels
+    np.testing.assert_allclose(scores, want, rtol=0, atol=1.1e-4)
+
+
 # ------------------------------------------------------------------------------------------------ refusals
 def test_verify_passes_and_refuses_a_tampered_head(exported, tmp_path, capsys):
     from cg4ctr_fast.runtime.onnxruntime_backend import load_reward_engine
 
-    assert export_cli("verify", str(exported)) == 0
+    assert export_cli("verify", "--engines", str(exported)) == 0
     out = capsys.readouterr().out
     assert "reward_head" in out and "validation: passed" in out
     folder = tmp_path / "copy"
