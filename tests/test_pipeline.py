@@ -65,15 +65,17 @@ def test_np_output_keeps_product_exact(pipe9, product):
 
 def test_creative_records(pipe9, product):
     image, mask = product
+    # Float output: batch rows 0 and 4 run through the same batched kernels, where BLAS may round a row
+    # differently by position (≤ 1e-6 seen nowhere, allowed for); 8-bit images would turn that into a 1/255 flip.
     creatives = pipe9(["p0", "p1", "p0"], image, mask, num_inference_steps=1, num_images_per_prompt=2,
-                      show_progress=False)
+                      output_type="np", show_progress=False)
     assert [(c.group, c.index, c.prompt) for c in creatives] == [
         (0, 0, "p0"), (0, 1, "p0"), (1, 0, "p1"), (1, 1, "p1"), (2, 0, "p0"), (2, 1, "p0")
     ]
     assert all(c.reward is None and c.mask.size == image.size for c in creatives)
     # Same prompt, same index, same product: same seed and the same pixels, in whichever group.
     assert creatives[0].seed == creatives[4].seed
-    assert np.array_equal(np.asarray(creatives[0].image), np.asarray(creatives[4].image))
+    assert np.abs(creatives[0].image - creatives[4].image).max() <= 1e-5
     assert creatives[0].seed != creatives[1].seed
 
 
@@ -182,7 +184,8 @@ def test_save_and_from_pretrained_round_trip(pipe9, product, tmp_path):
     image, mask = product
     a = pipe9("warm", image, mask, num_inference_steps=2, output_type="np", show_progress=False)[0].image
     b = loaded("warm", image, mask, num_inference_steps=2, output_type="np", show_progress=False)[0].image
-    assert np.array_equal(a, b)
+    # The same weights through a save/load round trip: float noise only (the tensors' memory layout may differ).
+    assert np.abs(a - b).max() <= 1e-5
     # diffusers itself loads the folder, offline.
     StableDiffusionInpaintPipeline.from_pretrained(str(tmp_path / "model"), local_files_only=True,
                                                    safety_checker=None, requires_safety_checker=False)
@@ -206,7 +209,7 @@ def test_from_diffusers_reuses_components(pipe9, product):
     image, mask = product
     a = ours("x", image, mask, num_inference_steps=1, output_type="np", show_progress=False)[0].image
     b = pipe9("x", image, mask, num_inference_steps=1, output_type="np", show_progress=False)[0].image
-    assert np.array_equal(a, b)
+    assert np.abs(a - b).max() <= 1e-5  # the same modules: equal up to float noise
 
 
 def test_sd15_architecture_builds_with_random_weights_only_on_request():
@@ -370,9 +373,11 @@ def test_rgba_edge_blends_over_the_generated_background(pipe9):
     creative = pipe9("neon", rgba, None, **kwargs)[0]
     keep_region = Image.fromarray(np.where(alpha > 0, 0, 255).astype(np.uint8))
     expected = composite(Image.fromarray(colours), background, keep_region, alpha)
-    assert np.array_equal(np.asarray(creative.image), np.asarray(expected))
+    # G comes from a second run: identical in this process, but one 8-bit step is allowed so float noise between
+    # runs that flips G's rounding cannot fail the test; an "over white" edge is off by ≫ 1 step (checked below).
+    assert np.abs(np.asarray(creative.image, int) - np.asarray(expected, int)).max() <= 1
     opaque = alpha == 255
-    assert np.array_equal(np.asarray(creative.image)[opaque], colours[opaque])
+    assert np.array_equal(np.asarray(creative.image)[opaque], colours[opaque])  # a copy: bit for bit
     # Float output: the same blend on the float background, and nothing like "over white" on the edge.
     background_np = pipe9("neon", rgba, None, composite=False, output_type="np", **kwargs)[0].image
     as_np = pipe9("neon", rgba, None, output_type="np", **kwargs)[0].image
@@ -380,6 +385,7 @@ def test_rgba_edge_blends_over_the_generated_background(pipe9):
 
     want = composite_float(Image.fromarray(colours), _resize_float(background_np, (width, height)), keep_region,
                            alpha)
-    assert np.array_equal(as_np, want)
+    assert np.abs(as_np - want).max() <= 1e-5  # floats from two runs: float noise only
+    assert np.array_equal(as_np[opaque], colours[opaque].astype(np.float32) / np.float32(255))
     over_white = (colours.astype(np.float64) * alpha[..., None] + 255.0 * (255 - alpha[..., None])) / 255
     assert np.abs(np.asarray(creative.image, np.float64)[partial] - over_white[partial]).mean() > 20
