@@ -166,6 +166,8 @@ def test_onnxruntime_pipeline_equals_torch_pipeline(request, which):
     for a, b in zip(got, want):
         ga, wb = np.asarray(a.image).astype(int), np.asarray(b.image).astype(int)
         assert np.array_equal(ga[keep], np.asarray(image)[keep])  # product pixels bit for bit
+        # 8-bit images: the float outputs above differ by ≤ 5e-5, so rounding to uint8 can split by exactly one
+        # level where a value sits near a rounding boundary, and by no more.
         assert np.abs(ga - wb).max() <= 1
         assert a.seed == b.seed
 
