@@ -99,8 +99,9 @@ class CreativePipeline:
         components: the filled backend slots (text_encoder, unet, vae_encoder, vae_decoder, scheduler).
         saliency: a U2NetP (or any module with its interface) that finds the product when neither a mask
             nor transparency is given; None: such a call raises InputError.
-        reward: callable (list of images, list of group indices) → list of floats, scored on every
-            creative (stage 10); None: `Creative.reward` stays None.
+        reward: callable (list of PIL RGB images, list of group indices) → list of floats, scored on every
+            creative (stage 10; "np" / "pt" outputs are rounded to 8 bits for it, "latent" skips it);
+            None: `Creative.reward` stays None.
         saliency_threshold: saliency in [0, 1] at or above which a pixel is product; None (default): the
             net's own config (`U2NetP.config.threshold`, 0.5 for the official weights).
         saliency_dilate_px: pixels (≥ 0) the repaint region grows over the product edge (default 2).
@@ -702,7 +703,9 @@ class CreativePipeline:
         # 10. reward ----------------------------------------------------------------------------
         if self.reward is not None:
             with self._stage("reward"):
-                scores = self.reward([c.image for c in creatives], [c.group for c in creatives])
+                # The reward model scores what would be shipped: 8-bit RGB images, whatever the output type.
+                shown = [c.image if output_type == "pil" else _to_pil(c.image) for c in creatives]
+                scores = self.reward(shown, [c.group for c in creatives])
             for creative, score in zip(creatives, scores):
                 creative.reward = float(score)
         return creatives
@@ -800,6 +803,13 @@ def _resize_float(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     ]
     # LANCZOS overshoots at edges (negative lobes); the decoder's range is [0, 1].
     return np.clip(np.stack(channels, axis=-1), 0.0, 1.0).astype(np.float32, copy=False)
+
+
+def _to_pil(image) -> Image.Image:
+    """A float [H, W, 3] array or [3, H, W] tensor in [0, 1] → 8-bit RGB, rounded as diffusers' numpy_to_pil."""
+    if isinstance(image, torch.Tensor):
+        image = image.detach().cpu().float().numpy().transpose(1, 2, 0)
+    return Image.fromarray((np.clip(image, 0.0, 1.0) * 255).round().astype(np.uint8))
 
 
 def _as_output(image: np.ndarray, output_type: str):

@@ -389,3 +389,25 @@ def test_rgba_edge_blends_over_the_generated_background(pipe9):
     assert np.array_equal(as_np[opaque], colours[opaque].astype(np.float32) / np.float32(255))
     over_white = (colours.astype(np.float64) * alpha[..., None] + 255.0 * (255 - alpha[..., None])) / 255
     assert np.abs(np.asarray(creative.image, np.float64)[partial] - over_white[partial]).mean() > 20
+
+
+@pytest.mark.parametrize("output_type", ["pil", "np", "pt"])
+def test_reward_scores_the_8bit_images_for_every_output_type(pipe9, product, output_type):
+    image, mask = product
+    received = []
+
+    def reward(images, groups):
+        received.append([(type(im).__name__, im.mode, im.size) for im in images])
+        return [float(np.asarray(im, np.float64).mean()) for im in images]
+
+    pipe9.reward = reward
+    try:
+        creatives = pipe9(["a", "b"], image, mask, num_inference_steps=1, output_type=output_type,
+                          show_progress=False)
+    finally:
+        pipe9.reward = None
+    assert received == [[("Image", "RGB", image.size)] * 2]
+    pil = pipe9(["a", "b"], image, mask, num_inference_steps=1, show_progress=False)
+    for c, p in zip(creatives, pil):
+        # The mean of an 8-bit image: equal up to rounding flips between runs (≤ 1 step on a pixel).
+        assert abs(c.reward - float(np.asarray(p.image, np.float64).mean())) <= 1.0
