@@ -15,7 +15,11 @@ inpainting blend off and on) it times full loops of ``--steps`` steps for
 
 each rep on a fresh scheduler (``set_timesteps(steps)``; the set-up is not timed), after warm-up
 reps (triton compiles on its first calls), with the variants' reps interleaved. It reports
-microseconds per step (median and p90 over reps) and the speedup unfused / fused.
+microseconds per step (median, and p90 from 10 reps on: from fewer it would be an interpolation between the
+slowest two, not a tail) and the speedup unfused / fused. A row whose (max − min) / median over reps exceeds
+10 % is flagged noisy (``*`` in the table). ``--threads`` (default: the cores available) sets torch's
+threads; the load average and /proc/stat steal before and after go to the JSON, with a warning line when the
+machine was loaded.
 
 On CUDA it also measures device-to-device copy bandwidth (a 1 GiB ``copy_``, bytes read + written)
 and the Triton kernels' effective bandwidth: the bytes one step must move (read the 2B noise
@@ -67,6 +71,8 @@ FAMILIES = {
 }
 COPY_BYTES = 1 << 30
 DEFAULT_BW_SHAPES = "64x128,64x256"
+P90_MIN_REPS = 10  # one rep in 10 lies beyond p90
+NOISY_SPREAD = 0.10  # as cg4ctr_fast.bench: (max - min) / median over reps
 
 
 class ArgError(Exception):
@@ -128,6 +134,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--bw-shapes", default=DEFAULT_BW_SHAPES,
                     help="CUDA only: extra BxL sizes for the kernel bandwidth figure, or 'none' "
                          f"(default {DEFAULT_BW_SHAPES})")
+    ap.add_argument("--threads", default=None,
+                    help="torch threads on the CPU (default: the cores this process may use)")
     ap.add_argument("--json", default=None, metavar="FILE", help="write all results to FILE (atomically)")
     args = ap.parse_args(argv)
 
@@ -142,6 +150,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if args.warmup < 0:
         raise ArgError(f"--warmup: {args.warmup} must be >= 0")
     args.bw_shapes = _shape_list(args.bw_shapes)
+    args.threads = _positive_int("--threads", args.threads) if args.threads is not None else _available_cores()
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     elif args.device == "cuda" and not torch.cuda.is_available():
@@ -158,6 +167,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 # ---------------------------------------------------------------------------------------------
 # Statistics and timing.
+
+
+def _available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -303,6 +319,8 @@ class LoopRow:
     us_per_step_median: float | None = None
     us_per_step_p90: float | None = None
     us_per_step_min: float | None = None
+    spread: float | None = None  # (max - min) / median over reps
+    noisy: bool | None = None
     samples_us_per_step: list = field(default_factory=list)
     speedup_vs_unfused: float | None = None
     # bytes a mid-loop fused step must move (see step_bytes) / median time per step, and its share of
@@ -369,8 +387,10 @@ def bench_loops(args, device: torch.device, log: Callable[[str], None]) -> list[
                     row = group[v]
                     xs = row.samples_us_per_step
                     row.us_per_step_median = statistics.median(xs)
-                    row.us_per_step_p90 = percentile(xs, 90)
+                    row.us_per_step_p90 = percentile(xs, 90) if len(xs) >= P90_MIN_REPS else None
                     row.us_per_step_min = min(xs)
+                    row.spread = (max(xs) - min(xs)) / row.us_per_step_median if len(xs) > 1 else None
+                    row.noisy = row.spread is None or row.spread > NOISY_SPREAD
                     row.finite = bool(torch.isfinite(finals[v]).all())
                     row.bytes_per_step = step_bytes(family, batch, args.latent, dtype, blend)
                     row.effective_gb_per_s = row.bytes_per_step / (row.us_per_step_median * 1e-6) / 1e9
@@ -631,7 +651,8 @@ def _cell(row: LoopRow) -> str:
         return "error"
     if row.skipped:
         return "skipped"
-    return f"{_fmt_us(row.us_per_step_median)} ({_fmt_us(row.us_per_step_p90)})"
+    p90 = _fmt_us(row.us_per_step_p90) if row.us_per_step_p90 is not None else "n/a"
+    return f"{_fmt_us(row.us_per_step_median)} ({p90}){'*' if row.noisy else ''}"
 
 
 def _speed(row: LoopRow) -> str:
@@ -645,7 +666,9 @@ def format_report(result: dict) -> str:
         f"diffusers {env['diffusers']}, git {(env['git_sha'] or '?')[:12]}{'+dirty' if env['git_dirty'] else ''}",
         f"dtype {cfg['dtype']}, latents Bx4x{cfg['latent']}x{cfg['latent']}, UNet output 2Bx4 (CFG g={GUIDANCE}), "
         f"{cfg['steps']} steps/loop, {cfg['reps']} reps after {cfg['warmup']} warm-up; "
-        "us per step: median (p90) over reps; speedup = unfused median / fused median",
+        f"us per step: median (p90) over reps, p90 n/a below {P90_MIN_REPS} reps; * = noisy: (max-min)/median "
+        f"over reps > {100 * NOISY_SPREAD:.0f}%; speedup = unfused median / fused median; torch threads "
+        f"{cfg.get('threads')}",
         "",
     ]
     header = ["family", "B", "blend", "unfused", "fused torch", "speedup", "fused triton", "speedup"]
@@ -695,6 +718,7 @@ def format_report(result: dict) -> str:
         lines += _grid(header, table, left=4)
     elif result.get("kernel_bandwidth_skipped"):
         notes.append(f"kernel bandwidth: skipped: {result['kernel_bandwidth_skipped']}")
+    notes += (result.get("load") or {}).get("warnings", [])
     if notes:
         lines += [""] + notes
     return "\n".join(lines)
@@ -763,6 +787,10 @@ def main(argv: list[str] | None = None) -> int:
         print(msg, file=sys.stderr, flush=True)
 
     device = torch.device(args.device)
+    torch.set_num_threads(args.threads)
+    from cg4ctr_fast.bench import load_during, load_snapshot, load_warnings
+
+    load_before = load_snapshot()
     started = time.perf_counter()
     result: dict = {
         "schema": SCHEMA,
@@ -773,6 +801,7 @@ def main(argv: list[str] | None = None) -> int:
         "config": {
             "device": args.device, "dtype": args.dtype, "batch": args.batch, "latent": args.latent,
             "steps": args.steps, "reps": args.reps, "warmup": args.warmup, "guidance_scale": GUIDANCE,
+            "threads": args.threads, "interleaved": True, "p90_min_reps": P90_MIN_REPS, "noisy_spread": NOISY_SPREAD,
             "cfg": True, "channels": CHANNELS, "bw_shapes": [list(s) for s in args.bw_shapes],
             "scheduler_config": scheduler_config(),
             "timer": "cuda events" if device.type == "cuda" else "time.perf_counter",
@@ -801,6 +830,10 @@ def main(argv: list[str] | None = None) -> int:
         result["copy_bandwidth"] = {"skipped": "CUDA only"}
         result["kernel_bandwidth_skipped"] = "CUDA only (the Triton kernels run on CUDA tensors)"
     result["wall_s"] = time.perf_counter() - started
+    load_after = load_snapshot()
+    during = load_during(load_before, load_after)
+    result["load"] = {"before": load_before, "after": load_after, "during": during,
+                      "warnings": load_warnings(load_before, during)}
     failed = any(r.error for r in result["loops"]) or any("error" in r for r in result.get("kernel_bandwidth", []))
     failed = failed or "error" in result["copy_bandwidth"]
     if args.json:

@@ -29,8 +29,25 @@ def main(argv=None) -> int:
     if args.candidates <= 0 or args.requests <= 0 or args.warmup < 0:
         print("ranking_bench.py: error: --candidates and --requests must be positive", file=sys.stderr)
         return 2
+    if args.json:
+        from cg4ctr_fast.cli.common import check_out_file
+        from cg4ctr_fast.errors import InputError
 
-    from cg4ctr_fast.bench import environment, percentiles
+        try:
+            check_out_file(args.json, flag="--json")  # before anything is measured
+        except InputError as exc:
+            print(f"ranking_bench.py: error: {exc}", file=sys.stderr)
+            return 2
+
+    from cg4ctr_fast.bench import (
+        environment,
+        format_percentile,
+        load_during,
+        load_snapshot,
+        load_warnings,
+        percentiles,
+        row_flags,
+    )
     from cg4ctr_fast.models.reward import RewardConfig, RewardModel
 
     torch.set_num_threads(1)  # one request, one thread: what a serving worker gets
@@ -54,14 +71,21 @@ def main(argv=None) -> int:
 
     for _ in range(args.warmup):
         request()
+    load_before = load_snapshot()
     seconds = []
     for _ in range(args.requests):
         start = time.perf_counter()
         request()
         seconds.append(time.perf_counter() - start)
     stats = percentiles(seconds)
+    load_after = load_snapshot()
+    during = load_during(load_before, load_after)
+    warnings = load_warnings(load_before, during)
     report = {
         "environment": environment(torch.device("cpu")),
+        "threads": torch.get_num_threads(),
+        "load": {"before": load_before, "after": load_after, "during": during, "warnings": warnings},
+        "flags": row_flags(stats),
         "model": args.model or "random weights, default size",
         "candidates": args.candidates,
         "requests": args.requests,
@@ -69,7 +93,10 @@ def main(argv=None) -> int:
         "per_candidate_us_p50": stats["p50"] / args.candidates * 1e6,
     }
     print(f"rank {args.candidates} stored creatives, one thread: p50 {stats['p50'] * 1e3:.3f} ms, "
-          f"p99 {stats['p99'] * 1e3:.3f} ms per request; {report['per_candidate_us_p50']:.1f} µs per candidate (p50)")
+          f"p99 {format_percentile({'p99': stats['p99'] and stats['p99'] * 1e3}, 'p99', '{:.3f} ms')} per request; "
+          f"{report['per_candidate_us_p50']:.1f} µs per candidate (p50)")
+    for line in warnings:
+        print(line)
     if args.json:
         from cg4ctr_fast.fileio import atomic_write_bytes
 

@@ -11,25 +11,43 @@ from cg4ctr_fast.cli.bench import main
 def test_bench_writes_rows_with_ratios(tmp_path, capsys):
     out = tmp_path / "bench.json"
     code = main(["--preset", "tiny", "--backends", "torch", "--groups", "1,3", "--steps", "2", "--runs", "2",
-                 "--warmup", "1", "--fuse", "both", "--json", str(out), "--plot", str(tmp_path / "b.png")])
+                 "--warmup", "1", "--fuse", "both", "--threads", "1", "--json", str(out),
+                 "--plot", str(tmp_path / "b.png")])
     assert code == 0
     report = json.loads(out.read_text())
+    assert report["complete"] is True
     rows = report["results"]
+    # Rows in the order they ran within each round (every row once per round).
     assert [(r["name"], r["groups"]) for r in rows] == [
-        ("diffusers", 1), ("diffusers", 3), ("torch+unfused", 1), ("torch+unfused", 3),
-        ("torch+fused", 1), ("torch+fused", 3),
+        ("diffusers", 1), ("torch+unfused", 1), ("torch+fused", 1),
+        ("diffusers", 3), ("torch+unfused", 3), ("torch+fused", 3),
     ]
+    assert report["config"]["order"] == [f"{r['name']}/{r['groups']}" for r in rows]
+    assert report["config"]["interleaved"] is True and report["config"]["prompt_cache"] == "cold"
     for row in rows:
-        assert row["total"]["p50"] > 0 and row["total"]["n"] == 2
-        assert row["ratio_vs_diffusers"] > 0
-    ours = rows[2]
+        assert row["total"]["p50"] > 0 and row["total"]["n"] == 2 and len(row["samples_s"]) == 2
+        # Two runs are far from what p95/p99 need.
+        assert row["total"]["p95"] is None and row["total"]["p99"] is None
+        assert row["ratio_vs_diffusers"] > 0 and row["cpu_per_wall"] > 0
+        assert set(row["flags"]) <= {"noisy"}
+    for row in rows:
+        if row["name"] != "diffusers":
+            lo, hi = row["ratio_range"]
+            assert lo <= row["ratio_vs_diffusers"] <= hi
+            assert "re-encoded every call" in " ".join(row["notes"])
+    ours = rows[1]
     assert {"text", "vae_encode", "unet", "step", "vae_decode", "composite"} <= set(ours["stages"])
     # The stages are parts of the whole call.
     assert sum(s["p50"] for s in ours["stages"].values()) <= ours["total"]["p50"] * 1.05
     env = report["environment"]
     assert env["versions"]["torch"] and env["versions"]["diffusers"] and env["command"]
+    assert report["threads"]["requested"] == 1 and report["threads"]["torch_intra_op"] == 1
+    load = report["load"]
+    assert len(load["before"]["loadavg"]) == 3 and load["during"]["wall_s"] > 0
     assert (tmp_path / "b.png").stat().st_size > 1000
-    assert "vs diffusers" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "vs diffusers" in printed and "n/a (needs ≥ 20 runs)" in printed and "threads: 1" in printed
+    assert "encode the prompts, as diffusers re-encodes every call" in printed
 
 
 @pytest.mark.parametrize(
@@ -40,6 +58,8 @@ def test_bench_writes_rows_with_ratios(tmp_path, capsys):
         (["--groups", "0"], "positive"),
         (["--steps", "0"], "--steps"),
         (["--preset", "sd15-inpaint"], "--random-weights"),
+        (["--threads", "0"], "--threads"),
+        (["--plot", "/no/such/dir/b.png"], "does not exist"),
     ],
 )
 def test_bench_bad_requests(tmp_path, capsys, flags, needle):

@@ -58,13 +58,26 @@ def test_tiny_cpu_run_writes_json(kb, tmp_path, capsys):
                     r = got[variant]
                     assert r["error"] is None and r["skipped"] is None, r
                     assert r["steps"] == 3 and len(r["samples_us_per_step"]) == 2
-                    assert r["us_per_step_median"] > 0 and r["us_per_step_p90"] > 0, r
+                    assert r["us_per_step_median"] > 0, r
+                    assert r["us_per_step_p90"] is None  # 2 reps: too few for a p90 (needs 10)
+                    assert r["spread"] is not None and r["noisy"] is (r["spread"] > 0.10)
                     assert all(x > 0 for x in r["samples_us_per_step"])
                     assert r["finite"] is True
                 assert got["fused_torch"]["speedup_vs_unfused"] > 0
                 assert got["fused_torch"]["rel_diff_vs_unfused"] < 1e-5  # same fp32 math, reordered
                 assert "CUDA" in got["fused_triton"]["skipped"]  # with the reason
     assert data["copy_bandwidth"]["skipped"] and data["kernel_bandwidth_skipped"]
+    assert data["config"]["threads"] >= 1 and data["config"]["interleaved"] is True
+    assert len(data["load"]["before"]["loadavg"]) == 3 and data["load"]["during"]["wall_s"] > 0
+    assert "p90 n/a below 10 reps" in printed
+
+
+def test_p90_from_ten_reps(kb, tmp_path):
+    out = tmp_path / "kb.json"
+    assert kb.main([*TINY, "--reps", "10", "--warmup", "0", "--threads", "1", "--json", str(out)]) == 0
+    rows = [r for r in json.loads(out.read_text())["loops"] if r["variant"] == "unfused"]
+    for r in rows:
+        assert r["us_per_step_p90"] == pytest.approx(kb.percentile(r["samples_us_per_step"], 90))
 
 
 @pytest.mark.parametrize("bad", [
@@ -77,6 +90,7 @@ def test_tiny_cpu_run_writes_json(kb, tmp_path, capsys):
     ["--reps", "-1"],
     ["--latent", "0"],
     ["--warmup", "-1"],
+    ["--threads", "0"],
     ["--bw-shapes", "64"],
     ["--json", "/nonexistent-dir/kb.json"],
     ["--no-such-flag"],

@@ -2,16 +2,21 @@
 
     cg4ctr-bench --preset tiny --backends torch,compile --groups 1,8 --steps 20 --json bench/results/x.json
 
-Every row is measured in this process on the same weights and prompts as the diffusers baseline.
+Every row is measured in this process on the same weights and prompts as the diffusers baseline, with the
+same thread count for every backend (--threads), the rows interleaved call by call (A B C A B C …), the
+machine's load recorded before and after, noisy rows and ratios flagged (rules: cg4ctr_fast.bench), and
+every output path checked before any work.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import asdict
 from typing import Optional, Sequence
 
+from cg4ctr_fast.cli.common import check_out_file, make_parser
 from cg4ctr_fast.cli.main import EXIT_BAD_INPUT, OneLineParser, _quiet_libraries
 from cg4ctr_fast.errors import InputError
 
@@ -37,8 +42,16 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
+def _available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog="cg4ctr-bench", description="Per-stage latency against diffusers, side by side.")
+    p = make_parser("cg4ctr-bench", "Per-stage latency against diffusers, side by side: variants interleaved run "
+                    "by run, the same threads for every backend, the machine's load recorded.")
     p.add_argument("--preset", default="tiny")
     p.add_argument("--model", help="local diffusers folder")
     p.add_argument("--random-weights", action="store_true")
@@ -47,8 +60,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--groups", type=_int_list, default=[1, 8], help="user groups per product, e.g. 1,8")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=7.5)
-    p.add_argument("--runs", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--runs", type=int, default=5,
+                   help="timed calls per row, interleaved with the other rows (p95 is shown from 20, p99 from 100)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed rounds first (compile happens in them)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="threads for torch (intra- and inter-op), ONNX Runtime's intra-op pool and inductor's "
+                        f"compile workers (default: the cores this process may use, here {_available_cores()})")
+    p.add_argument("--prompt-cache", default="cold", choices=("cold", "warm", "both"),
+                   help="cold: our rows clear their prompt-embedding cache before every call and encode the "
+                        "prompts, as diffusers does each call; warm: they reuse the cached embeddings (as a "
+                        "serving process would; rows named +cached); both: one row of each")
     p.add_argument("--size", type=int, default=None, help="image side (default: the preset's resolution)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"))
@@ -57,21 +78,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile-mode", default=None,
                    help="torch.compile mode for the compile backend (default: reduce-overhead on CUDA)")
     p.add_argument("--no-diffusers", action="store_true", help="skip the diffusers baseline (no ratios)")
-    p.add_argument("--json", required=True, help="where to write the results (atomic)")
-    p.add_argument("--plot", help="PNG of stage times per variant")
+    p.add_argument("--json", required=True, help="where to write the results (atomic; checked before any work)")
+    p.add_argument("--plot", help="PNG/SVG/PDF of stage times per variant (checked before any work)")
     return p
 
 
+def check_outputs(args) -> None:
+    """Every output path, before anything is loaded or measured (InputError, one line, exit 2)."""
+    from pathlib import Path
+
+    from cg4ctr_fast.bench import check_plot_path
+
+    check_out_file(args.json, flag="--json")
+    if args.plot:
+        check_out_file(args.plot, flag="--plot")
+        check_plot_path(args.plot)
+        if Path(args.plot).resolve() == Path(args.json).resolve():
+            raise InputError(f"--plot {args.plot}: the same file as --json")
+
+
 def run(args) -> dict:
+    check_outputs(args)
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    for name, value in (("--steps", args.steps), ("--runs", args.runs)):
+        if value <= 0:
+            raise InputError(f"{name} must be a positive integer, got {value}")
+    if args.warmup < 0:
+        raise InputError(f"--warmup must be ≥ 0, got {args.warmup}")
+    threads = args.threads if args.threads is not None else _available_cores()
+    if threads < 1:
+        raise InputError(f"--threads must be ≥ 1, got {threads}")
+
     import torch
 
     from cg4ctr_fast.bench import (
         BenchCase,
+        apply_threads,
         check_backend,
+        compile_modules,
         diffusers_pipeline,
+        diffusers_variant,
         engine_components,
-        run_diffusers,
-        run_ours,
+        environment,
+        load_snapshot,
+        ours_variant,
+        run_interleaved,
     )
     from cg4ctr_fast.cli.demo import draw_product
     from cg4ctr_fast.config import get_preset
@@ -80,19 +131,18 @@ def run(args) -> dict:
     from cg4ctr_fast.pipeline import CreativePipeline
     from cg4ctr_fast.runtime.torch_backend import torch_components
 
-    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     for backend in backends:
         check_backend(backend, args.engines)
-    for name, value in (("--steps", args.steps), ("--runs", args.runs)):
-        if value <= 0:
-            raise InputError(f"{name} must be a positive integer, got {value}")
-    if args.warmup < 0:
-        raise InputError(f"--warmup must be ≥ 0, got {args.warmup}")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise InputError("--device cuda: no CUDA device is visible to torch")
     preset = get_preset(args.preset)
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     device = torch.device(args.device)
+    size = args.size or preset.resolution
+    if size % 8:
+        raise InputError(f"--size must be a multiple of 8, got {size}")
+    # Before anything runs: the same pool size for every backend (ONNX Runtime's sessions get it below).
+    thread_info = apply_threads(threads, compile_workers="compile" in backends)
 
     if args.model:
         modules = load_modules(args.model, dtype=torch.float32)
@@ -102,17 +152,10 @@ def run(args) -> dict:
         raise InputError(f"preset {preset.name!r} needs --model PATH or --random-weights")
     for module in (modules.unet, modules.vae, modules.text_encoder):
         module.to(device=device, dtype=dtype)
-    size = args.size or preset.resolution
-    if size % 8:
-        raise InputError(f"--size must be a multiple of 8, got {size}")
     rgb, mask = to_rgb_and_alpha_mask(draw_product(size))
 
     fuse_modes = {"auto": [None], "on": [True], "off": [False], "both": [False, True]}[args.fuse]
-    results = []
-    dpipe = None if args.no_diffusers else diffusers_pipeline(modules)
-    baselines: dict[int, float] = {}
-    # Eager rows first: the compile backend converts the shared UNet to channels_last on CUDA.
-    ordered = sorted(backends, key=lambda b: b == "compile")
+    cache_modes = {"cold": [True], "warm": [False], "both": [True, False]}[args.prompt_cache]
     cases = {
         g: BenchCase(prompts=[GROUP_PROMPTS[i % len(GROUP_PROMPTS)] + f", variant {i}" for i in range(g)],
                      image=rgb, mask=mask, steps=args.steps, guidance=args.guidance, height=size, width=size)
@@ -120,64 +163,112 @@ def run(args) -> dict:
     }
     # Engine folders are loaded (and refused when they do not fit) before anything is measured.
     max_unet_batch = max(args.groups) * (2 if args.guidance > 1.0 else 1)
-    engine_slots = {
-        b: engine_components(b, args.engines, modules, max_unet_batch=max_unet_batch)
+    components = {
+        b: engine_components(b, args.engines, modules, max_unet_batch=max_unet_batch, threads=threads)
         for b in backends
         if b in ("onnxruntime", "tensorrt")
     }
-    if dpipe is not None:
-        for groups, case in cases.items():
-            print(f"[bench] diffusers, {groups} groups", file=sys.stderr, flush=True)
-            row = run_diffusers(dpipe, case, runs=args.runs, warmup=args.warmup, device=device)
-            baselines[groups] = row.total["p50"]
-            results.append(row)
-            _write_report(args, device, preset, size, backends, results, final=False)
-    for backend in ordered:
-        if backend in engine_slots:
-            components = engine_slots[backend]
-        else:
-            components = torch_components(modules, backend=backend, compile_mode=args.compile_mode)
-        pipe = CreativePipeline(components)
+    for b in backends:
+        if b not in components:
+            source = compile_modules(modules, device) if b == "compile" else modules
+            components[b] = torch_components(source, backend=b, compile_mode=args.compile_mode)
+    # One pipeline object per row: a cold row's cache clearing never touches a warm row's cache.
+    pipes = {}
+    for b in backends:
         for fuse in fuse_modes:
-            pipe.fuse_step = fuse
-            for groups, case in cases.items():
-                name = backend + {None: "", True: "+fused", False: "+unfused"}[fuse]
-                print(f"[bench] {name}, {groups} groups", file=sys.stderr, flush=True)
-                row = run_ours(pipe, case, name=name, runs=args.runs, warmup=args.warmup)
-                if groups in baselines:
-                    row.ratio_vs_diffusers = baselines[groups] / row.total["p50"]
-                if backend in ("onnxruntime", "tensorrt"):
-                    row.notes.append(f"engines {args.engines}")
-                if backend == "compile":
-                    row.notes.append(f"torch.compile mode={args.compile_mode or 'default'}; warm-up includes compile")
-                results.append(row)
-                # Written after every row: a run cut short by a time limit still leaves its finished rows.
-                _write_report(args, device, preset, size, backends, results, final=False)
+            for cold in cache_modes:
+                name = b + {None: "", True: "+fused", False: "+unfused"}[fuse] + ("" if cold else "+cached")
+                pipe = CreativePipeline(components[b])
+                pipe.fuse_step = fuse
+                pipes[name] = (pipe, cold)
+    dpipe = None if args.no_diffusers else diffusers_pipeline(modules)
+    variants = []
+    for groups, case in cases.items():
+        if dpipe is not None:
+            variants.append(diffusers_variant(dpipe, case))
+        for name, (pipe, cold) in pipes.items():
+            v = ours_variant(pipe, case, name=name, cold_prompt_cache=cold)
+            backend = name.split("+")[0]
+            if backend in ("onnxruntime", "tensorrt"):
+                v.notes.append(f"engines {args.engines}")
+            if backend == "compile":
+                v.notes.append(f"torch.compile mode={args.compile_mode or 'default'}; warm-up includes compile")
+            variants.append(v)
 
-    return _write_report(args, device, preset, size, backends, results, final=True)
+    ctx = {"device": device, "preset": preset, "size": size, "backends": backends, "threads": thread_info,
+           "environment": environment(device), "order": [f"{v.name}/{v.groups}" for v in variants],
+           "load_before": load_snapshot()}
+    print(f"[bench] {len(variants)} rows × {args.warmup} warm-up + {args.runs} timed rounds, interleaved; "
+          f"{threads} threads", file=sys.stderr, flush=True)
+
+    def after_round(rnd, samples):
+        print(f"[bench] round {rnd + 1}/{args.warmup + args.runs} done", file=sys.stderr, flush=True)
+        # Written after every timed round: a run cut short by a time limit still leaves its finished rounds.
+        _write_report(args, ctx, variants, samples, final=False)
+
+    samples = run_interleaved(variants, runs=args.runs, warmup=args.warmup, device=device, after_round=after_round)
+    return _write_report(args, ctx, variants, samples, final=True)
 
 
-def _write_report(args, device, preset, size, backends, results, *, final: bool) -> dict:
-    from cg4ctr_fast.bench import environment, plot, table
+def _header(args, ctx, load: dict) -> list[str]:
+    from cg4ctr_fast.bench import RULES
+
+    t = ctx["threads"]
+    lines = [
+        f"threads: {t['requested']} (torch intra-op {t['torch_intra_op']}, inter-op {t['torch_inter_op']}; "
+        f"onnxruntime intra-op {t['onnxruntime_intra_op']}; {t['available_cores']} cores available)",
+        f"{args.runs} timed runs per row after {args.warmup} warm-up round(s), interleaved round by round "
+        f"in this order: {', '.join(ctx['order'])}",
+        {"cold": "prompt embeddings: our rows clear their cache before every call and encode the prompts, as "
+                 "diffusers re-encodes every call",
+         "warm": "prompt embeddings: our rows reuse embeddings cached across timed calls, while diffusers "
+                 "re-encodes every call (their text encoder time is not in our rows)",
+         "both": "prompt embeddings: plain rows re-encode every call as diffusers does; +cached rows reuse "
+                 "embeddings cached across timed calls"}[args.prompt_cache],
+    ]
+    before, after, during = load["before"], load["after"], load["during"]
+    if before.get("loadavg") and after.get("loadavg"):
+        line = (f"load: 1-min load average {before['loadavg'][0]:.2f} at the start, {after['loadavg'][0]:.2f} "
+                f"at the end ({before['cores']} cores)")
+        if during.get("others_cores") is not None:
+            line += (f"; other processes kept {during['others_cores']:.2f} cores busy on average, this one "
+                     f"{during['own_cores']:.2f}; steal {100 * during['steal_fraction']:.1f} %")
+        lines.append(line)
+    lines.append(RULES)
+    return lines
+
+
+def _write_report(args, ctx, variants, samples, *, final: bool) -> dict:
+    from cg4ctr_fast.bench import load_during, load_snapshot, load_warnings, plot, summarise, table
     from cg4ctr_fast.fileio import atomic_write_bytes
 
+    results = summarise(variants, samples)
+    after = load_snapshot()
+    during = load_during(ctx["load_before"], after)
+    load = {"before": ctx["load_before"], "after": after, "during": during,
+            "warnings": load_warnings(ctx["load_before"], during)}
+    text = "\n".join(_header(args, ctx, load) + ["", table(results)] + ([""] + load["warnings"] if load["warnings"]
+                                                                         else []))
     report = {
-        "environment": environment(device),
+        "environment": ctx["environment"],
         "config": {
-            "preset": preset.name, "model": args.model, "random_weights": args.random_weights or not args.model,
-            "size": size, "steps": args.steps, "guidance": args.guidance, "dtype": args.dtype,
-            "runs": args.runs, "warmup": args.warmup, "groups": args.groups, "backends": backends,
-            "fuse": args.fuse, "engines": args.engines,
+            "preset": ctx["preset"].name, "model": args.model, "random_weights": args.random_weights or not args.model,
+            "size": ctx["size"], "steps": args.steps, "guidance": args.guidance, "dtype": args.dtype,
+            "runs": args.runs, "warmup": args.warmup, "groups": args.groups, "backends": ctx["backends"],
+            "fuse": args.fuse, "engines": args.engines, "threads": ctx["threads"]["requested"],
+            "prompt_cache": args.prompt_cache, "order": ctx["order"], "interleaved": True,
         },
+        "threads": ctx["threads"],
+        "load": load,
         "complete": final,
         "results": [asdict(r) for r in results],
-        "table": table(results),
+        "table": text,
     }
     atomic_write_bytes(args.json, (json.dumps(report, indent=2) + "\n").encode())
     if final:
         if args.plot:
             plot(results, args.plot)
-        print(report["table"])
+        print(text)
     return report
 
 
