@@ -10,9 +10,12 @@ Arms (all evaluated on the same held-out products, with the same noise, per seed
     full            both, alternating (self-cyclic)
 Cycle 0 of the three cyclic arms is the same starting point (base generator + base prompt model).
 
-Lift = true CTR of the reward model's pick / true CTR of the original − 1, per (seed, product, group). The
-95 % intervals come from a cluster bootstrap over (seed, product): the 8 groups of one product share its
-images and noise, so they are not independent draws.
+Every arm serves, per (seed, held-out product, group), the reward model's best creative only when the reward
+model scores it above the original photo, which is always a candidate (`cycle.evaluate`). The headline is
+the aggregate true-CTR lift an A/B test would measure: Σ w·CTR(served) / Σ w·CTR(original) − 1 over
+(seed, product, group), w = the group's traffic share (`training.metrics.aggregate_ctr_lift`). The mean
+of per-cell ratios is a secondary column. The 95 % intervals come from a cluster bootstrap over (seed,
+product): the 8 groups of one product share its images and noise, so they are not independent draws.
 """
 from __future__ import annotations
 
@@ -167,8 +170,9 @@ def run_ablation(config: CycleConfig, seeds: int, out: str | Path, *, progress: 
 
 # ------------------------------------------------------------------------------------------------ statistics
 def _collect(out: Path, config: CycleConfig, seeds: int):
-    """Every finished run's evaluation, read once: arm → cycle → rows (seed, item_id, group, lift), the cyclic
-    arms' evaluation summaries per (arm, cycle) over seeds, and the global prompt of each seed."""
+    """Every finished run's evaluation, read once: arm → cycle → rows (seed, item_id, group, true CTRs, traffic,
+    kept_original), the cyclic arms' evaluation summaries per (arm, cycle) over seeds, and each seed's global
+    prompt."""
     cycles = config.run.cycles
     table: dict[str, dict[int, list[dict[str, Any]]]] = {arm: {c: [] for c in range(cycles + 1)} for arm in ARMS}
     evals: dict[tuple[str, int], list[dict[str, Any]]] = {(arm, c): [] for arm in CYCLIC_ARMS for c in range(cycles + 1)}
@@ -186,64 +190,67 @@ def _collect(out: Path, config: CycleConfig, seeds: int):
         for c in range(cycles + 1):
             for arm in ("random_prompts", "global_prompt"):
                 table[arm][c].extend({**r, "seed": seed} for r in static[arm]["rows"])
-            table["original"][c].extend({**r, "seed": seed, "lift": 0.0} for r in static["global_prompt"]["rows"])
+            # Doing nothing: the photo served everywhere (its best creative never replaces it).
+            table["original"][c].extend({**r, "seed": seed, "lift": 0.0, "true_ctr": r["original_true_ctr"],
+                                         "kept_original": True, "best_generated_true_ctr": r["original_true_ctr"]}
+                                        for r in static["global_prompt"]["rows"])
     return table, evals, sorted(global_prompts)
 
 
-def cluster_bootstrap(values: np.ndarray, clusters: Sequence[Any], *, seed: int = 0, n: int = BOOTSTRAP,
-                      level: float = 0.95) -> tuple[float, float, float]:
-    """Mean and percentile interval, resampling whole clusters with replacement."""
-    values = np.asarray(values, dtype=np.float64)
-    keys = sorted(set(clusters))
-    index = {k: i for i, k in enumerate(keys)}
-    ids = np.array([index[k] for k in clusters])
-    sums = np.bincount(ids, weights=values, minlength=len(keys))
-    counts = np.bincount(ids, minlength=len(keys)).astype(np.float64)
-    rng = np.random.default_rng(seed)
-    draws = rng.integers(0, len(keys), size=(n, len(keys)))
-    means = sums[draws].sum(1) / counts[draws].sum(1)
-    alpha = (1 - level) / 2
-    return float(values.mean()), float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha))
+def _lift_cell(rows: Sequence[dict[str, Any]], seed: int) -> dict[str, Any]:
+    """Aggregate lift over the original (CI), the mean of ratios (CI), the original-kept share, the lift of the
+    best creative without the original as a candidate, and the aggregate lift per seed."""
+    from cg4ctr_fast.training.metrics import aggregate_ctr_lift
+
+    clusters = [(r["seed"], r["item_id"]) for r in rows]
+    weights = [r["traffic"] for r in rows]
+    base = [r["original_true_ctr"] for r in rows]
+    served = aggregate_ctr_lift([r["true_ctr"] for r in rows], base, weights, clusters=clusters,
+                                resamples=BOOTSTRAP, seed=seed)
+    generated = aggregate_ctr_lift([r["best_generated_true_ctr"] for r in rows], base, weights, clusters=clusters,
+                                   resamples=BOOTSTRAP, seed=seed)
+    per_seed = {}
+    for s in sorted({r["seed"] for r in rows}):
+        mine = [r for r in rows if r["seed"] == s]
+        per_seed[str(s)] = aggregate_ctr_lift([r["true_ctr"] for r in mine], [r["original_true_ctr"] for r in mine],
+                                              [r["traffic"] for r in mine]).lift
+    return {"lift": served.lift, "ci95": list(served.ci95), "treatment_ctr": served.treatment_ctr,
+            "control_ctr": served.control_ctr, "mean_of_ratios": served.mean_of_ratios,
+            "mean_of_ratios_ci95": list(served.mean_of_ratios_ci95),
+            "original_kept_share": float(np.mean([r["kept_original"] for r in rows])),
+            "generated_only_lift": generated.lift, "generated_only_ci95": list(generated.ci95),
+            "n": len(rows), "per_seed": per_seed}
 
 
-def _paired(a_rows, b_rows) -> tuple[np.ndarray, list]:
-    """Row-wise a − b on matching (seed, item, group)."""
-    b_lift = {(r["seed"], r["item_id"], r["group"]): r["lift"] for r in b_rows}
-    diffs, clusters = [], []
-    for r in a_rows:
-        key = (r["seed"], r["item_id"], r["group"])
-        diffs.append(r["lift"] - b_lift[key])
-        clusters.append(key[:2])
-    return np.array(diffs), clusters
+def _compare(a_rows, b_rows, seed: int) -> dict[str, Any]:
+    """Aggregate CTR of arm a over arm b − 1 on matching (seed, item, group) cells (b as the control)."""
+    from cg4ctr_fast.training.metrics import aggregate_ctr_lift
+
+    b_ctr = {(r["seed"], r["item_id"], r["group"]): r["true_ctr"] for r in b_rows}
+    keys = [(r["seed"], r["item_id"], r["group"]) for r in a_rows]
+    result = aggregate_ctr_lift([r["true_ctr"] for r in a_rows], [b_ctr[k] for k in keys],
+                                [r["traffic"] for r in a_rows], clusters=[k[:2] for k in keys],
+                                resamples=BOOTSTRAP, seed=seed)
+    low, high = result.ci95
+    return {"lift": result.lift, "ci95": [low, high], "mean_of_ratios": result.mean_of_ratios,
+            "mean_of_ratios_ci95": list(result.mean_of_ratios_ci95), "excludes_zero": bool(low > 0 or high < 0)}
 
 
 def summarize(out: Path, config: CycleConfig, seeds: int) -> dict[str, Any]:
     table, evals, global_prompts = _collect(out, config, seeds)
     cycles = config.run.cycles
-    arms: dict[str, Any] = {}
-    for arm in ARMS:
-        arms[arm] = {}
-        for c in range(cycles + 1):
-            rows = table[arm][c]
-            mean, low, high = cluster_bootstrap([r["lift"] for r in rows], [(r["seed"], r["item_id"]) for r in rows],
-                                                seed=c)
-            per_seed = {str(s): float(np.mean([r["lift"] for r in rows if r["seed"] == s]))
-                        for s in sorted({r["seed"] for r in rows})}
-            arms[arm][str(c)] = {"mean": mean, "ci95": [low, high], "n": len(rows), "per_seed": per_seed}
+    arms: dict[str, Any] = {arm: {str(c): _lift_cell(table[arm][c], seed=c) for c in range(cycles + 1)} for arm in ARMS}
     comparisons = {}
     for name, (a, ca), (b, cb) in (
-        ("full_minus_global_prompt", ("full", cycles), ("global_prompt", cycles)),
-        ("full_minus_random_prompts", ("full", cycles), ("random_prompts", cycles)),
-        ("full_last_minus_cycle0", ("full", cycles), ("full", 0)),
-        ("full_minus_lora_only", ("full", cycles), ("lora_only", cycles)),
-        ("full_minus_prompt_only", ("full", cycles), ("prompt_only", cycles)),
-        ("lora_only_last_minus_cycle0", ("lora_only", cycles), ("lora_only", 0)),
-        ("prompt_only_last_minus_cycle0", ("prompt_only", cycles), ("prompt_only", 0)),
+        ("full_over_global_prompt", ("full", cycles), ("global_prompt", cycles)),
+        ("full_over_random_prompts", ("full", cycles), ("random_prompts", cycles)),
+        ("full_last_over_cycle0", ("full", cycles), ("full", 0)),
+        ("full_over_lora_only", ("full", cycles), ("lora_only", cycles)),
+        ("full_over_prompt_only", ("full", cycles), ("prompt_only", cycles)),
+        ("lora_only_last_over_cycle0", ("lora_only", cycles), ("lora_only", 0)),
+        ("prompt_only_last_over_cycle0", ("prompt_only", cycles), ("prompt_only", 0)),
     ):
-        diffs, clusters = _paired(table[a][ca], table[b][cb])
-        mean, low, high = cluster_bootstrap(diffs, clusters, seed=17)
-        comparisons[name] = {"a": f"{a}@{ca}", "b": f"{b}@{cb}", "mean": mean, "ci95": [low, high],
-                             "excludes_zero": bool(low > 0 or high < 0)}
+        comparisons[name] = {"a": f"{a}@{ca}", "b": f"{b}@{cb}", **_compare(table[a][ca], table[b][cb], seed=17)}
     extras = {}
     for arm in CYCLIC_ARMS:
         extras[arm] = {}
@@ -254,17 +261,17 @@ def summarize(out: Path, config: CycleConfig, seeds: int) -> dict[str, Any]:
             extras[arm][str(c)]["product_pixels_unchanged"] = all(v["product_pixels_unchanged"] for v in values)
     return {"config": config.to_dict(), "seeds": [config.run.seed + o for o in range(seeds)], "cycles": cycles,
             "lift": arms, "comparisons": comparisons, "eval_metrics": extras, "global_prompt": global_prompts,
-            "bootstrap": {"resamples": BOOTSTRAP, "cluster": "(seed, held-out product)", "level": 0.95}}
+            "bootstrap": {"resamples": BOOTSTRAP, "cluster": "(seed, held-out product)", "level": 0.95},
+            "weights": "each (seed, product, group) cell weighted by its group's traffic share (World.group_traffic)"}
 
 
-def _fmt(cell: dict[str, Any]) -> str:
-    low, high = cell["ci95"]
-    return f"{cell['mean']:+.1%} [{low:+.1%}, {high:+.1%}]"
+def _fmt(value: float, ci: Sequence[float]) -> str:
+    return f"{value:+.1%} [{ci[0]:+.1%}, {ci[1]:+.1%}]"
 
 
 def results_markdown(results: dict[str, Any], command: Optional[str] = None) -> str:
     cycles = results["cycles"]
-    lines = ["# Ablation: simulated CTR lift over the original image", ""]
+    lines = ["# Ablation: simulated aggregate CTR lift over the original image", ""]
     if command:
         lines += [f"Command: `{command}`", ""]
     cfg = results["config"]
@@ -273,26 +280,46 @@ def results_markdown(results: dict[str, Any], command: Optional[str] = None) -> 
         f"{cfg['run']['train_products']} training products; {cycles} cycles; LoRA rank {cfg['lora']['rank']}, "
         f"{cfg['lora']['steps']} steps per cycle; {cfg['generate']['prompts_per_group']} prompts × "
         f"{cfg['generate']['images_per_prompt']} images per (product, group), top-{cfg['generate']['top_k']} kept; "
-        f"evaluation picks the reward model's best of {cfg['eval']['images_per_group']} per group.",
+        f"evaluation: the reward model's best of {cfg['eval']['images_per_group']} per group, served only when the "
+        "reward model scores it above the original photo (always a candidate).",
         "",
-        "Lift = oracle true CTR of the pick / true CTR of the original photo − 1, mean over (seed, product, group); "
-        "95 % interval from a cluster bootstrap over (seed, product).",
+        "Aggregate lift = Σ w·CTR(served) / Σ w·CTR(original) − 1 over (seed, product, group), w = the group's "
+        "traffic share: total clicks over total impressions, as an A/B test measures it. Oracle true CTRs; "
+        "95 % intervals from a cluster bootstrap over (seed, product).",
+        "",
+        "## Aggregate true-CTR lift over the original",
         "",
         "| arm | " + " | ".join(f"cycle {c}" for c in range(cycles + 1)) + " |",
         "|---|" + "---|" * (cycles + 1),
     ]
-    for arm in ARMS:
-        cells = [_fmt(results["lift"][arm][str(c)]) for c in range(cycles + 1)]
-        if arm not in CYCLIC_ARMS:
-            cells = [cells[0]] + ["″"] * cycles  # no cycles: the same evaluation in every column
-        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
-    lines += ["", "## Paired differences (same seed, product, group)", "", "| comparison | mean | 95 % CI | excludes 0 |",
-              "|---|---|---|---|"]
-    for name, c in results["comparisons"].items():
-        lines.append(f"| {c['a']} − {c['b']} | {c['mean']:+.1%} | [{c['ci95'][0]:+.1%}, {c['ci95'][1]:+.1%}] | "
-                     f"{'yes' if c['excludes_zero'] else 'no'} |")
+
+    def table(cell_text) -> list[str]:
+        rows = []
+        for arm in ARMS:
+            cells = [cell_text(results["lift"][arm][str(c)]) for c in range(cycles + 1)]
+            if arm not in CYCLIC_ARMS:
+                cells = [cells[0]] + ["″"] * cycles  # no cycles: the same evaluation in every column
+            rows.append(f"| {arm} | " + " | ".join(cells) + " |")
+        return rows
+
+    header = ["| arm | " + " | ".join(f"cycle {c}" for c in range(cycles + 1)) + " |", "|---|" + "---|" * (cycles + 1)]
+    lines += table(lambda cell: _fmt(cell["lift"], cell["ci95"]))
+    lines += ["", "## Secondary: mean over (seed, product, group) of CTR(served) / CTR(original) − 1", "",
+              "Unweighted: a group with 6 % of the traffic counts as much as one with 26 %.", "", *header]
+    lines += table(lambda cell: _fmt(cell["mean_of_ratios"], cell["mean_of_ratios_ci95"]))
+    lines += ["", "## How often the original photo was kept (the reward model scored no creative above it)", "",
+              *header]
+    lines += table(lambda cell: f"{cell['original_kept_share']:.0%}")
+    lines += ["", "## Without the original as a candidate: aggregate lift of the reward model's best creative", "",
+              *header]
+    lines += table(lambda cell: _fmt(cell["generated_only_lift"], cell["generated_only_ci95"]))
+    lines += ["", "## Paired comparisons (same seed, product, group): aggregate CTR of A / aggregate CTR of B − 1", "",
+              "| A | B | aggregate lift | 95 % CI | excludes 0 | mean of ratios [95 % CI] |", "|---|---|---|---|---|---|"]
+    for c in results["comparisons"].values():
+        lines.append(f"| {c['a']} | {c['b']} | {c['lift']:+.1%} | [{c['ci95'][0]:+.1%}, {c['ci95'][1]:+.1%}] | "
+                     f"{'yes' if c['excludes_zero'] else 'no'} | {_fmt(c['mean_of_ratios'], c['mean_of_ratios_ci95'])} |")
     lines += ["", "## Held-out metrics of the cyclic arms (mean over seeds)", "",
-              "| arm | cycle | mean reward | true CTR | reward − true | diversity | product unchanged |",
+              "| arm | cycle | mean reward served | mean true CTR served | reward − true | diversity | product unchanged |",
               "|---|---|---|---|---|---|---|"]
     for arm, per_cycle in results["eval_metrics"].items():
         for c in range(cycles + 1):
@@ -312,21 +339,24 @@ def plot_lift(results: dict[str, Any]) -> bytes:
     import matplotlib.pyplot as plt
 
     cycles = list(range(results["cycles"] + 1))
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for arm in ARMS:
-        cells = [results["lift"][arm][str(c)] for c in cycles]
-        mean = np.array([c["mean"] for c in cells])
-        low = np.array([c["ci95"][0] for c in cells])
-        high = np.array([c["ci95"][1] for c in cells])
-        style = "-o" if arm in CYCLIC_ARMS else "--"
-        line, = ax.plot(cycles, mean * 100, style, label=arm)
-        ax.fill_between(cycles, low * 100, high * 100, color=line.get_color(), alpha=0.12)
-    ax.set_xlabel("cycle")
-    ax.set_ylabel("true-CTR lift over the original (%)")
-    ax.set_xticks(cycles)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, ncol=2)
-    ax.set_title("Held-out lift per cycle (95 % cluster-bootstrap CI)", fontsize=10)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), sharey=True)
+    for ax, (key, ci_key, title) in zip(axes, (
+            ("lift", "ci95", "Aggregate true-CTR lift (traffic-weighted), 95 % cluster-bootstrap CI"),
+            ("mean_of_ratios", "mean_of_ratios_ci95", "Secondary: mean of per-(product, group) ratios"))):
+        for arm in ARMS:
+            cells = [results["lift"][arm][str(c)] for c in cycles]
+            mean = np.array([c[key] for c in cells])
+            low = np.array([c[ci_key][0] for c in cells])
+            high = np.array([c[ci_key][1] for c in cells])
+            style = "-o" if arm in CYCLIC_ARMS else "--"
+            line, = ax.plot(cycles, mean * 100, style, label=arm)
+            ax.fill_between(cycles, low * 100, high * 100, color=line.get_color(), alpha=0.12)
+        ax.set_xlabel("cycle")
+        ax.set_xticks(cycles)
+        ax.grid(alpha=0.3)
+        ax.set_title(title, fontsize=9)
+    axes[0].set_ylabel("true-CTR lift over the original (%)")
+    axes[0].legend(fontsize=8, ncol=2)
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)

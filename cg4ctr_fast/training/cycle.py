@@ -6,8 +6,10 @@ One cycle (`run_cycle`):
     3. rank      the reward model scores every creative; the top-k per (product, group) are kept
     4. LoRA      the adapter learns from the top-k images, denoising loss on the background only (prompt frozen)
     5. prompt    the prompt model learns the top-k prompts against the rest (LoRA frozen)
-    6. evaluate  held-out products: the oracle's true CTR of the reward's pick per group against the original
-                 image, the mean reward, the reward/oracle gap, diversity, product pixels unchanged
+    6. evaluate  held-out products: per group the reward's best creative, served only when the reward model
+                 scores it above the original photo (always a candidate); the oracle's aggregate true-CTR lift
+                 over the photo (groups weighted by traffic), the mean of per-cell ratios beside it, how often
+                 the photo was kept, the mean reward, the reward/oracle gap, diversity, product pixels unchanged
     7. checkpoint one atomic folder per cycle: LoRA (diffusers format), prompt model, metrics
 
 Cycle 0 is the evaluation of the starting models. Every random draw is seeded from (run seed, cycle,
@@ -161,15 +163,36 @@ def top_k(rows: Sequence[dict[str, Any]], k: int) -> list[dict[str, Any]]:
 
 
 # ------------------------------------------------------------------------------------------------ evaluation
+def score_originals(ctx: CycleContext, item_id: int) -> np.ndarray:
+    """The reward model's score of the product photo itself for every group, float (G,), in group order.
+
+    The photo has no prompt, so it is scored with an empty caption (what the generated creatives get too
+    when `generate.reward_sees_prompt` is false)."""
+    product = ctx.world.product(item_id)
+    n = len(ctx.group_ids)
+    return np.asarray(ctx.reward.score_images([product.image] * n, [product.title] * n, [""] * n,
+                                              ctx.group_features), dtype=np.float64)
+
+
 def evaluate(ctx: CycleContext, prompts_for: Callable[[int], list[str]], *, seed: int,
              images_per_group: Optional[int] = None, steps: Optional[int] = None, progress: bool = False,
              desc: str = "evaluate") -> dict[str, Any]:
-    """The reward's pick per (held-out product, group), scored by the world's oracle against the original image.
+    """Serve each (held-out product, group) as selection would, and score it with the world's oracle.
 
-    prompts_for(item_id) gives one prompt per group. Returns the aggregate metrics and one row per
-    (product, group): `lift` = true CTR of the pick / true CTR of the original − 1.
+    The original photo is always a candidate: the reward model's best creative of the group replaces it only
+    when its reward is strictly above the photo's (`pick_over_original`), so a kept original has lift 0.
+    prompts_for(item_id) gives one prompt per group. Returns (fractions, not percent):
+        aggregate_lift         Σ w·CTR(served) / Σ w·CTR(original) − 1 over (product, group), w = the group's
+                               traffic share (`World.group_traffic`): what an A/B test would measure
+        lift_mean_of_ratios    mean over (product, group) of CTR(served) / CTR(original) − 1 (secondary)
+        generated_only_aggregate_lift   the same for the best creative without the original as a candidate
+        original_kept_share    fraction of (product, group) where the photo was kept
+    and one row per (product, group): `lift` = true CTR served / true CTR of the original − 1.
     """
+    from cg4ctr_fast.training.metrics import aggregate_ctr_lift, pick_over_original
+
     world = ctx.world
+    traffic = world.group_traffic()
     per_group = images_per_group or ctx.config.eval.images_per_group
     n_steps = steps or ctx.config.eval.steps
     from tqdm.auto import tqdm
@@ -183,30 +206,45 @@ def evaluate(ctx: CycleContext, prompts_for: Callable[[int], list[str]], *, seed
         keep = np.asarray(product.mask) < 128  # the product: must come back bit for bit
         original = np.asarray(product.image.convert("RGB"))
         original_ctr = world.true_ctr_groups(product.image, item_id=item_id)
+        original_reward = score_originals(ctx, item_id)
         picks = []
         for g in range(len(ctx.group_ids)):
             group_rows = [r for r in generated if r["group"] == g]
             for r in group_rows:
                 unchanged &= bool(np.array_equal(np.asarray(r["image"])[keep], original[keep]))
-            best = max(group_rows, key=lambda r: r["reward"])
-            true_ctr = float(world.true_ctr(best["image"], ctx.group_ids[g], item_id=item_id))
+            best = max(group_rows, key=lambda r: r["reward"])  # first of equals, as pick_over_original
+            best_ctr = float(world.true_ctr(best["image"], ctx.group_ids[g], item_id=item_id))
             base = float(original_ctr[ctx.group_ids[g]])
+            kept_original = pick_over_original([r["reward"] for r in group_rows], original_reward[g]) is None
+            true_ctr = base if kept_original else best_ctr
             rows.append({"item_id": item_id, "group": ctx.group_ids[g], "prompt": best["prompt"],
-                         "reward": best["reward"], "true_ctr": true_ctr, "original_true_ctr": base,
-                         "lift": true_ctr / base - 1.0})
+                         "kept_original": kept_original,
+                         "reward": float(original_reward[g]) if kept_original else best["reward"],
+                         "original_reward": float(original_reward[g]), "best_generated_reward": best["reward"],
+                         "true_ctr": true_ctr, "original_true_ctr": base, "best_generated_true_ctr": best_ctr,
+                         "traffic": float(traffic[ctx.group_ids[g]]), "lift": true_ctr / base - 1.0})
             picks.append(np.asarray(best["image"], dtype=np.float32)[~keep] / 255.0)
-        # Diversity: mean absolute pixel difference between the picks of different groups, background only.
+        # Diversity: mean absolute pixel difference between the best creatives of different groups, background only.
         pairs = [np.abs(a - b).mean() for i, a in enumerate(picks) for b in picks[i + 1 :]]
         diversity.append(float(np.mean(pairs)) if pairs else 0.0)
-    lifts = np.array([r["lift"] for r in rows])
+    weights = [r["traffic"] for r in rows]
+    base = [r["original_true_ctr"] for r in rows]
+    served = aggregate_ctr_lift([r["true_ctr"] for r in rows], base, weights)
+    generated_only = aggregate_ctr_lift([r["best_generated_true_ctr"] for r in rows], base, weights)
     rewards = np.array([r["reward"] for r in rows])
     ctrs = np.array([r["true_ctr"] for r in rows])
     return {
-        "lift_mean": float(lifts.mean()),
+        "aggregate_lift": served.lift,
+        "aggregate_true_ctr": served.treatment_ctr,
+        "aggregate_original_true_ctr": served.control_ctr,
+        "lift_mean_of_ratios": served.mean_of_ratios,
+        "original_kept_share": float(np.mean([r["kept_original"] for r in rows])),
+        "generated_only_aggregate_lift": generated_only.lift,
+        "generated_only_lift_mean_of_ratios": generated_only.mean_of_ratios,
         "true_ctr_mean": float(ctrs.mean()),
-        "original_true_ctr_mean": float(np.mean([r["original_true_ctr"] for r in rows])),
+        "original_true_ctr_mean": float(np.mean(base)),
         "reward_mean": float(rewards.mean()),
-        # Calibrated reward = predicted CTR: predicted − true on the picks. Growth here is over-optimization.
+        # Calibrated reward = predicted CTR: predicted − true on what is served. Growth here is over-optimization.
         "reward_oracle_gap": float((rewards - ctrs).mean()),
         "diversity": float(np.mean(diversity)),
         "distinct_prompts": len({r["prompt"] for r in rows}),
@@ -427,7 +465,8 @@ def run_cycles(config: CycleConfig, out: str | Path, *, resume: bool = False, pr
 
 def _line(metrics: dict[str, Any]) -> str:
     e = metrics["eval"]
-    return (f"[cycle {metrics['cycle']}] held-out lift {e['lift_mean']:+.3f}, reward {e['reward_mean']:.4f}, "
+    return (f"[cycle {metrics['cycle']}] held-out aggregate CTR lift {e['aggregate_lift']:+.1%} (mean of ratios "
+            f"{e['lift_mean_of_ratios']:+.1%}, original kept {e['original_kept_share']:.0%}), reward {e['reward_mean']:.4f}, "
             f"true CTR {e['true_ctr_mean']:.4f}, gap {e['reward_oracle_gap']:+.4f}, diversity {e['diversity']:.3f}, "
             f"product unchanged {e['product_pixels_unchanged']}")
 
@@ -457,11 +496,16 @@ def plot_cycles(history: Sequence[dict[str, Any]]) -> bytes:
     import matplotlib.pyplot as plt
 
     cycles = [m["cycle"] for m in history]
-    panels = (("lift_mean", "held-out true-CTR lift"), ("reward_mean", "mean reward of picks"),
-              ("reward_oracle_gap", "reward − true CTR"), ("diversity", "diversity (pixel L1)"))
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
+    panels = (("aggregate_lift", "held-out aggregate true-CTR lift"), ("original_kept_share", "original kept"),
+              ("reward_mean", "mean reward served"), ("reward_oracle_gap", "reward − true CTR"),
+              ("diversity", "diversity (pixel L1)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.2))
     for ax, (key, title) in zip(axes, panels):
-        ax.plot(cycles, [m["eval"][key] for m in history], marker="o")
+        ax.plot(cycles, [m["eval"][key] for m in history], marker="o", label="aggregate" if key == "aggregate_lift" else None)
+        if key == "aggregate_lift":  # the mean of per-(product, group) ratios, secondary, dashed
+            ax.plot(cycles, [m["eval"]["lift_mean_of_ratios"] for m in history], "--", marker=".",
+                    label="mean of ratios")
+            ax.legend(fontsize=7)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("cycle")
         ax.grid(alpha=0.3)
