@@ -517,6 +517,8 @@ class CreativePipeline:
                 all, a bad step count, guidance, strength, size, output type, negative-prompt or generator
                 count, a non-UTF-8 prompt, an unknown callback tensor name, or a callback returning
                 something other than a dict.
+            TypeError for an image that is not a path, bytes, PIL image or ProductImage (arrays and tensors
+                are not accepted: wrap them with PIL.Image.fromarray).
             RuntimeError when the VAE decode gives NaN/Inf even in float32.
         """
         from diffusers.utils.torch_utils import randn_tensor
