@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from cg4ctr_fast.cli.demo import run_demo
@@ -27,21 +28,48 @@ def test_demo_end_to_end(tmp_path):
     assert {"contact_sheet.png", "creatives.json", "report.md", "product0.png", "product1.png"} <= files
     meta = json.loads((out / "creatives.json").read_text())
     assert len(meta["creatives"]) == 2 * 8 * 2  # products × groups × images per group
-    chosen = [r for r in meta["creatives"] if r["chosen"]]
-    assert len(chosen) == 2 * 8  # one per (product, group)
     for record in meta["creatives"]:
         assert 0 < record["true_ctr"] < 1 and 0 < record["original_true_ctr"] < 1
         assert record["reward"] is not None and record["item_id"] >= HELD_OUT_ITEM_BASE
         assert len(record["prompt"].split()) == 4
-    # Each group's chosen creative has the highest reward among its group's creatives for that product.
-    for r in chosen:
-        group = [x for x in meta["creatives"] if x["product"] == r["product"] and x["group"] == r["group"]]
-        assert r["reward"] == max(x["reward"] for x in group)
+    # The original photo is always a candidate: per (product, group) the top creative is served only when the
+    # reward model scores it above the photo; otherwise nothing is "chosen" and the photo is served.
+    selections = meta["selections"]
+    assert len(selections) == 2 * 8
+    for s in selections:
+        group = [x for x in meta["creatives"] if x["product"] == s["product"] and x["group"] == s["group"]]
+        chosen = [x for x in group if x["chosen"]]
+        best = max(x["reward"] for x in group)
+        assert s["best_generated_reward"] == best and all(x["original_reward"] == s["original_reward"] for x in group)
+        if best > s["original_reward"]:
+            assert not s["kept_original"] and len(chosen) == 1 and chosen[0]["reward"] == best
+            assert s["served"] == chosen[0]["file"] and s["true_ctr"] == chosen[0]["true_ctr"]
+        else:
+            assert s["kept_original"] and not chosen and s["served"] == "original"
+            assert s["true_ctr"] == s["original_true_ctr"]
+    kept = sum(s["kept_original"] for s in selections)
+    assert meta["original_kept"] == {"count": kept, "of": 16, "share": kept / 16}
+    # The headline is the aggregate lift: Σ traffic·CTR served / Σ traffic·CTR original − 1, with the world's
+    # group shares; the mean of per-cell ratios is reported beside it.
+    from cg4ctr_fast.sim import load_dataset
+
+    models = build_toy_models(SMALL, cache=tmp_path / "cache", progress=False, log=lambda _m: None)
+    traffic = load_dataset(models.world).world.group_traffic()
+    w = np.array([traffic[s["group"]] for s in selections])
+    served = np.array([s["true_ctr"] for s in selections])
+    base = np.array([s["original_true_ctr"] for s in selections])
+    head = meta["aggregate_true_ctr_lift"]
+    assert head["lift"] == pytest.approx((w * served).sum() / (w * base).sum() - 1, rel=1e-12)
+    assert head["mean_of_ratios"] == pytest.approx(np.mean(served / base - 1), rel=1e-12)
+    assert head["clusters"] == 2 and head["ci95"][0] <= head["ci95"][1]
+    assert summary["aggregate_true_ctr_lift"] == head
     report = (out / "report.md").read_text()
-    assert "lift" in report and "| reward |" in report
+    assert "Aggregate true-CTR lift" in report and f"{head['lift']:+.1%}" in report and "| reward |" in report
+    assert report.index("Aggregate true-CTR lift") < report.index("mean of ratios")
+    assert f"kept in {kept} of 16" in report
     sheet = Image.open(out / "contact_sheet.png")
     assert sheet.width > sheet.height  # 2 rows, 1 + 8 columns
-    assert set(summary["mean_true_ctr_lift_of_chosen_by_group"]) == {str(g) for g in range(8)}
+    assert set(summary["by_group"]) == {str(g) for g in range(8)}
     # The second build reuses every cached model.
     messages = []
     build_toy_models(SMALL, cache=tmp_path / "cache", progress=False, log=messages.append)

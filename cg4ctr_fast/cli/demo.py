@@ -2,8 +2,10 @@
 
 The toy models (generator, saliency, reward, prompt) are trained on the synthetic ad world on first use
 and cached; then held-out products go through saliency → prompt model → one batched generation per
-product → reward → top creative per group, scored by the world's oracle. Writes creatives, a contact
-sheet, creatives.json and report.md.
+product → reward → per group the top creative, served only when the reward model scores it above the
+original photo (always a candidate), scored by the world's oracle. The headline is the aggregate true-CTR
+lift an A/B test would measure (groups weighted by their traffic); the mean of per-group ratios is
+secondary. Writes creatives, a contact sheet, creatives.json and report.md.
 """
 from __future__ import annotations
 
@@ -53,13 +55,22 @@ def run_demo(
     config=None,
 ) -> dict:
     """Build (or reuse) the toy models, then for held-out products × all user groups: prompt model →
-    one batched generation per product → reward model → the top creative per group, scored by the
-    world's oracle against the original image."""
+    one batched generation per product → reward model → per group the top creative, served only when its
+    reward is above the original photo's (`pick_over_original`) → the world's oracle scores what is served
+    against the original.
+
+    Returns the summary written to creatives.json: `aggregate_true_ctr_lift` (the A/B-test figure: Σ w·CTR
+    served / Σ w·CTR original − 1 over (product, group), w = the group's traffic share, with a cluster-
+    bootstrap CI over products and the mean of per-cell ratios beside it), `original_kept`, the same
+    aggregate for other policies (`policies`), per-group rows (`by_group`), one row per (product, group)
+    (`selections`) and one per creative (`creatives`). Fractions, not percent.
+    """
     from cg4ctr_fast.fileio import atomic_dir
     from cg4ctr_fast.models.prompt import PromptModel
     from cg4ctr_fast.models.reward import RewardModel
     from cg4ctr_fast.pipeline import CreativePipeline
     from cg4ctr_fast.sim import load_dataset
+    from cg4ctr_fast.training.metrics import aggregate_ctr_lift, pick_over_original
     from cg4ctr_fast.training.toy import HELD_OUT_ITEM_BASE, ToyConfig, build_toy_models, item_features_for
 
     started = time.perf_counter()
@@ -67,6 +78,7 @@ def run_demo(
     models = build_toy_models(config or ToyConfig(seed=seed), cache=cache, progress=not quiet, log=say)
     dataset = load_dataset(models.world)
     world = dataset.world
+    traffic = world.group_traffic()
     saliency_cfg = json.loads((models.saliency / "config.json").read_text())
     pipe = CreativePipeline.from_pretrained(
         str(models.generator), saliency=str(models.saliency / "saliency.safetensors"),
@@ -78,7 +90,7 @@ def run_demo(
     group_features = np.stack([np.asarray(g["features"], dtype=np.float32) for g in dataset.groups])
     group_names = [f"{g['age_band']} {g['gender']} {g['region']} {g['interest']}" for g in dataset.groups]
 
-    records, rows, lifts, saliency_ious = [], [], {g: [] for g in group_ids}, []
+    records, selections, rows, saliency_ious = [], [], [], []
     results = []
     for k in range(n_products):
         item_id = HELD_OUT_ITEM_BASE + k
@@ -90,6 +102,9 @@ def run_demo(
         # No mask passed: the saliency net finds the product in the photo.
         creatives = pipe(prompts, product.image, None, num_inference_steps=steps, seed=seed,
                          num_images_per_prompt=images_per_group, show_progress=not quiet)
+        # The photo is a candidate too: scored for every group, with no caption (no prompt made it).
+        original_rewards = reward.score_images([product.image] * len(group_ids), [product.title] * len(group_ids),
+                                               [""] * len(group_ids), group_features)
         exact = np.asarray(product.mask) < 128
         found = np.asarray(creatives[0].mask) < 128
         saliency_ious.append(float((exact & found).sum() / max(1, (exact | found).sum())))
@@ -98,83 +113,155 @@ def run_demo(
         for c in creatives:
             if not np.array_equal(np.asarray(c.image)[keep], original_pixels[keep]):
                 raise RuntimeError("product pixels changed in a creative")  # the composite guarantees this
-        results.append((item_id, product, prompts, creatives))
+        results.append((item_id, product, prompts, creatives, original_rewards))
 
     with atomic_dir(out) as tmp:
-        for k, (item_id, product, prompts, creatives) in enumerate(results):
+        for k, (item_id, product, prompts, creatives, original_rewards) in enumerate(results):
             product.image.save(tmp / f"product{k}.png")
             row = [product.image]
+            original_ctr = world.true_ctr_groups(product.image, item_id=item_id)
             for g_index, group_id in enumerate(group_ids):
                 group_creatives = [c for c in creatives if c.group == g_index]
+                pick = pick_over_original([c.reward for c in group_creatives], float(original_rewards[g_index]))
+                chosen = None if pick is None else group_creatives[pick]
                 best = max(group_creatives, key=lambda c: c.reward)
-                original_ctr = world.true_ctr(product.image, group_id, item_id=item_id)
+                base = float(original_ctr[group_id])
+                ctrs = {}
                 for c in group_creatives:
                     name = f"product{k}_group{group_id}_{c.index}.png"
                     c.image.save(tmp / name)
-                    true_ctr = world.true_ctr(c.image, group_id, item_id=item_id)
+                    ctrs[c.index] = world.true_ctr(c.image, group_id, item_id=item_id)
                     records.append({
                         "file": name, "product": k, "item_id": item_id, "title": product.title,
                         "group": group_id, "group_name": group_names[g_index], "prompt": c.prompt,
-                        "seed": c.seed, "reward": c.reward, "chosen": c is best,
-                        "true_ctr": true_ctr, "original_true_ctr": original_ctr,
+                        "seed": c.seed, "reward": c.reward, "original_reward": float(original_rewards[g_index]),
+                        "chosen": c is chosen, "true_ctr": ctrs[c.index], "original_true_ctr": base,
                     })
-                    if c is best:
-                        lifts[group_id].append(true_ctr / original_ctr - 1.0)
-                row.append(best.image)
+                served_ctr = base if chosen is None else ctrs[chosen.index]
+                selections.append({
+                    "product": k, "item_id": item_id, "group": group_id, "traffic": float(traffic[group_id]),
+                    "served": "original" if chosen is None else f"product{k}_group{group_id}_{chosen.index}.png",
+                    "kept_original": chosen is None, "original_reward": float(original_rewards[g_index]),
+                    "best_generated_reward": best.reward, "true_ctr": served_ctr, "original_true_ctr": base,
+                    "best_generated_true_ctr": ctrs[best.index],
+                    "mean_generated_true_ctr": float(np.mean(list(ctrs.values()))),
+                    "oracle_best_true_ctr": max(base, *ctrs.values()),
+                })
+                row.append(product.image if chosen is None else chosen.image)
             rows.append(row)
         contact_sheet(rows).save(tmp / "contact_sheet.png")
+
+        def lift(column: str, cells=selections, clusters=True):
+            return aggregate_ctr_lift([r[column] for r in cells], [r["original_true_ctr"] for r in cells],
+                                      [r["traffic"] for r in cells],
+                                      clusters=[r["product"] for r in cells] if clusters else None, seed=seed)
+
+        by_group = {}
+        for g_index, group_id in enumerate(group_ids):
+            mine = [r for r in selections if r["group"] == group_id]
+            cell = lift("true_ctr", mine, clusters=False)
+            by_group[str(group_id)] = {
+                "name": group_names[g_index], "traffic": float(traffic[group_id]),
+                "served_true_ctr": cell.treatment_ctr, "original_true_ctr": cell.control_ctr,
+                "aggregate_lift": cell.lift, "mean_of_ratios": cell.mean_of_ratios,
+                "original_kept": int(sum(r["kept_original"] for r in mine)), "products": len(mine),
+            }
+        kept = int(sum(r["kept_original"] for r in selections))
         summary = {
             "model_root": str(models.root),
             "steps": steps,
             "images_per_group": images_per_group,
             "seconds": round(time.perf_counter() - started, 2),
             "saliency_iou_on_demo_products": float(np.mean(saliency_ious)),
-            "mean_true_ctr_lift_of_chosen_by_group": {str(g): float(np.mean(v)) for g, v in lifts.items()},
+            "lift_definition": ("aggregate true CTR of what is served / aggregate true CTR of the original − 1, "
+                                "aggregate = Σ traffic·CTR / Σ traffic over (product, group), products weighted "
+                                "equally, groups by World.group_traffic(); CI: cluster bootstrap over products"),
+            "aggregate_true_ctr_lift": lift("true_ctr").to_dict(),
+            "original_kept": {"count": kept, "of": len(selections), "share": kept / len(selections)},
+            "policies": {
+                "best_generated_without_the_original": lift("best_generated_true_ctr").to_dict(),
+                "any_generated_creative": lift("mean_generated_true_ctr").to_dict(),
+                "oracle_best_candidate": lift("oracle_best_true_ctr").to_dict(),
+            },
+            "by_group": by_group,
+            "selections": selections,
             "creatives": records,
         }
         (tmp / "creatives.json").write_text(json.dumps(summary, indent=2) + "\n")
-        (tmp / "report.md").write_text(demo_report(summary, models, group_names, group_ids, records))
+        (tmp / "report.md").write_text(demo_report(summary, models))
     return summary
 
 
-def demo_report(summary: dict, models, group_names, group_ids, records) -> str:
+def demo_report(summary: dict, models) -> str:
+    """report.md: the aggregate lift of each policy (selection first), the original-kept count, per group,
+    then the models' held-out metrics. `summary` is what `run_demo` returns."""
     def load(path: Path) -> dict:
         return json.loads(path.read_text()) if path.is_file() else {}
+
+    def with_ci(cell: dict) -> str:
+        low, high = cell["ci95"]
+        return f"{cell['lift']:+.1%} [{low:+.1%}, {high:+.1%}]"
 
     reward = load(models.reward / "metrics.json").get("test", {})
     prompt = load(models.prompt / "metrics.json")
     saliency = load(models.saliency / "metrics.json")
     steering = load(models.generator / "steering.json")
+    head = summary["aggregate_true_ctr_lift"]
+    kept = summary["original_kept"]
+    n_products = len({r["product"] for r in summary["selections"]})
     lines = [
         "# cg4ctr_fast demo",
         "",
         "Held-out products (never in the logs or the training sets) × every user group of the synthetic ad",
         "world: the prompt model writes one prompt per group, the toy generator repaints the background in",
         f"one batched loop per product ({summary['images_per_group']} images per group), the reward model",
-        "picks the top creative per group, and the world's oracle scores it against the original image.",
+        "scores every creative and the original photo, and per group the top creative is served only when",
+        "the reward model scores it above the photo (otherwise the photo is kept). The world's oracle gives",
+        "the true CTR of what is served and of the photo.",
         "The world is synthetic: these numbers say the machinery works, not what real users would do.",
+        "",
+        "## Aggregate true-CTR lift over the original photo",
+        "",
+        "As an A/B test measures it: total clicks / total impressions, each group weighted by its share of",
+        "the traffic, products equally. 95 % interval: cluster bootstrap over the "
+        f"{n_products} products (few clusters: a rough interval).",
+        "",
+        "| policy | aggregate CTR | aggregate lift [95 % CI] | mean of per-cell ratios |",
+        "|---|---:|---:|---:|",
+        f"| original photo everywhere | {head['control_ctr']:.2%} | ±0 | ±0 |",
+        f"| **selection (original always a candidate)** | {head['treatment_ctr']:.2%} | **{with_ci(head)}** | "
+        f"{head['mean_of_ratios']:+.1%} |",
+    ]
+    names = {"best_generated_without_the_original": "reward model's best creative, original not a candidate",
+             "any_generated_creative": "a generated creative at random (mean over the group's creatives)",
+             "oracle_best_candidate": "oracle's best candidate, original included (upper bound)"}
+    for key, name in names.items():
+        cell = summary["policies"][key]
+        lines.append(f"| {name} | {cell['treatment_ctr']:.2%} | {with_ci(cell)} | {cell['mean_of_ratios']:+.1%} |")
+    lines += [
+        "",
+        f"The original photo was kept in {kept['count']} of {kept['of']} (product, group) cells ({kept['share']:.0%}):",
+        "the reward model scored none of the group's creatives above it. A creative replaces the photo only",
+        "when the reward model prefers it, so selection can lose to the photo only where the reward model is wrong.",
         "",
         "![contact sheet](contact_sheet.png)",
         "",
-        "Rows: products; first column: the original; then each group's chosen creative.",
+        "Rows: products; first column: the original; then what each group is served (the original again",
+        "where it was kept).",
         "",
-        "## Mean true-CTR lift of the chosen creative over the original, per group",
+        "## Per group",
         "",
-        "| group | who | chosen creative's CTR | original's CTR | lift |",
-        "|---:|---|---:|---:|---:|",
+        "Served and original CTR: means over the products; lift: Σ CTR served / Σ CTR original − 1 over the",
+        "products; mean of ratios: the mean over products of CTR served / CTR original − 1.",
+        "",
+        "| group | who | traffic | served CTR | original's CTR | lift | mean of ratios | original kept |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for g_index, group_id in enumerate(group_ids):
-        chosen = [r for r in records if r["group"] == group_id and r["chosen"]]
-        ctr = float(np.mean([r["true_ctr"] for r in chosen]))
-        base = float(np.mean([r["original_true_ctr"] for r in chosen]))
-        lift = summary["mean_true_ctr_lift_of_chosen_by_group"][str(group_id)]
-        lines.append(f"| {group_id} | {group_names[g_index]} | {ctr:.2%} | {base:.2%} | {lift:+.1%} |")
-    everything = [r["true_ctr"] / r["original_true_ctr"] - 1 for r in records]
-    chosen_all = [r["true_ctr"] / r["original_true_ctr"] - 1 for r in records if r["chosen"]]
+    for group_id, row in summary["by_group"].items():
+        lines.append(f"| {group_id} | {row['name']} | {row['traffic']:.1%} | {row['served_true_ctr']:.2%} | "
+                     f"{row['original_true_ctr']:.2%} | {row['aggregate_lift']:+.1%} | {row['mean_of_ratios']:+.1%} | "
+                     f"{row['original_kept']}/{row['products']} |")
     lines += [
-        "",
-        f"Mean lift of the reward model's choice: {np.mean(chosen_all):+.1%}; of all generated creatives: "
-        f"{np.mean(everything):+.1%} (the difference is what ranking adds).",
         "",
         "## Models",
         "",
