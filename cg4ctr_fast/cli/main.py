@@ -33,13 +33,24 @@ PROG = "cg4ctr"
 # Kept for the commands that still import them from here.
 _quiet_libraries = quiet_libraries
 __all__ = ["EXIT_BAD_INPUT", "OneLineParser", "build_parser", "main"]
+# All creatives of one command share one denoising batch (2× with guidance): `--images-per-prompt 100000`
+# was killed for memory even on the tiny preset. The demo makes 8 groups × 4 images = 32 per product.
+MAX_CREATIVES = 64
+# Guidance scales past ~20 already saturate SD images; at 1e308 the guided noise overflows float32 into NaN.
+MAX_GUIDANCE = 100.0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = make_parser(PROG, "Generate CTR-oriented ad creatives.")
     sub = add_subcommands(parser)
 
-    gen = add_subcommand(sub, "generate", "repaint a product image's background, one prompt per user group")
+    gen = add_subcommand(
+        sub, "generate", "repaint a product image's background, one prompt per user group",
+        description="Repaint a product image's background, one prompt per user group. The model runs at a working "
+                    "size: by default the input is resized, aspect ratio kept, so its longer side equals the model's "
+                    "resolution (64 px for tiny/toy, 512 for sd15-inpaint), each side rounded to a multiple of 8; "
+                    "--height/--width set it instead. The creatives are written at the input's own size either way "
+                    "(the product pixels pasted back), and creatives.json records the working size.")
     gen.add_argument("--preset", default="tiny",
                      help="toy: the demo's trained generator (run `cg4ctr demo` once); tiny: random weights, for "
                           "latency work (its images are noise); sd15-inpaint: needs --model or --random-weights")
@@ -68,6 +79,27 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--engines", help="run a cg4ctr-export folder (ONNX or TensorRT engines) instead of torch")
     gen.add_argument("--backend", choices=("onnxruntime", "tensorrt"), default=None,
                      help="backend for --engines (default: onnxruntime)")
+    gen.add_argument("--height", type=int, default=None,
+                     help="pixel height the model runs at: a multiple of 8 (and of the VAE's scale factor), at most "
+                          "4096, within an engine folder's exported range (default: from the input's aspect ratio and "
+                          "--width, else the longer side = the model's resolution)")
+    gen.add_argument("--width", type=int, default=None, help="pixel width the model runs at; as --height")
+    gen.add_argument("--reward", metavar="DIR",
+                     help="reward model folder (written by `cg4ctr-train reward` / RewardModel.save): creatives.json "
+                          "gets each creative's and the original image's calibrated CTR (default: the --engines "
+                          "folder's reward engines when it was exported with --reward, else none)")
+    gen.add_argument("--title", default="",
+                     help="the product's title, as the reward model scores it (default: none)")
+    gen.add_argument("--captions", choices=("none", "prompts"), default="none",
+                     help="the caption the reward model scores with each creative: none, or its prompt (as the demo "
+                          "does for models trained on the synthetic world, whose captions are style words); the "
+                          "original image is always scored without one")
+    gen.add_argument("--groups", metavar="FILE",
+                     help="user groups for the reward model: a groups.json as `cg4ctr-sim` writes it ([{group_id, "
+                          "features}, ...]); prompt g is scored for the g-th group in the file, or for the --group "
+                          "ids (default: one neutral feature row for every prompt)")
+    gen.add_argument("--group", action="append", metavar="ID",
+                     help="group_id from --groups for each prompt, in prompt order; repeat the flag once per --prompt")
 
     demo = add_subcommand(sub, "demo", "train (or reuse) the toy models and run the whole system on held-out products")
     demo.add_argument("--out", default="out/demo", help="output folder")
@@ -82,22 +114,39 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _check_inputs(args) -> None:
     """Every number, text and output path of `generate`, before anything loads."""
+    from cg4ctr_fast.imaging import MAX_SIDE
+
     if args.steps is not None and args.steps <= 0:
         raise InputError(f"--steps must be a positive integer, got {args.steps}")
-    if args.guidance is not None and not (args.guidance >= 0 and args.guidance < float("inf")):
-        raise InputError(f"--guidance must be a finite number ≥ 0, got {args.guidance}")
+    if args.guidance is not None and not 0 <= args.guidance <= MAX_GUIDANCE:
+        raise InputError(f"--guidance must be a number from 0 to {MAX_GUIDANCE:g}, got {args.guidance}")
     if not (0.0 < args.strength <= 1.0):
         raise InputError(f"--strength must be in (0, 1], got {args.strength}")
     if args.images_per_prompt <= 0:
         raise InputError(f"--images-per-prompt must be a positive integer, got {args.images_per_prompt}")
     if any(not p.strip() for p in args.prompt):
         raise InputError("--prompt must not be empty")
+    if len(args.prompt) * args.images_per_prompt > MAX_CREATIVES:
+        raise InputError(f"{len(args.prompt)} prompts × {args.images_per_prompt} images per prompt is over the "
+                         f"{MAX_CREATIVES} creatives one command makes (one denoising batch, twice that with "
+                         "guidance); split the prompts over several commands")
     for text in args.prompt:
         check_utf8(text, "--prompt")
     if args.negative_prompt is not None:
         check_utf8(args.negative_prompt, "--negative-prompt")
     if args.backend is not None and not args.engines:
         raise InputError("--backend needs --engines DIR (a folder written by cg4ctr-export)")
+    for flag, side in (("--height", args.height), ("--width", args.width)):
+        # 8: the SD VAE downsamples by 8; MAX_SIDE (4096): the largest input side accepted, and a working size
+        # past it would only upsample what no input can hold.
+        if side is not None and not (0 < side <= MAX_SIDE and side % 8 == 0):
+            raise InputError(f"{flag} must be a positive multiple of 8 up to {MAX_SIDE}, got {side}")
+    check_utf8(args.title, "--title")
+    if args.group and not args.groups:
+        raise InputError("--group needs --groups FILE (the groups.json that defines the group ids)")
+    if args.group and len(args.group) != len(args.prompt):
+        raise InputError(f"--group is given {len(args.group)} times for {len(args.prompt)} --prompt; give one group "
+                         "id per prompt, in prompt order")
     check_out_dir(args.out, overwrite=args.overwrite)
 
 
@@ -113,21 +162,119 @@ def _toy_folders() -> tuple[Path, Path]:
     return generator, saliency
 
 
-def _scheduler_for(args, preset):
-    """The scheduler the run will use, built from configs only (no weights), to check --steps up front."""
+def _model_facts(args, preset):
+    """(the run's scheduler, the VAE's scale factor), from configs only (no weights): checks --steps and
+    --height/--width up front, and validates a --model folder as a whole before anything loads."""
     from cg4ctr_fast.models.diffusion import folder_scheduler, inspect_model_folder, make_scheduler, swap_scheduler
 
     if args.model:
-        scheduler = folder_scheduler(inspect_model_folder(args.model))  # validates the whole folder too
+        folder = inspect_model_folder(args.model)
+        scheduler = folder_scheduler(folder)
+        # diffusers' rule: vae_scale_factor = 2 ** (len(block_out_channels) - 1); 8 for SD 1.x/2.x.
+        scale = 2 ** (len(folder.configs["vae"].get("block_out_channels", (128, 256, 512, 512))) - 1)
     else:
         scheduler = make_scheduler(preset.scheduler, preset.scheduler_kwargs())
-    return swap_scheduler(scheduler, args.scheduler) if args.scheduler else scheduler
+        scale = preset.vae.scale_factor
+    return (swap_scheduler(scheduler, args.scheduler) if args.scheduler else scheduler), scale
+
+
+def _side_from_aspect(other: int, this: int, given: int, multiple: int) -> int:
+    """The side that keeps other:this when `this` becomes `given`, rounded to the nearest `multiple` (≥ one),
+    in integers as `imaging.working_size` rounds: e.g. a 52×44 input at --height 96 runs 112 wide."""
+    return max(1, (2 * other * given + this * multiple) // (2 * this * multiple)) * multiple
+
+
+def _requested_size(args, size: tuple[int, int], multiple: int, ranges) -> Optional[tuple[int, int]]:
+    """(width, height) from --width/--height for an input of `size`, or None when neither is given.
+
+    One given: the other keeps the input's aspect ratio (diffusers would fall back to the model's square
+    resolution and distort it). `multiple`: 8 and the VAE's scale factor; `ranges`: an engine folder's exported
+    {"height": (min, max), "width": (min, max)}, or None. InputError, one line, for a side out of bounds.
+    """
+    from cg4ctr_fast.imaging import MAX_SIDE
+
+    if args.width is None and args.height is None:
+        return None
+    w0, h0 = size
+    width = args.width or _side_from_aspect(w0, h0, args.height, multiple)
+    height = args.height or _side_from_aspect(h0, w0, args.width, multiple)
+    sides = (("width", width, args.width), ("height", height, args.height))
+    # A side the user gave is checked before one derived from it, so the refusal names what was typed.
+    for name, value, given in sorted(sides, key=lambda side: side[2] is None):
+        how = "" if given else f" (from the input's {w0}×{h0} aspect ratio; give --{name} too)"
+        if value % multiple:
+            raise InputError(f"--{name} {value} is not a multiple of {multiple} (8 and the model's VAE scale factor)")
+        if value > MAX_SIDE:
+            raise InputError(f"--{name} would be {value}{how}, over the {MAX_SIDE} limit")
+        if ranges is not None:
+            lo, hi = ranges[name]
+            if not lo <= value <= hi:
+                raise InputError(f"--{name} {value}{how} is outside the engine folder's exported range {lo}..{hi}; "
+                                 f"re-export with cg4ctr-export onnx --{name} MIN:OPT:MAX")
+    return width, height
+
+
+def _engine_manifest(folder: str) -> dict:
+    """The folder's manifest.json as far as `generate` reads it before loading; {} when unreadable
+    (`CreativePipeline.from_engines` then refuses the folder with the reason)."""
+    try:
+        manifest = json.loads((Path(folder) / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return manifest if isinstance(manifest, dict) else {}
+
+
+def _engine_sides(manifest: dict) -> tuple[int, Optional[dict]]:
+    """(the VAE scale factor, {"height": (min, max), "width": (min, max)}) an engine folder was exported for;
+    (8, None) when its manifest does not say."""
+    try:
+        scale = int(manifest["stack"]["vae_scale_factor"])
+        ranges = {name: (int(manifest["settings"][name][0]), int(manifest["settings"][name][-1]))
+                  for name in ("height", "width")}
+    except (KeyError, TypeError, ValueError, IndexError):
+        return 8, None
+    return scale, ranges
+
+
+def _engine_has_reward(manifest: dict) -> bool:
+    from cg4ctr_fast.export.contracts import REWARD_COMPONENTS
+
+    components = manifest.get("components")
+    return isinstance(components, dict) and all(name in components for name in REWARD_COMPONENTS)
+
+
+def _read_groups(args) -> Optional[tuple[list, "np.ndarray"]]:
+    """(group id of each prompt, float32 [n_prompts, group_dim] feature rows) from --groups / --group, or None."""
+    import numpy as np
+
+    from cg4ctr_fast.training.data import _load_groups_json
+
+    if not args.groups:
+        return None
+    path = Path(args.groups)
+    ids, features = _load_groups_json(path)  # one reader for groups.json: the reward trainer's
+    if args.group:
+        missing = [g for g in args.group if str(g) not in ids]
+        if missing:
+            raise InputError(f"--group {missing[0]}: no such group_id in {path} (it has {', '.join(ids[:8])}"
+                             f"{', ...' if len(ids) > 8 else ''})")
+        chosen = [ids.index(str(g)) for g in args.group]
+    else:
+        if len(ids) < len(args.prompt):
+            raise InputError(f"--groups {path}: {len(ids)} groups for {len(args.prompt)} prompts; prompt g is scored "
+                             "for the g-th group, so give at least one group per prompt, or map them with --group")
+        chosen = list(range(len(args.prompt)))
+    return [ids[i] for i in chosen], np.asarray(features[chosen], dtype=np.float32)
 
 
 def cmd_generate(args) -> int:
+    import numpy as np
+
+    from cg4ctr_fast.cli.common import package_version
     from cg4ctr_fast.config import get_preset
+    from cg4ctr_fast.export.manifest import folder_sha256, sha256_file
     from cg4ctr_fast.fileio import atomic_dir
-    from cg4ctr_fast.imaging import load_image, load_mask, to_rgb_and_alpha_mask
+    from cg4ctr_fast.imaging import load_image, load_mask, load_product, to_rgb_and_alpha_mask, working_size
     from cg4ctr_fast.models.diffusion import check_steps
 
     _check_inputs(args)
@@ -135,13 +282,16 @@ def cmd_generate(args) -> int:
     toy = args.preset == "toy"
     preset = get_preset("tiny" if toy else args.preset)  # the toy generator is the tiny stack, trained
     saliency, pipe_options = args.saliency, {}
+    manifest: dict = {}
     if args.engines:
         clashing = [flag for flag, value in (("--model", args.model), ("--random-weights", args.random_weights),
                                              ("--unet-channels", args.unet_channels), ("--lora", args.lora)) if value]
         if clashing:
             raise InputError(f"--engines runs an exported folder; {', '.join(clashing)} apply to the torch stack "
                              "(fuse a LoRA at export: cg4ctr-export onnx --lora)")
-        preset = get_preset(_engine_preset(args.engines) or preset.name)
+        manifest = _engine_manifest(args.engines)
+        source_preset = (manifest.get("source") or {}).get("preset") if isinstance(manifest.get("source"), dict) else None
+        preset = get_preset(source_preset if isinstance(source_preset, str) else preset.name)
     elif toy:
         clashing = [flag for flag, value in (("--model", args.model), ("--random-weights", args.random_weights),
                                              ("--unet-channels", args.unet_channels)) if value]
@@ -159,18 +309,47 @@ def cmd_generate(args) -> int:
     guidance = preset.default_guidance if args.guidance is None else args.guidance
 
     # 2. Read and check every input before any model loads: bad input fails in milliseconds.
-    if not args.engines:
-        check_steps(_scheduler_for(args, preset), steps, args.strength, flag="--steps")
+    if args.engines:
+        scale, ranges = _engine_sides(manifest)
+    else:
+        scheduler, scale = _model_facts(args, preset)
+        check_steps(scheduler, steps, args.strength, flag="--steps")
+        ranges = None
+    lora = None
     if args.lora:
-        from cg4ctr_fast.export.lora import check_scale, resolve_lora
+        from cg4ctr_fast.export.lora import check_scale, lora_record
 
-        resolve_lora(args.lora)
-        check_scale(args.lora_scale)
+        lora = lora_record(args.lora, check_scale(args.lora_scale))  # resolves the files: InputError if unusable
     source = load_image(args.image, what="image")
     rgb, alpha_mask = to_rgb_and_alpha_mask(source)
     mask = load_mask(args.mask, rgb.size) if args.mask else None
     if mask is None and alpha_mask is None and saliency is None and not args.engines:
         raise InputError("no mask: pass --mask, an image with transparency, or --saliency WEIGHTS")
+    requested = _requested_size(args, rgb.size, max(8, scale), ranges)
+    reward_model = None
+    if args.reward:
+        from cg4ctr_fast.models.reward import RewardModel
+
+        reward_model = RewardModel.load(args.reward)
+    engine_reward = bool(args.engines) and reward_model is None and _engine_has_reward(manifest)
+    reward_flags = [flag for flag, value in (("--title", args.title), ("--captions", args.captions != "none"),
+                                             ("--groups", args.groups)) if value]
+    if reward_flags and reward_model is None and not engine_reward:
+        raise InputError(f"{', '.join(reward_flags)} describe what the reward model scores; pass --reward DIR (or "
+                         "--engines DIR exported with --reward)")
+    groups = _read_groups(args)
+    if reward_model is not None and groups is not None:
+        _check_group_dim(groups[1], reward_model.config.group_dim, args.groups)
+    # Provenance by content, hashed before loading (the bytes this run reads): paths are only hints.
+    used_saliency = saliency if (mask is None and alpha_mask is None) else None
+    provenance = {
+        "image_sha256": sha256_file(args.image),
+        "model_sha256": folder_sha256(args.model) if args.model else None,
+        "saliency_sha256": sha256_file(used_saliency) if used_saliency else None,
+        "engines_manifest_sha256": sha256_file(Path(args.engines) / "manifest.json") if args.engines else None,
+        "reward_sha256": _reward_sha256(args.reward) if args.reward else None,
+        "groups_sha256": sha256_file(args.groups) if args.groups else None,
+    }
 
     # 3. Load and run.
     from cg4ctr_fast.pipeline import CreativePipeline
@@ -178,7 +357,8 @@ def cmd_generate(args) -> int:
     started = time.perf_counter()
     if args.engines:
         pipe = CreativePipeline.from_engines(
-            args.engines, backend=args.backend or "onnxruntime", saliency=saliency, scheduler=args.scheduler
+            args.engines, backend=args.backend or "onnxruntime", saliency=saliency, scheduler=args.scheduler,
+            reward=False if reward_model is not None else None,  # an explicit --reward replaces the folder's
         )
     else:
         pipe = CreativePipeline.from_preset(
@@ -192,6 +372,22 @@ def cmd_generate(args) -> int:
             lora_scale=args.lora_scale,
             **pipe_options,
         )
+    width, height = requested or working_size(rgb.width, rgb.height, pipe.max_side)
+    # The reward model scores (image, title, caption, user group); the pipeline passes images and group indices.
+    scorer = reward_model if reward_model is not None else getattr(pipe.reward, "engine", None)
+    if scorer is None and pipe.reward is not None:
+        raise RuntimeError(f"the engine folder's reward {type(pipe.reward).__name__} has no scoring engine")
+    table = None
+    if scorer is not None:
+        from cg4ctr_fast.runtime.onnxruntime_backend import default_group_features
+
+        dim = scorer.config.group_dim
+        if groups is not None:
+            table = _check_group_dim(groups[1], dim, args.groups)
+        else:
+            table = np.tile(default_group_features(dim), (len(args.prompt), 1))
+        captions = list(args.prompt) if args.captions == "prompts" else None
+        pipe.reward = scorer.pipeline_scorer(table, title=args.title, captions=captions)
     creatives = pipe(
         args.prompt,
         source,
@@ -201,13 +397,23 @@ def cmd_generate(args) -> int:
         guidance_scale=guidance,
         strength=args.strength,
         num_images_per_prompt=args.images_per_prompt,
+        height=height,
+        width=width,
         seed=args.seed,
         show_progress=not args.quiet,
     )
+    original_rewards = None
+    if scorer is not None:
+        # The original image is always a candidate: scored for every group as displayed (oriented, sRGB, over
+        # white where transparent), with the title and no caption (no prompt made it), as the demo scores it.
+        n = len(args.prompt)
+        original = load_product(source).model_rgb
+        original_rewards = [float(s) for s in scorer.score_images([original] * n, [args.title] * n, [""] * n, table)]
 
     # 4. Write the folder atomically.
     out = Path(args.out)
     records = []
+    group_ids = groups[0] if groups is not None else None
     with atomic_dir(out) as tmp:
         creatives[0].mask.save(tmp / "mask.png")
         for creative in creatives:
@@ -218,23 +424,39 @@ def cmd_generate(args) -> int:
                     "file": name,
                     "prompt": creative.prompt,
                     "group": creative.group,
+                    "group_id": group_ids[creative.group] if group_ids else None,
                     "index": creative.index,
                     "seed": creative.seed,
                     "reward": creative.reward,
+                    "original_reward": original_rewards[creative.group] if original_rewards else None,
                     "model_id": pipe.components.info.model_id,
                     "mask_file": "mask.png",
                 }
             )
         meta = {
-            "image": str(Path(args.image)),
-            "preset": "toy" if toy else preset.name,
+            "package_version": package_version(),
+            "image": str(Path(args.image).resolve()),  # a hint; image_sha256 identifies it
+            "image_sha256": provenance["image_sha256"],
+            "image_size": list(rgb.size),  # [width, height] as displayed: every creative's size
+            "width": width,  # the working size the model ran at
+            "height": height,
+            "preset": None if args.engines or (args.model and not toy) else ("toy" if toy else preset.name),
+            "model": _model_record(args, toy, preset, pipe, provenance, manifest),
+            "lora": lora if lora is not None else (manifest.get("lora") if args.engines else None),
             "backend": pipe.components.backend,
-            "engines": str(Path(args.engines)) if args.engines else None,
+            "engines": None if not args.engines else {
+                "path": str(Path(args.engines).resolve()),
+                "manifest_sha256": provenance["engines_manifest_sha256"],
+            },
+            "saliency": _saliency_record(args, used_saliency, mask, alpha_mask, provenance),
+            "reward": _reward_record(args, reward_model, scorer, provenance),
             "steps": steps,
             "guidance": guidance,
             "strength": args.strength,
             "scheduler": type(pipe.scheduler).__name__,
             "seed": args.seed,
+            "negative_prompt": args.negative_prompt,
+            "groups": _group_summary(args.prompt, creatives, group_ids, original_rewards),
             "creatives": records,
         }
         (tmp / "creatives.json").write_text(json.dumps(meta, indent=2) + "\n")
@@ -244,13 +466,76 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def _engine_preset(folder: str) -> Optional[str]:
-    """The preset an exported folder came from (for step/guidance defaults), if its manifest says so."""
-    try:
-        preset = json.loads((Path(folder) / "manifest.json").read_text())["source"]["preset"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None  # from_engines refuses such a folder with the reason
-    return preset if isinstance(preset, str) else None
+def _check_group_dim(features, dim: int, path) -> "np.ndarray":
+    if features.shape[1] != dim:
+        raise InputError(f"--groups {path}: groups have {features.shape[1]} features each, the reward model "
+                         f"expects {dim}")
+    return features
+
+
+def _reward_sha256(folder: str) -> dict:
+    """sha256 of each file of a RewardModel folder (weights, config with its calibration, vocabularies), as
+    `cg4ctr-export onnx --reward` records it."""
+    from cg4ctr_fast.export.manifest import sha256_file
+    from cg4ctr_fast.models.reward import CONFIG_FILE, VOCAB_FILE, WEIGHTS_FILE
+
+    return {name: sha256_file(Path(folder) / name) for name in (WEIGHTS_FILE, CONFIG_FILE, VOCAB_FILE)}
+
+
+def _model_record(args, toy: bool, preset, pipe, provenance: dict, manifest: dict) -> dict:
+    """Where the weights came from, by content: a preset's name only when the preset built them."""
+    if args.engines:
+        source = manifest.get("source") if isinstance(manifest.get("source"), dict) else {}
+        return {"source": "engines", "model_id": pipe.components.info.model_id,
+                "exported_from": {key: source.get(key) for key in ("preset", "model_sha256", "random_weights")}}
+    if args.model:
+        return {"source": "toy" if toy else "folder", "path": str(Path(args.model).resolve()),
+                "sha256": provenance["model_sha256"], "model_id": pipe.components.info.model_id}
+    return {"source": "preset", "preset": preset.name, "random_weights": True,
+            "unet_channels": args.unet_channels, "model_id": pipe.components.info.model_id}
+
+
+def _saliency_record(args, used_saliency, mask, alpha_mask, provenance: dict) -> Optional[dict]:
+    """The saliency net that made the mask, when one did (neither --mask nor transparency gave it)."""
+    if mask is not None or alpha_mask is not None:
+        return None
+    if used_saliency:
+        return {"path": str(Path(used_saliency).resolve()), "sha256": provenance["saliency_sha256"]}
+    return {"source": "engines"} if args.engines else None  # the folder's exported net, in its manifest
+
+
+def _reward_record(args, reward_model, scorer, provenance: dict) -> Optional[dict]:
+    if scorer is None:
+        return None
+    if reward_model is None:
+        record: dict = {"source": "engines"}  # reward_image/ and reward_head/ of the folder, in its manifest
+    else:
+        record = {"source": "folder", "path": str(Path(args.reward).resolve()), "sha256": provenance["reward_sha256"]}
+    return {**record, "title": args.title, "captions": args.captions,
+            "groups": None if not args.groups else {"path": str(Path(args.groups).resolve()),
+                                                   "sha256": provenance["groups_sha256"]}}
+
+
+def _group_summary(prompts, creatives, group_ids, original_rewards) -> list[dict]:
+    """Per group: its best creative against the original image. A creative is chosen only when the reward model
+    scores it strictly above the original (`training.metrics.pick_over_original`), else the original is kept."""
+    import numpy as np
+
+    from cg4ctr_fast.training.metrics import pick_over_original
+
+    rows = []
+    for g, prompt in enumerate(prompts):
+        mine = [c for c in creatives if c.group == g]
+        row = {"group": g, "group_id": group_ids[g] if group_ids else None, "prompt": prompt,
+               "original_reward": None, "best_reward": None, "chosen": None}
+        if original_rewards is not None:
+            rewards = [c.reward for c in mine]
+            best = int(np.argmax(rewards))
+            pick = pick_over_original(rewards, original_rewards[g])
+            row.update(original_reward=original_rewards[g], best_reward=rewards[best],
+                       chosen="original" if pick is None else f"creative_g{g:03d}_{mine[pick].index:02d}.png")
+        rows.append(row)
+    return rows
 
 
 def cmd_demo(args) -> int:
