@@ -305,7 +305,7 @@ def results_markdown(results: dict[str, Any], command: Optional[str] = None) -> 
     header = ["| arm | " + " | ".join(f"cycle {c}" for c in range(cycles + 1)) + " |", "|---|" + "---|" * (cycles + 1)]
     lines += table(lambda cell: _fmt(cell["lift"], cell["ci95"]))
     lines += ["", "## Secondary: mean over (seed, product, group) of CTR(served) / CTR(original) − 1", "",
-              "Unweighted: a group with 6 % of the traffic counts as much as one with 26 %.", "", *header]
+              "Unweighted: every (seed, product, group) cell counts alike, whatever its group's share of the traffic.", "", *header]
     lines += table(lambda cell: _fmt(cell["mean_of_ratios"], cell["mean_of_ratios_ci95"]))
     lines += ["", "## How often the original photo was kept (the reward model scored no creative above it)", "",
               *header]
