@@ -51,6 +51,13 @@ class OneLineParser(argparse.ArgumentParser):
         kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
 
+    def add_argument(self, *args, **kwargs):
+        action = super().add_argument(*args, **kwargs)
+        # argparse prints no line at all for an option without help, so its default would not show either.
+        if action.help is None and action.option_strings and action.default not in (None, False, argparse.SUPPRESS):
+            action.help = "(default: %(default)s)"
+        return action
+
     def error(self, message: str):  # noqa: D401 - argparse's signature
         self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {' '.join(message.split())} (see --help)\n")
 
@@ -87,6 +94,16 @@ def add_subcommand(subparsers, name: str, help: str, description: Optional[str] 
     # SUPPRESS: an absent flag must not reset a `--debug` given before the subcommand.
     sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=_DEBUG_HELP)
     return sub
+
+
+def complete_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Give every subcommand of `parser` the `--debug` flag it lacks (run_cli does this for each command)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                if "--debug" not in sub._option_string_actions:
+                    sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=_DEBUG_HELP)
+    return parser
 
 
 def add_overwrite(parser: argparse.ArgumentParser, what: str = "--out") -> None:
@@ -145,10 +162,16 @@ def check_out_file(path: str | os.PathLike[str], *, flag: str, overwrite: Option
     if overwrite is False and out.exists():
         raise InputError(f"{flag} {out}: file exists; pass --overwrite to replace it, or choose another path")
     parent = out.parent if str(out.parent) else Path(".")
+    if parent.exists() and not parent.is_dir():
+        raise InputError(f"{flag} {out}: {parent} is not a folder")
     if not parent.is_dir():
         raise InputError(f"{flag} {out}: folder {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise InputError(f"{flag} {out}: folder {parent} is not writable")
+    try:  # atomic writes create a temporary file beside the target
+        handle, probe = tempfile.mkstemp(prefix=".cg4ctr-probe-", dir=parent)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as exc:
+        raise InputError(f"{flag} {out}: cannot write files in {parent} ({exc.strerror or exc})") from None
     return out
 
 
@@ -159,8 +182,11 @@ def _check_writable_parent(out: Path, flag: str) -> None:
         ancestor = ancestor.parent
     if not ancestor.is_dir():
         raise InputError(f"{flag} {out}: {ancestor} is not a folder")
-    if not os.access(ancestor, os.W_OK):
-        raise InputError(f"{flag} {out}: {ancestor} is not writable")
+    # A real probe, not os.access: root passes os.access on read-only special filesystems such as /proc.
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".cg4ctr-probe-", dir=ancestor))
+    except OSError as exc:
+        raise InputError(f"{flag} {out}: cannot create folders in {ancestor} ({exc.strerror or exc})") from None
 
 
 def _write_traceback(prog: str) -> Optional[Path]:
@@ -185,7 +211,7 @@ def run_cli(prog: str, parser: argparse.ArgumentParser, dispatch: Callable[[argp
     with ``validation failed``; they are checked before `InputError`.
     """
     quiet_libraries()
-    args = parser.parse_args(argv)
+    args = complete_parser(parser).parse_args(argv)
     debug = bool(getattr(args, "debug", False))
     try:
         return int(dispatch(args) or 0)
