@@ -48,6 +48,7 @@ def test_bench_writes_rows_with_ratios(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "vs diffusers" in printed and "n/a (needs ≥ 20 runs)" in printed and "threads: 1" in printed
     assert "encode the prompts, as diffusers re-encodes every call" in printed
+    assert "not applied: torch was imported first" in printed  # in this process torch came first
 
 
 @pytest.mark.parametrize(

@@ -330,3 +330,27 @@ def test_bench_scripts_check_json_path_first(script, argv, capsys):
     code = _script(script).main([*argv, "--json", "/missing/dir/x.json"])
     err = capsys.readouterr().err
     assert code == 2 and "/missing/dir" in err and err.count("\n") == 1, err
+
+
+# ---------------------------------------------------------------------------------------------- spin policy
+def test_omp_wait_policy_is_set_before_torch_loads(monkeypatch):
+    import json
+    import subprocess
+
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    code = ("import json, os, sys; from cg4ctr_fast.cli.bench import set_omp_wait_policy; "
+            "r = set_omp_wait_policy('passive'); assert 'torch' not in sys.modules; "
+            "print(json.dumps([r, os.environ.get('OMP_WAIT_POLICY')]))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    got, env = json.loads(out.stdout)
+    assert env == "PASSIVE" and got["applied"] is True and got["OMP_WAIT_POLICY"] == "PASSIVE"
+
+
+def test_omp_wait_policy_after_torch_is_reported_not_applied(monkeypatch):
+    from cg4ctr_fast.cli.bench import set_omp_wait_policy
+
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    got = set_omp_wait_policy("passive")  # torch is imported in this process already
+    assert got["applied"] is False and "note" in got
+    assert got["OMP_WAIT_POLICY"] == "ACTIVE"  # left as it was: changing it now would record a lie
+    assert set_omp_wait_policy("env")["applied"] is True

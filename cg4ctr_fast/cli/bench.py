@@ -66,6 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None,
                    help="threads for torch (intra- and inter-op), ONNX Runtime's intra-op pool and inductor's "
                         f"compile workers (default: the cores this process may use, here {_available_cores()})")
+    p.add_argument("--omp-wait", default="passive", choices=("passive", "active", "env"),
+                   help="what torch's idle OpenMP threads do: passive = sleep, as ONNX Runtime's sessions here "
+                        "do (allow_spinning 0), so an oversubscribed core does not punish one backend; active = "
+                        "spin; env = leave OMP_WAIT_POLICY as the environment has it (libgomp's default spins "
+                        "≈300k iterations before sleeping). Applied only before torch is first imported")
     p.add_argument("--prompt-cache", default="cold", choices=("cold", "warm", "both"),
                    help="cold: our rows clear their prompt-embedding cache before every call and encode the "
                         "prompts, as diffusers does each call; warm: they reuse the cached embeddings (as a "
@@ -97,6 +102,23 @@ def check_outputs(args) -> None:
             raise InputError(f"--plot {args.plot}: the same file as --json")
 
 
+def set_omp_wait_policy(policy: str) -> dict:
+    """Set OMP_WAIT_POLICY for torch's OpenMP pool; libgomp reads it once, when torch is first imported.
+
+    Why: under a second job on 2 cores, torch with 2 spinning threads took 29 s per tiny-preset call against
+    1.4 s with passive threads (ONNX Runtime, which does not spin here, 0.3-0.5 s either way): spinning, not
+    the thread count, made ONNX Runtime look 78× faster. Returns what was asked, what the environment holds
+    and whether it took effect.
+    """
+    already = "torch" in sys.modules
+    if policy in ("passive", "active") and not already:
+        os.environ["OMP_WAIT_POLICY"] = policy.upper()
+    return {"requested": policy, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
+            "applied": policy == "env" or not already,
+            **({"note": "torch was imported before the policy could be set; it runs as the environment had it"}
+               if already and policy != "env" else {})}
+
+
 def run(args) -> dict:
     check_outputs(args)
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
@@ -108,6 +130,7 @@ def run(args) -> dict:
     threads = args.threads if args.threads is not None else _available_cores()
     if threads < 1:
         raise InputError(f"--threads must be ≥ 1, got {threads}")
+    omp_wait = set_omp_wait_policy(args.omp_wait)
 
     import torch
 
@@ -143,6 +166,7 @@ def run(args) -> dict:
         raise InputError(f"--size must be a multiple of 8, got {size}")
     # Before anything runs: the same pool size for every backend (ONNX Runtime's sessions get it below).
     thread_info = apply_threads(threads, compile_workers="compile" in backends)
+    thread_info["omp_wait_policy"] = omp_wait
 
     if args.model:
         modules = load_modules(args.model, dtype=torch.float32)
@@ -172,6 +196,11 @@ def run(args) -> dict:
         if b not in components:
             source = compile_modules(modules, device) if b == "compile" else modules
             components[b] = torch_components(source, backend=b, compile_mode=args.compile_mode)
+    if "onnxruntime" in components:
+        # What the sessions really got, read back from ONNX Runtime (0 would mean its own default).
+        session = getattr(getattr(components["onnxruntime"].unet, "component", None), "session", None)
+        if session is not None:
+            thread_info["onnxruntime_session_intra_op"] = session.get_session_options().intra_op_num_threads
     # One pipeline object per row: a cold row's cache clearing never touches a warm row's cache.
     pipes = {}
     for b in backends:
@@ -216,7 +245,9 @@ def _header(args, ctx, load: dict) -> list[str]:
     t = ctx["threads"]
     lines = [
         f"threads: {t['requested']} (torch intra-op {t['torch_intra_op']}, inter-op {t['torch_inter_op']}; "
-        f"onnxruntime intra-op {t['onnxruntime_intra_op']}; {t['available_cores']} cores available)",
+        f"onnxruntime intra-op {t['onnxruntime_intra_op']}; {t['available_cores']} cores available); idle "
+        f"OpenMP threads: OMP_WAIT_POLICY={t['omp_wait_policy']['OMP_WAIT_POLICY'] or 'unset'}"
+        f"{'' if t['omp_wait_policy']['applied'] else ' (--omp-wait ' + t['omp_wait_policy']['requested'] + ' not applied: torch was imported first)'}",
         f"{args.runs} timed runs per row after {args.warmup} warm-up round(s), interleaved round by round "
         f"in this order: {', '.join(ctx['order'])}",
         {"cold": "prompt embeddings: our rows clear their cache before every call and encode the prompts, as "
@@ -273,14 +304,13 @@ def _write_report(args, ctx, variants, samples, *, final: bool) -> dict:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    _quiet_libraries()
-    args = build_parser().parse_args(argv)
-    try:
+    from cg4ctr_fast.cli.common import run_cli
+
+    def dispatch(args) -> int:
         run(args)
-    except InputError as exc:
-        print(f"cg4ctr-bench: error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    return 0
+        return 0
+
+    return run_cli("cg4ctr-bench", build_parser(), dispatch, argv)
 
 
 if __name__ == "__main__":
