@@ -346,7 +346,9 @@ def cmd_generate(args) -> int:
         "image_sha256": sha256_file(args.image),
         "model_sha256": folder_sha256(args.model) if args.model else None,
         "saliency_sha256": sha256_file(used_saliency) if used_saliency else None,
-        "engines_manifest_sha256": sha256_file(Path(args.engines) / "manifest.json") if args.engines else None,
+        # No manifest: from_engines refuses the folder below in one line (exit 2).
+        "engines_manifest_sha256": sha256_file(Path(args.engines) / "manifest.json")
+        if args.engines and (Path(args.engines) / "manifest.json").is_file() else None,
         "reward_sha256": _reward_sha256(args.reward) if args.reward else None,
         "groups_sha256": sha256_file(args.groups) if args.groups else None,
     }
