@@ -337,6 +337,8 @@ def test_preset_toy_runs_the_cached_toy_generator(capsys, files, monkeypatch, tm
     """--preset toy loads <cache>/toy-v1-<key>/generator and its saliency net (here stand-ins of the same layout)."""
     import shutil
 
+    import torch
+
     from cg4ctr_fast.training.toy import ToyConfig, toy_root
 
     monkeypatch.setenv("CG4CTR_CACHE", str(tmp_path / "cache"))
@@ -348,14 +350,22 @@ def test_preset_toy_runs_the_cached_toy_generator(capsys, files, monkeypatch, tm
     # No saliency weights yet: still "not trained".
     assert main(_generate_args(files, "--preset", "toy", "--prompt", "x", "--out", str(files / "out"))) == 2
     capsys.readouterr()
-    from safetensors.torch import save_file
-
     from cg4ctr_fast.models.saliency import U2NetP
+    from cg4ctr_fast.training.saliency import save_trained_saliency
 
-    save_file(U2NetP().state_dict(), str(root / "saliency" / "saliency.safetensors"))
-    (root / "saliency" / "config.json").write_text(json.dumps({"size": 32, "threshold": 0.5}))
+    torch.manual_seed(0)
+    save_trained_saliency(U2NetP(), {"config": {"size": 32, "threshold": 0.5}}, root / "saliency")
+    # With --mask the mask is used; without it the toy saliency net finds the product.
     assert main(_generate_args(files, "--preset", "toy", "--prompt", "x", "--steps", "1",
                                "--out", str(files / "out"))) == 0, capsys.readouterr().err
     meta = json.loads((files / "out" / "creatives.json").read_text())
     assert meta["preset"] == "toy"
     assert meta["creatives"][0]["model_id"] == f"folder:{(root / 'generator').resolve()}"
+    no_mask = ["generate", "--preset", "toy", "--image", str(files / "product.png"), "--prompt", "x", "--steps", "1",
+               "--quiet", "--out", str(files / "out2")]
+    code = main(no_mask)
+    err = capsys.readouterr().err
+    # The toy saliency net made the mask: no "no mask: pass --mask" refusal. This stand-in has random weights,
+    # so its mask may be refused as empty or full (one line, naming the mask) instead of used.
+    assert "no mask" not in err
+    assert code == 0 or (code == 2 and err.count("\n") == 1 and err.startswith("cg4ctr: error: mask:")), err

@@ -142,6 +142,9 @@ def _check_inputs(args) -> None:
         if side is not None and not (0 < side <= MAX_SIDE and side % 8 == 0):
             raise InputError(f"{flag} must be a positive multiple of 8 up to {MAX_SIDE}, got {side}")
     check_utf8(args.title, "--title")
+    # Checked here, as every input file is, because its content hash is recorded before the net loads.
+    if args.saliency is not None and not Path(args.saliency).exists():
+        raise InputError(f"--saliency {args.saliency}: no such file or folder")
     if args.group and not args.groups:
         raise InputError("--group needs --groups FILE (the groups.json that defines the group ids)")
     if args.group and len(args.group) != len(args.prompt):
@@ -281,7 +284,7 @@ def cmd_generate(args) -> int:
     # 1. Which weights: an engine folder, a model folder, the trained toy generator, or a preset in code.
     toy = args.preset == "toy"
     preset = get_preset("tiny" if toy else args.preset)  # the toy generator is the tiny stack, trained
-    saliency, pipe_options = args.saliency, {}
+    saliency = args.saliency
     manifest: dict = {}
     if args.engines:
         clashing = [flag for flag, value in (("--model", args.model), ("--random-weights", args.random_weights),
@@ -300,9 +303,7 @@ def cmd_generate(args) -> int:
         generator, toy_saliency = _toy_folders()
         args.model = str(generator)
         if saliency is None and args.mask is None:
-            saliency = str(toy_saliency / "saliency.safetensors")
-            config = json.loads((toy_saliency / "config.json").read_text())
-            pipe_options = {"saliency_size": config["size"], "saliency_threshold": config["threshold"]}
+            saliency = str(toy_saliency)  # the net's config.json there sets its input size and threshold
     elif args.model is None and not args.random_weights and not preset.buildable:
         raise InputError(f"preset {preset.name!r} needs --model PATH (a local diffusers folder) or --random-weights")
     steps = args.steps or preset.default_steps
@@ -345,7 +346,9 @@ def cmd_generate(args) -> int:
     provenance = {
         "image_sha256": sha256_file(args.image),
         "model_sha256": folder_sha256(args.model) if args.model else None,
-        "saliency_sha256": sha256_file(used_saliency) if used_saliency else None,
+        # --saliency takes a weights file or a `cg4ctr-train saliency` folder (weights + config.json).
+        "saliency_sha256": (None if not used_saliency else folder_sha256(used_saliency)
+                            if Path(used_saliency).is_dir() else sha256_file(used_saliency)),
         # No manifest: from_engines refuses the folder below in one line (exit 2).
         "engines_manifest_sha256": sha256_file(Path(args.engines) / "manifest.json")
         if args.engines and (Path(args.engines) / "manifest.json").is_file() else None,
@@ -372,7 +375,6 @@ def cmd_generate(args) -> int:
             saliency=saliency,
             lora=args.lora,
             lora_scale=args.lora_scale,
-            **pipe_options,
         )
     width, height = requested or working_size(rgb.width, rgb.height, pipe.max_side)
     # The reward model scores (image, title, caption, user group); the pipeline passes images and group indices.
