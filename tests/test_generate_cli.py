@@ -194,6 +194,13 @@ def test_engine_folder_sizes_are_checked_against_its_profile(capsys, files, monk
     assert needle in line
 
 
+def test_missing_saliency_weights_one_line(capsys, files, monkeypatch):
+    _no_model_load(monkeypatch)
+    line = _one_line(capsys, "generate", "--image", str(files / "product.png"), "--saliency",
+                     str(files / "missing.pth"), "--prompt", "a", "--out", str(files / "out"))
+    assert "--saliency" in line and "no such file or folder" in line
+
+
 def test_help_states_the_resize(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["generate", "--help"])
