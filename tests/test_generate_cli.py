@@ -370,3 +370,38 @@ def test_engine_folder_reward_is_attached_with_title_and_groups(capsys, files, r
     np.testing.assert_allclose([r["reward"] for r in records], want, rtol=0, atol=1.1e-4)
     want_original = model.score_images([files / "product.png"] * 2, ["desk lamp"] * 2, ["", ""], rows)
     np.testing.assert_allclose([g["original_reward"] for g in meta["groups"]], want_original, rtol=0, atol=1.1e-4)
+
+    # An explicit --reward replaces the folder's engines: the torch model scores, to REWARD_ATOL.
+    out = files / "out2"
+    code, err = _run(capsys, "generate", "--engines", str(engines), "--image", str(files / "product.png"), "--mask",
+                     str(files / "mask.png"), "--prompt", "warm red", "--prompt", "cool blue studio", "--steps", "2",
+                     "--reward", str(reward_dir), "--title", "desk lamp", "--captions", "prompts", "--groups",
+                     str(groups), "--out", str(out), "--quiet")
+    assert code == 0, err
+    meta = json.loads((out / "creatives.json").read_text())
+    assert meta["reward"]["source"] == "folder"
+    np.testing.assert_allclose([r["reward"] for r in meta["creatives"]], want, rtol=0, atol=REWARD_ATOL)
+
+
+def test_reward_flags_need_a_reward_model_even_with_engines(capsys, files, monkeypatch):
+    _no_model_load(monkeypatch)
+    engines = _fake_engines(files / "engines", 4, [32, 64, 128], [32, 64, 128])  # exported without --reward
+    line = _one_line(capsys, "generate", "--engines", str(engines), "--image", str(files / "product.png"), "--mask",
+                     str(files / "mask.png"), "--prompt", "a", "--title", "mug", "--out", str(files / "out"))
+    assert "--title describe what the reward model scores" in line
+
+
+def test_sim_groups_file_with_integer_ids(capsys, files, reward_dir):
+    # cg4ctr-sim writes integer group ids; --group takes them as typed and creatives.json records them as text.
+    groups = files / "groups.json"
+    groups.write_text(json.dumps({"groups": [{"group_id": g, "features": [float(g == k) for k in range(3)]}
+                                             for g in range(3)]}))
+    out = files / "out"
+    code, err = _run(capsys, "generate", "--image", str(files / "product.png"), "--mask", str(files / "mask.png"),
+                     "--prompt", "warm red", "--steps", "1", "--reward", str(reward_dir), "--groups", str(groups),
+                     "--group", "2", "--out", str(out), "--quiet")
+    assert code == 0, err
+    record = json.loads((out / "creatives.json").read_text())["creatives"][0]
+    assert record["group_id"] == "2"
+    want = RewardModel.load(reward_dir).score_images([out / record["file"]], [""], [""], [[0.0, 0.0, 1.0]])
+    np.testing.assert_allclose([record["reward"]], want, rtol=0, atol=REWARD_ATOL)
