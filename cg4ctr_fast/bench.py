@@ -480,16 +480,6 @@ def plot(results: list[VariantResult], path: str) -> None:
     plt.close(fig)
 
 
-PLOT_SUFFIXES = (".png", ".svg", ".pdf")
-
-
-def check_plot_path(path: str, flag: str = "--plot") -> None:
-    """Refuse (InputError) a plot path whose suffix matplotlib would reject only after the whole benchmark."""
-    suffix = os.path.splitext(str(path))[1].lower()
-    if suffix not in PLOT_SUFFIXES:
-        raise InputError(f"{flag} {path}: the file name must end in {', '.join(PLOT_SUFFIXES)}")
-
-
 # ---------------------------------------------------------------------------------------------- the pipeline variants
 def ours_variant(pipe, case: BenchCase, *, name: str, cold_prompt_cache: bool = True) -> Variant:
     """One of our pipelines on one case. With `cold_prompt_cache` the prompt-embedding cache is cleared before

@@ -354,3 +354,14 @@ def test_omp_wait_policy_after_torch_is_reported_not_applied(monkeypatch):
     assert got["applied"] is False and "note" in got
     assert got["OMP_WAIT_POLICY"] == "ACTIVE"  # left as it was: changing it now would record a lie
     assert set_omp_wait_policy("env")["applied"] is True
+
+
+def test_checks_before_the_run_do_not_load_torch(tmp_path):
+    """Output checks and the spin policy come before torch loads, or OMP_WAIT_POLICY could not take effect."""
+    import subprocess
+
+    code = ("import sys; from cg4ctr_fast.cli.bench import build_parser, check_outputs, set_omp_wait_policy; "
+            f"a = build_parser().parse_args(['--json', {str(tmp_path / 'x.json')!r}, '--plot', "
+            f"{str(tmp_path / 'p.png')!r}]); check_outputs(a); r = set_omp_wait_policy('passive'); "
+            "assert 'torch' not in sys.modules and r['applied'], r")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, capture_output=True)

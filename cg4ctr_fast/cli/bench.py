@@ -42,6 +42,9 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
+PLOT_SUFFIXES = (".png", ".svg", ".pdf")  # formats matplotlib's Agg backend writes
+
+
 def _available_cores() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -92,12 +95,12 @@ def check_outputs(args) -> None:
     """Every output path, before anything is loaded or measured (InputError, one line, exit 2)."""
     from pathlib import Path
 
-    from cg4ctr_fast.bench import check_plot_path
-
+    # No torch import here: --omp-wait must reach libgomp before torch loads.
     check_out_file(args.json, flag="--json")
     if args.plot:
         check_out_file(args.plot, flag="--plot")
-        check_plot_path(args.plot)
+        if Path(args.plot).suffix.lower() not in PLOT_SUFFIXES:
+            raise InputError(f"--plot {args.plot}: the file name must end in {', '.join(PLOT_SUFFIXES)}")
         if Path(args.plot).resolve() == Path(args.json).resolve():
             raise InputError(f"--plot {args.plot}: the same file as --json")
 
