@@ -365,3 +365,28 @@ def test_checks_before_the_run_do_not_load_torch(tmp_path):
             f"{str(tmp_path / 'p.png')!r}]); check_outputs(a); r = set_omp_wait_policy('passive'); "
             "assert 'torch' not in sys.modules and r['applied'], r")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, capture_output=True)
+
+
+# ---------------------------------------------------------------------------------------------- quiet vs loaded
+def _report(rows):
+    return {"results": [{"name": n, "groups": g, "ratio_vs_diffusers": r, "ratio_range": rng, "ratio_flags": f}
+                        for n, g, r, rng, f in rows]}
+
+
+def test_compare_runs_verdicts(tmp_path, capsys):
+    import json
+
+    cmp = _script("compare_runs")
+    quiet = _report([("onnxruntime", 1, 1.79, [1.7, 1.85], []), ("torch", 1, 1.0, [0.98, 1.02], ["overlap"]),
+                     ("onnxruntime", 8, 0.97, [0.95, 1.0], [])])
+    loaded = _report([("onnxruntime", 1, 1.9, [1.6, 2.2], ["noisy"]),  # 1.79 inside 1.6-2.2
+                      ("torch", 1, 1.3, [1.2, 1.5], ["noisy"]),  # outside, but flagged
+                      ("onnxruntime", 8, 1.5, [1.45, 1.55], [])])  # outside and not flagged: misleads
+    lines, ok = cmp.compare(quiet, loaded)
+    assert [line.rsplit("|", 2)[1].strip() for line in lines[2:]] == ["within noise", "flagged noisy", "MISLEADING"]
+    assert ok is False
+    (tmp_path / "q.json").write_text(json.dumps(quiet))
+    (tmp_path / "l.json").write_text(json.dumps(loaded))
+    assert cmp.main([str(tmp_path / "q.json"), str(tmp_path / "l.json")]) == 1
+    assert cmp.main([str(tmp_path / "q.json"), str(tmp_path / "q.json")]) == 0
+    assert cmp.main([str(tmp_path / "q.json"), str(tmp_path / "missing.json")]) == 2
