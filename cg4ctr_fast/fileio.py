@@ -1,7 +1,8 @@
 """Crash-safe file writes: a reader sees the old file or folder or the whole new one, never a part.
 
 Every writer in the package (model folders, engine folders, checkpoints, reports) goes through
-`atomic_write_bytes` or `atomic_dir`.
+`atomic_write_bytes` or `atomic_dir`.  `check_out_dir` is the one rule for an output folder, checked
+before any work by the commands and by library writers (export) alike.
 """
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import contextlib
 import os
 import secrets
 import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,6 +25,44 @@ def path_label(path: str | os.PathLike[str]) -> str:
     if any(ord(ch) < 32 or ord(ch) == 127 for ch in text):
         return repr(text)
     return text
+
+
+def check_out_dir(path: str | os.PathLike[str], *, overwrite: bool = False, flag: str = "--out") -> Path:
+    """Check an output folder before any work; returns it as a Path.
+
+    Raises InputError (one line) when it is a file, when its nearest existing ancestor is not a folder or
+    cannot be written, or when it exists, is not empty and `overwrite` is False.  With `overwrite` the
+    caller replaces it atomically (`atomic_dir`) once the work is done; the working folder, one of its
+    parents and the home folder are refused even then, since replacing deletes the old folder.
+    `flag` names the option in the message (e.g. "--out").
+    """
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{flag} {out}: exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise InputError(f"{flag} {out}: folder exists and is not empty; pass --overwrite to replace it, "
+                             "or choose another path")
+        resolved, cwd = out.resolve(), Path.cwd().resolve()
+        if resolved == cwd or resolved in cwd.parents or resolved == Path.home().resolve():
+            raise InputError(f"{flag} {out}: --overwrite would delete the current, a parent or the home "
+                             "folder; choose a folder of its own")
+    _check_writable_parent(out, flag)
+    return out
+
+
+def _check_writable_parent(out: Path, flag: str) -> None:
+    # The nearest existing ancestor decides: atomic_dir creates missing parents (mkdir -p).
+    ancestor = out.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise InputError(f"{flag} {out}: {ancestor} is not a folder")
+    # A real probe, not os.access: root passes os.access on read-only special filesystems such as /proc.
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".cg4ctr-probe-", dir=ancestor))
+    except OSError as exc:
+        raise InputError(f"{flag} {out}: cannot create folders in {ancestor} ({exc.strerror or exc})") from None
 
 
 def _fsync_dir(directory: str | os.PathLike[str]) -> None:

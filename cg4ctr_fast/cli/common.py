@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from cg4ctr_fast.errors import InputError
+from cg4ctr_fast.fileio import check_out_dir  # noqa: F401  (moved to fileio; re-exported for the commands)
 
 EXIT_OK = 0
 EXIT_INTERNAL = 1
@@ -114,40 +115,19 @@ def add_overwrite(parser: argparse.ArgumentParser, what: str = "--out") -> None:
 
 def quiet_libraries() -> None:
     """Keep library log lines and progress bars off stderr; our own bars and one-line errors are the output."""
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    # "critical", not "error": diffusers logs a failed LoRA load at ERROR (a 3-line size-mismatch dump)
+    # before raising the exception we turn into one line.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "critical")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "critical")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     # Our own bars cover the long steps; transformers' per-file load/save bars would interleave with them.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     for name in _LIBRARY_LOGGERS:
-        logging.getLogger(name).setLevel(logging.ERROR)
+        logging.getLogger(name).setLevel(logging.CRITICAL)
     # Deprecation and user warnings raised inside libraries are about their code, not the user's input.
     for module in ("diffusers", "transformers", "huggingface_hub", "torch", "onnx", "onnxruntime", "peft"):
         warnings.filterwarnings("ignore", module=module)
-
-
-def check_out_dir(path: str | os.PathLike[str], *, overwrite: bool = False, flag: str = "--out") -> Path:
-    """Check an output folder before any work.
-
-    Refused (InputError) when it is a file, when its parent cannot be created or written, or when it exists
-    and is not empty and `overwrite` is False. With `overwrite` the caller replaces it atomically
-    (`cg4ctr_fast.fileio.atomic_dir`) once the work is done.
-    """
-    out = Path(path)
-    if out.exists() and not out.is_dir():
-        raise InputError(f"{flag} {out}: exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            raise InputError(f"{flag} {out}: folder exists and is not empty; pass --overwrite to replace it, "
-                             "or choose another path")
-        # Replacing deletes the old folder: never the working folder, one above it, or the home folder.
-        resolved, cwd = out.resolve(), Path.cwd().resolve()
-        if resolved == cwd or resolved in cwd.parents or resolved == Path.home().resolve():
-            raise InputError(f"{flag} {out}: --overwrite would delete the current, a parent or the home "
-                             "folder; choose a folder of its own")
-    _check_writable_parent(out, flag)
-    return out
 
 
 def check_out_file(path: str | os.PathLike[str], *, flag: str, overwrite: Optional[bool] = None) -> Path:
@@ -173,20 +153,6 @@ def check_out_file(path: str | os.PathLike[str], *, flag: str, overwrite: Option
     except OSError as exc:
         raise InputError(f"{flag} {out}: cannot write files in {parent} ({exc.strerror or exc})") from None
     return out
-
-
-def _check_writable_parent(out: Path, flag: str) -> None:
-    # The nearest existing ancestor decides: atomic_dir creates missing parents (mkdir -p).
-    ancestor = out.parent
-    while not ancestor.exists() and ancestor != ancestor.parent:
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise InputError(f"{flag} {out}: {ancestor} is not a folder")
-    # A real probe, not os.access: root passes os.access on read-only special filesystems such as /proc.
-    try:
-        os.rmdir(tempfile.mkdtemp(prefix=".cg4ctr-probe-", dir=ancestor))
-    except OSError as exc:
-        raise InputError(f"{flag} {out}: cannot create folders in {ancestor} ({exc.strerror or exc})") from None
 
 
 def _write_traceback(prog: str) -> Optional[Path]:

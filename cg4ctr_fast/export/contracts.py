@@ -44,7 +44,20 @@ EXPORTABLE = (*COMPONENTS, *REWARD_COMPONENTS)
 PRECISIONS = {"fp32": "float32", "fp16": "float16"}
 NUMPY_DTYPES = ("float32", "float16", "int64")
 SEQ_LEN = 77  # CLIP's context length: every SD1.x tokenizer pads to it
-SALIENCY_SIDE = 320  # U²-Net-p's official input side (predict_saliency resizes to it)
+# U²-Net-p's official input side: the default for weights that record no size of their own (the official
+# u2netp.pth). A net that records one (`cg4ctr-train saliency` trains at 64 px) is exported at its own size.
+SALIENCY_SIDE = 320
+
+
+def saliency_sides(size: int) -> tuple[int, int, int]:
+    """The saliency profile's image side MIN:OPT:MAX in pixels for a net that runs at `size` px.
+
+    OPT is the net's own size, the one the pipeline runs it at. MIN = size // 5 and MAX = 2 × size leave room
+    for an explicit `saliency_size` override without a re-export (for the official 320: 64..640, the range
+    exported before sizes were recorded). U²-Net-p pools with ceil_mode, so any side ≥ 1 runs."""
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise InputError(f"saliency size must be a positive integer, got {size!r}")
+    return max(1, size // 5), size, 2 * size
 
 
 @dataclass(frozen=True)
@@ -420,9 +433,11 @@ def build_contracts(
     settings: ExportSettings,
     components: Iterable[str] = COMPONENTS,
     reward: Optional[RewardDims] = None,
+    saliency_size: int = SALIENCY_SIDE,
 ) -> dict[str, ComponentContract]:
     """Every requested component's contract, its profile derived from the stack (and the reward model's sizes)
-    and the settings."""
+    and the settings. `saliency_size`: the side in pixels the saliency net runs at (its config's `size`), the
+    opt of the saliency profile (see `saliency_sides`)."""
     precision = settings.precision
     float_dtype = PRECISIONS[precision]
     scale = stack.vae_scale_factor
@@ -515,6 +530,7 @@ def build_contracts(
                 extremes=latent_extremes,
             )
         elif name == "saliency":
+            sal_lo, sal_opt, sal_hi = saliency_sides(saliency_size)
             contracts[name] = ComponentContract(
                 name=name,
                 precision=precision,
@@ -522,8 +538,8 @@ def build_contracts(
                 outputs=(TensorSpec("saliency", float_dtype, ("batch", 1, "height", "width")),),
                 dims=(
                     Dim("batch", 1, 1, hi),
-                    Dim("height", 64, SALIENCY_SIDE, 2 * SALIENCY_SIDE),
-                    Dim("width", 64, SALIENCY_SIDE, 2 * SALIENCY_SIDE),
+                    Dim("height", sal_lo, sal_opt, sal_hi),
+                    Dim("width", sal_lo, sal_opt, sal_hi),
                 ),
                 tolerance=TOLERANCES[name][precision],
             )

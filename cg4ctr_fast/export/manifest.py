@@ -4,7 +4,8 @@
 check the format and its version, then every file's size and sha256 against the manifest, and refuse with one
 line that says what to do. Pure Python: nothing here imports torch, onnx or tensorrt.
 
-Every file the folder holds is listed: the components' graphs (and external data) under "components", and
+Every file the folder holds is listed: the components' graphs (and external data, and the saliency net's
+config.json, SALIENCY_CONFIG) under "components", and
 everything else the runtime reads (tokenizer/, scheduler/, model_info.json, reward/, validation.json) under
 "files". A file the manifest does not list is refused too: an added tokenizer/added_tokens.json would change
 tokenisation as surely as an edited vocab.json.
@@ -42,6 +43,10 @@ LIBRARIES = ("torch", "diffusers", "transformers", "peft", "onnx", "onnxruntime"
 REEXPORT = "re-export with `cg4ctr-export onnx`"
 REWARD_DIR = "reward"  # the reward model's config.json and vocab.json, beside reward_image/ and reward_head/
 LOAD_HASH_BYTES = 256 << 20  # at load, files over this are size-checked only (see the module docstring)
+# The saliency net's own config beside its graph: {"architecture", "size" (px), "threshold", "dilate_px"}, the
+# format `cg4ctr-train saliency` writes (models/saliency.py). Listed with the saliency component's files, so it
+# is hashed like the graph; the runtimes run the graph at this size and threshold.
+SALIENCY_CONFIG = "saliency/config.json"
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:

@@ -3,9 +3,14 @@
 Layout (like optimum's), everything the pipeline needs to run from the folder alone:
 
     DIR/text_encoder/model.onnx   DIR/unet/model.onnx (+ model.onnx.data when over 2 GB)
-    DIR/vae_encoder/model.onnx    DIR/vae_decoder/model.onnx    DIR/saliency/model.onnx (with --saliency)
+    DIR/vae_encoder/model.onnx    DIR/vae_decoder/model.onnx    DIR/saliency/{model.onnx,config.json} (--saliency)
     DIR/reward_image/model.onnx   DIR/reward_head/model.onnx    DIR/reward/{config,vocab}.json (with --reward)
     DIR/tokenizer/  DIR/scheduler/  DIR/model_info.json  DIR/validation.json  DIR/manifest.json (written last)
+
+The saliency net is exported at its own size: the side its config records (a `cg4ctr-train saliency` folder's
+config.json or the safetensors metadata; 320 px for the official u2netp.pth) is the profile's opt, and
+saliency/config.json carries that size and its threshold to the runtimes, which run the graph with them as the
+torch path runs the net (`load_saliency`).
 
 The manifest lists every one of these files with its size and sha256 (export/manifest.py), and records the
 source by content: the model folder's `folder_sha256`, the LoRA's file hash and scale, the saliency and reward
@@ -41,9 +46,11 @@ import torch
 
 from cg4ctr_fast.errors import InputError
 from cg4ctr_fast.export import manifest as mf
+from cg4ctr_fast.fileio import check_out_dir
 from cg4ctr_fast.export.contracts import (
     COMPONENTS,
     REWARD_COMPONENTS,
+    SALIENCY_SIDE,
     ComponentContract,
     ExportSettings,
     RewardDims,
@@ -106,9 +113,10 @@ def check_request(req: ExportRequest) -> tuple[Any, ExportSettings, tuple[str, .
         *(REWARD_COMPONENTS if req.reward else ()),
     )
     if "saliency" in components and not req.saliency:
-        raise InputError("component 'saliency' needs --saliency WEIGHTS (a U2NetP .pth or .safetensors)")
-    if req.saliency and not Path(req.saliency).is_file():
-        raise InputError(f"saliency checkpoint {req.saliency}: no such file")
+        raise InputError("component 'saliency' needs --saliency WEIGHTS (a U2NetP .pth or .safetensors, or a "
+                         "`cg4ctr-train saliency` folder)")
+    if req.saliency and not Path(req.saliency).exists():
+        raise InputError(f"saliency checkpoint {req.saliency}: no such file or folder")
     for name in components:
         if name in REWARD_COMPONENTS and not req.reward:
             raise InputError(f"component {name!r} needs --reward DIR (a folder written by RewardModel.save)")
@@ -117,8 +125,6 @@ def check_request(req: ExportRequest) -> tuple[Any, ExportSettings, tuple[str, .
     if req.lora is not None:
         resolve_lora(req.lora)
         check_scale(req.lora_scale)
-    from cg4ctr_fast.cli.common import check_out_dir
-
     check_out_dir(req.out, overwrite=req.overwrite)  # the one --out rule of every command
     return preset, settings, components
 
@@ -133,6 +139,19 @@ def check_reward_folder(path: str) -> None:
     missing = [name for name in (WEIGHTS_FILE, CONFIG_FILE, VOCAB_FILE) if not (root / name).is_file()]
     if missing:
         raise InputError(f"reward model {root}: not a RewardModel folder ({', '.join(missing)} missing)")
+
+
+def saliency_sha256(path: str | Path) -> str:
+    """Content hash of saliency weights: the file's sha256, or for a `cg4ctr-train saliency` folder (weights +
+    config.json, whose size and threshold change the mask) `folder_sha256`, as `cg4ctr generate` records it."""
+    return mf.folder_sha256(path) if Path(path).is_dir() else mf.sha256_file(path)
+
+
+def saliency_config_dict(config) -> dict[str, Any]:
+    """A SaliencyConfig as saliency/config.json holds it: the format `cg4ctr-train saliency` writes, so
+    `load_saliency` reads it too. size: input side in px (int ≥ 1); threshold: in [0, 1]; dilate_px: int ≥ 0."""
+    return {"architecture": "u2netp", "size": int(config.size), "threshold": float(config.threshold),
+            "dilate_px": int(config.dilate_px)}
 
 
 def reward_fingerprint(path: str | Path) -> dict[str, str]:
@@ -157,7 +176,7 @@ def export_onnx(req: ExportRequest, *, log: Callable[[str], None] = _log) -> dic
     from cg4ctr_fast.export.modules import export_module
     from cg4ctr_fast.export.validate import compare, open_session, reference_cases, table
     from cg4ctr_fast.fileio import atomic_dir
-    from cg4ctr_fast.runtime.torch_backend import model_info
+    from cg4ctr_fast.models.diffusion import model_info
 
     preset, settings, components = check_request(req)
     started = time.perf_counter()
@@ -171,8 +190,8 @@ def export_onnx(req: ExportRequest, *, log: Callable[[str], None] = _log) -> dic
     if "saliency" in components:
         from cg4ctr_fast.models.saliency import load_saliency
 
-        saliency_net = load_saliency(req.saliency)
-        saliency_sha = mf.sha256_file(req.saliency)
+        saliency_net = load_saliency(req.saliency)  # its config: the size it runs at, its threshold
+        saliency_sha = saliency_sha256(req.saliency)
     reward_model = None
     reward_files = None
     if any(name in REWARD_COMPONENTS for name in components):
@@ -184,7 +203,8 @@ def export_onnx(req: ExportRequest, *, log: Callable[[str], None] = _log) -> dic
     stack = StackDims.from_modules(modules)
     heights, widths = image_sides(stack, settings)
     reward_dims = RewardDims.from_config(reward_model.config) if reward_model is not None else None
-    contracts = build_contracts(stack, settings, components, reward=reward_dims)
+    saliency_size = int(saliency_net.config.size) if saliency_net is not None else SALIENCY_SIDE
+    contracts = build_contracts(stack, settings, components, reward=reward_dims, saliency_size=saliency_size)
     info = model_info(modules)
     if lora is not None:
         info = type(info)(**{**asdict(info), "model_id": f"{info.model_id}+lora:{lora['id'][:16]}"})
@@ -234,6 +254,12 @@ def export_onnx(req: ExportRequest, *, log: Callable[[str], None] = _log) -> dic
                 "profile": contract.profile_dict(),
                 "contract": contract.to_dict(),
             }
+            if name == "saliency":
+                # The size and threshold the torch path runs this net with, hashed with its graph.
+                config = saliency_config_dict(saliency_net.config)
+                mf.write_json(tmp / mf.SALIENCY_CONFIG, config)
+                entries[name]["files"].append(mf.file_record(tmp, mf.SALIENCY_CONFIG))
+                entries[name]["config"] = config
         print(table(report), flush=True)
         if not report["ok"]:
             bad = [n for n, r in report["components"].items() if not r["ok"]]

@@ -292,13 +292,15 @@ def build_engines(
             report["ok"] = report["ok"] and record["ok"]
             (tmp / name).mkdir()
             (tmp / name / PLAN_NAME).write_bytes(plan)
+            side_files = _copy_side_files(onnx_root, tmp, source)
             fields = cache_key_fields(
                 tensorrt_version=version, compute_capability=capability, onnx_sha256=source["sha256"],
                 lora_id=lora_id if name in LORA_COMPONENTS else None, contract=contract, refittable=refittable,
             )
             entries[name] = {
                 "file": f"{name}/{PLAN_NAME}",
-                "files": [mf.file_record(tmp, f"{name}/{PLAN_NAME}")],
+                "files": [mf.file_record(tmp, f"{name}/{PLAN_NAME}"), *side_files],
+                **({"config": source["config"]} if "config" in source else {}),
                 "cache_key": cache_key(fields),
                 "key_fields": fields,
                 "io_dtypes": dtypes,
@@ -317,6 +319,15 @@ def build_engines(
     if cache_file is not None:
         atomic_write_bytes(cache_file, cache_bytes)
     return manifest
+
+
+def _copy_side_files(onnx_root: Path, tmp: Path, source: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """A component's files other than its graph (the saliency net's config.json: the size and threshold the
+    runtime runs it with), copied beside the engine; their records for the engine manifest."""
+    if mf.SALIENCY_CONFIG not in {f["path"] for f in source.get("files", [])}:
+        return []
+    shutil.copy2(onnx_root / mf.SALIENCY_CONFIG, tmp / mf.SALIENCY_CONFIG)
+    return [mf.file_record(tmp, mf.SALIENCY_CONFIG)]
 
 
 def _copy_runtime_files(onnx_root: Path, tmp: Path) -> None:

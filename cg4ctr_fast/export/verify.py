@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -39,7 +40,13 @@ def verify_folder(
 
     from cg4ctr_fast.export.lora import fuse_lora, lora_record
     from cg4ctr_fast.export.modules import export_module
-    from cg4ctr_fast.export.onnx_export import check_reward_folder, reward_fingerprint, reward_module
+    from cg4ctr_fast.export.onnx_export import (
+        check_reward_folder,
+        reward_fingerprint,
+        reward_module,
+        saliency_config_dict,
+        saliency_sha256,
+    )
     from cg4ctr_fast.export.validate import ValidationFailed, compare, open_session, reference_cases, table
 
     root = Path(folder)
@@ -67,9 +74,16 @@ def verify_folder(
         from cg4ctr_fast.models.saliency import load_saliency
 
         sal_path = _found(saliency, source.get("saliency"), "saliency weights", "--saliency FILE")
-        if mf.sha256_file(sal_path) != source.get("saliency_sha256"):
+        if saliency_sha256(sal_path) != source.get("saliency_sha256"):
             raise InputError(f"saliency weights {sal_path} differ from the ones this folder was exported with (sha256)")
         saliency_net = load_saliency(sal_path)
+        # The size and threshold the runtimes use must be the weights' own (the file's hash is checked above).
+        expected = saliency_config_dict(saliency_net.config)
+        config_file = root / mf.SALIENCY_CONFIG
+        recorded = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else None
+        if recorded != expected:
+            raise InputError(f"{config_file}: {recorded or 'missing'}, but the saliency weights it was exported "
+                             f"from run with {expected}: {mf.REEXPORT}")
     reward_model = None
     if any(name in REWARD_COMPONENTS for name in manifest["components"]):
         from cg4ctr_fast.models.reward import RewardModel

@@ -39,6 +39,39 @@ class DiffusionModules:
     model_id: str
 
 
+@dataclass(frozen=True)
+class ModelInfo:
+    """Facts about the stack that the loop needs, whatever backend runs it (`Components.info`).
+
+    Read from the modules' configs by `model_info`; an engine folder stores it as model_info.json.
+    """
+
+    unet_in_channels: int  # 9: inpainting UNet; 4: masked latent blending
+    latent_channels: int
+    vae_scale_factor: int  # image pixels per latent pixel along a side (8 for SD)
+    scaling_factor: float  # latents = scaling_factor × VAE posterior sample (0.18215 for SD1.x)
+    sample_size: int  # UNet latent side the model was trained at
+    model_id: str
+
+    @property
+    def resolution(self) -> int:
+        """The image side in pixels the model was trained at: sample_size × vae_scale_factor."""
+        return self.sample_size * self.vae_scale_factor
+
+
+def model_info(modules: DiffusionModules) -> ModelInfo:
+    """The `ModelInfo` of loaded modules, read from their diffusers configs (no weights touched)."""
+    vae_config = modules.vae.config
+    return ModelInfo(
+        unet_in_channels=int(modules.unet.config.in_channels),
+        latent_channels=int(vae_config.latent_channels),
+        vae_scale_factor=2 ** (len(vae_config.block_out_channels) - 1),
+        scaling_factor=float(vae_config.scaling_factor),
+        sample_size=int(modules.unet.config.sample_size),
+        model_id=modules.model_id,
+    )
+
+
 def build_modules(preset: Preset, *, seed: int = 0, dtype: torch.dtype = torch.float32) -> DiffusionModules:
     """Build the preset's architecture with seeded random weights (tests, latency work)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -256,8 +289,9 @@ def folder_scheduler(folder: ModelFolder):
 def max_inference_steps(scheduler) -> int:
     """The most denoising steps `scheduler` supports: every timestep must fall within the trained ones.
 
-    That is `num_train_timesteps` (1000 for SD) for most samplers, one less for DDIM/PNDM with
-    `steps_offset` 1 (their last timestep would be 1000, past the trained range [0, 999]).
+    That is `num_train_timesteps` (1000 for SD) for Euler, one less for DDIM/PNDM with `steps_offset` 1
+    (their first timestep would be 1000, past the trained range [0, 999]) and for DPM++/UniPC (at 1000 they
+    repeat a timestep).
     """
     train = int(scheduler.config.num_train_timesteps)
     if _steps_fit(scheduler, train):
@@ -276,7 +310,11 @@ def _steps_fit(scheduler, steps: int) -> bool:
     except (ValueError, IndexError):
         return False
     timesteps = trial.timesteps
-    return len(timesteps) > 0 and float(timesteps.max()) < trial.config.num_train_timesteps and float(timesteps.min()) >= 0
+    if len(timesteps) == 0 or float(timesteps.max()) >= trial.config.num_train_timesteps or float(timesteps.min()) < 0:
+        return False
+    # DPM++ and UniPC at 1000 of 1000 steps repeat a timestep (999 distinct): the repeated step has a zero
+    # step size and the output turns NaN. PNDM repeats one on purpose (PLMS warm-up) but has `steps` distinct.
+    return len(torch.unique(timesteps)) >= steps
 
 
 def check_steps(scheduler, steps: int, strength: float = 1.0, *, flag: str = "num_inference_steps") -> None:

@@ -152,11 +152,20 @@ class OrtVaeDecoderSlot:
 
 
 class OrtSaliency(torch.nn.Module):
-    """The exported U2NetP behind the interface predict_saliency uses: model(batch) → [B, 1, H, W] in [0, 1]."""
+    """The exported U2NetP behind the interface predict_saliency uses: model(batch) → [B, 1, H, W] in [0, 1].
 
-    def __init__(self, component: OrtComponent):
+    `config` (SaliencyConfig: input side in px, threshold, dilation) is the net's own, read from the folder's
+    saliency/config.json (`read_saliency_config`): the pipeline runs the graph at that size and threshold, as
+    the torch path runs the net from its weights (`load_saliency`). Any engine part with `run(**inputs)`, a
+    contract and a device serves (ONNX Runtime or TensorRT).
+    """
+
+    def __init__(self, component, config=None):
         super().__init__()
+        from cg4ctr_fast.models.saliency import SaliencyConfig
+
         self.component = component
+        self.config = config if config is not None else SaliencyConfig()
         # predict_saliency reads device and dtype from the first parameter: an empty anchor carries them.
         dtype = _TORCH_DTYPES[component.contract.inputs[0].dtype]
         self.anchor = torch.nn.Parameter(torch.empty(0, dtype=dtype, device=component.device), requires_grad=False)
@@ -246,18 +255,48 @@ def engine_components(root: Path, parts: dict[str, Any], *, backend: str, device
     )
 
 
+def read_saliency_config(root: Path, manifest: dict[str, Any]):
+    """The exported saliency net's SaliencyConfig (input side in px, threshold, dilation) from saliency/config.json.
+
+    The file must be listed with the saliency component (so the manifest hashes it; callers check the files
+    first) and its size must lie in the graph's profile. InputError (one line) otherwise: a folder exported
+    before the size was recorded ran every net at 320 px whatever it was trained at, so it is refused: re-export.
+    """
+    from cg4ctr_fast.models.saliency import SaliencyConfig
+
+    path = root / mf.SALIENCY_CONFIG
+    listed = {f["path"] for f in manifest["components"]["saliency"].get("files", [])}
+    if mf.SALIENCY_CONFIG not in listed or not path.is_file():
+        raise InputError(f"{root}: the saliency component has no {mf.SALIENCY_CONFIG} (the net's input size and "
+                         f"threshold): {mf.REEXPORT} --saliency WEIGHTS")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        config = SaliencyConfig(**{k: raw[k] for k in ("size", "threshold", "dilate_px") if k in raw})
+        if "size" not in raw:
+            raise ValueError("no size")
+    except (OSError, UnicodeDecodeError, ValueError, TypeError) as exc:  # InputError is a ValueError
+        raise InputError(f"{path}: unreadable saliency config ({' '.join(str(exc).split())[:200]}): {mf.REEXPORT}") from None
+    height = mf.contract_of(manifest, "saliency").dim("height")
+    if not height.min <= config.size <= height.max:
+        raise InputError(f"{path}: size {config.size} is outside the graph's profile {height.min}..{height.max}: "
+                         f"{mf.REEXPORT}")
+    return config
+
+
 def onnxruntime_saliency(folder: str | Path, *, providers: Optional[Sequence[str]] = None) -> Optional[OrtSaliency]:
-    """The folder's exported saliency net, or None when it was exported without one."""
+    """The folder's exported saliency net with its own config (size, threshold), or None when it was exported
+    without one. InputError (one line) for a changed file or a missing/bad saliency/config.json."""
     root = Path(folder)
     manifest = mf.read_manifest(root)
     if "saliency" not in manifest["components"]:
         return None
     mf.check_files(root, manifest, ["saliency"], hash_limit=mf.LOAD_HASH_BYTES)
+    config = read_saliency_config(root, manifest)
     chosen = available_providers(providers)
     component = OrtComponent(
         root / manifest["components"]["saliency"]["file"], mf.contract_of(manifest, "saliency"), chosen, _device_for(chosen)
     )
-    return OrtSaliency(component).eval()
+    return OrtSaliency(component, config).eval()
 
 
 class OrtRewardEngine:

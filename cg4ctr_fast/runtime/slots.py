@@ -10,23 +10,10 @@ from typing import Any, Callable, Optional
 
 import torch
 
+# ModelInfo describes the model, not a backend: models/diffusion.py owns it (export writes it too).
+from cg4ctr_fast.models.diffusion import ModelInfo
+
 Tensor = torch.Tensor
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """Facts about the stack that the loop needs, whatever backend runs it."""
-
-    unet_in_channels: int  # 9: inpainting UNet; 4: masked latent blending
-    latent_channels: int
-    vae_scale_factor: int
-    scaling_factor: float
-    sample_size: int  # UNet latent side the model was trained at
-    model_id: str
-
-    @property
-    def resolution(self) -> int:
-        return self.sample_size * self.vae_scale_factor
 
 
 @dataclass

@@ -50,15 +50,17 @@ def tensorrt_components(folder: str | Path, *, scheduler: Optional[str] = None) 
 
 
 def tensorrt_saliency(folder: str | Path):
-    """The folder's saliency engine behind predict_saliency's interface, or None."""
+    """The folder's saliency engine behind predict_saliency's interface, with the net's own config (size,
+    threshold, from saliency/config.json, copied from the ONNX folder and hashed by the manifest), or None."""
     from cg4ctr_fast.export.tensorrt_build import load_engine_manifest
-    from cg4ctr_fast.runtime.onnxruntime_backend import OrtSaliency
+    from cg4ctr_fast.runtime.onnxruntime_backend import OrtSaliency, read_saliency_config
 
     root = Path(folder)
-    manifest = load_engine_manifest(root)
+    manifest = load_engine_manifest(root)  # every file checked, saliency/config.json included
     if "saliency" not in manifest["components"]:
         return None
-    return OrtSaliency(_components(root, manifest, ["saliency"])["saliency"]).eval()
+    config = read_saliency_config(root, manifest)
+    return OrtSaliency(_components(root, manifest, ["saliency"])["saliency"], config).eval()
 
 
 def tensorrt_reward(folder: str | Path):

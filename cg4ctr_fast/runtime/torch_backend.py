@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from cg4ctr_fast.models.diffusion import DiffusionModules
-from cg4ctr_fast.runtime.slots import Components, ModelInfo
+from cg4ctr_fast.models.diffusion import DiffusionModules, model_info
+from cg4ctr_fast.runtime.slots import Components
 
 
 class TextEncoderSlot:
@@ -65,18 +65,6 @@ class VaeDecoderSlot:
             return self.module.decode(latents.float(), return_dict=False)[0]
         finally:
             self.module.to(dtype=dtype)
-
-
-def model_info(modules: DiffusionModules) -> ModelInfo:
-    vae_config = modules.vae.config
-    return ModelInfo(
-        unet_in_channels=int(modules.unet.config.in_channels),
-        latent_channels=int(vae_config.latent_channels),
-        vae_scale_factor=2 ** (len(vae_config.block_out_channels) - 1),
-        scaling_factor=float(vae_config.scaling_factor),
-        sample_size=int(modules.unet.config.sample_size),
-        model_id=modules.model_id,
-    )
 
 
 def torch_components(
