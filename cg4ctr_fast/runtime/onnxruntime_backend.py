@@ -268,7 +268,7 @@ def read_saliency_config(root: Path, manifest: dict[str, Any]):
     listed = {f["path"] for f in manifest["components"]["saliency"].get("files", [])}
     if mf.SALIENCY_CONFIG not in listed or not path.is_file():
         raise InputError(f"{root}: the saliency component has no {mf.SALIENCY_CONFIG} (the net's input size and "
-                         f"threshold): {mf.REEXPORT} --saliency WEIGHTS")
+                         f"threshold): re-export with `cg4ctr-export onnx --saliency WEIGHTS`")
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
         config = SaliencyConfig(**{k: raw[k] for k in ("size", "threshold", "dilate_px") if k in raw})
