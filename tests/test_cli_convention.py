@@ -176,9 +176,12 @@ def test_scheduler_step_limits():
     ddim = make_scheduler(preset.scheduler, preset.scheduler_kwargs())  # "leading" spacing, steps_offset 1
     assert max_inference_steps(ddim) == 999
     euler = swap_scheduler(ddim, "euler")
-    assert max_inference_steps(euler) == 1000
+    assert max_inference_steps(euler) == 1000  # ran to the end without NaN (cg4ctr generate --scheduler euler)
     check_steps(euler, 1000)
-    for scheduler, steps in ((ddim, 1000), (euler, 1001)):
+    # At 1000 steps DPM++ and UniPC repeat a timestep; the zero-size step turned the image into NaN.
+    dpm, unipc = swap_scheduler(ddim, "dpm++"), swap_scheduler(ddim, "unipc")
+    assert max_inference_steps(dpm) == max_inference_steps(unipc) == 999
+    for scheduler, steps in ((ddim, 1000), (euler, 1001), (dpm, 1000), (unipc, 1000)):
         with pytest.raises(InputError, match=f"{steps} is more than"):
             check_steps(scheduler, steps)
     check_steps(ddim, 999, strength=1 / 999)
@@ -248,6 +251,38 @@ def test_a_successful_run_leaves_stderr_empty_and_a_failed_one_exactly_one_line(
         f"cg4ctr: error: {files}: not a supported model folder: missing unet/, vae/, text_encoder/"]
 
 
+@pytest.mark.parametrize("kind", ["shapes", "keys"])
+def test_a_lora_that_does_not_fit_is_exactly_one_line(capsys, files, tmp_path, kind):
+    """diffusers logged a 3-line size-mismatch dump at ERROR before our one-line refusal (in a subprocess: the
+    library's own log handler writes to the real stderr)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from cg4ctr_fast.config import get_preset
+    from cg4ctr_fast.models.diffusion import build_modules
+
+    unet = build_modules(get_preset("tiny")).unet
+    name = next(n for n, _ in unet.named_modules() if n.endswith("attn1.to_q"))
+    width = dict(unet.named_modules())[name].weight.shape[1]
+    lora = tmp_path / "lora.safetensors"
+    if kind == "shapes":
+        save_file({f"unet.{name}.lora_A.weight": torch.zeros(4, width + 3),
+                   f"unet.{name}.lora_B.weight": torch.zeros(width, 4)}, str(lora))
+    elif kind == "keys":
+        save_file({"unet.nowhere.to_q.lora_A.weight": torch.zeros(4, 8),
+                   "unet.nowhere.to_q.lora_B.weight": torch.zeros(8, 4)}, str(lora))
+    argv = _generate_args(files, "--prompt", "x", "--steps", "1", "--lora", str(lora), "--out", str(files / "out"))
+    if kind == "shapes":
+        result = _cli(CLIS["cg4ctr"], *argv)
+        code, lines = result.returncode, _err_lines(result)
+    else:
+        from cg4ctr_fast.cli.main import main
+
+        code, lines = main(argv), capsys.readouterr().err.splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith(f"cg4ctr: error: LoRA {lora}"), lines
+    assert not (files / "out").exists()
+
+
 # ------------------------------------------------------------------------------------------ --out
 def test_an_existing_out_needs_overwrite_and_is_then_replaced(capsys, files):
     from cg4ctr_fast.cli.main import main
@@ -313,9 +348,13 @@ def test_sheet_and_logs_follow_the_overwrite_rule(capsys, tmp_path):
     (["--images-per-prompt", "100000"], "over the 64 creatives"),
     (["--guidance", "1e308"], "--guidance must be a number from 0 to 100"),
     (["--preset", "toy", "--model", "x"], "--preset toy"),
+    (["--model", "x", "--unet-channels", "4"], "--unet-channels apply to built-in presets only"),
+    (["--model", "x", "--random-weights"], "--random-weights apply to built-in presets only"),
+    (["--scheduler", "dpm++", "--steps", "1000"], "at most 999"),
 ])
 def test_more_user_inputs_that_used_to_crash(capsys, files, flags, needle):
-    """--images-per-prompt 100000 was killed for memory; --guidance 1e308 ended in a NaN RuntimeError."""
+    """--images-per-prompt 100000 was killed for memory; --guidance 1e308 and DPM++ at 1000 steps ended in a NaN
+    RuntimeError; --model silently ignored --unet-channels and --random-weights."""
     from cg4ctr_fast.cli.main import main
 
     assert main(_generate_args(files, "--prompt", "x", "--out", str(files / "out"), *flags)) == 2

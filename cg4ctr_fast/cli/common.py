@@ -115,14 +115,16 @@ def add_overwrite(parser: argparse.ArgumentParser, what: str = "--out") -> None:
 
 def quiet_libraries() -> None:
     """Keep library log lines and progress bars off stderr; our own bars and one-line errors are the output."""
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    # "critical", not "error": diffusers logs a failed LoRA load at ERROR (a 3-line size-mismatch dump)
+    # before raising the exception we turn into one line.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "critical")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "critical")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     # Our own bars cover the long steps; transformers' per-file load/save bars would interleave with them.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     for name in _LIBRARY_LOGGERS:
-        logging.getLogger(name).setLevel(logging.ERROR)
+        logging.getLogger(name).setLevel(logging.CRITICAL)
     # Deprecation and user warnings raised inside libraries are about their code, not the user's input.
     for module in ("diffusers", "transformers", "huggingface_hub", "torch", "onnx", "onnxruntime", "peft"):
         warnings.filterwarnings("ignore", module=module)

@@ -304,7 +304,14 @@ def cmd_generate(args) -> int:
         args.model = str(generator)
         if saliency is None and args.mask is None:
             saliency = str(toy_saliency)  # the net's config.json there sets its input size and threshold
-    elif args.model is None and not args.random_weights and not preset.buildable:
+    elif args.model is not None:
+        # These build a preset's architecture in code; with a folder's weights they were silently ignored.
+        clashing = [flag for flag, value in (("--random-weights", args.random_weights),
+                                             ("--unet-channels", args.unet_channels)) if value]
+        if clashing:
+            raise InputError(f"--model loads a folder's own architecture and weights; {', '.join(clashing)} apply "
+                             "to built-in presets only")
+    elif not args.random_weights and not preset.buildable:
         raise InputError(f"preset {preset.name!r} needs --model PATH (a local diffusers folder) or --random-weights")
     steps = args.steps or preset.default_steps
     guidance = preset.default_guidance if args.guidance is None else args.guidance

@@ -289,8 +289,9 @@ def folder_scheduler(folder: ModelFolder):
 def max_inference_steps(scheduler) -> int:
     """The most denoising steps `scheduler` supports: every timestep must fall within the trained ones.
 
-    That is `num_train_timesteps` (1000 for SD) for most samplers, one less for DDIM/PNDM with
-    `steps_offset` 1 (their last timestep would be 1000, past the trained range [0, 999]).
+    That is `num_train_timesteps` (1000 for SD) for Euler, one less for DDIM/PNDM with `steps_offset` 1
+    (their first timestep would be 1000, past the trained range [0, 999]) and for DPM++/UniPC (at 1000 they
+    repeat a timestep).
     """
     train = int(scheduler.config.num_train_timesteps)
     if _steps_fit(scheduler, train):
@@ -309,7 +310,11 @@ def _steps_fit(scheduler, steps: int) -> bool:
     except (ValueError, IndexError):
         return False
     timesteps = trial.timesteps
-    return len(timesteps) > 0 and float(timesteps.max()) < trial.config.num_train_timesteps and float(timesteps.min()) >= 0
+    if len(timesteps) == 0 or float(timesteps.max()) >= trial.config.num_train_timesteps or float(timesteps.min()) < 0:
+        return False
+    # DPM++ and UniPC at 1000 of 1000 steps repeat a timestep (999 distinct): the repeated step has a zero
+    # step size and the output turns NaN. PNDM repeats one on purpose (PLMS warm-up) but has `steps` distinct.
+    return len(torch.unique(timesteps)) >= steps
 
 
 def check_steps(scheduler, steps: int, strength: float = 1.0, *, flag: str = "num_inference_steps") -> None:
