@@ -147,8 +147,11 @@ def test_changed_or_missing_saliency_config_is_refused(engines, trained, tmp_pat
     entry["files"] = [f for f in entry["files"] if f["path"] != mf.SALIENCY_CONFIG]
     entry.pop("config")
     (old / mf.MANIFEST).write_text(json.dumps(manifest))
+    old_pipe = CreativePipeline.from_engines(str(old))  # loads: a given mask needs no saliency net
+    image, mask = make_product(64, 64, seed=1)
+    assert np.array_equal(np.asarray(old_pipe.product_mask(image, mask)), np.asarray(mask))
     with pytest.raises(InputError, match="no saliency/config.json.*re-export") as excinfo:
-        CreativePipeline.from_engines(str(old))
+        old_pipe.product_mask(image)  # running its net is refused: it would run at 320 px whatever it learned
     assert "\n" not in str(excinfo.value)
     # With the torch weights named instead, the folder still runs, at the net's own size.
     folder, threshold = trained

@@ -158,19 +158,24 @@ class OrtSaliency(torch.nn.Module):
     saliency/config.json (`read_saliency_config`): the pipeline runs the graph at that size and threshold, as
     the torch path runs the net from its weights (`load_saliency`). Any engine part with `run(**inputs)`, a
     contract and a device serves (ONNX Runtime or TensorRT).
+    `refusal`: set when the folder records no config (exported before sizes were recorded): the folder still
+    loads, so masks given by the caller work, but running the net raises InputError with this one line.
     """
 
-    def __init__(self, component, config=None):
+    def __init__(self, component, config=None, refusal: Optional[str] = None):
         super().__init__()
         from cg4ctr_fast.models.saliency import SaliencyConfig
 
         self.component = component
         self.config = config if config is not None else SaliencyConfig()
+        self.refusal = refusal
         # predict_saliency reads device and dtype from the first parameter: an empty anchor carries them.
         dtype = _TORCH_DTYPES[component.contract.inputs[0].dtype]
         self.anchor = torch.nn.Parameter(torch.empty(0, dtype=dtype, device=component.device), requires_grad=False)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
+        if self.refusal:
+            raise InputError(self.refusal)
         return self.component.run(image=image)[0]
 
 
@@ -255,19 +260,31 @@ def engine_components(root: Path, parts: dict[str, Any], *, backend: str, device
     )
 
 
+class NoSaliencyConfig(InputError):
+    """The folder's saliency graph has no saliency/config.json: exported before the net's size was recorded."""
+
+
+def saliency_config_or_refusal(root: Path, manifest: dict[str, Any]):
+    """(SaliencyConfig, None), or (None, the one-line refusal) for a folder exported without the config."""
+    try:
+        return read_saliency_config(root, manifest), None
+    except NoSaliencyConfig as exc:
+        return None, str(exc)
+
+
 def read_saliency_config(root: Path, manifest: dict[str, Any]):
     """The exported saliency net's SaliencyConfig (input side in px, threshold, dilation) from saliency/config.json.
 
     The file must be listed with the saliency component (so the manifest hashes it; callers check the files
-    first) and its size must lie in the graph's profile. InputError (one line) otherwise: a folder exported
-    before the size was recorded ran every net at 320 px whatever it was trained at, so it is refused: re-export.
+    first) and its size must lie in the graph's profile. InputError (one line) otherwise; NoSaliencyConfig for a
+    folder exported before the size was recorded, which ran every net at 320 px whatever it was trained at.
     """
     from cg4ctr_fast.models.saliency import SaliencyConfig
 
     path = root / mf.SALIENCY_CONFIG
     listed = {f["path"] for f in manifest["components"]["saliency"].get("files", [])}
     if mf.SALIENCY_CONFIG not in listed or not path.is_file():
-        raise InputError(f"{root}: the saliency component has no {mf.SALIENCY_CONFIG} (the net's input size and "
+        raise NoSaliencyConfig(f"{root}: the saliency component has no {mf.SALIENCY_CONFIG} (the net's input size and "
                          f"threshold): re-export with `cg4ctr-export onnx --saliency WEIGHTS`")
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
@@ -285,18 +302,19 @@ def read_saliency_config(root: Path, manifest: dict[str, Any]):
 
 def onnxruntime_saliency(folder: str | Path, *, providers: Optional[Sequence[str]] = None) -> Optional[OrtSaliency]:
     """The folder's exported saliency net with its own config (size, threshold), or None when it was exported
-    without one. InputError (one line) for a changed file or a missing/bad saliency/config.json."""
+    without one. InputError (one line) for a changed file or a bad saliency/config.json; without one (an older
+    export) the net refuses to run (see OrtSaliency.refusal) while the folder still serves given masks."""
     root = Path(folder)
     manifest = mf.read_manifest(root)
     if "saliency" not in manifest["components"]:
         return None
     mf.check_files(root, manifest, ["saliency"], hash_limit=mf.LOAD_HASH_BYTES)
-    config = read_saliency_config(root, manifest)
+    config, refusal = saliency_config_or_refusal(root, manifest)
     chosen = available_providers(providers)
     component = OrtComponent(
         root / manifest["components"]["saliency"]["file"], mf.contract_of(manifest, "saliency"), chosen, _device_for(chosen)
     )
-    return OrtSaliency(component, config).eval()
+    return OrtSaliency(component, config, refusal).eval()
 
 
 class OrtRewardEngine:

@@ -53,14 +53,14 @@ def tensorrt_saliency(folder: str | Path):
     """The folder's saliency engine behind predict_saliency's interface, with the net's own config (size,
     threshold, from saliency/config.json, copied from the ONNX folder and hashed by the manifest), or None."""
     from cg4ctr_fast.export.tensorrt_build import load_engine_manifest
-    from cg4ctr_fast.runtime.onnxruntime_backend import OrtSaliency, read_saliency_config
+    from cg4ctr_fast.runtime.onnxruntime_backend import OrtSaliency, saliency_config_or_refusal
 
     root = Path(folder)
     manifest = load_engine_manifest(root)  # every file checked, saliency/config.json included
     if "saliency" not in manifest["components"]:
         return None
-    config = read_saliency_config(root, manifest)
-    return OrtSaliency(_components(root, manifest, ["saliency"])["saliency"], config).eval()
+    config, refusal = saliency_config_or_refusal(root, manifest)  # an older folder: the net refuses to run
+    return OrtSaliency(_components(root, manifest, ["saliency"])["saliency"], config, refusal).eval()
 
 
 def tensorrt_reward(folder: str | Path):
