@@ -314,6 +314,8 @@ def test_overwrite_never_replaces_the_working_or_home_folder(capsys, files, monk
     ["cg4ctr-sim", "logs", "--out", "{tmp}/file.txt/data"],
     ["cg4ctr-sim", "sheet", "--out", "{tmp}/file.txt/sheet.png"],
     ["cg4ctr", "demo", "--out", "{tmp}/file.txt/demo"],
+    ["cg4ctr-train", "cycle", "--config", "{tmp}/nope.toml", "--out", "{tmp}/file.txt/run"],
+    ["cg4ctr-train", "ablate", "--config", "{tmp}/nope.toml", "--out", "{tmp}/file.txt/run"],
 ])
 def test_output_paths_are_checked_before_any_work(capsys, tmp_path, argv):
     """A path below a file: refused, naming --out, before the (missing) data is read or anything trains."""

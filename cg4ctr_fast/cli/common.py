@@ -155,6 +155,21 @@ def check_out_file(path: str | os.PathLike[str], *, flag: str, overwrite: Option
     return out
 
 
+def check_run_dir(path: str | os.PathLike[str], *, flag: str = "--out") -> Path:
+    """Check a resumable run folder before any work: not a file, and writable (or creatable).
+
+    Whether an existing, non-empty one may be continued is the command's own rule (`cycle --resume`).
+    """
+    out = Path(path)
+    if not out.is_dir():
+        return check_out_dir(out, flag=flag)  # missing: its nearest existing ancestor must take a folder
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".cg4ctr-probe-", dir=out))
+    except OSError as exc:
+        raise InputError(f"{flag} {out}: cannot create folders in it ({exc.strerror or exc})") from None
+    return out
+
+
 def _write_traceback(prog: str) -> Optional[Path]:
     """Write the current exception's traceback to a log file; its path, or None when nothing can be written."""
     folder = Path(os.environ.get("CG4CTR_LOG_DIR") or Path(tempfile.gettempdir()) / "cg4ctr_fast")

@@ -24,6 +24,7 @@ from cg4ctr_fast.cli.common import (
     add_subcommand,
     add_subcommands,
     check_out_dir,
+    check_run_dir,
     make_parser,
     run_cli,
 )
@@ -213,6 +214,7 @@ def _run_cycle(args: argparse.Namespace) -> int:
     from cg4ctr_fast.training.cycle import main_log, run_cycles
     from cg4ctr_fast.training.cycle_config import load_cycle_config
 
+    check_run_dir(args.out)
     config = load_cycle_config(args.config)
     history = run_cycles(config, Path(args.out), resume=args.resume, progress=not args.quiet, log=main_log(args.quiet))
     last = history[-1]["eval"]
@@ -235,6 +237,7 @@ def _run_ablate(args: argparse.Namespace) -> int:
     from cg4ctr_fast.training.cycle import main_log
     from cg4ctr_fast.training.cycle_config import load_cycle_config
 
+    check_run_dir(args.out)
     config = load_cycle_config(args.config)
     command = f"cg4ctr-train ablate --config {args.config} --seeds {args.seeds} --out {args.out}"
     if args.jobs > 1:
