@@ -327,6 +327,22 @@ def test_output_paths_are_checked_before_any_work(capsys, tmp_path, argv):
     assert err.count("\n") == 1 and f"{prog}: error: --out" in err and "file.txt is not a folder" in err, err
 
 
+@pytest.mark.parametrize("command", ["prompt", "saliency"])
+def test_a_damaged_world_folder_is_one_line(capsys, tmp_path, command):
+    """A truncated items.parquet ended in pyarrow's ArrowInvalid traceback (exit 1)."""
+    from cg4ctr_fast.cli.sim import main as sim_main
+    from cg4ctr_fast.cli.train import main as train_main
+
+    data = tmp_path / "data"
+    assert sim_main(["logs", "--products", "1", "--creatives-per-product", "1", "--days", "1", "--quiet",
+                     "--out", str(data)]) == 0
+    (data / "items.parquet").write_bytes(b"garbage")
+    assert train_main([command, "--data", str(data), "--out", str(tmp_path / "model"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"cg4ctr-train: error: {data}: cannot read the dataset"), err
+    assert not (tmp_path / "model").exists()
+
+
 def test_sheet_and_logs_follow_the_overwrite_rule(capsys, tmp_path):
     from cg4ctr_fast.cli.sim import main
 

@@ -111,7 +111,12 @@ def _load_world_data(args):
     check_out_dir(args.out, overwrite=args.overwrite)
     if not (Path(args.data) / "world.json").is_file():
         raise InputError(f"{args.data}: not a synthetic-world folder (no world.json); write one with `cg4ctr-sim logs`")
-    return load_dataset(args.data)
+    try:
+        return load_dataset(args.data)
+    except InputError:
+        raise
+    except (OSError, ValueError) as exc:  # a damaged parquet file: pyarrow's ArrowInvalid is a ValueError
+        raise InputError(f"{args.data}: cannot read the dataset: {type(exc).__name__}: {exc}") from None
 
 
 def _positive(name: str, value: int) -> None:
