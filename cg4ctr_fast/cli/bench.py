@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--omp-wait", default="passive", choices=("passive", "active", "env"),
                    help="what torch's idle OpenMP threads do: passive = sleep, as ONNX Runtime's sessions here "
                         "do (allow_spinning 0), so an oversubscribed core does not punish one backend; active = "
-                        "spin; env = leave OMP_WAIT_POLICY as the environment has it (libgomp's default spins "
+                        "spin; env = leave OMP_WAIT_POLICY as the environment has it (libgomp on its own spins "
                         "≈300k iterations before sleeping). Applied only before torch is first imported")
     p.add_argument("--prompt-cache", default="cold", choices=("cold", "warm", "both"),
                    help="cold: our rows clear their prompt-embedding cache before every call and encode the "
