@@ -90,6 +90,8 @@ def _break(folder: Path, case: str) -> None:
         _edit_json(folder / "scheduler" / "scheduler_config.json", _class_name="UNet2DConditionModel")
     elif case == "bad_train_timesteps":
         _edit_json(folder / "scheduler" / "scheduler_config.json", num_train_timesteps="many")
+    elif case in ("beta_schedule", "timestep_spacing", "prediction_type"):
+        _edit_json(folder / "scheduler" / "scheduler_config.json", **{case: "foo"})
     elif case == "truncated_weights":
         weights = folder / "vae" / "diffusion_pytorch_model.safetensors"
         weights.write_bytes(weights.read_bytes()[:1000])
@@ -121,6 +123,10 @@ BROKEN = [
     ("unknown_scheduler", ["'FancyScheduler'", "not a diffusers scheduler"]),
     ("not_a_scheduler", ["'UNet2DConditionModel'", "not a diffusers scheduler"]),
     ("bad_train_timesteps", ["num_train_timesteps", "'many'"]),
+    # These three failed only inside the denoising loop (or as NotImplementedError), after the model loaded.
+    ("beta_schedule", ["scheduler_config.json", "does not accept this config", "foo"]),
+    ("timestep_spacing", ["scheduler_config.json", "cannot run with this config", "foo"]),
+    ("prediction_type", ["scheduler_config.json", "cannot run with this config", "foo"]),
     ("truncated_weights", ["cannot load model weights"]),
     ("weights_unlike_config", ["cannot load model weights"]),
     ("no_tokenizer_files", ["tokenizer/", "tokenizer.json"]),

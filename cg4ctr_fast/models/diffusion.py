@@ -115,10 +115,34 @@ def make_scheduler(name: str, config: dict[str, Any] | None = None):
         # SD checkpoints ship PNDM with PLMS only; the Runge-Kutta warm-up steps break strength < 1 indexing.
         config.setdefault("skip_prk_steps", True)
     try:
-        return cls.from_config(config)
+        scheduler = cls.from_config(config)
     except ImportError as exc:  # e.g. LMSDiscreteScheduler needs scipy
         reason = " ".join(str(exc).split())
         raise InputError(f"scheduler {class_name} is unavailable here: {reason}") from None
+    except (TypeError, ValueError, KeyError, NotImplementedError) as exc:  # e.g. beta_schedule "foo"
+        raise InputError(f"scheduler {class_name} does not accept this config: {_first_line(exc)}") from None
+    _trial_step(scheduler)
+    return scheduler
+
+
+def _trial_step(scheduler) -> None:
+    """Two timesteps and one step on zeros: a bad `timestep_spacing` or `prediction_type` fails here, in
+    milliseconds, instead of inside the denoising loop after the model loaded."""
+    trial = scheduler.__class__.from_config(scheduler.config)
+    sample = torch.zeros(1, 1, 2, 2)
+    # fork_rng: ancestral samplers draw noise in step(); the caller's RNG stream must not move.
+    try:
+        with torch.random.fork_rng(devices=[]):
+            trial.set_timesteps(2)
+            t = trial.timesteps[0]
+            trial.step(trial.scale_model_input(sample, t), t, sample)
+    except (TypeError, ValueError, KeyError, IndexError, NotImplementedError) as exc:
+        raise InputError(f"scheduler {type(scheduler).__name__} cannot run with this config: "
+                         f"{_first_line(exc)}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:300] or type(exc).__name__
 
 
 def swap_scheduler(scheduler, name: str):
@@ -279,11 +303,8 @@ def folder_scheduler(folder: ModelFolder):
     """The folder's scheduler, built from its validated config (InputError if the config does not build)."""
     try:
         return make_scheduler(folder.scheduler_class, folder.scheduler_config)
-    except InputError:
-        raise
-    except (TypeError, ValueError, KeyError) as exc:
-        raise InputError(f"{folder.root}: scheduler/scheduler_config.json does not build a "
-                         f"{folder.scheduler_class}: {' '.join(str(exc).split())}") from None
+    except InputError as exc:
+        raise InputError(f"{folder.root}: scheduler/scheduler_config.json: {exc}") from None
 
 
 def max_inference_steps(scheduler) -> int:
