@@ -283,6 +283,16 @@ def test_a_lora_that_does_not_fit_is_exactly_one_line(capsys, files, tmp_path, k
     assert not (files / "out").exists()
 
 
+def test_sim_and_train_print_only_their_own_lines(tmp_path):
+    data, model = tmp_path / "data", tmp_path / "prompt"
+    logs = _cli(CLIS["cg4ctr-sim"], "logs", "--products", "2", "--creatives-per-product", "2", "--days", "1",
+                "--quiet", "--out", str(data))
+    assert logs.returncode == 0 and logs.stderr == b"", logs.stderr.decode()
+    train = _cli(CLIS["cg4ctr-train"], "prompt", "--data", str(data), "--epochs", "1", "--quiet", "--out", str(model))
+    lines = _err_lines(train)
+    assert train.returncode == 0 and len(lines) == 1 and lines[0].startswith("prompt model: "), lines
+
+
 # ------------------------------------------------------------------------------------------ --out
 def test_an_existing_out_needs_overwrite_and_is_then_replaced(capsys, files):
     from cg4ctr_fast.cli.main import main
