@@ -379,6 +379,7 @@ def test_sheet_and_logs_follow_the_overwrite_rule(capsys, tmp_path):
     (["--model", "x", "--unet-channels", "4"], "--unet-channels apply to built-in presets only"),
     (["--model", "x", "--random-weights"], "--random-weights apply to built-in presets only"),
     (["--scheduler", "dpm++", "--steps", "1000"], "at most 999"),
+    (["--preset", "huge"], "unknown preset 'huge'; choose one of: sd15-inpaint, tiny, toy"),
 ])
 def test_more_user_inputs_that_used_to_crash(capsys, files, flags, needle):
     """--images-per-prompt 100000 was killed for memory; --guidance 1e308 and DPM++ at 1000 steps ended in a NaN

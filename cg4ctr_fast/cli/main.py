@@ -282,7 +282,11 @@ def cmd_generate(args) -> int:
 
     _check_inputs(args)
     # 1. Which weights: an engine folder, a model folder, the trained toy generator, or a preset in code.
+    from cg4ctr_fast.config import PRESETS
+
     toy = args.preset == "toy"
+    if not toy and args.preset not in PRESETS:
+        raise InputError(f"unknown preset {args.preset!r}; choose one of: {', '.join(sorted([*PRESETS, 'toy']))}")
     preset = get_preset("tiny" if toy else args.preset)  # the toy generator is the tiny stack, trained
     saliency = args.saliency
     manifest: dict = {}
