@@ -266,22 +266,6 @@ def _peak_mb(device: torch.device) -> dict[str, float]:
     return {"process_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
-def time_calls(fn: Callable[[], Any], *, runs: int, warmup: int, device: torch.device) -> list[float]:
-    """Seconds of `runs` calls of one function after `warmup` untimed ones (one variant alone: for
-    comparisons use `run_interleaved`)."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    seconds = []
-    for _ in range(runs):
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        seconds.append(time.perf_counter() - start)
-    return seconds
-
-
 @dataclass
 class Variant:
     """One thing to time: `call()` is one whole call; `prepare()` runs untimed just before each call."""

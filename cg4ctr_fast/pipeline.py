@@ -389,7 +389,8 @@ class CreativePipeline:
 
         A net trained by `cg4ctr-train saliency` records its training size (e.g. 64) in its folder's
         config.json and safetensors metadata; `load_saliency` puts it on `net.config`.  Nets without a
-        config (the official u2netp.pth, an ONNX engine) run at 320 px with threshold 0.5.
+        config (the official u2netp.pth) run at 320 px with threshold 0.5.  An engine folder carries its
+        net's config in `saliency/config.json`, so an exported net runs at the size it was trained at.
         """
         from cg4ctr_fast.models.saliency import SaliencyConfig
 
@@ -480,7 +481,9 @@ class CreativePipeline:
                 VAE-encoded with the first one); `Creative.seed` is then None.
             output_type: "pil" (default), "np", "pt" or "latent"; see `Creative.image` for shapes,
                 dtypes and ranges.  "np" and "pt" composite in float (no 8-bit rounding of the background),
-                "pil" in 8-bit integers (the two agree to within one 8-bit step).  "latent" skips the VAE
+                "pil" in 8-bit integers.  At the working size the two agree to within one 8-bit step;
+                when the working size differs from the input's, "pil" is resized back with Pillow's 8-bit
+                LANCZOS, which clips between its passes (up to 8/255 apart measured on the tiny preset).  "latent" skips the VAE
                 decode, the composite and the reward model.
             composite: paste the product back after decoding (default True): opaque product pixels are
                 copied bit for bit from the sRGB input, partially transparent ones (an RGBA cut-out's
@@ -533,9 +536,11 @@ class CreativePipeline:
         _check_call_args(prompts, num_inference_steps, guidance_scale, strength, num_images_per_prompt, output_type,
                          scheduler=comps.scheduler)
         scale = info.vae_scale_factor
+        # The latents are side // scale; the UNet halves them three times, hence 8 at the least.
+        multiple = max(8, scale)
         for side_name, side in (("height", height), ("width", width)):
-            if side is not None and (side <= 0 or side % 8):
-                raise InputError(f"{side_name} must be a positive multiple of 8, got {side}")
+            if side is not None and (side <= 0 or side % multiple):
+                raise InputError(f"{side_name} must be a positive multiple of {multiple}, got {side}")
         callback_inputs = _callback_tensor_names(callback_on_step_end, callback_on_step_end_tensor_inputs)
 
         # 1. product image and mask -------------------------------------------------------------

@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     onnx.add_argument("--model", help="local diffusers folder with the weights (recorded by its content hash)")
     onnx.add_argument("--random-weights", action="store_true", help="the preset's architecture with random weights")
     onnx.add_argument("--seed", type=int, default=0, help="weights seed for built-in presets / --random-weights")
-    onnx.add_argument("--saliency", help="U2NetP weights (.pth / .safetensors): exports the saliency component")
+    onnx.add_argument("--saliency", help="U2NetP weights (.pth / .safetensors, or a cg4ctr-train saliency folder): exports the saliency component")
     onnx.add_argument("--reward", metavar="DIR",
                       help="RewardModel folder (RewardModel.save): exports reward_image and reward_head")
     onnx.add_argument("--lora", help="LoRA to fuse: diffusers .safetensors, kohya .safetensors or a peft folder")
