@@ -24,6 +24,7 @@ def check_utf8(text: str, what: str) -> str:
             found = f"byte 0x{char - 0xDC00:02X}, which is not valid UTF-8,"
         else:
             found = f"the lone surrogate U+{char:04X}"
-        raise InputError(f"{what} holds {found} at character {exc.start + 1} ({text[:exc.start]!r}…); "
+        before = text[max(0, exc.start - 20):exc.start]  # enough to find the spot, short enough for one line
+        raise InputError(f"{what} holds {found} at character {exc.start + 1} (after {before!r}); "
                          "pass UTF-8 text (e.g. convert it with iconv -f latin1 -t utf-8)") from None
     return text

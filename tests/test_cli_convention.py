@@ -223,7 +223,7 @@ def test_prompt_with_bytes_that_are_not_utf8_is_refused_before_any_model_loads(f
     result = _cli(CLIS["cg4ctr"], *argv)
     lines = _err_lines(result)
     assert result.returncode == 2 and len(lines) == 1, lines
-    assert "--prompt holds byte 0xE9, which is not valid UTF-8, at character 4 ('caf'…)" in lines[0]
+    assert "--prompt holds byte 0xE9, which is not valid UTF-8, at character 4 (after 'caf')" in lines[0]
     assert not out.exists()
 
 
