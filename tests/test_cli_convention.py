@@ -309,6 +309,15 @@ def test_an_existing_out_needs_overwrite_and_is_then_replaced(capsys, files):
     assert sorted(p.name for p in files.iterdir()) == ["mask.png", "out", "product.png"]  # nothing half-written
 
 
+def test_overwrite_never_deletes_an_input(capsys, files):
+    from cg4ctr_fast.cli.main import main
+
+    argv = ["generate", "--image", str(files / "product.png"), "--mask", str(files / "mask.png"), "--prompt", "x",
+            "--quiet", "--out", str(files), "--overwrite"]
+    assert main(argv) == 2
+    assert "--image" in capsys.readouterr().err and (files / "product.png").is_file()
+
+
 def test_overwrite_never_replaces_the_working_or_home_folder(capsys, files, monkeypatch):
     from cg4ctr_fast.cli.main import main
 

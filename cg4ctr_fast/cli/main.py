@@ -151,6 +151,14 @@ def _check_inputs(args) -> None:
         raise InputError(f"--group is given {len(args.group)} times for {len(args.prompt)} --prompt; give one group "
                          "id per prompt, in prompt order")
     check_out_dir(args.out, overwrite=args.overwrite)
+    if args.overwrite and Path(args.out).is_dir():
+        # Replacing --out deletes it: an input inside it would be deleted with it.
+        out = Path(args.out).resolve()
+        for flag in ("image", "mask", "model", "saliency", "lora", "engines", "reward", "groups"):
+            value = getattr(args, flag, None)
+            if isinstance(value, str) and (out == Path(value).resolve() or out in Path(value).resolve().parents):
+                raise InputError(f"--{flag} {value} lies inside --out {args.out}, which --overwrite replaces; "
+                                 "choose another --out")
 
 
 def _toy_folders() -> tuple[Path, Path]:
