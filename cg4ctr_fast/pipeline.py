@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cg4ctr_fast.errors import InputError
+from cg4ctr_fast.errors import InputError, check_utf8
 from cg4ctr_fast.kernels.step import Blend, fused_unsupported_reason, make_step, supports_fused
 from cg4ctr_fast.runtime.slots import Components
 
@@ -760,8 +760,6 @@ class CreativePipeline:
 
 
 def _check_call_args(prompts, steps, guidance, strength, per_prompt, output_type, scheduler=None) -> None:
-    from cg4ctr_fast.errors import check_utf8
-
     if not prompts:
         raise InputError("no prompt: pass one prompt per user group")
     for p in prompts:
@@ -831,8 +829,8 @@ def _negative_prompts(negative_prompt, n: int) -> list[str]:
     if negative_prompt is None:
         return [""] * n
     if isinstance(negative_prompt, str):
-        return [negative_prompt] * n
-    negatives = list(negative_prompt)
+        return [check_utf8(negative_prompt, "negative prompt")] * n
+    negatives = [check_utf8(text, "negative prompt") for text in negative_prompt]
     if len(negatives) != n:
         raise InputError(f"got {len(negatives)} negative prompts for {n} prompts")
     return negatives

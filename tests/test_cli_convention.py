@@ -84,7 +84,8 @@ def test_every_command_has_version_debug_and_defaults_in_help(prog):
         assert "--debug" in options, f"{prog} {name}: no --debug"
         text = " ".join(parser.format_help().split())
         for action in parser._actions:
-            if not action.option_strings or action.default in (None, False, argparse.SUPPRESS):
+            # Identity, not `in`: a default of 0 (--seed) equals False and must show all the same.
+            if not action.option_strings or any(action.default is v for v in (None, False, argparse.SUPPRESS)):
                 continue
             if action.help == argparse.SUPPRESS:
                 continue
@@ -237,6 +238,10 @@ def test_pipeline_refuses_text_it_cannot_encode():
         pipe("caf\udce9", image, mask, num_inference_steps=1, show_progress=False)
     with pytest.raises(InputError, match="U\\+D800"):
         pipe("x\ud800", image, mask, num_inference_steps=1, show_progress=False)
+    with pytest.raises(InputError, match="negative prompt.*0xE9"):
+        pipe("terrace", image, mask, negative_prompt="caf\udce9", num_inference_steps=1, show_progress=False)
+    with pytest.raises(InputError, match="negative prompt.*0xE9"):
+        pipe(["a", "b"], image, mask, negative_prompt=["ok", "caf\udce9"], num_inference_steps=1, show_progress=False)
 
 
 def test_a_successful_run_leaves_stderr_empty_and_a_failed_one_exactly_one_line(files, tiny_model):

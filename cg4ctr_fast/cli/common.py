@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from cg4ctr_fast.errors import InputError
-from cg4ctr_fast.fileio import check_out_dir  # noqa: F401  (moved to fileio; re-exported for the commands)
+from cg4ctr_fast.fileio import check_out_dir
 
 EXIT_OK = 0
 EXIT_INTERNAL = 1
@@ -35,12 +35,17 @@ EXIT_INTERRUPTED = 130
 _LIBRARY_LOGGERS = ("diffusers", "transformers", "huggingface_hub", "torch._dynamo", "torch._inductor", "peft")
 
 
+def _no_default(action: argparse.Action) -> bool:
+    # Identity, not `in (None, False)`: 0 == False, and a default of 0 (e.g. --seed) must still show.
+    return action.default is None or action.default is False or action.default is argparse.SUPPRESS
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows each option's default in --help (argparse's `%(default)s`), except where the help already does."""
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+        if "default" in text or _no_default(action) or not action.option_strings:
             return text
         return super()._get_help_string(action)
 
@@ -55,7 +60,7 @@ class OneLineParser(argparse.ArgumentParser):
     def add_argument(self, *args, **kwargs):
         action = super().add_argument(*args, **kwargs)
         # argparse prints no line at all for an option without help, so its default would not show either.
-        if action.help is None and action.option_strings and action.default not in (None, False, argparse.SUPPRESS):
+        if action.help is None and action.option_strings and not _no_default(action):
             action.help = "(default: %(default)s)"
         return action
 

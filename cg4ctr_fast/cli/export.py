@@ -23,7 +23,8 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from cg4ctr_fast.cli.common import EXIT_BAD_INPUT, EXIT_INTERNAL, OneLineParser, check_out_dir, make_parser, run_cli
+from cg4ctr_fast.cli.common import EXIT_BAD_INPUT, EXIT_INTERNAL, OneLineParser, make_parser, run_cli
+from cg4ctr_fast.fileio import check_out_dir
 from cg4ctr_fast.errors import InputError
 
 EXIT_VALIDATION = EXIT_INTERNAL  # out of tolerance: not the user's input, but nothing is written either

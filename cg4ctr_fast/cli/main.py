@@ -22,11 +22,11 @@ from cg4ctr_fast.cli.common import (
     add_overwrite,
     add_subcommand,
     add_subcommands,
-    check_out_dir,
     make_parser,
     quiet_libraries,
     run_cli,
 )
+from cg4ctr_fast.fileio import check_out_dir
 from cg4ctr_fast.errors import InputError, check_utf8
 
 PROG = "cg4ctr"
