@@ -541,11 +541,11 @@ def environment(device: torch.device) -> dict[str, Any]:
         info["device"] = {"type": "cuda", "name": props.name, "capability": f"{props.major}.{props.minor}",
                           "memory_gb": round(props.total_memory / 2**30, 1)}
     else:
-        info["device"] = {"type": "cpu", "name": _cpu_name()}
+        info["device"] = {"type": "cpu", "name": cpu_name()}
     return info
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:

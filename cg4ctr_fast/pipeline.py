@@ -666,34 +666,24 @@ class CreativePipeline:
 
         if output_type == "latent":
             # diffusers returns the scaled latents themselves: no decode, so no composite and no reward.
-            return [
-                Creative(
-                    image=latents[k],
-                    prompt=creative_prompts[k],
-                    group=k // num_images_per_prompt,
-                    index=k % num_images_per_prompt,
-                    seed=seeds[k],
-                    mask=mask,
-                    latents=latents[k].detach().float().cpu() if return_latents else None,
+            images = list(latents)
+        else:
+            # 8. decode -------------------------------------------------------------------------
+            with self._stage("vae_decode"):
+                decoded = comps.vae_decoder(latents / info.scaling_factor)
+                finite = bool(torch.isfinite(decoded).all())  # one device sync per call, not two
+                if not finite and hasattr(comps.vae_decoder, "decode_fp32"):
+                    decoded = comps.vae_decoder.decode_fp32(latents.float() / info.scaling_factor)
+                    finite = bool(torch.isfinite(decoded).all())
+            if not finite:
+                raise RuntimeError(
+                    "VAE decode produced NaN/Inf: run the VAE in float32 (fp16 SD VAEs overflow) or lower the guidance"
                 )
-                for k in range(batch)
-            ]
 
-        # 8. decode -----------------------------------------------------------------------------
-        with self._stage("vae_decode"):
-            decoded = comps.vae_decoder(latents / info.scaling_factor)
-            finite = bool(torch.isfinite(decoded).all())  # one device sync per call, not two
-            if not finite and hasattr(comps.vae_decoder, "decode_fp32"):
-                decoded = comps.vae_decoder.decode_fp32(latents.float() / info.scaling_factor)
-                finite = bool(torch.isfinite(decoded).all())
-        if not finite:
-            raise RuntimeError(
-                "VAE decode produced NaN/Inf: run the VAE in float32 (fp16 SD VAEs overflow) or lower the guidance"
-            )
-
-        # 9. postprocess, restore the original size, paste the product back ------------------
-        with self._stage("composite"):
-            images = self._postprocess(decoded, product, paste_mask, composite=composite, output_type=output_type)
+            # 9. postprocess, restore the original size, paste the product back --------------
+            with self._stage("composite"):
+                images = self._postprocess(decoded, product, paste_mask, composite=composite,
+                                           output_type=output_type)
         creatives = [
             Creative(
                 image=out,
@@ -708,7 +698,7 @@ class CreativePipeline:
         ]
 
         # 10. reward ----------------------------------------------------------------------------
-        if self.reward is not None:
+        if self.reward is not None and output_type != "latent":
             with self._stage("reward"):
                 # The reward model scores what would be shipped: 8-bit RGB images, whatever the output type.
                 shown = [c.image if output_type == "pil" else _to_pil(c.image) for c in creatives]
