@@ -772,3 +772,27 @@ def test_atomic_dir_creates_parents(tmp_path):
     with atomic_dir(final) as work:
         (Path(work) / "x").write_text("1")
     assert (final / "x").read_text() == "1"
+
+
+@pytest.mark.parametrize("code", ["EPERM", "EBUSY"])
+def test_atomic_dir_rename_failure_keeps_existing(tmp_path, monkeypatch, code):
+    """A rename refused at the end is one-line InputError; the old output stays, no temporary folder."""
+    import errno
+
+    final = tmp_path / "run"
+    final.mkdir()
+    (final / "keep.txt").write_text("old")
+    real_rename = os.rename
+
+    def rename(src, dst):
+        if Path(src) == final:  # moving the old output aside
+            raise OSError(getattr(errno, code), os.strerror(getattr(errno, code)))
+        return real_rename(src, dst)
+
+    with pytest.raises(InputError) as excinfo:
+        with atomic_dir(final) as work:
+            (Path(work) / "new.png").write_bytes(b"new")
+            monkeypatch.setattr(os, "rename", rename)
+    assert_one_line_error(excinfo, str(final), os.strerror(getattr(errno, code)))
+    assert sorted(p.name for p in final.iterdir()) == ["keep.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
