@@ -532,6 +532,9 @@ class CreativePipeline:
         comps = self.components
         info = comps.info
         device, dtype = comps.device, comps.dtype
+        if isinstance(prompt, (bytes, bytearray)):
+            # list(b"...") would be a list of ints; name what was passed instead.
+            raise InputError(f"prompt must be str, got {type(prompt).__name__}: decode it first (e.g. .decode('utf-8'))")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         _check_call_args(prompts, num_inference_steps, guidance_scale, strength, num_images_per_prompt, output_type,
                          scheduler=comps.scheduler)
@@ -760,8 +763,9 @@ def _check_call_args(prompts, steps, guidance, strength, per_prompt, output_type
         raise InputError(f"num_inference_steps must be a positive integer, got {steps}")
     if not np.isfinite(guidance) or guidance < 0:
         raise InputError(f"guidance_scale must be a finite number ≥ 0, got {guidance}")
-    if not (0.0 <= strength <= 1.0) or not np.isfinite(strength):
-        raise InputError(f"strength must be in [0, 1], got {strength}")
+    if not (0.0 < strength <= 1.0) or not np.isfinite(strength):
+        # 0 would leave no denoising step: the same range the command line states.
+        raise InputError(f"strength must be in (0, 1], got {strength}")
     if scheduler is not None:  # steps past the trained timesteps fail mid-call inside diffusers (IndexError)
         from cg4ctr_fast.models.diffusion import check_steps
 

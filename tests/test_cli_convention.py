@@ -84,8 +84,14 @@ def test_every_command_has_version_debug_and_defaults_in_help(prog):
         assert "--debug" in options, f"{prog} {name}: no --debug"
         text = " ".join(parser.format_help().split())
         for action in parser._actions:
-            # Identity, not `in`: a default of 0 (--seed) equals False and must show all the same.
-            if not action.option_strings or any(action.default is v for v in (None, False, argparse.SUPPRESS)):
+            if not action.option_strings or action.default is argparse.SUPPRESS:
+                continue
+            if action.nargs == 0:  # a switch: it needs words saying what it does, no default
+                assert action.help, f"{prog} {name} {action.option_strings}: a switch without help"
+                continue
+            if action.default is None:  # unset: the help says so, or says what decides the value
+                assert "default" in " ".join(parser._get_formatter()._get_help_string(action).split()), \
+                    f"{prog} {name} {action.option_strings}: unset default not shown"
                 continue
             if action.help == argparse.SUPPRESS:
                 continue
@@ -240,6 +246,10 @@ def test_pipeline_refuses_text_it_cannot_encode():
         pipe("x\ud800", image, mask, num_inference_steps=1, show_progress=False)
     with pytest.raises(InputError, match="negative prompt.*0xE9"):
         pipe("terrace", image, mask, negative_prompt="caf\udce9", num_inference_steps=1, show_progress=False)
+    with pytest.raises(InputError, match="prompt must be str, got bytes"):
+        pipe(b"caf\xe9", image, mask, num_inference_steps=1, show_progress=False)
+    with pytest.raises(InputError, match=r"strength must be in \(0, 1\], got 0"):
+        pipe("x", image, mask, num_inference_steps=1, strength=0.0, show_progress=False)
     with pytest.raises(InputError, match="negative prompt.*0xE9"):
         pipe(["a", "b"], image, mask, negative_prompt=["ok", "caf\udce9"], num_inference_steps=1, show_progress=False)
 
@@ -293,9 +303,13 @@ def test_sim_and_train_print_only_their_own_lines(tmp_path):
     logs = _cli(CLIS["cg4ctr-sim"], "logs", "--products", "2", "--creatives-per-product", "2", "--days", "1",
                 "--quiet", "--out", str(data))
     assert logs.returncode == 0 and logs.stderr == b"", logs.stderr.decode()
-    train = _cli(CLIS["cg4ctr-train"], "prompt", "--data", str(data), "--epochs", "1", "--quiet", "--out", str(model))
+    train = _cli(CLIS["cg4ctr-train"], "prompt", "--data", str(data), "--epochs", "1", "--out", str(model))
     lines = _err_lines(train)
     assert train.returncode == 0 and len(lines) == 1 and lines[0].startswith("prompt model: "), lines
+    # --quiet silences the summary line too (one rule for every subcommand).
+    quiet = _cli(CLIS["cg4ctr-train"], "prompt", "--data", str(data), "--epochs", "1", "--quiet",
+                 "--out", str(tmp_path / "prompt_quiet"))
+    assert quiet.returncode == 0 and quiet.stderr == b"", quiet.stderr.decode()
 
 
 # ------------------------------------------------------------------------------------------ --out
@@ -451,3 +465,17 @@ def test_preset_toy_runs_the_cached_toy_generator(capsys, files, monkeypatch, tm
     # so its mask may be refused as empty or full (one line, naming the mask) instead of used.
     assert "no mask" not in err
     assert code == 0 or (code == 2 and err.count("\n") == 1 and err.startswith("cg4ctr: error: mask:")), err
+
+
+def test_unknown_scheduler_lists_short_names_and_says_what_lms_needs():
+    import importlib.util
+
+    from cg4ctr_fast.errors import InputError
+    from cg4ctr_fast.models.diffusion import make_scheduler
+
+    with pytest.raises(InputError) as info:
+        make_scheduler("no-such-scheduler")
+    message = str(info.value)
+    assert "ddim" in message and "euler" in message and "\n" not in message
+    has_scipy = importlib.util.find_spec("scipy") is not None
+    assert ("lms (needs scipy)" in message) == (not has_scipy), message

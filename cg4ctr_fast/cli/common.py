@@ -35,18 +35,18 @@ EXIT_INTERRUPTED = 130
 _LIBRARY_LOGGERS = ("diffusers", "transformers", "huggingface_hub", "torch._dynamo", "torch._inductor", "peft")
 
 
-def _no_default(action: argparse.Action) -> bool:
-    # Identity, not `in (None, False)`: 0 == False, and a default of 0 (e.g. --seed) must still show.
-    return action.default is None or action.default is False or action.default is argparse.SUPPRESS
-
-
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows each option's default in --help (argparse's `%(default)s`), except where the help already does."""
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if "default" in text or _no_default(action) or not action.option_strings:
+        if "default" in text or not action.option_strings or action.default is argparse.SUPPRESS:
             return text
+        if action.nargs == 0:  # a switch: off unless given, nothing to show
+            return text
+        if action.default is None:
+            # Unset means "not used" or "derived" (the preset's, the model's): the help says which.
+            return f"{text} (default: not set)".strip()
         return super()._get_help_string(action)
 
 
@@ -60,8 +60,8 @@ class OneLineParser(argparse.ArgumentParser):
     def add_argument(self, *args, **kwargs):
         action = super().add_argument(*args, **kwargs)
         # argparse prints no line at all for an option without help, so its default would not show either.
-        if action.help is None and action.option_strings and not _no_default(action):
-            action.help = "(default: %(default)s)"
+        if action.help is None and action.option_strings and action.nargs != 0:
+            action.help = "(default: %(default)s)" if action.default is not None else "(default: not set)"
         return action
 
     def error(self, message: str):  # noqa: D401 - argparse's signature

@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--strength", type=float, default=1.0, help="how much of the background to redraw, (0, 1]")
     gen.add_argument("--images-per-prompt", type=int, default=1)
     gen.add_argument("--scheduler", default=None, help="ddim | euler | dpm++ | ... (default: the model's)")
-    gen.add_argument("--unet-channels", type=int, choices=(4, 9), default=None, help="built-in presets only")
+    gen.add_argument("--unet-channels", type=int, choices=(4, 9), default=None, help="UNet input channels, built-in presets only (default: the preset's, 9 = inpainting)")
     gen.add_argument("--seed", type=int, default=0, help="mixed into every creative's hashlib-derived seed")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
     gen.add_argument("--lora", help="LoRA to fuse first: diffusers/kohya .safetensors, a peft folder, or a "
@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--products", type=int, default=4, help="held-out products")
     demo.add_argument("--images-per-group", type=int, default=4)
-    demo.add_argument("--quiet", action="store_true")
+    demo.add_argument("--quiet", action="store_true", help="no progress bars or summary line")
     return parser
 
 
@@ -570,6 +570,8 @@ def cmd_demo(args) -> int:
             raise InputError(f"{name} must be a positive integer, got {value}")
     summary = run_demo(Path(args.out), steps=args.steps, seed=args.seed, quiet=args.quiet,
                        n_products=args.products, images_per_group=args.images_per_group)
+    if args.quiet:
+        return 0
     head, kept = summary["aggregate_true_ctr_lift"], summary["original_kept"]
     print(
         f"wrote {len(summary['creatives'])} creatives, contact_sheet.png, creatives.json and report.md to "

@@ -102,7 +102,7 @@ def _world_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output folder")
     add_overwrite(p)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or summary lines")
 
 
 def _load_world_data(args):
@@ -117,6 +117,12 @@ def _load_world_data(args):
         raise
     except (OSError, ValueError) as exc:  # a damaged parquet file: pyarrow's ArrowInvalid is a ValueError
         raise InputError(f"{args.data}: cannot read the dataset: {type(exc).__name__}: {exc}") from None
+
+
+def _say(args: argparse.Namespace, text: str) -> None:
+    """A summary line on stderr; --quiet silences it (one rule for every subcommand, as in the README)."""
+    if not args.quiet:
+        print(text, file=sys.stderr)
 
 
 def _positive(name: str, value: int) -> None:
@@ -143,7 +149,7 @@ def _run_saliency(args: argparse.Namespace) -> int:
     model, metrics = train_saliency(images, masks, SaliencyTrainConfig(seed=args.seed, size=args.size, steps=args.steps),
                                     progress=not args.quiet)
     save_trained_saliency(model, metrics, args.out)
-    print(f"saliency: held-out IoU {metrics['test_iou']:.3f}, MAE {metrics['test_mae']:.3f} → {args.out}", file=sys.stderr)
+    _say(args, f"saliency: held-out IoU {metrics['test_iou']:.3f}, MAE {metrics['test_mae']:.3f} → {args.out}")
     return 0
 
 
@@ -170,7 +176,7 @@ def _run_base(args: argparse.Namespace) -> int:
     data = generator_dataset(dataset.world, cfg.n_images, items, args.seed)
     # One atomic folder for the weights and steering.json: train_generator replaces the empty `tmp`.
     with atomic_dir(args.out) as tmp:
-        train_generator(data, tmp, cfg, progress=not args.quiet, log=lambda m: print(m, file=sys.stderr))
+        train_generator(data, tmp, cfg, progress=not args.quiet, log=lambda m: _say(args, m))
         if args.steering:
             from cg4ctr_fast.pipeline import CreativePipeline
 
@@ -178,7 +184,7 @@ def _run_base(args: argparse.Namespace) -> int:
             effect = steering_effect(pipe, dataset.world, [HELD_OUT_ITEM_BASE + k for k in range(4)], seed=args.seed)
             (tmp / "steering.json").write_text(json.dumps(effect, indent=2) + "\n")
             for name, row in effect.items():
-                print(f"steering {name}: {row['feature']} Cohen's d {row['cohens_d']:+.2f}", file=sys.stderr)
+                _say(args, f"steering {name}: {row['feature']} Cohen's d {row['cohens_d']:+.2f}")
     return 0
 
 
@@ -198,8 +204,8 @@ def _run_prompt(args: argparse.Namespace) -> int:
     with atomic_dir(args.out) as tmp:  # the model and its metrics.json appear together or not at all
         metrics = train_prompt_on_dataset(dataset, tmp,
                                           ToyConfig(seed=args.seed, prompt_epochs=args.epochs, prompt_top_k=args.top_k))
-    print(f"prompt model: oracle-token agreement {metrics['oracle_token_agreement_mean']:.2f}, proposal CTR / "
-          f"best caption CTR {metrics['proposal_ctr_over_best_caption_ctr']:.2f} → {args.out}", file=sys.stderr)
+    _say(args, f"prompt model: oracle-token agreement {metrics['oracle_token_agreement_mean']:.2f}, proposal CTR / "
+               f"best caption CTR {metrics['proposal_ctr_over_best_caption_ctr']:.2f} → {args.out}")
     return 0
 
 
@@ -212,7 +218,7 @@ def _cycle_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="TOML file: [run] [models] [generate] [lora] [prompt] [eval] (configs/cycle.toml)")
     p.add_argument("--out", required=True, help="run folder: config, one atomic checkpoint per cycle, metrics.json/png")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last finished cycle")
-    p.add_argument("--quiet", action="store_true", help="no progress bars or per-cycle lines")
+    p.add_argument("--quiet", action="store_true", help="no progress bars, per-cycle or summary lines")
 
 
 def _run_cycle(args: argparse.Namespace) -> int:
@@ -223,9 +229,9 @@ def _run_cycle(args: argparse.Namespace) -> int:
     config = load_cycle_config(args.config)
     history = run_cycles(config, Path(args.out), resume=args.resume, progress=not args.quiet, log=main_log(args.quiet))
     last = history[-1]["eval"]
-    print(f"cycle {history[-1]['cycle']}: held-out aggregate CTR lift {last['aggregate_lift']:+.1%} (cycle 0: "
-          f"{history[0]['eval']['aggregate_lift']:+.1%}; mean of ratios {last['lift_mean_of_ratios']:+.1%}) → {args.out}",
-          file=sys.stderr)
+    _say(args, f"cycle {history[-1]['cycle']}: held-out aggregate CTR lift {last['aggregate_lift']:+.1%} (cycle 0: "
+               f"{history[0]['eval']['aggregate_lift']:+.1%}; mean of ratios {last['lift_mean_of_ratios']:+.1%}) → "
+               f"{args.out}")
     return 0
 
 
@@ -234,7 +240,7 @@ def _ablate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", type=int, default=3, help="seeds run.seed … run.seed+N−1 (default 3)")
     p.add_argument("--out", required=True, help="folder: one run per seed and arm, results.json, results.md, lift_per_cycle.png; rerun to resume")
     p.add_argument("--jobs", type=int, default=1, help="seeds run at once, in separate processes (default 1)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars or per-cycle lines")
+    p.add_argument("--quiet", action="store_true", help="no progress bars, per-cycle or summary lines")
 
 
 def _run_ablate(args: argparse.Namespace) -> int:
@@ -250,8 +256,8 @@ def _run_ablate(args: argparse.Namespace) -> int:
     results = run_ablation(config, args.seeds, Path(args.out), progress=not args.quiet, log=main_log(args.quiet),
                            jobs=args.jobs, command=command)
     comparison = results["comparisons"]["full_over_global_prompt"]
-    print(f"aggregate CTR of full over global prompt at cycle {results['cycles']}: {comparison['lift']:+.1%} "
-          f"[{comparison['ci95'][0]:+.1%}, {comparison['ci95'][1]:+.1%}] → {args.out}/results.md", file=sys.stderr)
+    _say(args, f"aggregate CTR of full over global prompt at cycle {results['cycles']}: {comparison['lift']:+.1%} "
+               f"[{comparison['ci95'][0]:+.1%}, {comparison['ci95'][1]:+.1%}] → {args.out}/results.md")
     return 0
 
 

@@ -4,6 +4,8 @@ Everything loads from local paths; nothing reaches a hub (`local_files_only=True
 """
 from __future__ import annotations
 
+import importlib.util
+
 import json
 import os
 from dataclasses import dataclass
@@ -106,7 +108,7 @@ def make_scheduler(name: str, config: dict[str, Any] | None = None):
     class_name = SCHEDULER_NAMES.get(name.lower(), name)
     cls = getattr(diffusers, class_name, None)
     if cls is None or not hasattr(cls, "from_config"):
-        known = ", ".join(sorted(SCHEDULER_NAMES))
+        known = ", ".join(_short_name_label(n) for n in sorted(SCHEDULER_NAMES))
         raise InputError(f"unknown scheduler {name!r}; short names: {known}, or a diffusers scheduler class name")
     config = dict(config or {})
     if class_name == "DPMSolverMultistepScheduler":
@@ -123,6 +125,13 @@ def make_scheduler(name: str, config: dict[str, Any] | None = None):
         raise InputError(f"scheduler {class_name} does not accept this config: {_first_line(exc)}") from None
     _trial_step(scheduler)
     return scheduler
+
+
+def _short_name_label(name: str) -> str:
+    # diffusers' LMS scheduler imports scipy when built; the default install has none, so say so up front.
+    if SCHEDULER_NAMES[name] == "LMSDiscreteScheduler" and importlib.util.find_spec("scipy") is None:
+        return f"{name} (needs scipy)"
+    return name
 
 
 def _trial_step(scheduler) -> None:
