@@ -599,7 +599,7 @@ def test_engine_commands_without_tensorrt(tiny9, tmp_path, capsys):
                  ["refit", "--engines", str(tmp_path / "trt"), "--lora", "x.safetensors"],
                  ["refit", "--engine", str(tmp_path / "trt"), "--lora", "x.safetensors"]):
         code = export_cli(*args)
-        assert one_line_error(capsys, code) == TRT_UNAVAILABLE
+        assert one_line_error(capsys, code) == f"cg4ctr-export: error: {TRT_UNAVAILABLE}"
     assert not (tmp_path / "trt").exists()
     from cg4ctr_fast.pipeline import CreativePipeline
 

@@ -23,7 +23,8 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from cg4ctr_fast.cli.common import EXIT_BAD_INPUT, EXIT_INTERNAL, OneLineParser, make_parser, run_cli
+from cg4ctr_fast.cli.common import EXIT_INTERNAL, OneLineParser, make_parser, run_cli
+from cg4ctr_fast.cli.main import MAX_CREATIVES
 from cg4ctr_fast.fileio import check_out_dir
 from cg4ctr_fast.errors import InputError
 
@@ -44,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 
     onnx = sub.add_parser("onnx", help="export every component to ONNX, validated against torch")
-    onnx.add_argument("--preset", default="tiny", help="tiny | sd15-inpaint")
+    onnx.add_argument("--preset", default="tiny",
+                      help="tiny | sd15-inpaint | toy (the demo's trained generator and saliency, as --model)")
     onnx.add_argument("--model", help="local diffusers folder with the weights (recorded by its content hash)")
     onnx.add_argument("--random-weights", action="store_true", help="the preset's architecture with random weights")
     onnx.add_argument("--seed", type=int, default=0, help="weights seed for built-in presets / --random-weights")
@@ -52,11 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
     onnx.add_argument("--reward", metavar="DIR",
                       help="RewardModel folder (RewardModel.save): exports reward_image and reward_head")
     onnx.add_argument("--lora", help="LoRA to fuse: diffusers .safetensors, kohya .safetensors or a peft folder")
-    onnx.add_argument("--lora-scale", type=float, default=1.0, help="LoRA scale")
+    onnx.add_argument("--lora-scale", type=float, default=None, help="LoRA scale, with --lora (default: 1.0)")
     onnx.add_argument("--out", required=True, help="output folder, written atomically")
     onnx.add_argument("--overwrite", action="store_true", help="replace a non-empty --out (atomically, at the end)")
     onnx.add_argument("--dtype", default="fp32", choices=("fp32", "fp16"), help="precision of the graphs")
-    onnx.add_argument("--batch", default="1:1:8", help="creatives per call MIN:OPT:MAX (the UNet gets 2× with guidance)")
+    onnx.add_argument("--batch", default="1:1:8", help="creatives per call MIN:OPT:MAX, MAX at most "
+                      f"{MAX_CREATIVES} (the UNet gets 2× with guidance)")
     onnx.add_argument("--height", default=None, metavar="MIN:OPT:MAX",
                       help="image height in pixels, MIN:OPT:MAX or one number (fixed); multiples of 8 "
                            "(default: 8:R:R, R = the model's resolution)")
@@ -78,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     refit = sub.add_parser("refit", help="swap the LoRA of a refittable engine folder without a rebuild")
     _engines_flag(refit, "TensorRT engine folder built with --refittable (replaced atomically)", "--engine")
     refit.add_argument("--lora", required=True, help="the new LoRA file or peft folder")
-    refit.add_argument("--lora-scale", type=float, default=1.0, help="LoRA scale")
+    refit.add_argument("--lora-scale", type=float, default=None, help="LoRA scale (default: 1.0)")
 
     verify = sub.add_parser("verify", help="re-check an ONNX folder: every file's sha256, onnx.checker, "
                                            "ONNX Runtime vs torch")
@@ -103,10 +106,49 @@ def engines_arg(args) -> str:
     return given[0]
 
 
+def _check_lora_scale(args) -> None:
+    """--lora-scale: finite (check_scale), and only with the --lora it scales (alone it would do nothing)."""
+    from cg4ctr_fast.export.lora import check_scale
+
+    if args.lora_scale is not None:
+        if getattr(args, "lora", None) is None:
+            raise InputError("--lora-scale needs --lora FILE (the LoRA it scales)")
+        check_scale(args.lora_scale)
+
+
+def _toy_request(args) -> None:
+    """--preset toy: the demo's trained toy generator, as `cg4ctr generate --preset toy` runs it.
+
+    It is the tiny stack with trained weights, so it is exported as --model (its folder, recorded by content
+    hash) with --preset tiny, and its saliency net unless --saliency names another. InputError (one line) when
+    it is not trained yet, or with flags that build a preset's own weights.
+    """
+    from cg4ctr_fast.cli.main import _toy_folders
+
+    clashing = [flag for flag, value in (("--model", args.model), ("--random-weights", args.random_weights),
+                                         ("--unet-channels", args.unet_channels)) if value]
+    if clashing:
+        raise InputError(f"--preset toy is the demo's trained generator; {', '.join(clashing)} do not apply")
+    generator, saliency = _toy_folders()
+    args.preset, args.model = "tiny", str(generator)
+    if args.saliency is None:
+        args.saliency = str(saliency)
+
+
 def cmd_onnx(args) -> int:
     from cg4ctr_fast.export.contracts import parse_batch, parse_components, parse_side
     from cg4ctr_fast.export.onnx_export import ExportRequest, export_onnx
 
+    _check_lora_scale(args)
+    batch = parse_batch(args.batch)
+    if batch[2] > MAX_CREATIVES:
+        # One call's creatives share one denoising batch; `cg4ctr generate` makes at most this many per command.
+        raise InputError(f"--batch max must be at most {MAX_CREATIVES} creatives per call (the most one "
+                         f"`cg4ctr generate` makes), got {batch[2]}")
+    # "" is a list of no components, not the default set (None: the flag was not given).
+    components = parse_components(args.components) if args.components is not None else None
+    if args.preset == "toy":
+        _toy_request(args)
     request = ExportRequest(
         out=args.out,
         preset=args.preset,
@@ -115,14 +157,14 @@ def cmd_onnx(args) -> int:
         seed=args.seed,
         saliency=args.saliency,
         lora=args.lora,
-        lora_scale=args.lora_scale,
+        lora_scale=1.0 if args.lora_scale is None else args.lora_scale,
         precision=args.dtype,
-        batch=parse_batch(args.batch),
+        batch=batch,
         height=parse_side(args.height, "--height"),
         width=parse_side(args.width, "--width"),
         opset=args.opset,
         unet_channels=args.unet_channels,
-        components=parse_components(args.components) if args.components else None,
+        components=components,
         reward=args.reward,
         overwrite=args.overwrite,
     )
@@ -142,7 +184,8 @@ def cmd_engine(args) -> int:
 def cmd_refit(args) -> int:
     from cg4ctr_fast.export.tensorrt_build import refit_engines
 
-    refit_engines(engines_arg(args), args.lora, lora_scale=args.lora_scale)
+    _check_lora_scale(args)
+    refit_engines(engines_arg(args), args.lora, lora_scale=1.0 if args.lora_scale is None else args.lora_scale)
     return 0
 
 
@@ -174,15 +217,11 @@ COMMANDS = {"onnx": cmd_onnx, "engine": cmd_engine, "refit": cmd_refit, "verify"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from cg4ctr_fast.export.tensorrt_build import TensorRTUnavailable
     from cg4ctr_fast.export.validate import ValidationFailed
 
     def dispatch(args) -> int:
-        try:
-            return COMMANDS[args.command](args)
-        except TensorRTUnavailable as exc:  # printed as it is: the message says what works here instead
-            print(str(exc), file=sys.stderr)
-            return EXIT_BAD_INPUT
+        # TensorRTUnavailable is an InputError: run_cli prints it as `cg4ctr-export: error: ...`, exit 2.
+        return COMMANDS[args.command](args)
 
     return run_cli(PROG, build_parser(), dispatch, argv,
                    extra_errors=((ValidationFailed, EXIT_VALIDATION, "validation failed"),))
