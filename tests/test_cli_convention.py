@@ -479,3 +479,16 @@ def test_unknown_scheduler_lists_short_names_and_says_what_lms_needs():
     assert "ddim" in message and "euler" in message and "\n" not in message
     has_scipy = importlib.util.find_spec("scipy") is not None
     assert ("lms (needs scipy)" in message) == (not has_scipy), message
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--lora-scale", "nan"], "--lora-scale applies to a LoRA: pass --lora FILE too"),
+    (["--lora-scale", "0.5"], "--lora-scale applies to a LoRA: pass --lora FILE too"),
+])
+def test_lora_scale_without_a_lora_is_refused(capsys, files, extra, message):
+    from cg4ctr_fast.cli.main import main
+
+    assert main(_generate_args(files, "--prompt", "x", "--out", str(files / "o"), *extra)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
+    assert not (files / "o").exists()

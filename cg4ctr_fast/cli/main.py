@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
     gen.add_argument("--lora", help="LoRA to fuse first: diffusers/kohya .safetensors, a peft folder, or a "
                      "`cg4ctr-train cycle` checkpoint's lora/ folder")
-    gen.add_argument("--lora-scale", type=float, default=1.0)
+    gen.add_argument("--lora-scale", type=float, default=None, help="weight of the fused LoRA, finite (default: 1.0)")
     gen.add_argument("--engines", help="run a cg4ctr-export folder (ONNX or TensorRT engines) instead of torch")
     gen.add_argument("--backend", choices=("onnxruntime", "tensorrt"), default=None,
                      help="backend for --engines (default: onnxruntime)")
@@ -336,10 +336,13 @@ def cmd_generate(args) -> int:
         check_steps(scheduler, steps, args.strength, flag="--steps")
         ranges = None
     lora = None
+    if args.lora_scale is not None and not args.lora:
+        raise InputError("--lora-scale applies to a LoRA: pass --lora FILE too")
     if args.lora:
         from cg4ctr_fast.export.lora import check_scale, lora_record
 
-        lora = lora_record(args.lora, check_scale(args.lora_scale))  # resolves the files: InputError if unusable
+        scale = 1.0 if args.lora_scale is None else args.lora_scale
+        lora = lora_record(args.lora, check_scale(scale))  # resolves the files: InputError if unusable
     source = load_image(args.image, what="image")
     rgb, alpha_mask = to_rgb_and_alpha_mask(source)
     mask = load_mask(args.mask, rgb.size) if args.mask else None
@@ -393,7 +396,7 @@ def cmd_generate(args) -> int:
             scheduler=args.scheduler,
             saliency=saliency,
             lora=args.lora,
-            lora_scale=args.lora_scale,
+            lora_scale=1.0 if args.lora_scale is None else args.lora_scale,
         )
     width, height = requested or working_size(rgb.width, rgb.height, pipe.max_side)
     # The reward model scores (image, title, caption, user group); the pipeline passes images and group indices.
