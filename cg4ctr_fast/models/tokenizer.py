@@ -121,10 +121,12 @@ def load_clip_tokenizer(folder: str | os.PathLike | None = None, *, max_position
 
     max_positions: the text encoder's `max_position_embeddings` (77 for CLIP). A tokenizer_config.json
     without `model_max_length` leaves transformers' "unset" value, int(1e30), which overflows when used
-    as a padding length; a value above the encoder's positions would index past them. Either way the
-    tokenizer's length becomes `max_positions`.
+    as a padding length; a value above the encoder's positions would index past them; a non-positive or
+    non-integer one (-1, 0, 77.5, "77") cannot be a length. In each case the tokenizer's length becomes
+    `max_positions` (the torch model-folder and engine-folder paths both pass it).
 
-    Raises InputError when the folder's files cannot be read as a CLIP tokenizer.
+    Raises InputError when the folder's files cannot be read as a CLIP tokenizer, or when
+    `max_positions` is None and model_max_length is not a positive integer.
     """
     from transformers import CLIPTokenizer
 
@@ -135,6 +137,12 @@ def load_clip_tokenizer(folder: str | os.PathLike | None = None, *, max_position
     except (OSError, ValueError, TypeError, KeyError, UnicodeDecodeError) as exc:
         text = " ".join(str(exc).split())[:200] or type(exc).__name__
         raise InputError(f"{path}: cannot load the CLIP tokenizer: {text}") from None
-    if max_positions is not None and not 0 < tokenizer.model_max_length <= max_positions:
+    length = tokenizer.model_max_length
+    usable = isinstance(length, int) and not isinstance(length, bool) and length > 0
+    if max_positions is not None and not (usable and length <= max_positions):
         tokenizer.model_max_length = int(max_positions)
+    elif not usable:
+        # No encoder length to fall back on: -1, 0, 77.5 or "77" would fail later as a padding length.
+        raise InputError(f"{path / 'tokenizer_config.json'}: model_max_length must be a positive integer, "
+                         f"got {length!r}")
     return tokenizer
