@@ -17,8 +17,12 @@ from dataclasses import asdict
 from typing import Optional, Sequence
 
 from cg4ctr_fast.cli.common import check_out_file, make_parser
-from cg4ctr_fast.cli.main import EXIT_BAD_INPUT, OneLineParser, _quiet_libraries
+from cg4ctr_fast.cli.main import EXIT_BAD_INPUT, MAX_CREATIVES, MAX_GUIDANCE, OneLineParser, _quiet_libraries
 from cg4ctr_fast.errors import InputError
+from cg4ctr_fast.imaging import MAX_SIDE
+
+# Timed and warm-up rounds: p99 needs 100 timed runs (cg4ctr_fast.bench); 10× that is the most a row takes.
+MAX_RUNS = 1000
 
 GROUP_PROMPTS = (
     "neon city lights at night, vivid magenta and cyan",
@@ -57,18 +61,22 @@ def build_parser() -> argparse.ArgumentParser:
                     "by run, the same threads for every backend, the machine's load recorded.")
     p.add_argument("--preset", default="tiny")
     p.add_argument("--model", help="local diffusers folder")
-    p.add_argument("--random-weights", action="store_true")
+    p.add_argument("--random-weights", action="store_true", help="the preset's architecture with random weights (sd15-inpaint needs this or --model)")
     p.add_argument("--engines", help="exported engine folder (onnxruntime / tensorrt backends)")
     p.add_argument("--backends", default="torch", help="comma list of torch, compile, onnxruntime, tensorrt")
-    p.add_argument("--groups", type=_int_list, default=[1, 8], help="user groups per product, e.g. 1,8")
+    p.add_argument("--groups", type=_int_list, default=[1, 8],
+                   help=f"user groups per product, e.g. 1,8; each at most {MAX_CREATIVES} (one call's creatives, as "
+                        "in `cg4ctr generate`)")
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--guidance", type=float, default=7.5, help=f"from 0 to {MAX_GUIDANCE:g} (default: 7.5)")
     p.add_argument("--runs", type=int, default=5,
-                   help="timed calls per row, interleaved with the other rows (p95 is shown from 20, p99 from 100)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed rounds first (compile happens in them)")
+                   help="timed calls per row, interleaved with the other rows (p95 is shown from 20, p99 from "
+                        f"100; at most {MAX_RUNS})")
+    p.add_argument("--warmup", type=int, default=1,
+                   help=f"untimed rounds first (compile happens in them; at most {MAX_RUNS})")
     p.add_argument("--threads", type=int, default=None,
                    help="threads for torch (intra- and inter-op), ONNX Runtime's intra-op pool and inductor's "
-                        f"compile workers (default: the cores this process may use, here {_available_cores()})")
+                        f"compile workers, at most the cores this process may use (default: all of them, here {_available_cores()})")
     p.add_argument("--omp-wait", default="passive", choices=("passive", "active", "env"),
                    help="what torch's idle OpenMP threads do: passive = sleep, as ONNX Runtime's sessions here "
                         "do (allow_spinning 0), so an oversubscribed core does not punish one backend; active = "
@@ -78,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cold: our rows clear their prompt-embedding cache before every call and encode the "
                         "prompts, as diffusers does each call; warm: they reuse the cached embeddings (as a "
                         "serving process would; rows named +cached); both: one row of each")
-    p.add_argument("--size", type=int, default=None, help="image side (default: the preset's resolution)")
+    p.add_argument("--size", type=int, default=None,
+                   help=f"image side, a multiple of 8 up to {MAX_SIDE} (default: the preset's resolution)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"))
     p.add_argument("--fuse", default="auto", choices=("auto", "on", "off", "both"),
@@ -105,6 +114,33 @@ def check_outputs(args) -> None:
             raise InputError(f"--plot {args.plot}: the same file as --json")
 
 
+def check_numbers(args) -> None:
+    """Every number of the request, before any output or work (InputError, one line, exit 2).
+
+    The limits are `cg4ctr generate`'s: at most MAX_CREATIVES (64) creatives in one call (`--groups 100000`
+    was killed for memory at 23 GB), sides up to imaging.MAX_SIDE (4096) px in multiples of 8, guidance in
+    [0, MAX_GUIDANCE]; threads up to the cores this process may use. `run` then checks --steps against the
+    scheduler's trained timesteps (models.diffusion.check_steps, configs only) once torch may load.
+    """
+    import math
+
+    if max(args.groups) > MAX_CREATIVES:
+        raise InputError(f"--groups {max(args.groups)} is over the {MAX_CREATIVES} creatives one call makes (one "
+                         "denoising batch, twice that with guidance), as in `cg4ctr generate`")
+    for name, value, low, high in (("--steps", args.steps, 1, None), ("--runs", args.runs, 1, MAX_RUNS),
+                                   ("--warmup", args.warmup, 0, MAX_RUNS)):
+        if value < low or (high is not None and value > high):
+            raise InputError(f"{name} must be an integer from {low} to {high}, got {value}" if high is not None
+                             else f"{name} must be a positive integer, got {value}")
+    if not (math.isfinite(args.guidance) and 0 <= args.guidance <= MAX_GUIDANCE):
+        raise InputError(f"--guidance must be a number from 0 to {MAX_GUIDANCE:g}, got {args.guidance}")
+    if args.size is not None and not (0 < args.size <= MAX_SIDE and args.size % 8 == 0):
+        raise InputError(f"--size must be a positive multiple of 8 up to {MAX_SIDE}, got {args.size}")
+    cores = _available_cores()
+    if args.threads is not None and not 1 <= args.threads <= cores:
+        raise InputError(f"--threads must be from 1 to the {cores} cores this process may use, got {args.threads}")
+
+
 def set_omp_wait_policy(policy: str) -> dict:
     """Set OMP_WAIT_POLICY for torch's OpenMP pool; libgomp reads it once, when torch is first imported.
 
@@ -123,16 +159,13 @@ def set_omp_wait_policy(policy: str) -> dict:
 
 
 def run(args) -> dict:
+    from cg4ctr_fast.config import get_preset
+
+    check_numbers(args)
     check_outputs(args)
+    preset = get_preset(args.preset)
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
-    for name, value in (("--steps", args.steps), ("--runs", args.runs)):
-        if value <= 0:
-            raise InputError(f"{name} must be a positive integer, got {value}")
-    if args.warmup < 0:
-        raise InputError(f"--warmup must be ≥ 0, got {args.warmup}")
     threads = args.threads if args.threads is not None else _available_cores()
-    if threads < 1:
-        raise InputError(f"--threads must be ≥ 1, got {threads}")
     omp_wait = set_omp_wait_policy(args.omp_wait)
 
     import torch
@@ -151,9 +184,15 @@ def run(args) -> dict:
         run_interleaved,
     )
     from cg4ctr_fast.cli.demo import draw_product
-    from cg4ctr_fast.config import get_preset
     from cg4ctr_fast.imaging import to_rgb_and_alpha_mask
-    from cg4ctr_fast.models.diffusion import build_modules, load_modules
+    from cg4ctr_fast.models.diffusion import (
+        build_modules,
+        check_steps,
+        folder_scheduler,
+        inspect_model_folder,
+        load_modules,
+        make_scheduler,
+    )
     from cg4ctr_fast.pipeline import CreativePipeline
     from cg4ctr_fast.runtime.torch_backend import torch_components
 
@@ -161,12 +200,13 @@ def run(args) -> dict:
         check_backend(backend, args.engines)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise InputError("--device cuda: no CUDA device is visible to torch")
-    preset = get_preset(args.preset)
+    # From configs only (no weights): a step count the scheduler cannot run is refused before anything loads.
+    scheduler = (folder_scheduler(inspect_model_folder(args.model)) if args.model
+                 else make_scheduler(preset.scheduler, preset.scheduler_kwargs()))
+    check_steps(scheduler, args.steps, flag="--steps")
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     device = torch.device(args.device)
     size = args.size or preset.resolution
-    if size % 8:
-        raise InputError(f"--size must be a multiple of 8, got {size}")
     # Before anything runs: the same pool size for every backend (ONNX Runtime's sessions get it below).
     thread_info = apply_threads(threads, compile_workers="compile" in backends)
     thread_info["omp_wait_policy"] = omp_wait
