@@ -81,6 +81,8 @@ def _sha256(path: Path) -> str:
 
 
 def check_scale(scale: float) -> float:
+    """The LoRA scale as a float; InputError (one line) for NaN or ±inf, which would fuse NaN into every
+    adapted weight. Any finite value is accepted (0 = no LoRA, negative = the LoRA's opposite direction)."""
     if not math.isfinite(scale):
         raise InputError(f"--lora-scale must be a finite number, got {scale}")
     return float(scale)
