@@ -91,7 +91,7 @@ def test_model_info_missing_or_unknown_field(exported, tmp_path, edit, needle):
 
 
 def test_model_info_as_exported_loads(exported):
-    from cg4ctr_fast.runtime.onnxruntime_backend import read_model_info
+    from cg4ctr_fast.export.manifest import read_model_info
 
     info = read_model_info(exported)
     data = json.loads((exported / mf.MODEL_INFO).read_text())
@@ -146,3 +146,56 @@ def test_cli_generate_with_null_scaling_factor_exits_2(exported, tmp_path, capsy
     assert code == 2, err
     assert len(err.strip().splitlines()) == 1 and "scaling_factor" in err and "internal error" not in err, err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("field,value", [("scaling_factor", None), ("vae_scale_factor", 3)])
+def test_verify_refuses_what_from_engines_refuses(exported, tmp_path, field, value):
+    """verify vouches for a folder only if the runtime would load it: the same model_info.json checks."""
+    from cg4ctr_fast.export.verify import verify_folder
+
+    folder = _edited(exported, tmp_path, mf.MODEL_INFO, _set(field, value))
+    with pytest.raises(InputError) as excinfo:
+        verify_folder(folder, log=lambda _m: None)
+    _one_line(excinfo, "model_info.json", field)
+
+
+def _rewrite_manifest(folder: Path, edit) -> dict:
+    manifest = json.loads((folder / mf.MANIFEST).read_text())
+    edit(manifest)
+    mf.write_json(folder / mf.MANIFEST, manifest)
+    return manifest
+
+
+@pytest.mark.parametrize("where", ["parent", "absolute"])
+def test_manifest_entries_outside_the_folder_are_refused(exported, tmp_path, where):
+    folder = tmp_path / "copy"
+    shutil.copytree(exported, folder)
+    outside = tmp_path / "outside.json"
+    outside.write_text("{}")
+    relative = "../outside.json" if where == "parent" else str(outside)
+    record = {"path": relative, "bytes": outside.stat().st_size, "sha256": mf.sha256_file(outside)}
+    manifest = _rewrite_manifest(folder, lambda m: m["files"].append(record))
+    with pytest.raises(InputError) as excinfo:
+        mf.check_files(folder, manifest)
+    _one_line(excinfo, "not a path inside the folder", relative)
+
+
+def test_a_symlinked_file_is_refused(exported, tmp_path):
+    folder = tmp_path / "copy"
+    shutil.copytree(exported, folder)
+    target = tmp_path / "validation_elsewhere.json"
+    shutil.copy2(folder / "validation.json", target)
+    (folder / "validation.json").unlink()
+    (folder / "validation.json").symlink_to(target)  # same bytes, so only the link itself can be refused
+    with pytest.raises(InputError) as excinfo:
+        mf.check_files(folder, mf.read_manifest(folder))
+    _one_line(excinfo, "validation.json", "symbolic link")
+
+
+def test_format_version_must_be_the_integer(exported, tmp_path):
+    folder = tmp_path / "copy"
+    shutil.copytree(exported, folder)
+    _rewrite_manifest(folder, lambda m: m.__setitem__("format_version", str(m["format_version"])))
+    with pytest.raises(InputError) as excinfo:
+        mf.read_manifest(folder)
+    _one_line(excinfo, 'format version "2"', "reads version 2 (an integer)")

@@ -133,9 +133,10 @@ def read_manifest(folder: str | Path, *, expect: str = ONNX_FORMAT) -> dict[str,
     fmt, version = manifest.get("format"), manifest.get("format_version")
     if fmt != expect:
         raise InputError(f"{path}: format {fmt!r}, expected {expect!r}: {again}")
-    if version != FORMAT_VERSION:
+    if type(version) is not int or version != FORMAT_VERSION:  # "2" (a string) is not version 2
         raise InputError(
-            f"{path}: manifest format version {version!r}, this cg4ctr_fast reads version {FORMAT_VERSION}: {again}"
+            f"{path}: manifest format version {json.dumps(version)}, this cg4ctr_fast reads version "
+            f"{FORMAT_VERSION} (an integer): {again}"
         )
     components = manifest.get("components")
     if not isinstance(components, dict) or not components:
@@ -179,7 +180,15 @@ def check_files(
         raise InputError(f"{root / MANIFEST}: lists no runtime files (tokenizer, scheduler, ...): {again}")
     records.extend(runtime)
     for record in records:
-        path = root / record["path"]
+        relative = record.get("path") if isinstance(record, Mapping) else None
+        # Entries name files inside the folder: an absolute path, "..", or a symlink would make verify vouch
+        # for bytes the folder does not hold.
+        if not isinstance(relative, str) or not relative or Path(relative).is_absolute() or \
+                ".." in Path(relative).parts:
+            raise InputError(f"{root / MANIFEST}: file entry {relative!r} is not a path inside the folder: {again}")
+        path = root / relative
+        if path.is_symlink():
+            raise InputError(f"{path}: a symbolic link; an export folder holds its own files: {again}")
         if not path.is_file():
             raise InputError(f"{path}: missing (the manifest lists it): {again}")
         size = path.stat().st_size
@@ -196,6 +205,60 @@ def check_files(
         relative = path.relative_to(root).as_posix()
         if relative != MANIFEST and relative not in listed:
             raise InputError(f"{path}: not listed in the manifest (added after export): remove it or {again}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def read_model_info(root: Path) -> "ModelInfo":
+    """The folder's model_info.json as a ModelInfo, every field checked for its type and range.
+
+    The manifest's sha256 only shows the file is the one recorded; a hand-edited file re-hashed to match
+    would otherwise fail deep in the loop (a null scaling_factor: TypeError).  Ranges: channels and
+    sample_size positive integers; unet_in_channels = latent_channels (masked blending) or
+    2 × latent_channels + 1 (an inpainting UNet: latents, mask, masked-image latents); vae_scale_factor a
+    power of two (2 ** (VAE blocks - 1), 8 for SD); scaling_factor a finite number > 0 (0.18215 for SD1.x);
+    model_id a string.  Raises InputError, one line naming the file and the field.
+    """
+    import math
+    from dataclasses import fields
+
+    from cg4ctr_fast.models.diffusion import ModelInfo
+
+    path = root / MODEL_INFO
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise InputError(f"{path}: unreadable ({type(exc).__name__}): {REEXPORT}") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: not a JSON object: {REEXPORT}")
+    names = [f.name for f in fields(ModelInfo)]
+    missing = [n for n in names if n not in data]
+    extra = sorted(set(data) - set(names))
+    if missing or extra:
+        what = f"missing {', '.join(missing)}" if missing else f"unknown field {', '.join(extra)}"
+        raise InputError(f"{path}: {what}: {REEXPORT}")
+
+    def bad(field: str, expected: str) -> InputError:
+        return InputError(f"{path}: {field} must be {expected}, got {data[field]!r}: {REEXPORT}")
+
+    for field in ("latent_channels", "sample_size", "unet_in_channels", "vae_scale_factor"):
+        if not _is_int(data[field]) or data[field] <= 0:
+            raise bad(field, "a positive integer")
+    latent = data["latent_channels"]
+    if data["unet_in_channels"] not in (latent, 2 * latent + 1):
+        raise bad("unet_in_channels", f"{latent} or {2 * latent + 1} (latent_channels {latent})")
+    scale = data["vae_scale_factor"]
+    if scale & (scale - 1):
+        raise bad("vae_scale_factor", "a power of two")
+    factor = data["scaling_factor"]
+    if not (isinstance(factor, (int, float)) and not isinstance(factor, bool) and math.isfinite(factor)
+            and factor > 0):
+        raise bad("scaling_factor", "a finite number > 0")
+    if not isinstance(data["model_id"], str):
+        raise bad("model_id", "a string")
+    return ModelInfo(**{**data, "scaling_factor": float(factor)})
 
 
 def contract_of(manifest: Mapping[str, Any], name: str) -> ComponentContract:

@@ -52,6 +52,7 @@ def verify_folder(
     root = Path(folder)
     manifest = mf.read_manifest(root)
     mf.check_files(root, manifest)  # every file, hashed whatever its size
+    mf.read_model_info(root)  # the fields the runtime reads, checked as from_engines checks them
     log(f"{root}: {len(manifest['components'])} components and {len(manifest['files'])} runtime files, "
         "sizes and sha256 match the manifest")
     for name, entry in manifest["components"].items():

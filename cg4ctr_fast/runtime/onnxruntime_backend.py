@@ -29,7 +29,7 @@ import torch
 from cg4ctr_fast.errors import InputError
 from cg4ctr_fast.export import manifest as mf
 from cg4ctr_fast.export.contracts import PIPELINE_COMPONENTS, REWARD_COMPONENTS, ComponentContract
-from cg4ctr_fast.runtime.slots import Components, ModelInfo
+from cg4ctr_fast.runtime.slots import Components
 
 PROVIDER_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64}
@@ -235,58 +235,6 @@ def _text_positions(component: Any) -> Optional[int]:
     return shape[1] if len(shape) > 1 and isinstance(shape[1], int) else None
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def read_model_info(root: Path) -> ModelInfo:
-    """The folder's model_info.json as a ModelInfo, every field checked for its type and range.
-
-    The manifest's sha256 only shows the file is the one recorded; a hand-edited file re-hashed to match
-    would otherwise fail deep in the loop (a null scaling_factor: TypeError).  Ranges: channels and
-    sample_size positive integers; unet_in_channels = latent_channels (masked blending) or
-    2 × latent_channels + 1 (an inpainting UNet: latents, mask, masked-image latents); vae_scale_factor a
-    power of two (2 ** (VAE blocks - 1), 8 for SD); scaling_factor a finite number > 0 (0.18215 for SD1.x);
-    model_id a string.  Raises InputError, one line naming the file and the field.
-    """
-    import math
-    from dataclasses import fields
-
-    path = root / mf.MODEL_INFO
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise InputError(f"{path}: unreadable ({type(exc).__name__}): {mf.REEXPORT}") from None
-    if not isinstance(data, dict):
-        raise InputError(f"{path}: not a JSON object: {mf.REEXPORT}")
-    names = [f.name for f in fields(ModelInfo)]
-    missing = [n for n in names if n not in data]
-    extra = sorted(set(data) - set(names))
-    if missing or extra:
-        what = f"missing {', '.join(missing)}" if missing else f"unknown field {', '.join(extra)}"
-        raise InputError(f"{path}: {what}: {mf.REEXPORT}")
-
-    def bad(field: str, expected: str) -> InputError:
-        return InputError(f"{path}: {field} must be {expected}, got {data[field]!r}: {mf.REEXPORT}")
-
-    for field in ("latent_channels", "sample_size", "unet_in_channels", "vae_scale_factor"):
-        if not _is_int(data[field]) or data[field] <= 0:
-            raise bad(field, "a positive integer")
-    latent = data["latent_channels"]
-    if data["unet_in_channels"] not in (latent, 2 * latent + 1):
-        raise bad("unet_in_channels", f"{latent} or {2 * latent + 1} (latent_channels {latent})")
-    scale = data["vae_scale_factor"]
-    if scale & (scale - 1):
-        raise bad("vae_scale_factor", "a power of two")
-    factor = data["scaling_factor"]
-    if not (isinstance(factor, (int, float)) and not isinstance(factor, bool) and math.isfinite(factor)
-            and factor > 0):
-        raise bad("scaling_factor", "a finite number > 0")
-    if not isinstance(data["model_id"], str):
-        raise bad("model_id", "a string")
-    return ModelInfo(**{**data, "scaling_factor": float(factor)})
-
-
 def engine_components(root: Path, parts: dict[str, Any], *, backend: str, device: torch.device,
                       scheduler: Optional[str] = None) -> Components:
     """Slots over an exported folder's components (ONNX Runtime or TensorRT: each part only needs
@@ -294,7 +242,7 @@ def engine_components(root: Path, parts: dict[str, Any], *, backend: str, device
     from cg4ctr_fast.models.diffusion import swap_scheduler
     from cg4ctr_fast.models.tokenizer import load_clip_tokenizer
 
-    info = read_model_info(root)
+    info = mf.read_model_info(root)
     sched = _load_scheduler(root)
     if scheduler is not None:
         sched = swap_scheduler(sched, scheduler)
