@@ -535,7 +535,12 @@ class CreativePipeline:
         if isinstance(prompt, (bytes, bytearray)):
             # list(b"...") would be a list of ints; name what was passed instead.
             raise InputError(f"prompt must be str, got {type(prompt).__name__}: decode it first (e.g. .decode('utf-8'))")
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if isinstance(prompt, str):
+            prompts = [prompt]
+        elif isinstance(prompt, (list, tuple)):
+            prompts = list(prompt)
+        else:
+            raise InputError(f"prompt must be a str or a list of str (one per user group), got {type(prompt).__name__}")
         _check_call_args(prompts, num_inference_steps, guidance_scale, strength, num_images_per_prompt, output_type,
                          scheduler=comps.scheduler)
         scale = info.vae_scale_factor

@@ -246,6 +246,9 @@ def test_pipeline_refuses_text_it_cannot_encode():
         pipe("x\ud800", image, mask, num_inference_steps=1, show_progress=False)
     with pytest.raises(InputError, match="negative prompt.*0xE9"):
         pipe("terrace", image, mask, negative_prompt="caf\udce9", num_inference_steps=1, show_progress=False)
+    for bad in (None, 5):
+        with pytest.raises(InputError, match="prompt must be a str or a list of str"):
+            pipe(bad, image, mask, num_inference_steps=1, show_progress=False)
     with pytest.raises(InputError, match="prompt must be str, got bytes"):
         pipe(b"caf\xe9", image, mask, num_inference_steps=1, show_progress=False)
     with pytest.raises(InputError, match=r"strength must be in \(0, 1\], got 0"):
@@ -491,4 +494,16 @@ def test_lora_scale_without_a_lora_is_refused(capsys, files, extra, message):
     assert main(_generate_args(files, "--prompt", "x", "--out", str(files / "o"), *extra)) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err, err
+    assert not (files / "o").exists()
+
+
+def test_preset_toy_with_engines_is_refused(capsys, files):
+    """--engines runs the exported folder's own weights: a --preset toy beside it was silently ignored."""
+    from cg4ctr_fast.cli.main import main
+
+    argv = _generate_args(files, "--prompt", "x", "--preset", "toy", "--engines", str(files / "engines"),
+                          "--out", str(files / "o"))
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--preset toy" in err and "--engines" in err, err
     assert not (files / "o").exists()

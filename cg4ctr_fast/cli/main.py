@@ -300,7 +300,8 @@ def cmd_generate(args) -> int:
     manifest: dict = {}
     if args.engines:
         clashing = [flag for flag, value in (("--model", args.model), ("--random-weights", args.random_weights),
-                                             ("--unet-channels", args.unet_channels), ("--lora", args.lora)) if value]
+                                             ("--unet-channels", args.unet_channels), ("--lora", args.lora),
+                                             ("--preset toy", toy)) if value]
         if clashing:
             raise InputError(f"--engines runs an exported folder; {', '.join(clashing)} apply to the torch stack "
                              "(fuse a LoRA at export: cg4ctr-export onnx --lora)")
