@@ -68,6 +68,18 @@ def check_out_dir(path: str | os.PathLike[str], *, overwrite: bool = False, flag
     return out
 
 
+def check_run_dir(path: str | os.PathLike[str], *, flag: str = "--out") -> Path:
+    """Check a resumable run folder before any work: not a file, and writable (or creatable).
+
+    Whether an existing, non-empty one may be continued is the command's own rule (`cycle --resume`).
+    """
+    out = Path(path)
+    if not out.is_dir():
+        return check_out_dir(out, flag=flag)  # missing: its nearest existing ancestor must take a folder
+    _check_writable_folder(out, flag, str(out))
+    return out
+
+
 def is_mount_point(path: str | os.PathLike[str]) -> bool:
     """Whether `path` is a mount point (bind mounts within one file system included).
 

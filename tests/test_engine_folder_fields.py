@@ -18,6 +18,7 @@ import pytest
 from cg4ctr_fast.errors import InputError
 from cg4ctr_fast.export import manifest as mf
 from tests.conftest import make_product
+from tests.test_imaging import assert_one_line_error
 from tests.test_export import export_cli
 
 
@@ -45,13 +46,6 @@ def _edited(exported: Path, tmp_path: Path, relative: str, edit) -> Path:
     return folder
 
 
-def _one_line(excinfo, *needles: str) -> None:
-    message = str(excinfo.value)
-    assert "\n" not in message, message
-    for needle in needles:
-        assert needle in message, (needle, message)
-
-
 def _set(field, value):
     return lambda data: data.__setitem__(field, value)
 
@@ -74,7 +68,7 @@ def test_model_info_field_refused(exported, tmp_path, field, value):
     folder = _edited(exported, tmp_path, mf.MODEL_INFO, _set(field, value))
     with pytest.raises(InputError) as excinfo:
         CreativePipeline.from_engines(str(folder))
-    _one_line(excinfo, "model_info.json", field)
+    assert_one_line_error(excinfo, "model_info.json", field)
 
 
 @pytest.mark.parametrize("edit,needle", [
@@ -87,7 +81,7 @@ def test_model_info_missing_or_unknown_field(exported, tmp_path, edit, needle):
     folder = _edited(exported, tmp_path, mf.MODEL_INFO, edit)
     with pytest.raises(InputError) as excinfo:
         CreativePipeline.from_engines(str(folder))
-    _one_line(excinfo, "model_info.json", needle)
+    assert_one_line_error(excinfo, "model_info.json", needle)
 
 
 def test_model_info_as_exported_loads(exported):
@@ -113,7 +107,7 @@ def test_tokenizer_max_length_falls_back_like_the_torch_path(exported, tmp_path,
         return  # null reads as transformers' "unset" int(1e30): an int, kept when there is nothing to compare with
     with pytest.raises(InputError) as excinfo:
         load_clip_tokenizer(folder / "tokenizer")
-    _one_line(excinfo, "tokenizer_config.json", "model_max_length")
+    assert_one_line_error(excinfo, "tokenizer_config.json", "model_max_length")
 
 
 def test_engine_with_negative_max_length_generates_as_unedited(exported, tmp_path):
@@ -156,7 +150,7 @@ def test_verify_refuses_what_from_engines_refuses(exported, tmp_path, field, val
     folder = _edited(exported, tmp_path, mf.MODEL_INFO, _set(field, value))
     with pytest.raises(InputError) as excinfo:
         verify_folder(folder, log=lambda _m: None)
-    _one_line(excinfo, "model_info.json", field)
+    assert_one_line_error(excinfo, "model_info.json", field)
 
 
 def _rewrite_manifest(folder: Path, edit) -> dict:
@@ -177,7 +171,7 @@ def test_manifest_entries_outside_the_folder_are_refused(exported, tmp_path, whe
     manifest = _rewrite_manifest(folder, lambda m: m["files"].append(record))
     with pytest.raises(InputError) as excinfo:
         mf.check_files(folder, manifest)
-    _one_line(excinfo, "not a path inside the folder", relative)
+    assert_one_line_error(excinfo, "not a path inside the folder", relative)
 
 
 def test_a_symlinked_file_is_refused(exported, tmp_path):
@@ -189,7 +183,7 @@ def test_a_symlinked_file_is_refused(exported, tmp_path):
     (folder / "validation.json").symlink_to(target)  # same bytes, so only the link itself can be refused
     with pytest.raises(InputError) as excinfo:
         mf.check_files(folder, mf.read_manifest(folder))
-    _one_line(excinfo, "validation.json", "symbolic link")
+    assert_one_line_error(excinfo, "validation.json", "symbolic link")
 
 
 def test_format_version_must_be_the_integer(exported, tmp_path):
@@ -198,4 +192,4 @@ def test_format_version_must_be_the_integer(exported, tmp_path):
     _rewrite_manifest(folder, lambda m: m.__setitem__("format_version", str(m["format_version"])))
     with pytest.raises(InputError) as excinfo:
         mf.read_manifest(folder)
-    _one_line(excinfo, 'format version "2"', "reads version 2 (an integer)")
+    assert_one_line_error(excinfo, 'format version "2"', "reads version 2 (an integer)")

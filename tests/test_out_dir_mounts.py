@@ -19,14 +19,7 @@ from cg4ctr_fast.cli.main import main
 from cg4ctr_fast.errors import InputError
 from cg4ctr_fast.fileio import atomic_dir, check_out_dir, is_mount_point
 from tests.conftest import make_product
-
-
-def _one_line(excinfo: pytest.ExceptionInfo, *needles: str) -> str:
-    message = str(excinfo.value)
-    assert "\n" not in message and "\r" not in message, message
-    for needle in needles:
-        assert needle in message, (needle, message)
-    return message
+from tests.test_imaging import assert_one_line_error
 
 
 @contextlib.contextmanager
@@ -69,7 +62,7 @@ def _check_filled(final: Path) -> None:
 def test_check_out_dir_refuses_empty_path(value):
     with pytest.raises(InputError) as excinfo:
         check_out_dir(value)  # Path("") would be the working folder
-    _one_line(excinfo, "--out", "empty")
+    assert_one_line_error(excinfo, "--out", "empty")
 
 
 def test_cli_refuses_empty_out(capsys, tmp_path):
@@ -90,7 +83,7 @@ def test_check_out_dir_refuses_unwritable_folder(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if Path(p) == out else real(p, mode, **kw))
     with pytest.raises(InputError) as excinfo:
         check_out_dir(out)
-    _one_line(excinfo, str(out), "cannot be written")
+    assert_one_line_error(excinfo, str(out), "cannot be written")
 
 
 def test_read_only_mount_refused_up_front(tmp_path, capsys):
@@ -103,7 +96,7 @@ def test_read_only_mount_refused_up_front(tmp_path, capsys):
     with bind_mount(src, out, read_only=True):
         with pytest.raises(InputError) as excinfo:
             check_out_dir(out)
-        _one_line(excinfo, str(out), "read-only")
+        assert_one_line_error(excinfo, str(out), "read-only")
         code = main(["generate", "--image", str(tmp_path / "p.png"), "--mask", str(tmp_path / "m.png"),
                      "--prompt", "x", "--steps", "2", "--out", str(out), "--quiet"])
         err = capsys.readouterr().err
@@ -210,7 +203,7 @@ def test_atomic_dir_mount_point_move_failure_leaves_it_empty(tmp_path, monkeypat
         with atomic_dir(out) as work:
             _fill(Path(work))
             monkeypatch.setattr(os, "rename", rename)
-    _one_line(excinfo, str(out), os.strerror(errno.EPERM))
+    assert_one_line_error(excinfo, str(out), os.strerror(errno.EPERM))
     monkeypatch.setattr(os, "rename", real_rename)
     assert list(out.iterdir()) == []
 
@@ -222,11 +215,11 @@ def test_non_empty_mount_point_refused(tmp_path, monkeypatch):
     _fake_mount(monkeypatch, out)
     with pytest.raises(InputError) as excinfo:
         check_out_dir(out, overwrite=True)
-    _one_line(excinfo, str(out), "mount point", "not empty")
+    assert_one_line_error(excinfo, str(out), "mount point", "not empty")
     with pytest.raises(InputError) as excinfo:
         with atomic_dir(out):
             pytest.fail("body must not run")
-    _one_line(excinfo, str(out), "mount point")
+    assert_one_line_error(excinfo, str(out), "mount point")
     assert sorted(p.name for p in out.iterdir()) == ["old.txt"]
 
 

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from cg4ctr_fast.errors import InputError
-from cg4ctr_fast.fileio import check_out_dir
 
 EXIT_OK = 0
 EXIT_INTERNAL = 1
@@ -157,21 +156,6 @@ def check_out_file(path: str | os.PathLike[str], *, flag: str, overwrite: Option
         os.unlink(probe)
     except OSError as exc:
         raise InputError(f"{flag} {out}: cannot write files in {parent} ({exc.strerror or exc})") from None
-    return out
-
-
-def check_run_dir(path: str | os.PathLike[str], *, flag: str = "--out") -> Path:
-    """Check a resumable run folder before any work: not a file, and writable (or creatable).
-
-    Whether an existing, non-empty one may be continued is the command's own rule (`cycle --resume`).
-    """
-    out = Path(path)
-    if not out.is_dir():
-        return check_out_dir(out, flag=flag)  # missing: its nearest existing ancestor must take a folder
-    try:
-        os.rmdir(tempfile.mkdtemp(prefix=".cg4ctr-probe-", dir=out))
-    except OSError as exc:
-        raise InputError(f"{flag} {out}: cannot create folders in it ({exc.strerror or exc})") from None
     return out
 
 

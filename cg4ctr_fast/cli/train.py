@@ -23,11 +23,10 @@ from cg4ctr_fast.cli.common import (
     add_overwrite,
     add_subcommand,
     add_subcommands,
-    check_run_dir,
     make_parser,
     run_cli,
 )
-from cg4ctr_fast.fileio import check_out_dir
+from cg4ctr_fast.fileio import check_out_dir, check_run_dir
 from cg4ctr_fast.errors import InputError
 
 PROG = "cg4ctr-train"
