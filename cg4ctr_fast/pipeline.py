@@ -12,6 +12,9 @@ Stages, top to bottom (see `CreativePipeline.__call__`):
   9. postprocess, restore the original size, paste the product back bit for bit
  10. reward scores, when a reward model is attached
 
+`generate_batch` runs several products, each with its own prompts, through stages 1–3 and 5–6 one product
+at a time and then ONE loop (7–8) for all of them: what the serving runtime uses to fill batches across requests.
+
 Backends fill the named slots of `Components` (text_encoder, unet, vae_encoder, vae_decoder); the loop
 never forks on the backend. With composite off and the same components, scheduler and generator, the output
 equals diffusers' StableDiffusionInpaintPipeline within float tolerance (tests/test_parity.py).
@@ -71,6 +74,57 @@ class Creative:
     # The final denoised latents [C, h, w] in the UNet's (scaled) space, with return_latents=True: what
     # training on the pipeline's own output wants, without a VAE decode + encode round trip.
     latents: Optional[torch.Tensor] = None
+
+
+@dataclass
+class ProductJob:
+    """One product and its prompts, for `CreativePipeline.generate_batch` (the per-product arguments of `__call__`).
+
+    prompt: a string or one per user group; image: a path, bytes, PIL image or `imaging.ProductImage`;
+    mask_image, negative_prompt, num_images_per_prompt, seed, generator: as in `__call__`.
+    """
+
+    prompt: Union[str, Sequence[str]]
+    image: Any
+    mask_image: Any = None
+    negative_prompt: Union[str, Sequence[str], None] = None
+    num_images_per_prompt: int = 1
+    seed: int = 0
+    generator: GeneratorArg = None
+
+    def prompts(self) -> list[str]:
+        """The prompts as a list; InputError for anything but a str or a list / tuple of them."""
+        if isinstance(self.prompt, (bytes, bytearray)):
+            # list(b"...") would be a list of ints; name what was passed instead.
+            raise InputError(f"prompt must be str, got {type(self.prompt).__name__}: decode it first (e.g. .decode('utf-8'))")
+        if isinstance(self.prompt, str):
+            return [self.prompt]
+        if isinstance(self.prompt, (list, tuple)):
+            return list(self.prompt)
+        raise InputError(f"prompt must be a str or a list of str (one per user group), got {type(self.prompt).__name__}")
+
+
+@dataclass
+class _Prepared:
+    """One product after stages 1–3 and 5–6: what the shared loop concatenates and splits back."""
+
+    product: Any
+    mask: Image.Image
+    paste_mask: Image.Image
+    height: int
+    width: int
+    batch: int
+    per_prompt: int
+    creative_prompts: list
+    seeds: list
+    generators: Optional[list]
+    step_generator: Any
+    prompt_embeds: torch.Tensor
+    noise: torch.Tensor
+    latents: torch.Tensor
+    image_latents: Optional[torch.Tensor]
+    mask_latents: torch.Tensor
+    masked_image_latents: torch.Tensor
 
 
 def derive_seed(*parts: Any) -> int:
@@ -524,25 +578,83 @@ class CreativePipeline:
                 are not accepted: wrap them with PIL.Image.fromarray).
             RuntimeError when the VAE decode gives NaN/Inf even in float32.
         """
+        job = ProductJob(prompt, image, mask_image=mask_image, negative_prompt=negative_prompt,
+                         num_images_per_prompt=num_images_per_prompt, seed=seed, generator=generator)
+        return self._run(
+            [job], num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, strength=strength,
+            output_type=output_type, composite=composite, height=height, width=width, eta=eta,
+            show_progress=show_progress, return_latents=return_latents,
+            callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+        )[0]
+
+    @torch.no_grad()
+    def generate_batch(
+        self,
+        jobs: Sequence["ProductJob"],
+        *,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        strength: float = 1.0,
+        output_type: str = "pil",
+        composite: bool = True,
+        height: Optional[int] = None,
+        width: Optional[int] = None,
+        eta: float = 0.0,
+        show_progress: bool = True,
+        return_latents: bool = False,
+    ) -> list[list[Creative]]:
+        """Several products, each with its own prompts (user groups), in ONE denoising loop.
+
+        Each product is prepared as `__call__` prepares it (its mask, seeds, prompt embeddings and its own
+        VAE encodes, once per product), then the latents of all products are concatenated and denoised
+        together, decoded together and split back.  With the same arguments, product k's creatives equal
+        `pipe(jobs[k].prompt, jobs[k].image, ...)`: the same seeds, so the same noise; the pixels agree within
+        the float tolerance of a larger UNet batch (tests/test_serve_runtime.py); product pixels bit-exact.
+
+        jobs: `ProductJob`s; all must have the same working size (height × width after `working_size`, or the
+            explicit height/width); the serving runtime groups requests by it.
+        Other arguments as in `__call__`, shared by every job.
+        Returns one list of `Creative`s per job, in job order, each group-major as `__call__` returns it.
+        Raises InputError as `__call__` does (naming the job), and when the jobs' working sizes differ.
+        """
+        return self._run(
+            list(jobs), num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, strength=strength,
+            output_type=output_type, composite=composite, height=height, width=width, eta=eta,
+            show_progress=show_progress, return_latents=return_latents,
+        )
+
+    def _run(
+        self,
+        jobs: list["ProductJob"],
+        *,
+        num_inference_steps: int,
+        guidance_scale: float,
+        strength: float,
+        output_type: str,
+        composite: bool,
+        height: Optional[int],
+        width: Optional[int],
+        eta: float,
+        show_progress: bool,
+        return_latents: bool,
+        callback_on_step_end: Optional[Callable] = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+    ) -> list[list[Creative]]:
+        """The data path for one or more products; see `__call__` (one) and `generate_batch` (several)."""
         from diffusers.utils.torch_utils import randn_tensor
         from tqdm.auto import tqdm
-
-        from cg4ctr_fast.imaging import image_sha256, load_product, working_size
 
         comps = self.components
         info = comps.info
         device, dtype = comps.device, comps.dtype
-        if isinstance(prompt, (bytes, bytearray)):
-            # list(b"...") would be a list of ints; name what was passed instead.
-            raise InputError(f"prompt must be str, got {type(prompt).__name__}: decode it first (e.g. .decode('utf-8'))")
-        if isinstance(prompt, str):
-            prompts = [prompt]
-        elif isinstance(prompt, (list, tuple)):
-            prompts = list(prompt)
-        else:
-            raise InputError(f"prompt must be a str or a list of str (one per user group), got {type(prompt).__name__}")
-        _check_call_args(prompts, num_inference_steps, guidance_scale, strength, num_images_per_prompt, output_type,
-                         scheduler=comps.scheduler)
+        if not jobs:
+            raise InputError("no product: pass at least one job")
+        for job in jobs:
+            if not isinstance(job, ProductJob):
+                raise InputError(f"jobs must be ProductJob objects, got {type(job).__name__}")
+            _check_call_args(job.prompts(), num_inference_steps, guidance_scale, strength,
+                             job.num_images_per_prompt, output_type, scheduler=comps.scheduler)
         scale = info.vae_scale_factor
         # The latents are side // scale; the UNet halves them three times, hence 8 at the least.
         multiple = max(8, scale)
@@ -550,46 +662,12 @@ class CreativePipeline:
             if side is not None and (side <= 0 or side % multiple):
                 raise InputError(f"{side_name} must be a positive multiple of {multiple}, got {side}")
         callback_inputs = _callback_tensor_names(callback_on_step_end, callback_on_step_end_tensor_inputs)
-
-        # 1. product image and mask -------------------------------------------------------------
-        # One load path for every input type: oriented, sRGB, straight alpha (imaging.load_product).
-        product = load_product(image, what="image")
-        rgb = product.model_rgb
-        mask = self.product_mask(rgb, mask_image, product.alpha_mask)
-        # The composite's keep region: the mask's black part; when the mask comes from the alpha itself, every
-        # pixel with alpha > 0, so the anti-aliased outer edge (alpha 1..127) blends over the new background.
-        paste_mask = mask
-        if mask_image is None and product.alpha_mask is not None:
-            paste_mask = Image.fromarray(np.where(product.alpha > 0, 0, 255).astype(np.uint8))
-        work_w, work_h = working_size(rgb.width, rgb.height, self.max_side)
-        height = height or work_h
-        width = width or work_w
-
-        # 2. seeds ------------------------------------------------------------------------------
-        batch = len(prompts) * num_images_per_prompt
-        creative_prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
-        seeds: list[Optional[int]] = [None] * batch
-        if generator is None:
-            product_key = image_sha256(rgb)
-            seeds = [
-                derive_seed(product_key, p, i % num_images_per_prompt, seed) for i, p in enumerate(creative_prompts)
-            ]
-            generator = [_generator(s) for s in seeds]
-            encode_generator = _generator(derive_seed(product_key, "vae-encode", seed))
-        else:
-            if isinstance(generator, list) and len(generator) != batch:
-                raise InputError(f"got {len(generator)} generators for a batch of {batch} creatives")
-            # diffusers encodes the single product image with the first generator.
-            encode_generator = generator[0] if isinstance(generator, list) else generator
-
-        # 3. prompt embeddings (cached) ---------------------------------------------------------
+        if info.unet_in_channels not in (4, 9):
+            raise InputError(f"the UNet has {info.unet_in_channels} input channels; 4 or 9 are supported")
+        four_channel = info.unet_in_channels == 4
         do_cfg = guidance_scale > 1.0
-        negatives = _negative_prompts(negative_prompt, len(prompts)) if do_cfg else []
-        # One text-encoder call for every new prompt, negatives included; [negatives; prompts] as diffusers.
-        with self._stage("text"):
-            prompt_embeds = self.encode_prompts(negatives + prompts).repeat_interleave(num_images_per_prompt, dim=0)
 
-        # 4. timesteps --------------------------------------------------------------------------
+        # 4. timesteps (shared by every product of the batch) ------------------------------------
         # A fresh scheduler per call: scheduler state (step index, solver history) is per request.
         scheduler = comps.scheduler.__class__.from_config(comps.scheduler.config)
         scheduler.set_timesteps(num_inference_steps, device=device)
@@ -600,41 +678,43 @@ class CreativePipeline:
             scheduler.set_begin_index(t_start * scheduler.order)
         if len(timesteps) < 1:
             raise InputError(f"strength {strength} with {num_inference_steps} steps leaves no denoising step")
-        is_strength_max = strength == 1.0
 
-        # 5. encode the product once ------------------------------------------------------------
-        init_image = self.image_processor.preprocess(rgb, height=height, width=width).to(torch.float32)
-        init_image = init_image.to(device=device, dtype=dtype)
-        mask_condition = self.mask_processor.preprocess(mask, height=height, width=width)
-        four_channel = info.unet_in_channels == 4
-        if info.unet_in_channels not in (4, 9):
-            raise InputError(f"the UNet has {info.unet_in_channels} input channels; 4 or 9 are supported")
-        image_latents = None
-        if four_channel or not is_strength_max:
-            with self._stage("vae_encode"):
-                image_latents = self._encode_image(init_image, encode_generator)
-
-        # 6. initial latents --------------------------------------------------------------------
-        latent_shape = (batch, info.latent_channels, height // scale, width // scale)
-        noise = randn_tensor(latent_shape, generator=generator, device=device, dtype=dtype)
-        if is_strength_max:
-            latents = noise * scheduler.init_noise_sigma
+        # 1–3, 5–6 per product: image and mask, seeds, prompt embeddings, latents encoded once per product.
+        prepared = [
+            self._prepare(job, scheduler=scheduler, timesteps=timesteps, strength=strength, do_cfg=do_cfg,
+                          height=height, width=width, randn_tensor=randn_tensor)
+            for job in jobs
+        ]
+        sizes = {(p.height, p.width) for p in prepared}
+        if len(sizes) > 1:
+            listed = ", ".join(f"{w}×{h}" for h, w in sorted(sizes))
+            raise InputError(f"products of different working sizes ({listed}) cannot share one denoising batch; "
+                             "group them by size or pass height and width")
+        height, width = prepared[0].height, prepared[0].width
+        batch = sum(p.batch for p in prepared)
+        if len(prepared) == 1:
+            generator = prepared[0].step_generator
+        elif any(p.generators is None for p in prepared):
+            raise InputError("a batch of several products needs one generator per creative (a list) or none")
         else:
-            latent_timestep = timesteps[:1].repeat(batch)
-            latents = scheduler.add_noise(image_latents.expand(batch, -1, -1, -1), noise, latent_timestep)
-        masked_image = init_image * (mask_condition.to(device=device, dtype=dtype) < 0.5)
-        with self._stage("vae_encode"):
-            masked_image_latents = self._encode_image(masked_image, encode_generator)
-        mask_latents = torch.nn.functional.interpolate(mask_condition, size=(height // scale, width // scale))
-        mask_latents = mask_latents.to(device=device, dtype=dtype).expand(batch, -1, -1, -1)
-        masked_image_latents = masked_image_latents.expand(batch, -1, -1, -1)
+            generator = [g for p in prepared for g in p.generators]
+        latents = torch.cat([p.latents for p in prepared])
+        mask_latents = torch.cat([p.mask_latents for p in prepared])
+        masked_image_latents = torch.cat([p.masked_image_latents for p in prepared])
+        # [negatives of every product; prompts of every product]: diffusers' order, one UNet call for both halves.
         if do_cfg:
+            prompt_embeds = torch.cat([p.prompt_embeds[: p.batch] for p in prepared]
+                                      + [p.prompt_embeds[p.batch:] for p in prepared])
             unet_mask = torch.cat([mask_latents] * 2)
             unet_masked_latents = torch.cat([masked_image_latents] * 2)
         else:
+            prompt_embeds = torch.cat([p.prompt_embeds for p in prepared])
             unet_mask, unet_masked_latents = mask_latents, masked_image_latents
+        noise = torch.cat([p.noise for p in prepared])
+        image_latents = (torch.cat([p.image_latents.expand(p.batch, -1, -1, -1) for p in prepared])
+                         if four_channel else None)
 
-        # 7. one denoising loop over all groups ------------------------------------------------
+        # 7. one denoising loop over all groups of all products --------------------------------
         stepper = self._make_stepper(scheduler, guidance_scale, do_cfg, eta, generator, device)
         for i, t in enumerate(tqdm(timesteps, desc="denoise", disable=not show_progress, leave=False)):
             model_input = torch.cat([latents] * 2) if do_cfg else latents
@@ -646,7 +726,7 @@ class CreativePipeline:
             blend = None
             if four_channel:
                 next_t = timesteps[i + 1] if i < len(timesteps) - 1 else None
-                blend = Blend(mask_latents, image_latents.expand(batch, -1, -1, -1), noise, next_t)
+                blend = Blend(mask_latents, image_latents, noise, next_t)
             with self._stage("step"):
                 latents = stepper(noise_pred, t, latents, blend=blend)
             if callback_on_step_end is not None:
@@ -688,32 +768,125 @@ class CreativePipeline:
                     "VAE decode produced NaN/Inf: run the VAE in float32 (fp16 SD VAEs overflow) or lower the guidance"
                 )
 
-            # 9. postprocess, restore the original size, paste the product back --------------
+            # 9. postprocess, restore each original size, paste each product back --------------
+            images = []
             with self._stage("composite"):
-                images = self._postprocess(decoded, product, paste_mask, composite=composite,
-                                           output_type=output_type)
-        creatives = [
-            Creative(
-                image=out,
-                prompt=creative_prompts[k],
-                group=k // num_images_per_prompt,
-                index=k % num_images_per_prompt,
-                seed=seeds[k],
-                mask=mask,
-                latents=latents[k].detach().float().cpu() if return_latents else None,
-            )
-            for k, out in enumerate(images)
-        ]
+                start = 0
+                for p in prepared:
+                    images += self._postprocess(decoded[start:start + p.batch], p.product, p.paste_mask,
+                                                composite=composite, output_type=output_type)
+                    start += p.batch
+        results: list[list[Creative]] = []
+        start = 0
+        for p in prepared:
+            creatives = [
+                Creative(
+                    image=images[start + k],
+                    prompt=p.creative_prompts[k],
+                    group=k // p.per_prompt,
+                    index=k % p.per_prompt,
+                    seed=p.seeds[k],
+                    mask=p.mask,
+                    latents=latents[start + k].detach().float().cpu() if return_latents else None,
+                )
+                for k in range(p.batch)
+            ]
+            start += p.batch
 
-        # 10. reward ----------------------------------------------------------------------------
-        if self.reward is not None and output_type != "latent":
-            with self._stage("reward"):
-                # The reward model scores what would be shipped: 8-bit RGB images, whatever the output type.
-                shown = [c.image if output_type == "pil" else _to_pil(c.image) for c in creatives]
-                scores = self.reward(shown, [c.group for c in creatives])
-            for creative, score in zip(creatives, scores):
-                creative.reward = float(score)
-        return creatives
+            # 10. reward --------------------------------------------------------------------------
+            if self.reward is not None and output_type != "latent":
+                with self._stage("reward"):
+                    # The reward model scores what would be shipped: 8-bit RGB images, whatever the output type.
+                    shown = [c.image if output_type == "pil" else _to_pil(c.image) for c in creatives]
+                    scores = self.reward(shown, [c.group for c in creatives])
+                for creative, score in zip(creatives, scores):
+                    creative.reward = float(score)
+            results.append(creatives)
+        return results
+
+    def _prepare(self, job: "ProductJob", *, scheduler, timesteps, strength: float, do_cfg: bool,
+                 height: Optional[int], width: Optional[int], randn_tensor) -> "_Prepared":
+        """Stages 1–3 and 5–6 for one product: mask, seeds, prompt embeddings, its latents (encoded once)."""
+        from cg4ctr_fast.imaging import image_sha256, load_product, working_size
+
+        comps = self.components
+        info = comps.info
+        device, dtype = comps.device, comps.dtype
+        prompts = job.prompts()
+        per_prompt = job.num_images_per_prompt
+
+        # 1. product image and mask -------------------------------------------------------------
+        # One load path for every input type: oriented, sRGB, straight alpha (imaging.load_product).
+        product = load_product(job.image, what="image")
+        rgb = product.model_rgb
+        mask = self.product_mask(rgb, job.mask_image, product.alpha_mask)
+        # The composite's keep region: the mask's black part; when the mask comes from the alpha itself, every
+        # pixel with alpha > 0, so the anti-aliased outer edge (alpha 1..127) blends over the new background.
+        paste_mask = mask
+        if job.mask_image is None and product.alpha_mask is not None:
+            paste_mask = Image.fromarray(np.where(product.alpha > 0, 0, 255).astype(np.uint8))
+        work_w, work_h = working_size(rgb.width, rgb.height, self.max_side)
+        height = height or work_h
+        width = width or work_w
+
+        # 2. seeds ------------------------------------------------------------------------------
+        batch = len(prompts) * per_prompt
+        creative_prompts = [p for p in prompts for _ in range(per_prompt)]
+        seeds: list[Optional[int]] = [None] * batch
+        generator = job.generator
+        generators = None
+        if generator is None:
+            product_key = image_sha256(rgb)
+            seeds = [derive_seed(product_key, p, i % per_prompt, job.seed) for i, p in enumerate(creative_prompts)]
+            generators = [_generator(s) for s in seeds]
+            generator = generators
+            encode_generator = _generator(derive_seed(product_key, "vae-encode", job.seed))
+        else:
+            if isinstance(generator, list) and len(generator) != batch:
+                raise InputError(f"got {len(generator)} generators for a batch of {batch} creatives")
+            # diffusers encodes the single product image with the first generator.
+            encode_generator = generator[0] if isinstance(generator, list) else generator
+            if isinstance(generator, list):
+                generators = list(generator)
+
+        # 3. prompt embeddings (cached) ---------------------------------------------------------
+        negatives = _negative_prompts(job.negative_prompt, len(prompts)) if do_cfg else []
+        # One text-encoder call for every new prompt, negatives included; [negatives; prompts] as diffusers.
+        with self._stage("text"):
+            prompt_embeds = self.encode_prompts(negatives + prompts).repeat_interleave(per_prompt, dim=0)
+
+        # 5. encode the product once ------------------------------------------------------------
+        is_strength_max = strength == 1.0
+        four_channel = info.unet_in_channels == 4
+        scale = info.vae_scale_factor
+        init_image = self.image_processor.preprocess(rgb, height=height, width=width).to(torch.float32)
+        init_image = init_image.to(device=device, dtype=dtype)
+        mask_condition = self.mask_processor.preprocess(mask, height=height, width=width)
+        image_latents = None
+        if four_channel or not is_strength_max:
+            with self._stage("vae_encode"):
+                image_latents = self._encode_image(init_image, encode_generator)
+
+        # 6. initial latents --------------------------------------------------------------------
+        latent_shape = (batch, info.latent_channels, height // scale, width // scale)
+        noise = randn_tensor(latent_shape, generator=generator, device=device, dtype=dtype)
+        if is_strength_max:
+            latents = noise * scheduler.init_noise_sigma
+        else:
+            latent_timestep = timesteps[:1].repeat(batch)
+            latents = scheduler.add_noise(image_latents.expand(batch, -1, -1, -1), noise, latent_timestep)
+        masked_image = init_image * (mask_condition.to(device=device, dtype=dtype) < 0.5)
+        with self._stage("vae_encode"):
+            masked_image_latents = self._encode_image(masked_image, encode_generator)
+        mask_latents = torch.nn.functional.interpolate(mask_condition, size=(height // scale, width // scale))
+        mask_latents = mask_latents.to(device=device, dtype=dtype).expand(batch, -1, -1, -1)
+        return _Prepared(
+            product=product, mask=mask, paste_mask=paste_mask, height=height, width=width, batch=batch,
+            per_prompt=per_prompt, creative_prompts=creative_prompts, seeds=seeds, generators=generators,
+            step_generator=generator, prompt_embeds=prompt_embeds, noise=noise, latents=latents,
+            image_latents=image_latents, mask_latents=mask_latents,
+            masked_image_latents=masked_image_latents.expand(batch, -1, -1, -1),
+        )
 
     def _make_stepper(self, scheduler, guidance_scale: float, do_cfg: bool, eta: float, generator, device):
         """The per-step work outside the UNet: fused when asked (or on CUDA), else diffusers' literal sequence."""
