@@ -1,0 +1,690 @@
+"""The serving engine: a bounded queue, batches that fill across requests, deadlines; no HTTP in here.
+
+    runtime = CreativeRuntime.from_preset("tiny", store="out/store", reward="models/reward", groups="groups.json")
+    future = runtime.submit(GenerateRequest("sku-1", image="product.png", group_ids=("3", "5")))
+    result = future.result()                           # GenerateResult: stored creative ids and scores
+    runtime.select("sku-1", "3")                       # Selection: a stored creative, or the original and why
+
+Nearline path, one worker thread, top to bottom:
+  1. `submit` checks the request in the caller's thread (ids, prompts, the image decoded with the same checks
+     as `cg4ctr generate`), so bad input fails at once and nothing is queued; a full queue raises QueueFull.
+  2. the worker takes the oldest request and every waiting request of the same working size, up to
+     `max_batch` creatives (waiting up to `max_wait_ms` for the batch to fill); a request whose deadline has
+     passed is answered DeadlineExceeded and never run, a cancelled one is dropped;
+  3. `CreativePipeline.generate_batch`: each product encoded once, ONE denoising loop for all of them;
+  4. the reward model embeds every creative and the original once; the numpy reward head (`select.RewardHead`)
+     scores each of them for every known user group;
+  5. the store writes the files, then the rows and scores in one transaction; each request's future resolves.
+Online path: `select` reads the stored scores (`select.Selector`); the original photo is always a candidate.
+
+Metrics are taken at this boundary through a `RuntimeObserver` (the HTTP layer plugs Prometheus in);
+the runtime never imports the HTTP layer.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import dataclasses
+import io
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence, Union
+
+import numpy as np
+
+from cg4ctr_fast.errors import InputError, check_utf8
+from cg4ctr_fast.serving.errors import DeadlineExceeded, NotFound, QueueFull, RuntimeClosed
+
+__all__ = [
+    "GenerateRequest",
+    "StoredCreative",
+    "GenerateResult",
+    "RuntimeObserver",
+    "CreativeRuntime",
+    "MAX_CREATIVES_PER_REQUEST",
+    "MAX_ID_CHARS",
+]
+
+# The same cap as `cg4ctr generate`: one request's creatives share one denoising batch (2× with guidance).
+MAX_CREATIVES_PER_REQUEST = 64
+MAX_ID_CHARS = 200
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    """One product to generate creatives for.
+
+    product_id: the caller's id (non-empty, ≤ 200 characters); the store keys everything by it.
+    image: the product photo (a path, raw file bytes or a PIL image; the checks of `imaging.load_product`:
+        ≤ 4096 × 4096 px, ≤ 64 MiB); None: the original already stored for product_id.
+    prompts: one per creative group; empty: the prompt model proposes one per entry of group_ids (or per
+        known group when group_ids is empty too).
+    group_ids: the user group each prompt is for (known to the runtime); may be empty when prompts are given
+        (the creatives are then for no group in particular; they are still scored for every group).
+    title: the product title the reward model scores with; mask_image: as `CreativePipeline.__call__`.
+    num_images_per_prompt, seed: as `CreativePipeline.__call__` (same seeds, same pixels in any process).
+    deadline: absolute `time.monotonic()` seconds; a request not started by then is never run. None: none.
+    """
+
+    product_id: str
+    image: Any = None
+    prompts: tuple = ()
+    group_ids: tuple = ()
+    title: str = ""
+    mask_image: Any = None
+    num_images_per_prompt: int = 1
+    seed: int = 0
+    deadline: Optional[float] = None
+
+
+@dataclass(frozen=True)
+class StoredCreative:
+    """A creative as stored: creative_id is the sha256 (hex) of its PNG file.
+
+    reward: its calibrated CTR in [0, 1] for its own group (None when made for no group);
+    scores: group_id → calibrated CTR in [0, 1], for every group the runtime knows.
+    """
+
+    creative_id: str
+    group_id: Optional[str]
+    prompt: str
+    index: int
+    seed: Optional[int]
+    reward: Optional[float]
+    scores: dict
+
+
+@dataclass(frozen=True)
+class GenerateResult:
+    """What one request produced: its stored creatives and the original's score per group.
+
+    queued_ms: from submit to the start of its batch; run_ms: its batch's generate + score + store time;
+    batch_creatives / batch_requests: the denoising batch it ran in (creatives, and requests sharing it).
+    """
+
+    product_id: str
+    model_id: str
+    creatives: tuple
+    original_scores: dict
+    queued_ms: float
+    run_ms: float
+    batch_creatives: int
+    batch_requests: int = 1
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class RuntimeObserver:
+    """Hooks at the runtime's boundary; the default does nothing. Called from the worker and caller threads.
+
+    stage names: "queue", "generate", "reward", "store", "select"; rejection reasons: "queue_full",
+    "deadline", "bad_input", "closed", "cancelled", "failed". Seconds are wall-clock.
+    """
+
+    def queue_depth(self, depth: int) -> None:  # requests waiting, after each change
+        pass
+
+    def batch(self, creatives: int, requests: int) -> None:  # one denoising batch
+        pass
+
+    def stage(self, name: str, seconds: float) -> None:
+        pass
+
+    def rejected(self, reason: str) -> None:
+        pass
+
+    def completed(self, status: str, seconds: float) -> None:  # "ok" or a rejection reason, submit → answer
+        pass
+
+
+@dataclass
+class _Pending:
+    request: GenerateRequest
+    product: Any  # imaging.ProductImage
+    prompts: list
+    group_ids: list
+    future: concurrent.futures.Future
+    size: tuple  # the working (height, width): requests batch together only at one size
+    creatives: int
+    submitted: float = field(default_factory=time.monotonic)
+    started: float = 0.0  # time.monotonic() when its batch started
+
+
+def _check_id(value: Any, what: str) -> str:
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise InputError(f"{what} must be a string, got {type(value).__name__}")
+    text = str(value)
+    if not text.strip():
+        raise InputError(f"{what} must not be empty")
+    if len(text) > MAX_ID_CHARS:
+        raise InputError(f"{what} is {len(text)} characters, over the {MAX_ID_CHARS} allowed")
+    return check_utf8(text, what)
+
+
+def _png(image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _load_groups(groups, group_dim: int) -> tuple[list[str], np.ndarray]:
+    """(ids, float32 [n, group_dim]) from a groups.json path, a mapping id → features, or None (one neutral group)."""
+    if groups is None:
+        # The neutral row `cg4ctr generate` uses: [1.0] for models trained without groups, zeros otherwise.
+        row = np.ones((1, 1), np.float32) if group_dim == 1 else np.zeros((1, group_dim), np.float32)
+        return ["default"], row
+    if isinstance(groups, (str, os.PathLike)):
+        from cg4ctr_fast.training.data import _load_groups_json
+
+        ids, features = _load_groups_json(Path(groups))
+        ids = [str(g) for g in ids]
+    else:
+        ids = [_check_id(g, "group id") for g in groups]
+        features = np.stack([np.asarray(groups[g], dtype=np.float32).reshape(-1) for g in groups])
+    if features.shape[1] != group_dim:
+        raise InputError(f"groups have {features.shape[1]} features each, the reward model expects {group_dim}")
+    return ids, np.asarray(features, dtype=np.float32)
+
+
+class CreativeRuntime:
+    """Thread-safe serving engine over a `CreativePipeline`, a reward model and a `CreativeStore`.
+
+    Args:
+        pipeline: the generator (any backend: torch, compile, onnxruntime, tensorrt slots).
+        store: a `store.CreativeStore` or a folder (created if missing).
+        reward: a `RewardModel` or a folder written by `cg4ctr-train reward` (required: every creative is
+            scored for every group when it is stored, so online selection only reads scores).
+        groups: the user groups: a groups.json path (`cg4ctr-sim`'s format), a mapping group_id → features,
+            or None for one neutral group "default".
+        prompt_model: a `PromptModel` (or its folder) that proposes a prompt per group when a request names
+            groups but no prompts; None: such a request is refused.
+        model_id: names the generator in the store (selection never mixes model ids).
+        max_batch: creatives per denoising batch (requests fill it together; a larger request runs alone).
+        max_queue: requests that may wait; one more raises QueueFull.
+        max_wait_ms: how long the oldest request waits for others to fill its batch (ms).
+        num_inference_steps / guidance_scale: per batch; None: the pipeline's preset defaults (20 / 7.5).
+        observer: a `RuntimeObserver` for metrics.
+    Raises InputError for a bad reward folder, groups file or option.
+    """
+
+    def __init__(
+        self,
+        pipeline,
+        *,
+        store,
+        reward,
+        groups=None,
+        prompt_model=None,
+        model_id: str,
+        reward_id: Optional[str] = None,
+        max_batch: int = 32,
+        max_queue: int = 64,
+        max_wait_ms: float = 2.0,
+        num_inference_steps: Optional[int] = None,
+        guidance_scale: Optional[float] = None,
+        observer: Optional[RuntimeObserver] = None,
+    ):
+        from cg4ctr_fast.models.reward import RewardModel
+        from cg4ctr_fast.serving.select import RewardHead, Selector
+        from cg4ctr_fast.serving.store import CreativeStore
+
+        for name, value in (("max_batch", max_batch), ("max_queue", max_queue)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise InputError(f"{name} must be a positive integer, got {value!r}")
+        if not (max_wait_ms >= 0 and np.isfinite(max_wait_ms)):
+            raise InputError(f"max_wait_ms must be ≥ 0, got {max_wait_ms!r}")
+        if reward is None:
+            raise InputError("a reward model is needed: every stored creative is scored for every user group")
+        if isinstance(reward, (str, os.PathLike)):
+            from cg4ctr_fast.export.manifest import folder_sha256
+
+            reward_id = reward_id or f"reward:{folder_sha256(reward)[:16]}"
+            reward = RewardModel.load(reward)
+        elif reward_id is None:
+            reward_id = f"reward:{_state_sha256(reward)[:16]}"
+        if isinstance(prompt_model, (str, os.PathLike)):
+            from cg4ctr_fast.models.prompt import PromptModel
+
+            prompt_model = PromptModel.load(prompt_model)
+        self.pipeline = pipeline
+        # The runtime scores with its own reward model (embeddings + head for every group), not the pipeline's.
+        self.pipeline.reward = None
+        self.store = store if isinstance(store, CreativeStore) else CreativeStore(store)
+        self.reward = reward.eval()
+        self.reward_id = reward_id
+        self.head = RewardHead.from_model(reward)
+        ids, features = _load_groups(groups, reward.config.group_dim)
+        self.group_ids: tuple[str, ...] = tuple(ids)
+        self.group_features = features
+        self._group_row = {g: i for i, g in enumerate(ids)}
+        self.prompt_model = prompt_model
+        self.model_id = _check_id(model_id, "model_id")
+        self.selector = Selector(self.store, self.head, dict(zip(ids, features)), model_id=self.model_id,
+                                 reward_id=reward_id)
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self.max_wait_s = max_wait_ms / 1000.0
+        self.num_inference_steps = num_inference_steps or 20
+        self.guidance_scale = 7.5 if guidance_scale is None else guidance_scale
+        self.observer = observer or RuntimeObserver()
+        self.ready = False
+        self._queue: "collections.deque[_Pending]" = collections.deque()
+        self._cond = threading.Condition()
+        self._closing = False
+        self._running = 0  # requests in the batch being run
+        self._worker = threading.Thread(target=self._work, name="cg4ctr-runtime", daemon=True)
+        self._worker.start()
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def from_preset(cls, name: str, *, store, reward, seed: int = 0, random_weights: bool = False,
+                    scheduler: Optional[str] = None, saliency: Optional[str] = None, backend: str = "torch",
+                    lora: Optional[str] = None, lora_scale: float = 1.0, **options) -> "CreativeRuntime":
+        """A runtime over `CreativePipeline.from_preset(name, ...)`; model_id "preset:<name>:seed<seed>"."""
+        from cg4ctr_fast.pipeline import CreativePipeline
+
+        pipe = CreativePipeline.from_preset(name, seed=seed, random_weights=random_weights, scheduler=scheduler,
+                                            saliency=saliency, backend=backend, lora=lora, lora_scale=lora_scale)
+        model_id = options.pop("model_id", None) or _with_lora(f"preset:{name}:seed{seed}", lora, lora_scale)
+        return cls(pipe, store=store, reward=reward, model_id=model_id, **options)
+
+    @classmethod
+    def from_pretrained(cls, path: str, *, store, reward, scheduler: Optional[str] = None,
+                        saliency: Optional[str] = None, backend: str = "torch", lora: Optional[str] = None,
+                        lora_scale: float = 1.0, **options) -> "CreativeRuntime":
+        """A runtime over a local diffusers folder; model_id "model:<sha256 of the folder's files>"."""
+        from cg4ctr_fast.export.manifest import folder_sha256
+        from cg4ctr_fast.pipeline import CreativePipeline
+
+        pipe = CreativePipeline.from_pretrained(path, scheduler=scheduler, saliency=saliency, backend=backend,
+                                                lora=lora, lora_scale=lora_scale, **_pipeline_options(options))
+        model_id = options.pop("model_id", None) or _with_lora(f"model:{folder_sha256(path)[:16]}", lora, lora_scale)
+        return cls(pipe, store=store, reward=reward, model_id=model_id, **options)
+
+    @classmethod
+    def from_engines(cls, path: str, *, store, reward, backend: str = "onnxruntime",
+                     scheduler: Optional[str] = None, saliency: Optional[str] = None, **options) -> "CreativeRuntime":
+        """A runtime over a `cg4ctr-export` folder (ONNX Runtime or TensorRT); model_id from its manifest."""
+        from cg4ctr_fast.export.manifest import sha256_file
+        from cg4ctr_fast.pipeline import CreativePipeline
+
+        pipe = CreativePipeline.from_engines(path, backend=backend, scheduler=scheduler, saliency=saliency,
+                                             reward=False)
+        model_id = options.pop("model_id", None) or f"engines:{sha256_file(Path(path) / 'manifest.json')[:16]}"
+        return cls(pipe, store=store, reward=reward, model_id=model_id, **options)
+
+    # ------------------------------------------------------------------ nearline
+    def submit(self, request: GenerateRequest, *, block: bool = False) -> concurrent.futures.Future:
+        """Queue one request; returns a Future of its `GenerateResult`.
+
+        The request is checked here, in the caller's thread: InputError (bad ids, prompts, counts or image),
+        NotFound (image None and no stored product), RuntimeClosed (closing). A full queue raises QueueFull,
+        or with block=True waits for room. `future.cancel()` before the request starts means it never runs.
+        """
+        started = time.monotonic()
+        try:
+            pending = self._check(request)
+        except InputError:
+            self.observer.rejected("bad_input")
+            self.observer.completed("bad_input", time.monotonic() - started)
+            raise
+        with self._cond:
+            while True:
+                if self._closing:
+                    self.observer.rejected("closed")
+                    raise RuntimeClosed("the runtime is shutting down and takes no new requests")
+                if len(self._queue) < self.max_queue:
+                    break
+                if not block:
+                    self.observer.rejected("queue_full")
+                    self.observer.completed("queue_full", time.monotonic() - started)
+                    raise QueueFull(f"the queue is full ({self.max_queue} requests waiting); retry later",
+                                    retry_after_s=self._retry_after())
+                self._cond.wait(0.05)
+            self._queue.append(pending)
+            self.observer.queue_depth(len(self._queue))
+            self._cond.notify_all()
+        return pending.future
+
+    def generate(self, requests: Sequence[GenerateRequest]) -> list[GenerateResult]:
+        """Submit every request (waiting for queue room), wait for all; raises the first request's error."""
+        futures = [self.submit(r, block=True) for r in requests]
+        return [f.result() for f in futures]
+
+    async def agenerate(self, request: GenerateRequest) -> GenerateResult:
+        """`submit` for asyncio; cancelling the awaiting task before the request starts means it never runs."""
+        future = self.submit(request)
+        try:
+            return await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            future.cancel()
+            raise
+
+    # ------------------------------------------------------------------ online
+    def select(self, product_id, group_id, k: int = 1, budget_ms: Optional[float] = None):
+        """The best stored creative(s) of this product for this group, or the original and why (`Selection`).
+
+        Ranks by the scores stored at generation time (the head runs live only for missing ones) among this
+        runtime's model id; the original photo is always a candidate. Raises NotFound for an unknown product,
+        InputError for an unknown group, k < 1 or budget_ms ≤ 0.
+        """
+        started = time.perf_counter()
+        product_id = _check_id(product_id, "product_id")
+        group_id = _check_id(group_id, "group_id")
+        selection = self.selector.select(product_id, group_id, k=k, budget_ms=budget_ms)
+        self.observer.stage("select", time.perf_counter() - started)
+        return selection
+
+    def queue_depth(self) -> int:
+        with self._cond:
+            return len(self._queue)
+
+    def warmup(self) -> None:
+        """One throwaway generation (nothing stored) and one head call, so the first request pays no set-up."""
+        from PIL import Image
+
+        from cg4ctr_fast.pipeline import ProductJob
+
+        side = self.pipeline.max_side
+        image = Image.new("RGB", (side, side), (200, 180, 160))
+        mask = Image.new("L", (side, side), 255)
+        mask.paste(0, (side // 4, side // 4, 3 * side // 4, 3 * side // 4))
+        creatives = self.pipeline.generate_batch([ProductJob("warmup", image, mask_image=mask)],
+                                                 num_inference_steps=self.num_inference_steps,
+                                                 guidance_scale=self.guidance_scale, show_progress=False)[0]
+        self._score([c.image for c in creatives], [""], [c.prompt for c in creatives])
+        self.ready = True
+
+    def close(self, drain: bool = True, timeout: Optional[float] = None) -> None:
+        """Stop taking requests. drain: finish what is queued and running first; else queued requests fail
+        with RuntimeClosed. Waits up to `timeout` seconds (None: until done)."""
+        with self._cond:
+            self._closing = True
+            if not drain:
+                while self._queue:
+                    pending = self._queue.popleft()
+                    if pending.future.set_running_or_notify_cancel():
+                        pending.future.set_exception(RuntimeClosed("the runtime closed before this request ran"))
+                    self.observer.rejected("closed")
+                self.observer.queue_depth(0)
+            self._cond.notify_all()
+        self._worker.join(timeout)
+
+    def __enter__(self) -> "CreativeRuntime":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ internals
+    def _retry_after(self) -> float:
+        # One batch's worth of work ahead of the caller is a fair first retry; at least 1 s (HTTP's unit).
+        return 1.0
+
+    def _check(self, request: GenerateRequest) -> _Pending:
+        """Every check that needs no model: ids, prompts, groups, counts, deadline, the image itself."""
+        from cg4ctr_fast.imaging import load_product, working_size
+
+        if not isinstance(request, GenerateRequest):
+            raise InputError(f"expected a GenerateRequest, got {type(request).__name__}")
+        product_id = _check_id(request.product_id, "product_id")
+        prompts = list(request.prompts)
+        for p in prompts:
+            if not isinstance(p, str):
+                raise InputError(f"prompts must be strings, got {type(p).__name__}")
+            check_utf8(p, "prompt")
+            if not p.strip():
+                raise InputError("a prompt must not be empty")
+        group_ids = [None if g is None else _check_id(g, "group id") for g in request.group_ids]
+        for g in group_ids:
+            if g is not None and g not in self._group_row:
+                known = ", ".join(self.group_ids[:10]) + (" …" if len(self.group_ids) > 10 else "")
+                raise InputError(f"unknown group id {g!r}; known: {known}")
+        if not prompts:
+            if self.prompt_model is None:
+                raise InputError("no prompts: pass prompts (this server has no prompt model to propose them)")
+            group_ids = group_ids or list(self.group_ids)
+            if any(g is None for g in group_ids):
+                raise InputError("a prompt can only be proposed for a known group id")
+        elif group_ids and len(group_ids) != len(prompts):
+            raise InputError(f"{len(group_ids)} group ids for {len(prompts)} prompts; give one per prompt or none")
+        elif not group_ids:
+            group_ids = [None] * len(prompts)
+        per_prompt = request.num_images_per_prompt
+        if isinstance(per_prompt, bool) or not isinstance(per_prompt, int) or per_prompt <= 0:
+            raise InputError(f"num_images_per_prompt must be a positive integer, got {per_prompt!r}")
+        creatives = len(group_ids) * per_prompt
+        if creatives > MAX_CREATIVES_PER_REQUEST:
+            raise InputError(f"{len(group_ids)} prompts × {per_prompt} images per prompt is over the "
+                             f"{MAX_CREATIVES_PER_REQUEST} creatives one request makes; split it")
+        if isinstance(request.seed, bool) or not isinstance(request.seed, int):
+            raise InputError(f"seed must be an integer, got {request.seed!r}")
+        if not isinstance(request.title, str):
+            raise InputError(f"title must be a string, got {type(request.title).__name__}")
+        check_utf8(request.title, "title")
+        if request.deadline is not None and not np.isfinite(request.deadline):
+            raise InputError(f"deadline must be a finite time.monotonic() value, got {request.deadline!r}")
+        image = request.image
+        if image is None:
+            row = self.store.product(product_id)
+            if row is None:
+                raise NotFound(f"unknown product id {product_id!r}: send its image first")
+            image = self.store.image_path(row.sha256)
+        product = load_product(image, what="image")
+        width, height = working_size(product.model_rgb.width, product.model_rgb.height, self.pipeline.max_side)
+        return _Pending(request=dataclasses.replace(request, product_id=product_id), product=product,
+                        prompts=prompts, group_ids=group_ids, future=concurrent.futures.Future(),
+                        size=(height, width), creatives=creatives)
+
+    def _take_batch(self) -> Optional[list[_Pending]]:
+        """The oldest request and every waiting one of its size, up to max_batch creatives; None: stop."""
+        with self._cond:
+            while not self._queue:
+                if self._closing:
+                    return None
+                self._cond.wait()
+            head = self._queue[0]
+            # Wait briefly for others to fill the batch: at 2 ms this costs < 1 % of a 64 px generation.
+            fill_until = head.submitted + self.max_wait_s
+            while True:
+                room = self.max_batch - sum(p.creatives for p in self._queue if p.size == head.size)
+                now = time.monotonic()
+                if room <= 0 or now >= fill_until or self._closing:
+                    break
+                self._cond.wait(fill_until - now)
+            batch, used = [], 0
+            for pending in list(self._queue):
+                if pending.size != head.size:
+                    continue
+                if batch and used + pending.creatives > self.max_batch:
+                    break
+                batch.append(pending)
+                used += pending.creatives
+            for pending in batch:
+                self._queue.remove(pending)
+            self._running = len(batch)
+            self.observer.queue_depth(len(self._queue))
+            self._cond.notify_all()
+        return batch
+
+    def _work(self) -> None:
+        while True:
+            batch = self._take_batch()
+            if batch is None:
+                return
+            live = []
+            now = time.monotonic()
+            for pending in batch:
+                if not pending.future.set_running_or_notify_cancel():
+                    self.observer.rejected("cancelled")
+                    self.observer.completed("cancelled", now - pending.submitted)
+                    continue
+                deadline = pending.request.deadline
+                if deadline is not None and now >= deadline:
+                    pending.future.set_exception(DeadlineExceeded(
+                        f"the deadline passed {1000 * (now - deadline):.0f} ms before the request could start"))
+                    self.observer.rejected("deadline")
+                    self.observer.completed("deadline", now - pending.submitted)
+                    continue
+                self.observer.stage("queue", now - pending.submitted)
+                pending.started = now
+                live.append(pending)
+            if live:
+                self._run(live)
+            with self._cond:
+                self._running = 0
+                self._cond.notify_all()
+
+    def _run(self, batch: list[_Pending]) -> None:
+        """Generate, score and store one batch; each request's future gets its result or its own error."""
+        try:
+            outputs = self._generate(batch)
+        except Exception:  # noqa: BLE001 - isolate the failing request: rerun each alone
+            if len(batch) == 1:
+                self._fail(batch[0])
+                return
+            outputs = None
+        if outputs is None:
+            for pending in batch:
+                try:
+                    self._finish([pending], self._generate([pending]), 1)
+                except Exception:  # noqa: BLE001
+                    self._fail(pending)
+            return
+        try:
+            self._finish(batch, outputs, len(batch))
+        except Exception:  # noqa: BLE001
+            for pending in batch:
+                if not pending.future.done():
+                    self._fail(pending)
+
+    def _fail(self, pending: _Pending) -> None:
+        import sys
+
+        exc = sys.exc_info()[1]
+        reason = "bad_input" if isinstance(exc, InputError) else "failed"
+        self.observer.rejected(reason)
+        self.observer.completed(reason, time.monotonic() - pending.submitted)
+        pending.future.set_exception(exc)
+
+    def _generate(self, batch: list[_Pending]) -> list:
+        from cg4ctr_fast.pipeline import ProductJob
+
+        started = time.perf_counter()
+        jobs = []
+        for pending in batch:
+            prompts = pending.prompts or self._propose(pending.group_ids)
+            pending.prompts = prompts
+            jobs.append(ProductJob(prompts, pending.product, mask_image=pending.request.mask_image,
+                                   num_images_per_prompt=pending.request.num_images_per_prompt,
+                                   seed=pending.request.seed))
+        self.observer.batch(sum(p.creatives for p in batch), len(batch))
+        outputs = self.pipeline.generate_batch(jobs, num_inference_steps=self.num_inference_steps,
+                                               guidance_scale=self.guidance_scale, show_progress=False)
+        self.observer.stage("generate", time.perf_counter() - started)
+        return outputs
+
+    def _propose(self, group_ids: list) -> list[str]:
+        """The prompt model's prompt for each group; item features unknown for a new photo: the logged mean (0)."""
+        rows = np.stack([self.group_features[self._group_row[g]] for g in group_ids])
+        items = np.zeros((len(group_ids), self.prompt_model.config.item_dim), np.float32)
+        return list(self.prompt_model.propose(rows, items))
+
+    def _score(self, images: list, titles: list, captions: list) -> tuple[np.ndarray, np.ndarray]:
+        """(embeddings float32 [N, D], calibrated CTR float32 [N, n_groups]) for PIL images."""
+        import torch
+
+        with torch.inference_mode():
+            embeddings = self.reward.embed_images(self.reward.prepare_images(images)).float().numpy()
+        n, groups = len(images), len(self.group_ids)
+        title_ids = self.head.encode_titles(titles if len(titles) == n else titles * n)
+        caption_ids = self.head.encode_captions(captions)
+        scores = self.head.score(
+            np.repeat(embeddings, groups, axis=0), np.repeat(title_ids, groups, axis=0),
+            np.repeat(caption_ids, groups, axis=0), np.tile(self.group_features, (n, 1)),
+        ).reshape(n, groups)
+        return embeddings, scores.astype(np.float32)
+
+    def _finish(self, batch: list[_Pending], outputs: list, batch_requests: int) -> None:
+        from cg4ctr_fast.serving.store import NewCreative
+
+        batch_creatives = sum(len(c) for c in outputs)
+        for pending, creatives in zip(batch, outputs):
+            started = time.perf_counter()
+            request = pending.request
+            # The original is scored with its title and no caption (no prompt made it), as the demo scores it.
+            images = [c.image for c in creatives] + [_original_image(pending.product)]
+            captions = [c.prompt for c in creatives] + [""]
+            embeddings, scores = self._score(images, [request.title], captions)
+            self.observer.stage("reward", time.perf_counter() - started)
+            started = time.perf_counter()
+            by_group = [dict(zip(self.group_ids, map(float, row))) for row in scores]
+            per_prompt = request.num_images_per_prompt
+            new = []
+            for k, c in enumerate(creatives):
+                group_id = pending.group_ids[c.group]
+                new.append(NewCreative(
+                    product_id=request.product_id, group_id=group_id, prompt=c.prompt, index=c.index,
+                    seed=c.seed, model_id=self.model_id, png=_png(c.image),
+                    reward=None if group_id is None else by_group[k][group_id],
+                    embedding=embeddings[k], scores=by_group[k],
+                ))
+            assert len(new) == len(pending.group_ids) * per_prompt
+            self.store.put_product(request.product_id, _png(_original_image(pending.product, alpha=True)),
+                                   title=request.title, embedding=embeddings[-1], scores=by_group[-1],
+                                   reward_id=self.reward_id)
+            ids = self.store.put_creatives(new, reward_id=self.reward_id)
+            self.selector.invalidate(request.product_id)
+            self.observer.stage("store", time.perf_counter() - started)
+            result = GenerateResult(
+                product_id=request.product_id, model_id=self.model_id,
+                creatives=tuple(StoredCreative(creative_id=cid, group_id=n.group_id, prompt=n.prompt, index=n.index,
+                                               seed=n.seed, reward=n.reward, scores=dict(n.scores))
+                                for cid, n in zip(ids, new)),
+                original_scores=by_group[-1],
+                queued_ms=1000 * (pending.started - pending.submitted),
+                run_ms=1000 * (time.monotonic() - pending.started),
+                batch_creatives=batch_creatives, batch_requests=batch_requests,
+            )
+            self.observer.completed("ok", time.monotonic() - pending.submitted)
+            pending.future.set_result(result)
+
+
+def _original_image(product, alpha: bool = False):
+    """The original photo: as the model saw it (RGB, over white where transparent), or with its alpha."""
+    from PIL import Image
+
+    if alpha and product.alpha is not None:
+        rgba = np.dstack([np.asarray(product.rgb), product.alpha])
+        return Image.fromarray(rgba, "RGBA")
+    return product.model_rgb if not alpha else product.rgb
+
+
+def _with_lora(model_id: str, lora: Optional[str], scale: float) -> str:
+    if lora is None:
+        return model_id
+    from cg4ctr_fast.export.manifest import folder_sha256, sha256_file
+
+    digest = folder_sha256(lora) if Path(lora).is_dir() else sha256_file(lora)
+    return f"{model_id}+lora:{digest[:16]}@{scale:g}"
+
+
+def _pipeline_options(options: dict) -> dict:
+    """Pop the `CreativePipeline` keyword arguments out of the runtime options."""
+    names = ("saliency_threshold", "saliency_dilate_px", "saliency_size", "max_side", "device", "dtype")
+    return {name: options.pop(name) for name in names if name in options}
+
+
+def _state_sha256(model) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
