@@ -1,0 +1,337 @@
+"""`cg4ctr serve`: the creative runtime behind HTTP (FastAPI + uvicorn, the `serve` extra).
+
+    cg4ctr serve --preset tiny --store out/store [--host 127.0.0.1] [--port 8000] [--max-queue 64]
+                 [--max-batch 32] [--timeout-s 60] [--api-key-file key.txt] [--reward DIR] [--groups FILE]
+
+Order of work: every flag and file is checked, the store opened (a store of another schema version is
+refused) and the port bound, all before any model loads; bad input is one line and exit code 2. Then the
+models load, the server answers (/healthz 200, /readyz 503), one line `... listening on http://HOST:PORT` goes
+to stderr (port 0 picks a free port: this line names it), the runtime warms up in the background, and one
+line `... ready` follows once /readyz says 200. SIGTERM (or Ctrl-C): stop accepting, let every request in
+flight finish and get its answer, drain the runtime, exit 0 (130 for Ctrl-C).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import math
+import os
+import signal
+import socket
+import sys
+import threading
+from pathlib import Path
+from typing import Optional
+
+from cg4ctr_fast.errors import InputError
+
+PROG = "cg4ctr serve"
+# The same cap as `cg4ctr generate`'s one command: creatives in one denoising batch.
+MAX_BATCH = 64
+_REWARD_FILES = ("model.safetensors", "config.json", "vocab.json")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `serve` subcommand's flags."""
+    source = parser.add_argument_group("generator (one of)")
+    source.add_argument("--preset", default=None,
+                        help="toy: the demo's trained generator (`make demo` once); tiny: random weights, for "
+                             "latency and plumbing work (its images are noise)")
+    source.add_argument("--model", metavar="DIR", help="local diffusers folder (SD 1.x/2.x inpainting)")
+    source.add_argument("--engines", metavar="DIR", help="a cg4ctr-export folder (ONNX Runtime or TensorRT)")
+    parser.add_argument("--backend", choices=("onnxruntime", "tensorrt"), default=None,
+                        help="backend for --engines (default: onnxruntime)")
+    parser.add_argument("--saliency", metavar="PATH",
+                        help="U2NetP weights or folder that finds the product when a request has no mask and the "
+                             "image no transparency (default: the toy net with --preset toy, else none)")
+    parser.add_argument("--store", required=True, metavar="DIR",
+                        help="creative store folder (SQLite + PNG files; created if missing)")
+    parser.add_argument("--reward", metavar="DIR",
+                        help="reward model folder (`cg4ctr-train reward`); default: the toy reward model, when "
+                             "`make demo` has cached it")
+    parser.add_argument("--groups", metavar="FILE",
+                        help="user groups, a groups.json as `cg4ctr-sim` writes it; default: the toy world's "
+                             "groups with the toy reward model, else one neutral group \"default\"")
+    parser.add_argument("--prompt-model", metavar="DIR",
+                        help="prompt model folder that proposes a prompt per group for requests without prompts "
+                             "(default: the toy one with the toy reward model and groups, else none)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (loopback unless you mean it)")
+    parser.add_argument("--port", type=int, default=8000, help="TCP port; 0 picks a free one (printed)")
+    parser.add_argument("--max-queue", type=int, default=64, help="requests that may wait; more get HTTP 503")
+    parser.add_argument("--max-batch", type=int, default=32, help="creatives per denoising batch, across requests")
+    parser.add_argument("--max-wait-ms", type=float, default=2.0,
+                        help="how long the oldest request waits for others to fill its batch, ms")
+    parser.add_argument("--timeout-s", type=float, default=60.0,
+                        help="deadline of a generate request that names none (its timeout_s), seconds; a request "
+                             "not started by then gets HTTP 504")
+    parser.add_argument("--steps", type=int, default=None, help="denoising steps per creative (default: the "
+                        "preset's, 20)")
+    parser.add_argument("--api-key-file", metavar="FILE",
+                        help="file holding the API key; every route but /healthz then needs `Authorization: "
+                             "Bearer KEY` or `X-API-Key: KEY` (401 otherwise)")
+    parser.add_argument("--max-body-mb", type=float, default=None,
+                        help="cap on a request body, MiB (HTTP 413 over it; default: the 64 MiB image limit + 1)")
+
+
+def _toy_paths():
+    from cg4ctr_fast.training.toy import ToyConfig, toy_root
+
+    root = toy_root(ToyConfig())
+    return root, root / "reward", root / "world" / "groups.json", root / "prompt"
+
+
+def _check_number_flags(args) -> None:
+    for flag, value in (("--max-queue", args.max_queue), ("--max-batch", args.max_batch)):
+        if value <= 0:
+            raise InputError(f"{flag} must be a positive integer, got {value}")
+    if args.max_batch > MAX_BATCH:
+        raise InputError(f"--max-batch {args.max_batch} is over the {MAX_BATCH} creatives one denoising batch holds")
+    if not 0 <= args.port <= 65535:
+        raise InputError(f"--port must be from 0 to 65535, got {args.port}")
+    if not args.host.strip():
+        raise InputError("--host must not be empty")
+    if not (math.isfinite(args.timeout_s) and args.timeout_s > 0):
+        raise InputError(f"--timeout-s must be a positive number of seconds, got {args.timeout_s}")
+    if not (math.isfinite(args.max_wait_ms) and args.max_wait_ms >= 0):
+        raise InputError(f"--max-wait-ms must be ≥ 0, got {args.max_wait_ms}")
+    if args.steps is not None and args.steps <= 0:
+        raise InputError(f"--steps must be a positive integer, got {args.steps}")
+    if args.max_body_mb is not None and not (math.isfinite(args.max_body_mb) and args.max_body_mb > 0):
+        raise InputError(f"--max-body-mb must be a positive number, got {args.max_body_mb}")
+
+
+def _read_api_key(path: Optional[str]) -> Optional[str]:
+    if path is None:
+        return None
+    file = Path(path)
+    if not file.is_file():
+        raise InputError(f"--api-key-file {path}: no such file")
+    try:
+        key = file.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"--api-key-file {path}: cannot read it ({' '.join(str(exc).split())})") from None
+    if not key:
+        raise InputError(f"--api-key-file {path}: empty (write the key in it)")
+    if any(c.isspace() for c in key) or not key.isprintable():
+        raise InputError(f"--api-key-file {path}: the key must be one line of printable characters, no spaces")
+    return key
+
+
+def _check_source(args) -> dict:
+    """Which generator, checked from configs only (no weights); returns the constructor's arguments."""
+    from cg4ctr_fast.config import PRESETS, get_preset
+    from cg4ctr_fast.models.diffusion import check_steps, folder_scheduler, inspect_model_folder, make_scheduler
+
+    given = [flag for flag, value in (("--preset", args.preset), ("--model", args.model),
+                                      ("--engines", args.engines)) if value is not None]
+    if len(given) != 1:
+        raise InputError("give one of --preset NAME, --model DIR or --engines DIR"
+                         + (f" (got {', '.join(given)})" if given else ""))
+    if args.backend is not None and not args.engines:
+        raise InputError("--backend needs --engines DIR (a folder written by cg4ctr-export)")
+    if args.saliency is not None and not Path(args.saliency).exists():
+        raise InputError(f"--saliency {args.saliency}: no such file or folder")
+    if args.engines:
+        if not (Path(args.engines) / "manifest.json").is_file():
+            raise InputError(f"--engines {args.engines}: not a cg4ctr-export folder (no manifest.json)")
+        return {"kind": "engines", "path": args.engines, "backend": args.backend or "onnxruntime",
+                "saliency": args.saliency}
+    if args.model or args.preset == "toy":
+        path = args.model
+        saliency = args.saliency
+        if args.preset == "toy":
+            root = _toy_paths()[0]
+            path = str(root / "generator")
+            if not (Path(path) / "model_index.json").is_file():
+                raise InputError(f"--preset toy: the toy models are not trained yet; run `make demo` (or `cg4ctr "
+                                 f"demo`) once (it trains and caches them in {root}), or pass --model DIR")
+            if saliency is None and (root / "saliency").is_dir():
+                saliency = str(root / "saliency")
+        folder = inspect_model_folder(path)
+        if args.steps is not None:
+            check_steps(folder_scheduler(folder), args.steps, flag="--steps")
+        return {"kind": "model", "path": path, "saliency": saliency}
+    if args.preset not in PRESETS:
+        raise InputError(f"unknown preset {args.preset!r}; choose one of: {', '.join(sorted([*PRESETS, 'toy']))}")
+    preset = get_preset(args.preset)
+    if not preset.buildable:
+        raise InputError(f"preset {preset.name!r} has no built-in weights; pass --model DIR (a local diffusers "
+                         "folder) instead")
+    if args.steps is not None:
+        check_steps(make_scheduler(preset.scheduler, preset.scheduler_kwargs()), args.steps, flag="--steps")
+    return {"kind": "preset", "name": preset.name, "saliency": args.saliency}
+
+
+def _check_reward(args) -> tuple[str, Optional[str], Optional[str]]:
+    """(reward folder, groups file or None, prompt model folder or None), defaulting to the cached toy models."""
+    import json
+
+    from cg4ctr_fast.training.data import _load_groups_json
+
+    root, toy_reward, toy_groups, toy_prompt = _toy_paths()
+    reward, groups, prompt = args.reward, args.groups, args.prompt_model
+    toy_default = reward is None
+    if reward is None:
+        if not all((toy_reward / name).is_file() for name in _REWARD_FILES):
+            raise InputError(f"no reward model: pass --reward DIR (a `cg4ctr-train reward` folder) and --groups FILE, "
+                             f"or run `make demo` once to cache the toy models in {root}")
+        reward = str(toy_reward)
+    if groups is None and (toy_default or args.preset == "toy") and toy_groups.is_file():
+        groups = str(toy_groups)
+    if prompt is None and toy_default and groups == str(toy_groups) and (toy_prompt / "config.json").is_file():
+        prompt = str(toy_prompt)
+    folder = Path(reward)
+    if not folder.is_dir():
+        raise InputError(f"--reward {reward}: no such folder")
+    missing = [name for name in _REWARD_FILES if not (folder / name).is_file()]
+    if missing:
+        raise InputError(f"--reward {reward}: not a reward model folder ({missing[0]} is missing)")
+    try:
+        group_dim = int(json.loads((folder / "config.json").read_text(encoding="utf-8")).get("group_dim", 1))
+    except (OSError, ValueError, TypeError, AttributeError) as exc:
+        raise InputError(f"--reward {reward}: config.json: cannot read it ({' '.join(str(exc).split())})") from None
+    if groups is not None:
+        _, features = _load_groups_json(Path(groups))
+        if features.shape[1] != group_dim:
+            raise InputError(f"--groups {groups}: groups have {features.shape[1]} features each, the reward model "
+                             f"expects {group_dim}")
+    if prompt is not None and not (Path(prompt) / "config.json").is_file():
+        raise InputError(f"--prompt-model {prompt}: not a prompt model folder (no config.json)")
+    return reward, groups, prompt
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound now (before models load): a port in use fails at once, in one line."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise InputError(f"--host {host}: cannot resolve it ({exc.strerror})") from None
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        raise InputError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def _load_runtime(source: dict, args, store, reward: str, groups, prompt, observer):
+    from cg4ctr_fast.serving.runtime import CreativeRuntime
+
+    options = dict(store=store, reward=reward, groups=groups, prompt_model=prompt, max_batch=args.max_batch,
+                   max_queue=args.max_queue, max_wait_ms=args.max_wait_ms, num_inference_steps=args.steps,
+                   observer=observer)
+    if source["kind"] == "engines":
+        return CreativeRuntime.from_engines(source["path"], backend=source["backend"], saliency=source["saliency"],
+                                            **options)
+    if source["kind"] == "model":
+        return CreativeRuntime.from_pretrained(source["path"], saliency=source["saliency"], **options)
+    return CreativeRuntime.from_preset(source["name"], random_weights=True, saliency=source["saliency"], **options)
+
+
+def _say(line: str) -> None:
+    print(f"{PROG}: {line}", file=sys.stderr, flush=True)
+
+
+def run(args) -> int:
+    """Check everything, load, serve until SIGTERM/SIGINT, drain; the exit code."""
+    from cg4ctr_fast.imaging import MAX_BYTES
+
+    _check_number_flags(args)
+    api_key = _read_api_key(args.api_key_file)
+    source = _check_source(args)
+    reward, groups, prompt = _check_reward(args)
+    try:
+        import fastapi  # noqa: F401
+        import prometheus_client  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as exc:
+        raise InputError(f"cg4ctr serve needs the serve extra ({exc.name} is missing): pip install "
+                         "'cg4ctr_fast[serve]'") from None
+    store_path = Path(args.store)
+    if store_path.exists() and not store_path.is_dir():
+        raise InputError(f"--store {args.store}: is a file, expected a folder")
+    from cg4ctr_fast.serving.store import CreativeStore
+
+    store = CreativeStore(store_path)  # StoreError (one line, exit 2) for another schema version
+    max_body = MAX_BYTES + 2**20 if args.max_body_mb is None else int(args.max_body_mb * 2**20)
+    sock = _bind(args.host, args.port)
+    try:
+        from cg4ctr_fast.serving.metrics import PrometheusObserver
+
+        observer = PrometheusObserver()
+        runtime = _load_runtime(source, args, store, reward, groups, prompt, observer)
+    except BaseException:
+        sock.close()
+        store.close()
+        raise
+    try:
+        return asyncio.run(_serve(runtime, sock, args, api_key, max_body, observer))
+    finally:
+        runtime.close(drain=True)
+        store.close()
+
+
+async def _serve(runtime, sock: socket.socket, args, api_key: Optional[str], max_body: int, observer) -> int:
+    import uvicorn
+
+    from cg4ctr_fast.serving.http import create_app
+
+    app = create_app(runtime, api_key=api_key, max_body_bytes=max_body, timeout_s=args.timeout_s,
+                     observer=observer)
+    config = uvicorn.Config(app, log_level="warning", access_log=False, log_config=None, lifespan="off",
+                            timeout_keep_alive=5)
+    server = uvicorn.Server(config)
+    stop: list[int] = []
+
+    def on_signal(signum, frame):
+        # Uvicorn's own handler runs first while it serves and starts its graceful shutdown; it then re-raises
+        # the signal to the handler it found, this one, which only records it (the default would kill us
+        # before the runtime drains, with exit code -15 instead of 0).
+        stop.append(signum)
+        server.should_exit = True
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        serving = asyncio.create_task(server.serve(sockets=[sock]))
+        while not server.started and not serving.done():
+            await asyncio.sleep(0.01)
+        if serving.done():
+            await serving
+            return 1
+        host, port = sock.getsockname()[:2]
+        shown = f"[{host}]" if ":" in host else host
+        _say(f"listening on http://{shown}:{port} (model {runtime.model_id}; "
+             f"{'API key required' if api_key else 'no API key'})")
+        failure: list[BaseException] = []
+        warm = threading.Thread(target=_warm, args=(runtime, server, failure), name="cg4ctr-warmup", daemon=True)
+        warm.start()
+        while warm.is_alive() and not serving.done():
+            await asyncio.sleep(0.05)
+        if not failure and runtime.ready:
+            _say(f"ready: warmed up; /readyz answers 200 (max queue {args.max_queue}, max batch {args.max_batch})")
+        await serving
+        warm.join()
+        if failure:
+            raise failure[0]
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    # The HTTP server answered every request in flight before returning; finish what the runtime still holds.
+    runtime.close(drain=True)
+    if stop:
+        name = signal.Signals(stop[0]).name
+        _say(f"{name}: stopped taking requests, answered those in flight, drained the runtime; exiting")
+        return 130 if stop[0] == signal.SIGINT else 0
+    return 0
+
+
+def _warm(runtime, server, failure: list) -> None:
+    try:
+        runtime.warmup()
+    except BaseException as exc:  # noqa: BLE001 - reported by the serving thread, after the server stops
+        failure.append(exc)
+        server.should_exit = True

@@ -1,0 +1,366 @@
+"""The HTTP layer of `cg4ctr serve`: FastAPI routes over a `CreativeRuntime`, nothing else.
+
+    app = create_app(runtime, api_key=None, max_body_bytes=MAX_BODY_BYTES, timeout_s=60.0)
+
+Routes (JSON answers; every error is `{"error": "<one line>"}`):
+
+    POST /v1/generate            multipart/form-data (file `image`, optional file `mask`, fields as below; repeat
+                                 `prompts` / `group_ids` once per value) or JSON {product_id, prompts, group_ids,
+                                 title, num_images_per_prompt, seed, timeout_s} for a stored product
+    POST /v1/select              JSON {product_id, group_id, k, budget_ms}
+    GET  /v1/creatives/{id}.png  the creative's PNG (content addressed: cached forever)
+    GET  /healthz                200 while the process answers (no key needed)
+    GET  /readyz                 200 once the engines are loaded and warmed up, 503 before and while draining
+    GET  /metrics                Prometheus text format
+
+Errors → status: InputError 400 (its one line), NotFound 404, a missing or wrong API key 401, a body over
+`max_body_bytes` 413 (Content-Length checked first, streamed bytes counted too), QueueFull 503 with
+Retry-After, RuntimeClosed 503, DeadlineExceeded 504. User input never causes a 500.
+A client that disconnects while its generate request waits has it cancelled (never run if not started).
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import math
+import time
+from typing import Any, Optional
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from cg4ctr_fast.errors import InputError
+from cg4ctr_fast.imaging import MAX_BYTES
+from cg4ctr_fast.serving.errors import DeadlineExceeded, NotFound, QueueFull, RuntimeClosed
+from cg4ctr_fast.serving.protocol import GenerateBody, GenerateResponse, SelectBody, parse_body, selection_response
+
+__all__ = ["BodyTooLarge", "MAX_BODY_BYTES", "create_app"]
+
+log = logging.getLogger("cg4ctr_fast.serving")
+
+# The largest image file accepted (imaging.MAX_BYTES, 64 MiB) plus 1 MiB for a mask, the form fields and the
+# multipart boundaries; anything larger cannot be a valid request.
+MAX_BODY_BYTES = MAX_BYTES + 2**20
+# Routes open without the API key: a load balancer's liveness probe carries no secret.
+_OPEN_PATHS = frozenset({"/healthz"})
+# Files in one multipart request: the product image and its optional mask.
+_MAX_FILES = 2
+
+
+class BodyTooLarge(Exception):
+    """The request body is over the server's cap (HTTP 413)."""
+
+
+def _error(status: int, message: str, headers: Optional[dict] = None) -> JSONResponse:
+    return JSONResponse({"error": " ".join(str(message).split())}, status_code=status, headers=headers)
+
+
+async def _send_error(send, status: int, message: str, headers: Optional[dict] = None) -> None:
+    """Answer from inside an ASGI middleware (before any route runs)."""
+    response = _error(status, message, headers)
+    await response({"type": "http"}, _no_receive, send)
+
+
+async def _no_receive():  # pragma: no cover - a JSONResponse never reads the request
+    return {"type": "http.disconnect"}
+
+
+class _MetricsMiddleware:
+    """Counts every answered request by route template and status (outermost: sees 401 and 413 too)."""
+
+    def __init__(self, app, observer, routes=()):
+        self.app, self.observer, self.routes = app, observer, routes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = time.perf_counter()
+        status = 500
+
+        async def send_status(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            # The template (`/v1/creatives/{creative_id}.png`), never the raw path: label values stay bounded.
+            self.observer.http_request(self._route(scope), status, time.perf_counter() - started)
+
+    def _route(self, scope) -> str:
+        route = scope.get("route")
+        if route is None:  # answered before routing (401, 413): match the templates here
+            from starlette.routing import Match
+
+            route = next((r for r in self.routes if r.matches(scope)[0] != Match.NONE), None)
+        return getattr(route, "path", None) or "unmatched"
+
+
+class _AuthMiddleware:
+    """`Authorization: Bearer <key>` or `X-API-Key: <key>` on every route but /healthz; 401 otherwise."""
+
+    def __init__(self, app, api_key: str, observer):
+        self.app, self.key, self.observer = app, api_key.encode("utf-8"), observer
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] in _OPEN_PATHS:
+            return await self.app(scope, receive, send)
+        given = b""
+        for name, value in scope["headers"]:
+            if name == b"authorization" and value[:7].lower() == b"bearer ":
+                given = value[7:].strip()
+            elif name == b"x-api-key" and not given:
+                given = value.strip()
+        # compare_digest: the time taken does not tell how many leading bytes of a guess were right.
+        if not given or not hmac.compare_digest(given, self.key):
+            self.observer.rejected("unauthorized")
+            return await _send_error(send, 401, "missing or wrong API key: send Authorization: Bearer <key>",
+                                     {"WWW-Authenticate": "Bearer"})
+        return await self.app(scope, receive, send)
+
+
+class _BodyLimitMiddleware:
+    """413 for a body over `limit` bytes: a declared Content-Length is refused before a byte is read; a body
+    without one (chunked) is counted as it streams and the route's read fails with BodyTooLarge."""
+
+    def __init__(self, app, limit: int, observer):
+        self.app, self.limit, self.observer = app, limit, observer
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    return await _send_error(send, 400, f"Content-Length {value[:40]!r} is not a number")
+                if declared > self.limit:
+                    self.observer.rejected("body_too_large")
+                    return await _send_error(send, 413, self._message(declared))
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    self.observer.rejected("body_too_large")
+                    raise BodyTooLarge(self._message(seen, at_least=True))
+            return message
+
+        return await self.app(scope, counted, send)
+
+    def _message(self, size: int, at_least: bool = False) -> str:
+        return (f"request body is {'over ' if at_least else ''}{size} bytes, over the {self.limit}-byte limit "
+                f"(images up to {MAX_BYTES // 2**20} MiB)")
+
+
+async def _read_body(request: Request) -> bytes:
+    chunks = []
+    async for chunk in request.stream():
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _replay(body: bytes, receive):
+    """A receive callable that hands `body` over once, then defers to the connection (for its disconnect)."""
+    sent = False
+
+    async def replay():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
+async def _until_disconnect(receive) -> None:
+    # After the body, uvicorn's receive() blocks until the client goes away (or the response is sent).
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+def create_app(runtime, *, api_key: Optional[str] = None, max_body_bytes: int = MAX_BODY_BYTES,
+               timeout_s: float = 60.0, observer=None, retry_after_s: float = 1.0) -> FastAPI:
+    """The FastAPI app serving `runtime` (a `CreativeRuntime`, or anything with its methods).
+
+    api_key: when set, every route but /healthz needs it (401 otherwise). max_body_bytes: cap on a request
+    body, bytes (413 over it). timeout_s: a generate request's deadline when it names none, seconds > 0.
+    observer: the `PrometheusObserver` the runtime reports to (a fresh one when None; /metrics shows it).
+    retry_after_s: the Retry-After of a 503 when the queue is full and the runtime suggests none, seconds.
+    """
+    from cg4ctr_fast.serving.metrics import PrometheusObserver
+
+    if not (math.isfinite(timeout_s) and timeout_s > 0):
+        raise ValueError(f"timeout_s must be a positive number of seconds, got {timeout_s}")
+    if max_body_bytes <= 0:
+        raise ValueError(f"max_body_bytes must be positive, got {max_body_bytes}")
+    observer = observer if observer is not None else PrometheusObserver()
+    app = FastAPI(title="cg4ctr serve", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.runtime, app.state.observer = runtime, observer
+
+    # -- errors → status (one line each) ---------------------------------------------------------------
+    @app.exception_handler(InputError)
+    async def _bad_input(request: Request, exc: InputError):
+        return _error(404 if isinstance(exc, NotFound) else 400, str(exc))
+
+    @app.exception_handler(BodyTooLarge)
+    async def _too_large(request: Request, exc: BodyTooLarge):
+        return _error(413, str(exc), {"Connection": "close"})
+
+    @app.exception_handler(QueueFull)
+    async def _queue_full(request: Request, exc: QueueFull):
+        wait = getattr(exc, "retry_after_s", None) or retry_after_s
+        return _error(503, str(exc), {"Retry-After": str(max(1, math.ceil(wait)))})
+
+    @app.exception_handler(RuntimeClosed)
+    async def _closed(request: Request, exc: RuntimeClosed):
+        return _error(503, str(exc) or "the server is shutting down")
+
+    @app.exception_handler(DeadlineExceeded)
+    async def _deadline(request: Request, exc: DeadlineExceeded):
+        return _error(504, str(exc) or "the request's deadline passed before it could start")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        message = exc.detail if exc.status_code != 404 or exc.detail != "Not Found" else \
+            f"no route {request.method} {request.url.path}"
+        return _error(exc.status_code, message, getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ())) or "request"
+        return _error(400, f"{where}: {first.get('msg', 'invalid')}")
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception):
+        log.exception("internal error on %s %s", request.method, request.url.path)
+        return _error(500, f"internal error: {type(exc).__name__}")
+
+    # -- routes --------------------------------------------------------------------------------------------
+    @app.get("/healthz")
+    async def healthz():
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz():
+        ready = bool(getattr(runtime, "ready", False))
+        body = {"ready": ready, "model_id": getattr(runtime, "model_id", None)}
+        return JSONResponse(body, status_code=200 if ready else 503)
+
+    @app.get("/metrics")
+    async def metrics():
+        payload, content_type = observer.exposition(runtime.queue_depth())
+        return Response(payload, media_type=content_type)
+
+    @app.get("/v1/creatives/{creative_id}.png")
+    async def creative_png(creative_id: str):
+        # image_path validates the id as 64 lowercase hex characters (no path traversal) and raises
+        # InputError (400) or NotFound (404).
+        path = runtime.store.image_path(creative_id)
+        # Content addressed: the bytes at this URL never change.
+        return FileResponse(path, media_type="image/png",
+                            headers={"Cache-Control": "public, max-age=31536000, immutable"})
+
+    @app.post("/v1/select")
+    async def select(request: Request):
+        body = parse_body(SelectBody, await _read_json(request))
+        from starlette.concurrency import run_in_threadpool
+
+        # A thread: a cold product reads SQLite and may score live; the event loop keeps answering meanwhile.
+        selection = await run_in_threadpool(runtime.select, body.product_id, body.group_id, body.k, body.budget_ms)
+        return selection_response(selection)
+
+    @app.post("/v1/generate")
+    async def generate(request: Request):
+        arrived = time.monotonic()
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        image = mask = None
+        try:
+            if kind == "multipart/form-data":
+                body, image, mask = await _read_multipart(request)
+            else:
+                body = parse_body(GenerateBody, await _read_json(request))
+        except InputError:
+            observer.rejected("bad_input")
+            raise
+        from cg4ctr_fast.serving.runtime import GenerateRequest
+
+        timeout = body.timeout_s if body.timeout_s is not None else timeout_s
+        generate_request = GenerateRequest(
+            product_id=body.product_id, image=image, mask_image=mask, prompts=tuple(body.prompts),
+            group_ids=tuple(body.group_ids), title=body.title, num_images_per_prompt=body.num_images_per_prompt,
+            seed=body.seed, deadline=arrived + timeout,
+        )
+        task = asyncio.ensure_future(runtime.agenerate(generate_request))
+        watcher = asyncio.ensure_future(_until_disconnect(request.receive))
+        try:
+            await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
+        finally:
+            watcher.cancel()
+        if not task.done():
+            # The client went away: cancelling drops the request if it has not started (never run); a started
+            # one finishes and is stored, but nobody waits for its answer.
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                # 499 (nginx's "client closed request"): counted in /metrics, never seen by the departed client.
+                return _error(499, "client disconnected before the answer")
+        return GenerateResponse.from_result(task.result()).model_dump()
+
+    async def _read_json(request: Request) -> bytes:
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind not in ("application/json", ""):
+            raise StarletteHTTPException(415, f"send JSON (Content-Type: application/json), not {kind}")
+        return await _read_body(request)
+
+    async def _read_multipart(request: Request):
+        body = await _read_body(request)  # counted against the cap as it streams
+        replayed = Request(request.scope, _replay(body, request.receive))
+        try:
+            form = await replayed.form(max_files=_MAX_FILES, max_fields=1000)
+        except StarletteHTTPException as exc:  # a malformed multipart body
+            raise InputError(f"multipart body: {exc.detail}") from None
+        try:
+            files = {}
+            fields: dict[str, Any] = {}
+            for name, value in form.multi_items():
+                if hasattr(value, "read"):  # an UploadFile
+                    if name not in ("image", "mask"):
+                        raise InputError(f"{name}: unknown file field (send the product as `image`, its mask as "
+                                         "`mask`)")
+                    files[name] = await value.read()
+                elif name in ("prompts", "group_ids"):
+                    fields.setdefault(name, []).append(value)
+                else:
+                    if name in fields:
+                        raise InputError(f"{name}: given more than once")
+                    fields[name] = value
+            if "image" not in files:
+                if "image" in form:
+                    raise InputError("image: send the product image as a file part (curl -F image=@product.png)")
+                raise InputError("image: required in a multipart request (or send JSON with a stored product_id)")
+            return parse_body(GenerateBody, fields), files["image"], files.get("mask")
+        finally:
+            await form.close()
+
+    # Middlewares, innermost first: the body cap, then the key, then the counts around everything.
+    app.add_middleware(_BodyLimitMiddleware, limit=max_body_bytes, observer=observer)
+    if api_key:
+        app.add_middleware(_AuthMiddleware, api_key=api_key, observer=observer)
+    app.add_middleware(_MetricsMiddleware, observer=observer, routes=app.router.routes)
+    return app
