@@ -109,7 +109,32 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--products", type=int, default=4, help="held-out products")
     demo.add_argument("--images-per-group", type=int, default=4)
     demo.add_argument("--quiet", action="store_true", help="no progress bars or summary line")
+
+    from cg4ctr_fast.cli import store as store_cli
+
+    store_cli.add_arguments(add_subcommand(sub, "store", "inspect, verify, export or clean a creative store"))
+    _add_serve(sub)
     return parser
+
+
+def _add_serve(sub) -> None:
+    try:
+        from cg4ctr_fast.cli import serve as serve_cli
+    except ImportError:  # the HTTP layer is optional (the `serve` extra); its module imports no server library
+        return
+    serve_cli.add_arguments(add_subcommand(sub, "serve", "serve creatives over HTTP: generate, store, select"))
+
+
+def _store(args) -> int:
+    from cg4ctr_fast.cli import store as store_cli
+
+    return store_cli.run(args)
+
+
+def _serve(args) -> int:
+    from cg4ctr_fast.cli import serve as serve_cli
+
+    return serve_cli.run(args)
 
 
 def _check_inputs(args) -> None:
@@ -592,7 +617,7 @@ def _demo(args) -> int:
     return cmd_demo(args)
 
 
-COMMANDS = {"generate": cmd_generate, "demo": _demo}
+COMMANDS = {"generate": cmd_generate, "demo": _demo, "store": _store, "serve": _serve}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
