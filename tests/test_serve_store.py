@@ -190,8 +190,27 @@ def test_bad_input_is_one_line_and_stores_nothing(store):
         one_line(err)
     with pytest.raises(InputError, match="reward id"):
         store.put_creatives([good])  # scores without the reward model that made them
+    with pytest.raises(InputError, match="same size") as err:  # one embedding size per product and model
+        store.put_creatives([good, NewCreative(**{**good.__dict__, "index": 5, "embedding": np.ones(3)})],
+                            reward_id=REWARD)
+    one_line(err)
     stats = store.stats()
     assert (stats["rows"], stats["files"], stats["temp_files"]) == (0, 0, 0)
+    store.put_creatives([good], reward_id=REWARD)
+    with pytest.raises(InputError, match=r"stored: \[7\]"):
+        store.put_creatives([NewCreative(**{**good.__dict__, "index": 5, "embedding": np.ones(3)})],
+                            reward_id=REWARD)
+    assert store.stats()["rows"] == 1
+
+
+def test_closed_store_refuses_calls(tmp_path):
+    from cg4ctr_fast.serving.errors import RuntimeClosed
+
+    store = CreativeStore(tmp_path / "s")
+    store.close()
+    store.close()
+    with pytest.raises(RuntimeClosed):
+        store.stats()
 
 
 @pytest.mark.parametrize("bad", ["../etc/passwd", "A" * 64, "a" * 63, "a" * 65, "ab/" + "a" * 61,

@@ -33,7 +33,7 @@ import numpy as np
 
 from cg4ctr_fast.errors import InputError, check_utf8
 from cg4ctr_fast.fileio import _fsync_dir, atomic_write_bytes, path_label
-from cg4ctr_fast.serving.errors import NotFound
+from cg4ctr_fast.serving.errors import NotFound, RuntimeClosed
 
 __all__ = ["SCHEMA_VERSION", "StoreError", "NewCreative", "CreativeRow", "ProductRow", "Candidates",
            "VerifyReport", "CreativeStore", "check_creative_id"]
@@ -299,7 +299,7 @@ class CreativeStore:
         if conn is not None:
             return conn
         if self._closed:
-            raise StoreError(f"{self._label}: the store is closed")
+            raise RuntimeClosed(f"{self._label}: the store is closed")
         # isolation_level=None: no implicit transactions; every write takes BEGIN IMMEDIATE itself (see _write).
         # check_same_thread=False only so that close() may close every thread's connection.
         conn = sqlite3.connect(self._db, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
@@ -325,7 +325,7 @@ class CreativeStore:
         with self._lock:
             if self._closed:
                 conn.close()
-                raise StoreError(f"{self._label}: the store is closed")
+                raise RuntimeClosed(f"{self._label}: the store is closed")
             self._connections.append(conn)
         self._local.conn = conn
         return conn
@@ -398,7 +398,7 @@ class CreativeStore:
                 conn.execute("COMMIT")
 
     def close(self) -> None:
-        """Close every thread's connection; later calls raise StoreError.  Idempotent."""
+        """Close every thread's connection; later calls raise RuntimeClosed.  Idempotent."""
         with self._lock:
             self._closed = True
             connections, self._connections = self._connections, []
@@ -516,9 +516,12 @@ class CreativeStore:
             score_rows.extend((product_id, g, reward_id, sha256, s) for g, s in scores.items())
         if not rows:
             return []
+        with self._read() as conn:  # refuse before writing any file; checked again under the write lock
+            self._check_dims(conn, rows)
         for sha256, png in files.items():
             self._write_file(sha256, png)
         with self._write() as conn:
+            self._check_dims(conn, rows)
             self._ensure_files(files)
             conn.executemany("INSERT OR IGNORE INTO creatives (creative_id, product_id, group_id, prompt, idx, seed, "
                              "model_id, reward, embedding, dim, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -526,6 +529,20 @@ class CreativeStore:
             conn.executemany("INSERT OR REPLACE INTO scores (product_id, group_id, reward_id, creative_id, score) "
                              "VALUES (?, ?, ?, ?, ?)", score_rows)
         return ids
+
+    def _check_dims(self, conn: sqlite3.Connection, rows: list) -> None:
+        # Selection stacks one product's embeddings of one model id into a [N, D] matrix: one D per pair.
+        dims: dict = {}
+        for row in rows:
+            if row[9]:
+                dims.setdefault((row[1], row[6]), set()).add(row[9])
+        for (product_id, model_id), mine in dims.items():
+            stored = {r[0] for r in conn.execute("SELECT DISTINCT dim FROM creatives WHERE product_id = ? AND "
+                                                 "model_id = ? AND dim > 0", (product_id, model_id))}
+            if len(mine | stored) > 1:
+                raise InputError(f"product {product_id!r}, model {model_id!r}: embeddings of {sorted(mine)} values, "
+                                 f"but every creative of one product and model needs the same size "
+                                 f"(stored: {sorted(stored) or 'none'})")
 
     def put_scores(self, product_id, model_id, reward_id, group_id, creative_ids: Sequence[str], scores) -> None:
         """Store scores (calibrated CTR in [0, 1], one per creative id) for one group, computed by `reward_id`.
