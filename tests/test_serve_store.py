@@ -139,6 +139,15 @@ def test_reput_is_idempotent_and_data_version_moves(store):
     assert store.stats()["rows"] == len(new) + 1 and store.stats()["files"] == stats["files"]
     assert store.candidates("p1", new[0].model_id, "g1", REWARD).creative_ids == ids  # each image once
 
+    # Re-putting the product with the same image and title keeps its scores; a new title drops them.
+    original = png_bytes(rng)
+    store.put_product("p1", original, title="a", scores={"g1": 0.5}, reward_id=REWARD)
+    store.put_product("p1", original, title="a", scores={"g2": 0.25}, reward_id=REWARD)
+    assert store.candidates("p1", new[0].model_id, "g1", REWARD).original_score == 0.5
+    store.put_product("p1", original, title="b")
+    assert np.isnan(store.candidates("p1", new[0].model_id, "g1", REWARD).original_score)
+    assert store.product("p1").title == "b"
+
     # A commit made by another thread (its own connection) is seen here too.
     seen = store.data_version()
     worker = threading.Thread(target=store.put_scores, args=("p1", new[0].model_id, REWARD, "g7", ids[:1], [0.5]))

@@ -291,7 +291,8 @@ class CreativeStore:
             except OSError as exc:
                 raise StoreError(f"{self._label}: cannot create a store there ({exc.strerror or exc})") from None
         self._open_schema(create)
-        self._images.mkdir(exist_ok=True)
+        if create:
+            self._images.mkdir(exist_ok=True)
 
     # -- connections -------------------------------------------------------------------------------------------
     def _conn(self) -> sqlite3.Connection:
