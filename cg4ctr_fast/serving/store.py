@@ -288,6 +288,7 @@ class CreativeStore:
                 raise StoreError(f"{self._label}: not a creative store (no {DB_FILE} in it)")
             try:
                 self._images.mkdir(parents=True, exist_ok=True)
+                _fsync_dir(self.root)
             except OSError as exc:
                 raise StoreError(f"{self._label}: cannot create a store there ({exc.strerror or exc})") from None
         self._open_schema(create)
@@ -428,7 +429,11 @@ class CreativeStore:
                 return  # content addressed: the same name holds the same bytes (verify checks the hash)
         except FileNotFoundError:
             pass
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.parent.is_dir():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # The new shard's own name must survive a power cut too, or a committed row could lose its file:
+            # at most 256 such fsyncs over a store's life.
+            _fsync_dir(self._images)
         atomic_write_bytes(path, png)
 
     def _ensure_files(self, files: Mapping[str, bytes]) -> None:
