@@ -3,6 +3,7 @@ Selector over a real CreativeStore (the original wins ties, model ids never mix,
 with a driven clock, k ordering, bad input, refresh after writes).  No timings are asserted (see the bench)."""
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 
@@ -403,3 +404,43 @@ def test_refresh_after_writes_and_invalidate(tmp_path, head):
         assert ids_of(frozen.select("p2", "g0")) == first
         frozen.invalidate()
         assert ids_of(frozen.select("p2", "g0", k=3)) == [second[0], first[0], None]
+
+
+def test_threads_select_while_a_writer_writes(store, head):
+    import threading
+
+    store.put_product("p1", png(), title="t", embedding=np.ones(16, np.float32), scores={"g0": 0.5},
+                      reward_id=REWARD)
+    selector = make_selector(store, head)
+    written: list = []
+    errors: list = []
+    stop = threading.Event()
+
+    def reader(group):
+        try:
+            while not stop.is_set():
+                sel = selector.select("p1", group, k=3)
+                seen = set(written)  # read after the selection: everything it names was written by then
+                assert all(c.creative_id is None or c.creative_id in seen for c in sel.chosen)
+                assert [c.score for c in sel.chosen] == sorted((c.score for c in sel.chosen), reverse=True)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=reader, args=(g,)) for g in ("g0", "g1", "g0")]
+    for t in threads:
+        t.start()
+    try:
+        rng = np.random.default_rng(7)
+        for n in range(12):  # scores for g0 only: g1 is scored live by the readers
+            image = png()
+            written.append(hashlib.sha256(image).hexdigest())  # known to the readers before it is committed
+            store.put_creatives([NewCreative("p1", None, f"p {n}", n, n, MODEL, image, None,
+                                             rng.standard_normal(16), {"g0": 0.25 + n / 32})], reward_id=REWARD)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert not errors, errors[0]
+    best = selector.select("p1", "g0")
+    assert ids_of(best) == [written[-1]] and best.chosen[0].score == 0.25 + 11 / 32
+    assert selector.select("p1", "g1").candidates == 13
