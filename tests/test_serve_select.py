@@ -23,8 +23,8 @@ OTHER_MODEL = "model:0123456789abcdef"
 REWARD = "reward:00112233aabbccdd"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
-# RewardHead vs torch on the calibrated CTR.  Measured: ≤ 6e-8 over the shapes below (float32 rounding of two
-# different summation orders); logits ≤ 6e-7.
+# RewardHead vs torch on the calibrated CTR.  Measured over the shapes below: ≤ 4.8e-7 on the CTR, ≤ 1.2e-6 on the
+# logits (float32 rounding of different summation orders, on weights perturbed by N(0, 0.2²)).
 CTR_ATOL = 1e-5
 LOGIT_ATOL = 1e-4
 
