@@ -354,11 +354,14 @@ def test_bad_input(store, head):
     with pytest.raises(NotFound, match="unknown product"):
         selector.select("nope", "g0")
     for kwargs in ({"group_id": "g9"}, {"k": 0}, {"k": -1}, {"k": 1.5}, {"k": True}, {"budget_ms": 0},
-                   {"budget_ms": -1.0}, {"budget_ms": float("nan")}, {"budget_ms": "5"}):
+                   {"budget_ms": -1.0}, {"budget_ms": float("nan")}, {"budget_ms": "5"}, {"group_id": ["g0"]},
+                   {"product_id": ["p1"]}, {"product_id": None}, {"group_id": True}):
         args = {"product_id": "p1", "group_id": "g0", **kwargs}
         with pytest.raises(InputError) as info:
             selector.select(**args)
         assert not isinstance(info.value, NotFound) and "\n" not in str(info.value)
+    store.put_product("12", png(), scores={"g0": 0.25}, reward_id=REWARD)
+    assert selector.select(12, "g0").product_id == "12"  # an int id (from JSON) is its str
     with pytest.raises(InputError, match="unknown group id 'g9'; known groups: '7', 'g0', 'g1'"):
         selector.select("p1", "g9")
     with pytest.raises(ValueError, match="features"):

@@ -654,14 +654,15 @@ class Selector:
                     or not budget_ms > 0:
                 raise InputError(f"budget_ms must be a number > 0 (milliseconds), got {budget_ms!r}")
             budget_ms = float(budget_ms)
-        if isinstance(group_id, (int, np.integer)) and not isinstance(group_id, bool):
-            group_id = str(group_id)
+        product_id, group_id = (str(v) if isinstance(v, (int, np.integer)) and not isinstance(v, bool) else v
+                                for v in (product_id, group_id))  # ints (from JSON) name the same ids as str
+        for value, what in ((product_id, "product id"), (group_id, "group id")):
+            if not isinstance(value, str):
+                raise InputError(f"{what} must be a string, got {type(value).__name__}")
         if group_id not in self._groups:
             known = sorted(self._groups)
             shown = ", ".join(repr(g) for g in known[:8]) + (", …" if len(known) > 8 else "")
             raise InputError(f"unknown group id {group_id!r}; known groups: {shown or 'none'}")
-        if isinstance(product_id, (int, np.integer)) and not isinstance(product_id, bool):
-            product_id = str(product_id)
         entry = self._entry(product_id, group_id)
         if entry.pending and not self._score_pending(entry, product_id, group_id, started, budget_ms):
             original = float(entry.original_score)
