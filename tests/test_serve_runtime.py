@@ -91,3 +91,274 @@ def test_each_product_is_encoded_once(pipe9, monkeypatch):
     pipe9.generate_batch(jobs, num_inference_steps=1, show_progress=False, output_type="latent")
     # 9-channel UNet at strength 1: one masked-image encode per product, of one image, whatever its groups.
     assert calls == [1, 1, 1]
+
+
+# ---------------------------------------------------------------------------------------------- the runtime
+from cg4ctr_fast.models.reward import RewardConfig, RewardModel  # noqa: E402
+from cg4ctr_fast.serving.errors import DeadlineExceeded, NotFound, QueueFull, RuntimeClosed  # noqa: E402
+from cg4ctr_fast.serving.runtime import CreativeRuntime, GenerateRequest, RuntimeObserver  # noqa: E402
+
+GROUPS = {"a": [1.0, 0.0, 0.0], "b": [0.0, 1.0, 0.0], "c": [0.0, 0.0, 1.0]}
+STEPS = 2
+
+
+def _reward():
+    torch.manual_seed(11)
+    return RewardModel(RewardConfig(group_dim=3, title_vocab_size=7, caption_vocab_size=9)).eval()
+
+
+class _Recorder(RuntimeObserver):
+    def __init__(self):
+        self.batches, self.rejections, self.depths = [], [], []
+
+    def batch(self, creatives, requests):
+        self.batches.append((creatives, requests))
+
+    def rejected(self, reason):
+        self.rejections.append(reason)
+
+    def queue_depth(self, depth):
+        self.depths.append(depth)
+
+
+def _runtime(tmp_path, **options):
+    options.setdefault("num_inference_steps", STEPS)
+    return CreativeRuntime(CreativePipeline.from_preset("tiny"), store=tmp_path / "store", reward=_reward(),
+                           groups=GROUPS, model_id="preset:tiny:seed0", **options)
+
+
+def _png_bytes(image):
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+class _Gate:
+    """Holds the worker inside generate_batch until released, so the queue fills deterministically."""
+
+    def __init__(self, runtime):
+        self.entered, self.release, self.calls = threading.Event(), threading.Event(), 0
+        inner = runtime.pipeline.generate_batch
+
+        def gated(jobs, **kwargs):
+            self.calls += 1
+            self.entered.set()
+            assert self.release.wait(60)
+            return inner(jobs, **kwargs)
+
+        runtime.pipeline.generate_batch = gated
+
+
+def test_requests_submitted_together_share_one_batch_and_equal_single_calls(tmp_path):
+    observer = _Recorder()
+    runtime = _runtime(tmp_path, max_batch=16, max_wait_ms=0.0, observer=observer)
+    gate = _Gate(runtime)
+    try:
+        products = _products()
+        # The first request occupies the worker; the next three wait in the queue and then share ONE batch.
+        first = runtime.submit(GenerateRequest("p0", image=products[0][0], mask_image=products[0][1],
+                                               prompts=("warm beach",), group_ids=("a",)))
+        assert gate.entered.wait(60)
+        requests = [GenerateRequest(f"p{k}", image=image, mask_image=mask, prompts=prompts, group_ids=groups, seed=k)
+                    for k, ((image, mask), prompts, groups) in enumerate(
+                        zip(products, [("cool studio",), ("neon city", "red brick"), ("green moss",)],
+                            [("b",), ("a", "c"), (None,)]), start=1)]
+        futures = [runtime.submit(r) for r in requests]
+        gate.release.set()
+        results = [f.result(120) for f in futures]
+        first.result(120)
+    finally:
+        runtime.close()
+    assert observer.batches == [(1, 1), (4, 3)]
+    assert [r.batch_requests for r in results] == [3, 3, 3]
+    pipe = CreativePipeline.from_preset("tiny")
+    for request, result in zip(requests, results):
+        alone = pipe(list(request.prompts), request.image, request.mask_image, seed=request.seed,
+                     num_inference_steps=STEPS, output_type="np", show_progress=False)
+        assert [c.seed for c in alone] == [c.seed for c in result.creatives]
+        for single, stored in zip(alone, result.creatives):
+            pixels = np.asarray(Image.open(runtime.store.image_path(stored.creative_id)), np.float32) / 255
+            # The store holds 8-bit PNGs: at most one 8-bit step from the float reference (rounding).
+            assert np.abs(pixels - single.image).max() <= 1 / 255 + 1e-6
+        assert set(result.original_scores) == set(GROUPS)
+        for stored, group in zip(result.creatives, request.group_ids):
+            assert stored.group_id == group
+            assert set(stored.scores) == set(GROUPS)
+            assert stored.reward == (None if group is None else stored.scores[group])
+
+
+def test_scores_match_the_torch_reward_model(tmp_path):
+    runtime = _runtime(tmp_path)
+    try:
+        image, mask = _products()[0]
+        result = runtime.generate([GenerateRequest("p", image=image, mask_image=mask, prompts=("warm beach",),
+                                                   group_ids=("b",), title="red mug")])[0]
+    finally:
+        runtime.close()
+    creative = result.creatives[0]
+    stored = Image.open(runtime.store.image_path(creative.creative_id)).convert("RGB")
+    reward = runtime.reward
+    expected = reward.score_images([stored] * 3, ["red mug"] * 3, ["warm beach"] * 3, np.asarray(list(GROUPS.values())))
+    got = np.asarray([creative.scores[g] for g in GROUPS])
+    assert np.abs(got - expected).max() < 1e-5
+    original = reward.score_images([image] * 3, ["red mug"] * 3, [""] * 3, np.asarray(list(GROUPS.values())))
+    assert np.abs(np.asarray([result.original_scores[g] for g in GROUPS]) - original).max() < 1e-5
+
+
+def test_expired_deadline_is_answered_and_never_run(tmp_path):
+    observer = _Recorder()
+    runtime = _runtime(tmp_path, observer=observer)
+    gate = _Gate(runtime)
+    image, mask = _products()[0]
+    try:
+        blocker = runtime.submit(GenerateRequest("p0", image=image, mask_image=mask, prompts=("x",)))
+        assert gate.entered.wait(60)
+        late = runtime.submit(GenerateRequest("p1", image=image, mask_image=mask, prompts=("y",),
+                                              deadline=time.monotonic() + 0.05))
+        time.sleep(0.1)  # the deadline passes while the worker is busy: the request must not start
+        gate.release.set()
+        with pytest.raises(DeadlineExceeded):
+            late.result(60)
+        blocker.result(60)
+    finally:
+        runtime.close()
+    assert gate.calls == 1
+    assert "deadline" in observer.rejections
+    assert runtime.store.product("p1") is None
+
+
+def test_full_queue_is_refused_and_cancelled_requests_never_run(tmp_path):
+    observer = _Recorder()
+    runtime = _runtime(tmp_path, max_queue=2, observer=observer)
+    gate = _Gate(runtime)
+    image, mask = _products()[0]
+    req = lambda pid: GenerateRequest(pid, image=image, mask_image=mask, prompts=("x",))  # noqa: E731
+    try:
+        running = runtime.submit(req("run"))
+        assert gate.entered.wait(60)
+        waiting = [runtime.submit(req("w0")), runtime.submit(req("w1"))]
+        with pytest.raises(QueueFull, match="queue is full"):
+            runtime.submit(req("w2"))
+        assert runtime.queue_depth() == 2
+        assert waiting[0].cancel()
+        gate.release.set()
+        running.result(60)
+        waiting[1].result(60)
+    finally:
+        runtime.close()
+    assert max(observer.depths) == 2
+    assert observer.rejections.count("queue_full") == 1 and "cancelled" in observer.rejections
+    assert runtime.store.product("w0") is None and runtime.store.product("w2") is None
+    assert runtime.store.product("w1") is not None
+
+
+def test_async_cancel_before_start_never_runs(tmp_path):
+    runtime = _runtime(tmp_path)
+    gate = _Gate(runtime)
+    image, mask = _products()[0]
+
+    async def scenario():
+        busy = asyncio.ensure_future(runtime.agenerate(GenerateRequest("busy", image=image, mask_image=mask,
+                                                                       prompts=("x",))))
+        await asyncio.get_running_loop().run_in_executor(None, gate.entered.wait, 60)
+        gone = asyncio.ensure_future(runtime.agenerate(GenerateRequest("gone", image=image, mask_image=mask,
+                                                                       prompts=("y",))))
+        await asyncio.sleep(0.01)
+        gone.cancel()
+        gate.release.set()
+        result = await busy
+        with pytest.raises(asyncio.CancelledError):
+            await gone
+        return result
+
+    try:
+        result = asyncio.run(scenario())
+    finally:
+        runtime.close()
+    assert result.product_id == "busy" and gate.calls == 1
+    assert runtime.store.product("gone") is None
+
+
+@pytest.mark.parametrize("fields, needle", [
+    (dict(prompts=("x",), group_ids=("zz",)), "unknown group id 'zz'"),
+    (dict(prompts=()), "no prompts"),
+    (dict(prompts=("",)), "must not be empty"),
+    (dict(prompts=("x", "y"), group_ids=("a",)), "1 group ids for 2 prompts"),
+    (dict(prompts=("x",), num_images_per_prompt=65), "over the 64 creatives"),
+    (dict(prompts=("x",), image=b"not an image"), "image"),
+    (dict(product_id="", prompts=("x",)), "product_id must not be empty"),
+    (dict(prompts=("x",), deadline=float("nan")), "deadline"),
+])
+def test_bad_requests_fail_at_submit_and_store_nothing(tmp_path, fields, needle):
+    runtime = _runtime(tmp_path)
+    image, mask = _products()[0]
+    base = dict(product_id="p", image=image, mask_image=mask)
+    try:
+        with pytest.raises(InputError, match=needle):
+            runtime.submit(GenerateRequest(**{**base, **fields}))
+    finally:
+        runtime.close()
+    assert runtime.store.stats()["rows"] == 0 and runtime.store.stats()["files"] == 0
+
+
+def test_unknown_stored_product_is_not_found_and_a_known_one_regenerates(tmp_path):
+    runtime = _runtime(tmp_path)
+    image, mask = _products()[0]
+    try:
+        with pytest.raises(NotFound, match="unknown product id 'nope'"):
+            runtime.submit(GenerateRequest("nope", prompts=("x",)))
+        runtime.generate([GenerateRequest("p", image=image, prompts=("x",), mask_image=mask)])
+        again = runtime.generate([GenerateRequest("p", prompts=("y",), mask_image=mask)])[0]
+    finally:
+        runtime.close()
+    assert again.creatives[0].prompt == "y"
+
+
+def test_close_drains_then_refuses(tmp_path):
+    runtime = _runtime(tmp_path)
+    image, mask = _products()[0]
+    futures = [runtime.submit(GenerateRequest(f"p{k}", image=image, mask_image=mask, prompts=("x",)))
+               for k in range(3)]
+    runtime.close(drain=True)
+    assert all(f.result(0).product_id == f"p{k}" for k, f in enumerate(futures))
+    with pytest.raises(RuntimeClosed):
+        runtime.submit(GenerateRequest("late", image=image, mask_image=mask, prompts=("x",)))
+
+
+def test_select_after_generate_and_readers_during_writes(tmp_path):
+    runtime = _runtime(tmp_path)
+    image, mask = _products()[0]
+    errors = []
+    stop = threading.Event()
+
+    def reader():
+        while not stop.is_set():
+            try:
+                runtime.select("p", "a")
+            except NotFound:
+                pass  # not stored yet
+            except Exception as exc:  # noqa: BLE001 - any other error fails the test below
+                errors.append(exc)
+
+    threads = [threading.Thread(target=reader) for _ in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        result = runtime.generate([GenerateRequest("p", image=image, mask_image=mask,
+                                                   prompts=("warm beach", "cool studio"), group_ids=("a", "b"),
+                                                   num_images_per_prompt=2)])[0]
+        selection = runtime.select("p", "a", k=2)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+        runtime.close()
+    assert errors == []
+    best = max([(c.scores["a"], c.creative_id) for c in result.creatives])
+    if best[0] > result.original_scores["a"]:
+        assert selection.fallback is None and selection.chosen[0].creative_id == best[1]
+    else:
+        assert selection.fallback == "original_better" and selection.chosen[0].creative_id is None
+    assert selection.candidates == 5  # 4 creatives + the original
