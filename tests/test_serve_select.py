@@ -369,12 +369,15 @@ def test_bad_input(store, head):
 
 
 class FrozenVersion:
-    """A store whose data_version never moves: only `invalidate` can refresh the selector."""
+    """A store whose versions never move: only `invalidate` can refresh the selector."""
 
     def __init__(self, store):
         self.store = store
 
     def data_version(self) -> int:
+        return 0
+
+    def product_version(self, product_id) -> int:
         return 0
 
     def __getattr__(self, name):
@@ -447,3 +450,21 @@ def test_threads_select_while_a_writer_writes(store, head):
     best = selector.select("p1", "g0")
     assert ids_of(best) == [written[-1]] and best.chosen[0].score == 0.25 + 11 / 32
     assert selector.select("p1", "g1").candidates == 13
+
+
+def test_a_write_to_another_product_keeps_this_index(tmp_path, head, monkeypatch):
+    """The cache is versioned per product: nearline writes to other products do not force re-reads here."""
+    with CreativeStore(tmp_path / "s") as store:
+        store.put_product("p1", png(), scores={"g0": 0.5}, reward_id=REWARD)
+        add_creatives(store, [0.75])
+        selector = make_selector(store, head)
+        selector.select("p1", "g0")
+        reads = []
+        inner = store.candidates
+        monkeypatch.setattr(store, "candidates", lambda *a, **k: reads.append(a[0]) or inner(*a, **k))
+        store.put_product("p2", png(), scores={"g0": 0.5}, reward_id=REWARD)
+        add_creatives(store, [0.875], product="p2", seed=5)
+        selector.select("p1", "g0")
+        assert reads == []
+        newest = add_creatives(store, [0.9], seed=6)  # a write to p1 itself: read again, the new creative wins
+        assert ids_of(selector.select("p1", "g0")) == newest and reads == ["p1"]

@@ -100,6 +100,13 @@ CREATE TABLE IF NOT EXISTS scores (
     score REAL NOT NULL,                 -- calibrated CTR in [0, 1]
     PRIMARY KEY (product_id, group_id, reward_id, creative_id)
 ) WITHOUT ROWID;
+-- The generation of the last write touching each product: the selector's cache compares it, so a write to one
+-- product does not make every other product's cached index stale (a store-wide counter did: each select then
+-- re-read its rows, 0.5–0.9 ms instead of 0.02 ms, for as long as nearline writes went on).
+CREATE TABLE IF NOT EXISTS product_versions (
+    product_id TEXT PRIMARY KEY,
+    version INTEGER NOT NULL
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS product_scores (
     product_id TEXT NOT NULL,
     group_id TEXT NOT NULL,
@@ -373,15 +380,19 @@ class CreativeStore:
         return None if row is None else row[0]
 
     @contextlib.contextmanager
-    def _write(self, *, bump: bool = True) -> Iterator[sqlite3.Connection]:
+    def _write(self, *, bump: bool = True, products: Sequence[str] = ()) -> Iterator[sqlite3.Connection]:
         """One write transaction.  BEGIN IMMEDIATE takes the write lock up front: a deferred transaction that
-        upgrades from read to write can fail with SQLITE_BUSY at once, which busy_timeout does not retry."""
+        upgrades from read to write can fail with SQLITE_BUSY at once, which busy_timeout does not retry.
+        products: the product ids the write touches; their `product_version` moves with the generation."""
         conn = self._conn()
         conn.execute("BEGIN IMMEDIATE")
         try:
             yield conn
             if bump:
                 conn.execute("UPDATE meta SET value = value + 1 WHERE key = 'generation'")
+                conn.executemany("INSERT INTO product_versions (product_id, version) SELECT ?, value FROM meta "
+                                 "WHERE key = 'generation' ON CONFLICT (product_id) DO UPDATE SET "
+                                 "version = excluded.version", [(p,) for p in sorted(set(products))])
             conn.execute("COMMIT")
         except BaseException:
             with contextlib.suppress(sqlite3.Error):
@@ -464,7 +475,7 @@ class CreativeStore:
         reward_id = _check_reward_id(reward_id, required=bool(checked))
         sha256 = hashlib.sha256(png).hexdigest()
         self._write_file(sha256, png)
-        with self._write() as conn:
+        with self._write(products=(product_id,)) as conn:
             self._ensure_files({sha256: png})
             old = conn.execute("SELECT sha256, title FROM products WHERE product_id = ?", (product_id,)).fetchone()
             if old is not None and tuple(old) != (sha256, title):
@@ -526,7 +537,7 @@ class CreativeStore:
             self._check_dims(conn, rows)
         for sha256, png in files.items():
             self._write_file(sha256, png)
-        with self._write() as conn:
+        with self._write(products=[row[1] for row in rows]) as conn:
             self._check_dims(conn, rows)
             self._ensure_files(files)
             conn.executemany("INSERT OR IGNORE INTO creatives (creative_id, product_id, group_id, prompt, idx, seed, "
@@ -566,7 +577,7 @@ class CreativeStore:
         checked = [_check_score(v, f"score of creative {i}") for i, v in zip(ids, values)]
         if not ids:
             return
-        with self._write() as conn:
+        with self._write(products=(product_id,)) as conn:
             known = set()
             unique = sorted(set(ids))
             for start in range(0, len(unique), 500):  # SQLite's default limit is 32766 host parameters
@@ -657,6 +668,13 @@ class CreativeStore:
         if not path.is_file():
             raise NotFound(f"no creative {creative_id}")
         return path
+
+    def product_version(self, product_id: str) -> int:
+        """A counter that moves with every committed write touching this product (its row, creatives or scores),
+        from any thread or process; 0 for a product never written.  One primary-key lookup (≈ 5 µs)."""
+        row = self._conn().execute("SELECT version FROM product_versions WHERE product_id = ?",
+                                   (product_id,)).fetchone()
+        return 0 if row is None else int(row[0])
 
     def data_version(self) -> int:
         """A counter every committed write of rows or scores (from any thread or process) increases; equal values
