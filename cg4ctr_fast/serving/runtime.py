@@ -10,7 +10,8 @@ Nearline path, one worker thread, top to bottom:
      as `cg4ctr generate`), so bad input fails at once and nothing is queued; a full queue raises QueueFull.
   2. the worker takes the oldest request and every waiting request of the same working size, up to
      `max_batch` creatives (waiting up to `max_wait_ms` for the batch to fill); a request whose deadline has
-     passed is answered DeadlineExceeded and never run, a cancelled one is dropped;
+     passed, or that its batch (timed on recent batches) cannot finish by then, is answered DeadlineExceeded and
+     never run; a cancelled one is dropped;
   3. `CreativePipeline.generate_batch`: each product encoded once, ONE denoising loop for all of them;
   4. the reward model embeds every creative and the original once; the numpy reward head (`select.RewardHead`)
      scores each of them for every known user group;
@@ -67,7 +68,8 @@ class GenerateRequest:
         (the creatives are then for no group in particular; they are still scored for every group).
     title: the product title the reward model scores with; mask_image: as `CreativePipeline.__call__`.
     num_images_per_prompt, seed: as `CreativePipeline.__call__` (same seeds, same pixels in any process).
-    deadline: absolute `time.monotonic()` seconds; a request not started by then is never run. None: none.
+    deadline: absolute `time.monotonic()` seconds; a request that has not started by then, or that would start
+        too late to finish by then (its batch timed on recent batches), is never run. None: none.
     """
 
     product_id: str
@@ -277,6 +279,7 @@ class CreativeRuntime:
         self._cond = threading.Condition()
         self._closing = False
         self._running = 0  # requests in the batch being run
+        self._batch_s: Optional[float] = None  # recent batches' wall time (s), for deadline admission
         self._worker = threading.Thread(target=self._work, name="cg4ctr-runtime", daemon=True)
         self._worker.start()
 
@@ -519,15 +522,21 @@ class CreativeRuntime:
                 return
             live = []
             now = time.monotonic()
+            # A request that cannot finish by its deadline is answered now rather than served late: its batch
+            # would take about this long (measured on recent batches; 0 until one has run).
+            estimate = self._batch_s or 0.0
             for pending in batch:
                 if not pending.future.set_running_or_notify_cancel():
                     self.observer.rejected("cancelled")
                     self.observer.completed("cancelled", now - pending.submitted)
                     continue
                 deadline = pending.request.deadline
-                if deadline is not None and now >= deadline:
-                    pending.future.set_exception(DeadlineExceeded(
-                        f"the deadline passed {1000 * (now - deadline):.0f} ms before the request could start"))
+                if deadline is not None and now + estimate >= deadline:
+                    why = (f"the deadline passed {1000 * (now - deadline):.0f} ms before the request could start"
+                           if now >= deadline else
+                           f"the deadline leaves {1000 * (deadline - now):.0f} ms and a batch takes about "
+                           f"{1000 * estimate:.0f} ms; it was not started")
+                    pending.future.set_exception(DeadlineExceeded(why))
                     self.observer.rejected("deadline")
                     self.observer.completed("deadline", now - pending.submitted)
                     continue
@@ -536,6 +545,9 @@ class CreativeRuntime:
                 live.append(pending)
             if live:
                 self._run(live)
+                took = time.monotonic() - now
+                # EWMA over batches (weight 0.3 on the newest): follows a change of load within a few batches.
+                self._batch_s = took if self._batch_s is None else 0.7 * self._batch_s + 0.3 * took
             with self._cond:
                 self._running = 0
                 self._cond.notify_all()
