@@ -16,6 +16,12 @@ FORBIDDEN = {
     "export": ("cg4ctr_fast.cli", "cg4ctr_fast.runtime", "cg4ctr_fast.pipeline"),
     "models": ("cg4ctr_fast.cli", "cg4ctr_fast.runtime", "cg4ctr_fast.export", "cg4ctr_fast.pipeline"),
     "fileio.py": ("cg4ctr_fast.cli", "cg4ctr_fast.runtime", "cg4ctr_fast.export", "cg4ctr_fast.models"),
+    # The serving engine knows nothing of HTTP (DESIGN.md §10): only the HTTP layer imports the server libraries.
+    "serving/runtime.py": ("cg4ctr_fast.serving.http", "cg4ctr_fast.serving.protocol", "cg4ctr_fast.serving.metrics",
+                           "cg4ctr_fast.cli", "fastapi", "starlette", "uvicorn", "prometheus_client", "ray"),
+    "serving/store.py": ("cg4ctr_fast.serving.runtime", "cg4ctr_fast.serving.http", "cg4ctr_fast.cli", "fastapi",
+                         "torch"),
+    "serving/select.py": ("cg4ctr_fast.serving.runtime", "cg4ctr_fast.serving.http", "cg4ctr_fast.cli", "fastapi"),
 }
 
 

@@ -219,8 +219,9 @@ def test_sd15_architecture_builds_with_random_weights_only_on_request():
 
 def test_lean_import():
     code = (
-        "import sys, cg4ctr_fast;"
-        "bad = [m for m in ('tensorrt', 'triton', 'onnx', 'onnxruntime', 'diffusers', 'transformers') if m in sys.modules];"
+        "import sys, cg4ctr_fast, cg4ctr_fast.serving;"
+        "bad = [m for m in ('tensorrt', 'triton', 'onnx', 'onnxruntime', 'diffusers', 'transformers', 'ray', 'fastapi',"
+        " 'uvicorn', 'starlette', 'prometheus_client') if m in sys.modules];"
         "import torch; print(','.join(bad)); print(torch.cuda.is_initialized())"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
