@@ -91,8 +91,9 @@ class Server:
         assert self._ready.wait(START_S), f"server not ready in {START_S} s: {self.lines}"
         assert self.proc.poll() is None and self.url, f"server exited: {self.lines}"
 
-    def stop(self) -> int:
-        if self.proc.poll() is None:
+    def stop(self, signal_first: bool = True) -> int:
+        """SIGTERM (unless already sent), then the exit code; killed only if it outlives CALL_S."""
+        if signal_first and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         try:
             return self.proc.wait(CALL_S)
@@ -283,6 +284,9 @@ def test_bad_input_is_one_line_4xx_and_stores_nothing(server, client, world):
                                   "files": {"image": ("p.png", b"not an image at all", "image/png")}}, 400),
         ("post", "/v1/generate", {"data": {"product_id": "sku-4", "prompts": "x"},
                                   "files": {"mask": ("m.png", valid, "image/png")}}, 400),
+        # Opaque, no mask, and no saliency net in the tiny preset: refused when its batch runs.
+        ("post", "/v1/generate", {"data": {"product_id": "sku-4", "prompts": "x"},
+                                  "files": {"image": ("p.png", _png(make_product(40, 40)[0]), "image/png")}}, 400),
         ("post", "/v1/generate", {"data": {"product_id": "sku-4", "prompts": "x"},
                                   "files": {"image": ("p.png", _png(Image.new("RGBA", (4097, 1))), "image/png")}},
          400),
@@ -479,6 +483,29 @@ def test_overload_every_request_answered_queue_bounded(server, client):
 
 
 # ---------------------------------------------------------------------------------------------------- start and stop
+def test_readyz_is_503_until_warmed_up(world, tmp_path):
+    """The app over a real runtime, in process: /readyz says 503 until warmup() is done, /healthz 200 always."""
+    from fastapi.testclient import TestClient
+
+    from cg4ctr_fast.serving.http import create_app
+    from cg4ctr_fast.serving.runtime import CreativeRuntime
+
+    runtime = CreativeRuntime.from_preset("tiny", random_weights=True, store=tmp_path / "store",
+                                          reward=world / "reward", groups=world / "groups.json",
+                                          num_inference_steps=STEPS)
+    try:
+        with TestClient(create_app(runtime, api_key=None, timeout_s=5.0)) as http:
+            assert http.get("/healthz").status_code == 200
+            r = http.get("/readyz")
+            assert r.status_code == 503 and r.json()["ready"] is False
+            runtime.warmup()
+            assert http.get("/readyz").status_code == 200
+            assert http.get("/healthz").status_code == 200
+    finally:
+        runtime.close()
+    assert _stats(tmp_path / "store")["rows"] == 0  # warmup stores nothing
+
+
 def test_refused_at_start_in_one_line(world, tmp_path):
     from cg4ctr_fast.serving.store import CreativeStore
 
@@ -519,7 +546,7 @@ def test_sigterm_drains_in_flight_requests(server, client):
     for sock in [running, *waiting]:
         with sock:
             statuses.append(_answer(sock))
-    assert server.stop() == 0, server.lines
+    assert server.stop(signal_first=False) == 0, server.lines
     assert statuses == [200, 200, 200], (statuses, server.lines)
     assert any("SIGTERM" in line for line in server.lines), server.lines
     from cg4ctr_fast.serving.store import CreativeStore

@@ -294,32 +294,31 @@ async def _serve(runtime, sock: socket.socket, args, api_key: Optional[str], max
         stop.append(signum)
         server.should_exit = True
 
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        serving = asyncio.create_task(server.serve(sockets=[sock]))
-        while not server.started and not serving.done():
-            await asyncio.sleep(0.01)
-        if serving.done():
-            await serving
-            return 1
-        host, port = sock.getsockname()[:2]
-        shown = f"[{host}]" if ":" in host else host
-        _say(f"listening on http://{shown}:{port} (model {runtime.model_id}; "
-             f"{'API key required' if api_key else 'no API key'})")
-        failure: list[BaseException] = []
-        warm = threading.Thread(target=_warm, args=(runtime, server, failure), name="cg4ctr-warmup", daemon=True)
-        warm.start()
-        while warm.is_alive() and not serving.done():
-            await asyncio.sleep(0.05)
-        if not failure and runtime.ready:
-            _say(f"ready: warmed up; /readyz answers 200 (max queue {args.max_queue}, max batch {args.max_batch})")
+    # Never restored: a second SIGTERM after the server stopped (an impatient supervisor repeating it during
+    # the last drain or the interpreter's exit) is only recorded, instead of killing us with exit code -15.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
+    serving = asyncio.create_task(server.serve(sockets=[sock]))
+    while not server.started and not serving.done():
+        await asyncio.sleep(0.01)
+    if serving.done():
         await serving
-        warm.join()
-        if failure:
-            raise failure[0]
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        return 1
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    _say(f"listening on http://{shown}:{port} (model {runtime.model_id}; "
+         f"{'API key required' if api_key else 'no API key'})")
+    failure: list[BaseException] = []
+    warm = threading.Thread(target=_warm, args=(runtime, server, failure), name="cg4ctr-warmup", daemon=True)
+    warm.start()
+    while warm.is_alive() and not serving.done():
+        await asyncio.sleep(0.05)
+    if not failure and runtime.ready:
+        _say(f"ready: warmed up; /readyz answers 200 (max queue {args.max_queue}, max batch {args.max_batch})")
+    await serving
+    warm.join()
+    if failure:
+        raise failure[0]
     # The HTTP server answered every request in flight before returning; finish what the runtime still holds.
     runtime.close(drain=True)
     if stop:

