@@ -360,8 +360,19 @@ class CreativeRuntime:
         return [f.result() for f in futures]
 
     async def agenerate(self, request: GenerateRequest) -> GenerateResult:
-        """`submit` for asyncio; cancelling the awaiting task before the request starts means it never runs."""
-        future = self.submit(request)
+        """`submit` for asyncio; cancelling the awaiting task before the request starts means it never runs.
+
+        The checks of `submit` (decoding the image: up to 64 MiB) run in the default executor, not on the
+        event loop, so one large upload does not stall every other connection.
+        """
+        loop = asyncio.get_running_loop()
+        submitted = loop.run_in_executor(None, self.submit, request)
+        try:
+            future = await asyncio.shield(submitted)
+        except asyncio.CancelledError:
+            # The submit may still finish in its thread: cancel what it queued, so it never runs.
+            submitted.add_done_callback(lambda f: f.cancelled() or f.exception() is not None or f.result().cancel())
+            raise
         try:
             return await asyncio.wrap_future(future)
         except asyncio.CancelledError:
