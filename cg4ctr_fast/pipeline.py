@@ -158,7 +158,9 @@ class CreativePipeline:
             None: `Creative.reward` stays None.
         saliency_threshold: saliency in [0, 1] at or above which a pixel is product; None (default): the
             net's own config (`U2NetP.config.threshold`, 0.5 for the official weights).
-        saliency_dilate_px: pixels (≥ 0) the repaint region grows over the product edge (default 2).
+        saliency_dilate_px: pixels (≥ 0) the repaint region grows over the product edge, used as given at
+            every size; None (default): the net's config.dilate_px when it records one, else scaled with the
+            image (`saliency.default_dilate_px`: 0 px below 512 px, 1 px per 512 px of the shorter side).
         saliency_size: the square side in pixels the saliency net runs at; None (default): the net's own
             config, i.e. the size it was trained at (`cg4ctr-train saliency` records it), 320 for the
             official u2netp.pth.
@@ -177,7 +179,7 @@ class CreativePipeline:
         saliency: Optional[torch.nn.Module] = None,
         reward: Optional[Callable] = None,
         saliency_threshold: Optional[float] = None,
-        saliency_dilate_px: int = 2,
+        saliency_dilate_px: Optional[int] = None,
         saliency_size: Optional[int] = None,
         max_side: Optional[int] = None,
     ):
@@ -476,7 +478,10 @@ class CreativePipeline:
             size, threshold = self.saliency_settings()
             with self._stage("saliency"):
                 saliency_map = predict_saliency(self.saliency, rgb, size=size)
-            mask = mask_from_saliency(saliency_map, threshold=threshold, dilate_px=self.saliency_dilate_px)
+            dilate = self.saliency_dilate_px  # explicit, else the net's config, else scaled (None)
+            if dilate is None:
+                dilate = getattr(getattr(self.saliency, "config", None), "dilate_px", None)
+            mask = mask_from_saliency(saliency_map, threshold=threshold, dilate_px=dilate)
         else:
             raise InputError(
                 "no mask: pass mask_image (white = background to repaint), an RGBA image with transparency, "

@@ -115,11 +115,11 @@ def test_from_engines_makes_the_torch_mask(engines, trained, image):
 
     torch_pipe = CreativePipeline.from_preset("tiny", saliency=str(folder))  # `cg4ctr generate --saliency`
     expected = torch_pipe.product_mask(image)
-    assert np.array_equal(np.asarray(expected), np.asarray(mask_from_saliency(want, threshold, dilate_px=2)))
+    assert np.array_equal(np.asarray(expected), np.asarray(mask_from_saliency(want, threshold)))
     keep = np.asarray(expected) == 0
     assert 0 < keep.sum() < keep.size
     assert np.array_equal(np.asarray(engine_pipe.product_mask(image)), np.asarray(expected))
-    wrong = mask_from_saliency(at_320, threshold, dilate_px=2)
+    wrong = mask_from_saliency(at_320, threshold)
     assert not np.array_equal(np.asarray(wrong), np.asarray(expected))  # what a 320-px engine gave
     # and through the whole call, as `cg4ctr generate --engines` runs it
     creative = engine_pipe("warm", image, None, num_inference_steps=1, show_progress=False)[0]

@@ -240,7 +240,7 @@ def test_saliency_makes_the_mask_when_none_is_given(product):
     saliency_map = predict_saliency(saliency, image)
     # An untrained net's map is arbitrary: threshold at its median so both product and background exist.
     pipe.saliency_threshold = float(np.median(saliency_map))
-    expected_mask = mask_from_saliency(saliency_map, threshold=pipe.saliency_threshold, dilate_px=2)
+    expected_mask = mask_from_saliency(saliency_map, threshold=pipe.saliency_threshold)
     keep = np.asarray(expected_mask) < 128
     assert keep.any() and (~keep).any()
     creative = pipe("warm", image, None, num_inference_steps=1, show_progress=False)[0]

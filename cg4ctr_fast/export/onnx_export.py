@@ -149,9 +149,10 @@ def saliency_sha256(path: str | Path) -> str:
 
 def saliency_config_dict(config) -> dict[str, Any]:
     """A SaliencyConfig as saliency/config.json holds it: the format `cg4ctr-train saliency` writes, so
-    `load_saliency` reads it too. size: input side in px (int ≥ 1); threshold: in [0, 1]; dilate_px: int ≥ 0."""
+    `load_saliency` reads it too. size: input side in px (int ≥ 1); threshold: in [0, 1]; dilate_px: int ≥ 0,
+    or null: scaled with the image (`saliency.default_dilate_px`)."""
     return {"architecture": "u2netp", "size": int(config.size), "threshold": float(config.threshold),
-            "dilate_px": int(config.dilate_px)}
+            "dilate_px": None if config.dilate_px is None else int(config.dilate_px)}
 
 
 def reward_fingerprint(path: str | Path) -> dict[str, str]:
