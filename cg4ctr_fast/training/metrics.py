@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional, Union
 
 import numpy as np
 import pandas as pd
@@ -40,6 +40,8 @@ __all__ = [
     "CtrLift",
     "aggregate_ctr_lift",
     "pick_over_original",
+    "salient_region",
+    "object_expansion",
 ]
 
 _EPS = 1e-7
@@ -349,12 +351,108 @@ def aggregate_ctr_lift(treatment_ctr, control_ctr, weights=None, *, clusters: Op
                    mean_of_ratios_ci95=ratio_ci, cells=int(len(t)), clusters=n_clusters)
 
 
-def pick_over_original(rewards: Sequence[float], original_reward: float) -> Optional[int]:
+def pick_over_original(rewards: Sequence[float], original_reward: float, *,
+                       expansions: Optional[Sequence[float]] = None,
+                       max_expansion: Optional[float] = None) -> Optional[int]:
     """Which candidate to show: the index of the highest reward, or None (show the original image) unless that
     reward is strictly above the original's.  The original is always a candidate, so a pick can only replace
     it when the reward model prefers the creative; ties and an empty list keep the original.  Ties among
-    creatives go to the first (generation order)."""
+    creatives go to the first (generation order).
+
+    max_expansion (a fraction of the image in [0, 1], or None: no filter): creatives whose object expansion
+    `expansions[i]` (see `object_expansion`) is above it are no candidates; a NaN expansion counts as above.
+    Raises ValueError when max_expansion is given without one expansion per reward, or outside [0, 1]."""
     if len(rewards) == 0:
         return None
-    best = int(np.argmax(np.asarray(rewards, dtype=np.float64)))
-    return best if float(rewards[best]) > float(original_reward) else None
+    values = np.asarray(rewards, dtype=np.float64)
+    if max_expansion is not None:
+        if not 0.0 <= float(max_expansion) <= 1.0:  # False for NaN too
+            raise ValueError(f"max_expansion must be a fraction in [0, 1], got {max_expansion!r}")
+        if expansions is None or len(expansions) != len(values):
+            raise ValueError("max_expansion needs one expansion per reward")
+        allowed = np.asarray(expansions, dtype=np.float64) <= float(max_expansion)  # NaN: not allowed
+        if not allowed.any():
+            return None
+        values = np.where(allowed, values, -np.inf)
+    best = int(np.argmax(values))
+    return best if float(values[best]) > float(original_reward) else None
+
+
+# --------------------------------------------------------------------------------------------
+# Object expansion: does the output show more "product" than the input had?
+# --------------------------------------------------------------------------------------------
+
+SaliencyLike = Union["torch.nn.Module", Callable]  # noqa: F821 - torch is imported lazily
+
+
+def _product_region(mask, shape: tuple[int, int], what: str) -> np.ndarray:
+    """A product mask as an H x W bool array, True = product.
+
+    bool arrays: True = product.  PIL images and integer arrays: diffusers' convention, < 128 = product
+    (keep), >= 128 = background (repaint), as `Product.mask` and `Creative.mask` hold it."""
+    from PIL import Image
+
+    from cg4ctr_fast.errors import InputError
+
+    if isinstance(mask, Image.Image):
+        mask = np.asarray(mask.convert("L"))
+    array = np.asarray(mask)
+    if array.ndim != 2:
+        raise InputError(f"{what} must be 2-D (H x W), got shape {array.shape}")
+    if array.shape != tuple(shape):
+        raise InputError(f"{what} is {array.shape[1]}x{array.shape[0]} px, the output {shape[1]}x{shape[0]}")
+    if array.dtype == np.bool_:
+        return array
+    if not np.issubdtype(array.dtype, np.integer):
+        raise InputError(f"{what}: expected a bool array (True = product) or 8-bit mask (< 128 = product), "
+                         f"got dtype {array.dtype}")
+    return array < 128
+
+
+def salient_region(saliency: SaliencyLike, image) -> np.ndarray:
+    """Where the saliency net sees a product in `image`: H x W bool (True = salient), no dilation.
+
+    saliency: a U2NetP (run by `predict_saliency` at its own `config.size`, thresholded at its
+    `config.threshold`), or any callable image -> H x W array: bool (True = salient), or floats in [0, 1]
+    thresholded at 0.5.  image: PIL image (converted to RGB).  Raises InputError when the callable returns
+    another shape.
+    """
+    from PIL import Image
+
+    from cg4ctr_fast.errors import InputError
+
+    if not isinstance(image, Image.Image):
+        image = Image.fromarray(np.asarray(image))
+    image = image.convert("RGB")
+    shape = (image.height, image.width)
+    config = getattr(saliency, "config", None)
+    if hasattr(saliency, "parameters") and config is not None:
+        from cg4ctr_fast.models.saliency import predict_saliency
+
+        return predict_saliency(saliency, image, size=config.size) >= config.threshold
+    region = np.asarray(saliency(image))
+    if region.shape != shape:
+        raise InputError(f"saliency function returned shape {region.shape} for a {shape[1]}x{shape[0]} image")
+    return region if region.dtype == np.bool_ else region >= 0.5
+
+
+def object_expansion(saliency: SaliencyLike, output, input_mask) -> float:
+    """Object expansion E: how much of the output the saliency net sees as product beyond the input's product.
+
+        E = (area(S(output) ∪ M) − area(M)) / area(image) = |S(output) \ M| / (H·W)
+
+    with S(output) the output's salient region (`salient_region`: the net run on the output, no dilation)
+    and M the input's product mask.  Inpainting tends to grow the product's outline into the background
+    (a ghost rim) or paint a second product; both are salient pixels outside M.  E is a fraction of the
+    image in [0, 1]: 0 when nothing salient lies outside M (e.g. the output equals the input and M is the
+    salient region the same net found on the input, as the pipeline's undilated saliency mask is).
+
+    saliency: a U2NetP or a callable image -> H x W mask (see `salient_region`).
+    output: PIL image (any mode; RGB is used) of H x W px.
+    input_mask: H x W: a bool array (True = product), or a PIL "L" image / 8-bit array in diffusers'
+        convention (< 128 = product kept, >= 128 = background), e.g. `Creative.mask` or `Product.mask`.
+    Returns a Python float.  Raises InputError for a mask of another size or shape.
+    """
+    region = salient_region(saliency, output)
+    product = _product_region(input_mask, region.shape, "input mask")
+    return float(np.count_nonzero(region & ~product)) / float(region.size)
