@@ -118,10 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_serve(sub) -> None:
-    try:
-        from cg4ctr_fast.cli import serve as serve_cli
-    except ImportError:  # the HTTP layer is optional (the `serve` extra); its module imports no server library
-        return
+    # cli/serve.py imports no server library at import: FastAPI and uvicorn (the `serve` extra) load in `run`.
+    from cg4ctr_fast.cli import serve as serve_cli
+
     serve_cli.add_arguments(add_subcommand(sub, "serve", "serve creatives over HTTP: generate, store, select"))
 
 
