@@ -290,6 +290,7 @@ def test_async_cancel_before_start_never_runs(tmp_path):
     (dict(prompts=("x",), image=b"not an image"), "image"),
     (dict(product_id="", prompts=("x",)), "product_id must not be empty"),
     (dict(prompts=("x",), deadline=float("nan")), "deadline"),
+    (dict(prompts=("x",), mask_image=None), "no mask: send a mask image"),
 ])
 def test_bad_requests_fail_at_submit_and_store_nothing(tmp_path, fields, needle):
     runtime = _runtime(tmp_path)

@@ -490,6 +490,10 @@ class CreativeRuntime:
                 raise NotFound(f"unknown product id {product_id!r}: send its image first")
             image = self.store.image_path(row.sha256)
         product = load_product(image, what="image")
+        if request.mask_image is None and product.alpha_mask is None and self.pipeline.saliency is None:
+            # The pipeline would refuse it too, but only in the worker, after the request waited its turn.
+            raise InputError("no mask: send a mask image (white = background to repaint), an image with "
+                             "transparency, or serve with a saliency model")
         width, height = working_size(product.model_rgb.width, product.model_rgb.height, self.pipeline.max_side)
         return _Pending(request=dataclasses.replace(request, product_id=product_id), product=product,
                         prompts=prompts, group_ids=group_ids, future=concurrent.futures.Future(),
