@@ -264,6 +264,7 @@ def test_bad_input_is_one_line_4xx_and_stores_nothing(server, client, world):
     valid = _product_png(seed=3)
     assert _generate_multipart(client, "sku-3", valid, prompts=["x"]).status_code == 200
     before = _stats(server.store)
+    counted = _metrics(client)
     truncated = valid[: len(valid) // 2]
     cases = [
         # (method, path, keyword arguments, status)
@@ -336,24 +337,40 @@ def test_bad_input_is_one_line_4xx_and_stores_nothing(server, client, world):
 
     assert _stats(server.store) == before  # nothing written for any refused request
     m = _metrics(client)
-    assert _metric(m, "cg4ctr_rejections_total", reason="bad_input") >= 10
-    assert _metric(m, "cg4ctr_rejections_total", reason="body_too_large") == 2
+    # Every refused generate request is counted once (the truncated PNG too); refused selects are not.
+    refused = sum(path == "/v1/generate" for _, path, _, _ in cases) + 1
+    for reason, count in (("bad_input", refused), ("body_too_large", 2)):
+        assert (_metric(m, "cg4ctr_rejections_total", reason=reason)
+                - _metric(counted, "cg4ctr_rejections_total", reason=reason)) == count, reason
     assert not any(name == "cg4ctr_http_requests_total" and dict(labels)["status"] == "500"
                    for name, labels in m)
 
 
-def test_metrics_show_the_counts(client):
-    m = _metrics(client)
-    assert _metric(m, "cg4ctr_http_requests_total", route="/v1/generate", status="200") >= 4
-    assert _metric(m, "cg4ctr_http_requests_total", route="/v1/select", status="200") >= 3
-    assert _metric(m, "cg4ctr_http_requests_total", route="/readyz", status="401") >= 1
-    assert _metric(m, "cg4ctr_rejections_total", reason="unauthorized") >= 5
-    assert _metric(m, "cg4ctr_batch_creatives_count") >= 4
-    # 4 creatives in the first request's batch: the histogram's sum counts every creative generated.
-    assert _metric(m, "cg4ctr_batch_creatives_sum") >= 4 + 1 + 1 + 1 + 1
+def test_metrics_show_the_counts(server, client):
+    """/metrics counts exactly what this test does: one generate of 3 creatives, one select, one 401."""
+    before = _metrics(client)
+    r = _generate_multipart(client, "sku-m", _product_png(seed=11), prompts=["a", "b", "c"], group_ids=GROUPS)
+    assert r.status_code == 200
+    assert client.post("/v1/select", json={"product_id": "sku-m", "group_id": "g1"}).status_code == 200
+    assert httpx.get(f"{server.url}/metrics").status_code == 401
+    after = _metrics(client)
+
+    def delta(name, **labels):
+        return _metric(after, name, **labels) - _metric(before, name, **labels)
+
+    assert delta("cg4ctr_http_requests_total", route="/v1/generate", status="200") == 1
+    assert delta("cg4ctr_http_requests_total", route="/v1/select", status="200") == 1
+    assert delta("cg4ctr_http_requests_total", route="/metrics", status="401") == 1
+    assert delta("cg4ctr_http_requests_total", route="/metrics", status="200") == 1  # the `before` scrape
+    assert delta("cg4ctr_rejections_total", reason="unauthorized") == 1
+    assert delta("cg4ctr_batch_creatives_count") == 1 and delta("cg4ctr_batch_creatives_sum") == 3
+    assert delta("cg4ctr_batch_requests_count") == 1 and delta("cg4ctr_batch_requests_sum") == 1
+    assert delta("cg4ctr_generate_seconds_count", status="ok") == 1
     for stage in ("queue", "generate", "reward", "store", "select"):
-        assert _metric(m, "cg4ctr_stage_seconds_count", stage=stage) >= 1, stage
-    assert _metric(m, "cg4ctr_queue_depth") == 0
+        assert delta("cg4ctr_stage_seconds_count", stage=stage) == 1, stage
+        assert delta("cg4ctr_stage_seconds_sum", stage=stage) >= 0, stage
+    assert _metric(after, "cg4ctr_queue_depth") == 0
+    assert 1 <= _metric(after, "cg4ctr_queue_depth_max") <= MAX_QUEUE
 
 
 def _send_raw(server, product_id: str, png: bytes, prompts: list[str]) -> socket.socket:
@@ -412,11 +429,14 @@ def test_client_disconnect_cancels_queued_work(server, client):
     before = _metric(_metrics(client), "cg4ctr_rejections_total", reason="cancelled")
     png = _product_png(seed=5)
     busy = _start_busy(server, client, "sku-busy", png)
+    # A second full batch queued behind the running one: the request below waits behind both.
+    queued = _send_raw(server, "sku-busy-2", png, [f"p{i}" for i in range(MAX_BATCH)])
     with _send_raw(server, "sku-gone", png, ["never"]):
-        _wait_for(client, lambda m: _metric(m, "cg4ctr_queue_depth") >= 1)  # queued behind the busy batch
+        _wait_for(client, lambda m: _metric(m, "cg4ctr_queue_depth") >= 2)
     # Closed: the client is gone while its request waits.
-    with busy:
-        assert _answer(busy) == 200
+    for sock in (busy, queued):
+        with sock:
+            assert _answer(sock) == 200
     m = _wait_for(client, lambda m: _metric(m, "cg4ctr_rejections_total", reason="cancelled") > before)
     assert _metric(m, "cg4ctr_rejections_total", reason="cancelled") == before + 1
     from cg4ctr_fast.serving.store import CreativeStore

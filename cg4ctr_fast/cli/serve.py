@@ -256,9 +256,13 @@ def run(args) -> int:
         raise InputError(f"--store {args.store}: is a file, expected a folder")
     from cg4ctr_fast.serving.store import CreativeStore
 
-    store = CreativeStore(store_path)  # StoreError (one line, exit 2) for another schema version
     max_body = MAX_BYTES + 2**20 if args.max_body_mb is None else int(args.max_body_mb * 2**20)
-    sock = _bind(args.host, args.port)
+    sock = _bind(args.host, args.port)  # first: a port in use leaves no new store folder behind
+    try:
+        store = CreativeStore(store_path)  # StoreError (one line, exit 2) for another schema version
+    except BaseException:
+        sock.close()
+        raise
     try:
         from cg4ctr_fast.serving.metrics import PrometheusObserver
 
