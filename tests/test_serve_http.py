@@ -449,6 +449,26 @@ def test_client_disconnect_cancels_queued_work(server, client):
         store.close()
 
 
+def test_deadline_passed_in_queue_is_504_never_run(server, client):
+    """A request whose timeout_s runs out while it waits behind a running batch gets 504 and is never run."""
+    before = _metric(_metrics(client), "cg4ctr_rejections_total", reason="deadline")
+    png = _product_png(seed=6)
+    busy = _start_busy(server, client, "sku-busy-3", png)
+    late = client.post("/v1/generate", files={"image": ("p.png", png, "image/png")},
+                       data={"product_id": "sku-late", "prompts": "x", "timeout_s": "0.01"})
+    assert late.status_code == 504 and "deadline" in late.json()["error"], late.text
+    with busy:
+        assert _answer(busy) == 200
+    assert _metric(_metrics(client), "cg4ctr_rejections_total", reason="deadline") == before + 1
+    from cg4ctr_fast.serving.store import CreativeStore
+
+    store = CreativeStore(server.store, create=False)
+    try:
+        assert store.product("sku-late") is None and store.creatives("sku-late") == []
+    finally:
+        store.close()
+
+
 # ---------------------------------------------------------------------------------------------------- overload
 async def _offer(url: str, rate: float, duration: float, limit: int, timeout_s: float):
     """Open-loop load: a request every 1/rate s for `duration` s (at most `limit`); (sent, [(status, s)])."""
