@@ -21,6 +21,7 @@ __all__ = [
     "SelectBody",
     "creative_url",
     "parse_body",
+    "selection_response",
 ]
 
 # The longest id accepted (the store's rule for product and group ids).
