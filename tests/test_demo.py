@@ -20,12 +20,20 @@ SMALL = ToyConfig(
 )
 
 
-def test_demo_end_to_end(tmp_path):
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """The SMALL toy models, trained once for this module's tests (the demo reuses them)."""
+    root = tmp_path_factory.mktemp("toy-cache")
+    build_toy_models(SMALL, cache=root, progress=False, log=lambda _m: None)
+    return root
+
+
+def test_demo_end_to_end(tmp_path, cache):
     out = tmp_path / "demo"
-    summary = run_demo(out, steps=2, quiet=True, n_products=2, images_per_group=2, cache=tmp_path / "cache",
-                       config=SMALL)
+    summary = run_demo(out, steps=2, quiet=True, n_products=2, images_per_group=2, cache=cache, config=SMALL)
     files = {p.name for p in out.iterdir()}
-    assert {"contact_sheet.png", "creatives.json", "report.md", "product0.png", "product1.png"} <= files
+    assert {"contact_sheet.png", "ctr_by_group.png", "creatives.json", "report.md", "product0.png",
+            "product1.png"} <= files
     meta = json.loads((out / "creatives.json").read_text())
     assert len(meta["creatives"]) == 2 * 8 * 2  # products × groups × images per group
     for record in meta["creatives"]:
@@ -53,7 +61,7 @@ def test_demo_end_to_end(tmp_path):
     # group shares; the mean of per-cell ratios is reported beside it.
     from cg4ctr_fast.sim import load_dataset
 
-    models = build_toy_models(SMALL, cache=tmp_path / "cache", progress=False, log=lambda _m: None)
+    models = build_toy_models(SMALL, cache=cache, progress=False, log=lambda _m: None)
     traffic = load_dataset(models.world).world.group_traffic()
     w = np.array([traffic[s["group"]] for s in selections])
     served = np.array([s["true_ctr"] for s in selections])
@@ -67,10 +75,80 @@ def test_demo_end_to_end(tmp_path):
     assert "Aggregate true-CTR lift" in report and f"{head['lift']:+.1%}" in report and "| reward |" in report
     assert report.index("Aggregate true-CTR lift") < report.index("mean of ratios")
     assert f"kept in {kept} of 16" in report
-    sheet = Image.open(out / "contact_sheet.png")
-    assert sheet.width > sheet.height  # 2 rows, 1 + 8 columns
+    assert report.index("## Aggregate true-CTR lift") < report.index("## Object expansion") < report.index("## Per group")
+    assert "![true CTR per group](ctr_by_group.png)" in report and meta["plots"] == ["ctr_by_group.png"]
     assert set(summary["by_group"]) == {str(g) for g in range(8)}
+    _check_sheet(out, meta)
+    _check_expansion(meta)
     # The second build reuses every cached model.
     messages = []
-    build_toy_models(SMALL, cache=tmp_path / "cache", progress=False, log=messages.append)
+    build_toy_models(SMALL, cache=cache, progress=False, log=messages.append)
     assert messages == []
+
+
+def _check_sheet(out, meta):
+    """One row per product: the original, then what each group is served, each tile 3x its 64 px (nearest),
+    with text (dark pixels) in the band below it."""
+    from cg4ctr_fast.cli.demo import SHEET_CELL, SHEET_LINE_PX, SHEET_PAD
+
+    n_products = len({s["product"] for s in meta["selections"]})
+    cell, pad, text_h, title_h = SHEET_CELL, SHEET_PAD, 3 * SHEET_LINE_PX + 4, SHEET_LINE_PX + 2 * SHEET_PAD
+    sheet = np.asarray(Image.open(out / "contact_sheet.png").convert("RGB"))
+    assert sheet.shape == (title_h + n_products * (cell + text_h + pad) + pad, 9 * (cell + pad) + pad, 3)
+    for s in meta["selections"]:
+        column = 1 + s["group"]  # group ids 0..7 in column order after the original
+        top, left = title_h + pad + s["product"] * (cell + text_h + pad), pad + column * (cell + pad)
+        served = out / (f"product{s['product']}.png" if s["kept_original"] else s["served"])
+        want = np.asarray(Image.open(served).convert("RGB").resize((cell, cell), Image.Resampling.NEAREST))
+        assert np.array_equal(sheet[top:top + cell, left:left + cell], want)
+        label = sheet[top + cell:top + cell + text_h, left:left + cell]
+        assert (label.min(axis=2) < 100).sum() > 50  # the group / CTR text is drawn
+    first = np.asarray(Image.open(out / "product0.png").convert("RGB").resize((cell, cell), Image.Resampling.NEAREST))
+    assert np.array_equal(sheet[title_h + pad:title_h + pad + cell, pad:pad + cell], first)
+
+
+def _check_expansion(meta):
+    records = meta["creatives"]
+    values = np.array([r["object_expansion"] for r in records])
+    assert ((values >= 0) & (values <= 1)).all()
+    e = meta["object_expansion"]
+    assert e["creatives"] == len(records) and e["mean"] == pytest.approx(values.mean(), rel=1e-12)
+    assert e["max"] == values.max() and e["zero"] == int((values == 0).sum())
+    for s in meta["selections"]:
+        chosen = [r for r in records if r["product"] == s["product"] and r["group"] == s["group"] and r["chosen"]]
+        assert s["served_object_expansion"] == (chosen[0]["object_expansion"] if chosen else 0.0)
+
+
+def test_demo_is_deterministic_and_drops_creatives_above_max_expansion(tmp_path, cache):
+    """Same request twice: the same creatives.json (run time aside) and the same contact sheet. Then with
+    max_expansion = the median E, every creative above it is dropped from selection."""
+    kwargs = dict(steps=2, quiet=True, n_products=1, images_per_group=2, cache=cache, config=SMALL)
+    run_demo(tmp_path / "a", **kwargs)
+    run_demo(tmp_path / "b", **kwargs)
+    a, b = (json.loads((tmp_path / name / "creatives.json").read_text()) for name in "ab")
+    assert a.pop("seconds") > 0 and b.pop("seconds") > 0
+    assert a == b
+    sheets = [np.asarray(Image.open(tmp_path / name / "contact_sheet.png")) for name in "ab"]
+    assert np.array_equal(*sheets)
+
+    values = [r["object_expansion"] for r in a["creatives"]]
+    threshold = float(np.median(values))
+    assert min(values) <= threshold < max(values)  # so some creatives are dropped and some are not
+    c = run_demo(tmp_path / "c", max_expansion=threshold, **kwargs)
+    assert c["object_expansion"]["max_expansion"] == threshold
+    dropped = [r for r in c["creatives"] if r["dropped_for_expansion"]]
+    assert len(dropped) == sum(v > threshold for v in values) == c["object_expansion"]["dropped"] > 0
+    assert not any(r["chosen"] for r in dropped)
+    for s in c["selections"]:
+        group = [r for r in c["creatives"] if r["group"] == s["group"]]
+        allowed = [r for r in group if not r["dropped_for_expansion"]]
+        best = max(allowed, key=lambda r: r["reward"], default=None)
+        if best is None or best["reward"] <= s["original_reward"]:
+            assert s["kept_original"]
+        else:
+            assert s["served"] == best["file"]
+    # Same creatives, fewer candidates: the pixels and E do not depend on the threshold.
+    assert [r["object_expansion"] for r in c["creatives"]] == values
+    assert "dropped" in (tmp_path / "c" / "report.md").read_text()
+    with pytest.raises(ValueError, match="max_expansion"):
+        run_demo(tmp_path / "d", max_expansion=1.5, **kwargs)

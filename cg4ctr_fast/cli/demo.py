@@ -5,7 +5,12 @@ and cached; then held-out products go through saliency → prompt model → one 
 product → reward → per group the top creative, served only when the reward model scores it above the
 original photo (always a candidate), scored by the world's oracle. The headline is the aggregate true-CTR
 lift an A/B test would measure (groups weighted by their traffic); the mean of per-group ratios is
-secondary. Writes creatives, a contact sheet, creatives.json and report.md.
+secondary. Every creative's object expansion (training.metrics.object_expansion: salient area of the output
+outside the input's product mask, a fraction of the image) is measured with the saliency net; selection can
+drop creatives above a threshold (`max_expansion`). Writes the creatives, contact_sheet.png (one row per
+product: the original, then what each group is served, labelled with the group and its true CTR against the
+original's), ctr_by_group.png (per group, the original's true CTR against the served creative's),
+creatives.json and report.md.
 """
 from __future__ import annotations
 
@@ -16,7 +21,15 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
+
+# Contact-sheet geometry: the demo's 64-px creatives are drawn 3x (nearest neighbour, so the pixels stay
+# the model's) in 192-px cells, with 3 text lines of 15 px below each: 9 columns of 200 px = 1,808 px wide,
+# which a person reads at 100 % on a laptop screen.
+SHEET_CELL = 192
+SHEET_FONT_PX = 13
+SHEET_LINE_PX = 15
+SHEET_PAD = 8
 
 def draw_product(size: int = 64, seed: int = 0) -> Image.Image:
     """A bottle-like product on a transparent background: the alpha channel is the exact product mask."""
@@ -43,6 +56,92 @@ def contact_sheet(rows: list[list[Image.Image]], cell: int = 128, pad: int = 4) 
     return sheet
 
 
+def _font(size: int = SHEET_FONT_PX):
+    """Pillow's default font: the scalable one at `size` px where FreeType is built in, else its bitmap font."""
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, ImportError, OSError):  # Pillow < 10.1 or no FreeType
+        return ImageFont.load_default()
+
+
+def labelled_contact_sheet(rows: list[list[tuple[Image.Image, list[tuple[str, tuple[int, int, int]]]]]],
+                           title: str = "", cell: int = SHEET_CELL, pad: int = SHEET_PAD) -> Image.Image:
+    """A contact sheet with text under every tile: rows of (image, [(line, rgb colour), ...]).
+
+    Each image is resized to cell x cell px (nearest neighbour: a 64-px creative at 192 px shows its own
+    pixels); the lines are drawn below it in Pillow's default font, `title` on a band above all rows.
+    Returns an RGB image of (columns·(cell + pad) + pad) x (title band + rows·(cell + text + pad) + pad) px.
+    """
+    font = _font()
+    n_lines = max((len(lines) for row in rows for _, lines in row), default=0)
+    text_h = n_lines * SHEET_LINE_PX + 4
+    title_h = SHEET_LINE_PX + 2 * pad if title else 0
+    n_cols = max((len(row) for row in rows), default=1)
+    width = n_cols * (cell + pad) + pad
+    height = title_h + len(rows) * (cell + text_h + pad) + pad
+    sheet = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    if title:
+        draw.text((pad, pad), title, fill=(0, 0, 0), font=font)
+    for r, row in enumerate(rows):
+        top = title_h + pad + r * (cell + text_h + pad)
+        for c, (image, lines) in enumerate(row):
+            left = pad + c * (cell + pad)
+            sheet.paste(image.convert("RGB").resize((cell, cell), Image.Resampling.NEAREST), (left, top))
+            for k, (line, colour) in enumerate(lines):
+                draw.text((left, top + cell + 2 + k * SHEET_LINE_PX), line, fill=colour, font=font)
+    return sheet
+
+
+def plot_ctr_by_group(by_group: dict, selections: list[dict], path: Path, title: str = "") -> bool:
+    """ctr_by_group.png: per user group, the original photo's true CTR against the served creative's.
+
+    Bars: means over the products (`by_group` of `run_demo`'s summary, CTR as %); dots: each product.
+    Written with matplotlib's Agg backend; returns False (nothing written) when matplotlib is missing."""
+    try:
+        import matplotlib
+    except ImportError:  # matplotlib is optional ([train] extra); creatives.json holds the numbers
+        return False
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = list(by_group)
+    x = np.arange(len(groups), dtype=np.float64)
+    width = 0.38
+    fig, ax = plt.subplots(figsize=(10, 4.8), dpi=100)
+    original = [100 * by_group[g]["original_true_ctr"] for g in groups]
+    served = [100 * by_group[g]["served_true_ctr"] for g in groups]
+    ax.bar(x - width / 2, original, width, color="#9e9e9e", label="original photo")
+    ax.bar(x + width / 2, served, width, color="#1f77b4", label="served (chosen creative, or the photo if kept)")
+    for i, g in enumerate(groups):
+        mine = [s for s in selections if str(s["group"]) == g]
+        ax.scatter(np.full(len(mine), x[i] - width / 2), [100 * s["original_true_ctr"] for s in mine],
+                   s=12, color="#424242", zorder=3)
+        ax.scatter(np.full(len(mine), x[i] + width / 2), [100 * s["true_ctr"] for s in mine],
+                   s=12, color="#0d3d66", zorder=3)
+        lift = by_group[g]["aggregate_lift"]
+        top = max([served[i], original[i]] + [100 * s["true_ctr"] for s in mine]
+                  + [100 * s["original_true_ctr"] for s in mine])
+        ax.annotate(f"{lift:+.0%}", (x[i], top), textcoords="offset points", xytext=(0, 5), ha="center",
+                    fontsize=8, color="#2e7d32" if lift > 0 else "#c62828" if lift < 0 else "#616161")
+    ax.set_xticks(x, [f"g{g}\n{by_group[g]['name'].replace(' ', chr(10), 1)}\n{by_group[g]['traffic']:.0%} traffic"
+                      for g in groups], fontsize=7)
+    ax.set_ylabel("true CTR (%); dots: each product")
+    ax.set_ylim(0, 1.12 * ax.get_ylim()[1])
+    ax.set_title(title or "true CTR per user group: original photo vs served creative", fontsize=10)
+    ax.legend(fontsize=8, loc="upper right")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, metadata={"Software": None})
+    plt.close(fig)
+    return True
+
+
+def _group_label(group_id: int, name: str) -> str:
+    age, gender, region, interest = (name.split(" ") + ["", "", "", ""])[:4]
+    return f"g{group_id} {age} {gender[:1]} {region} {interest}"
+
+
 def run_demo(
     out: Path,
     *,
@@ -53,6 +152,7 @@ def run_demo(
     images_per_group: int = 4,
     cache: Optional[Path] = None,
     config=None,
+    max_expansion: Optional[float] = None,
 ) -> dict:
     """Build (or reuse) the toy models, then for held-out products × all user groups: prompt model →
     one batched generation per product → reward model → per group the top creative, served only when its
@@ -63,14 +163,22 @@ def run_demo(
     served / Σ w·CTR original − 1 over (product, group), w = the group's traffic share, with a cluster-
     bootstrap CI over products and the mean of per-cell ratios beside it), `original_kept`, the same
     aggregate for other policies (`policies`), per-group rows (`by_group`), one row per (product, group)
-    (`selections`) and one per creative (`creatives`). Fractions, not percent.
+    (`selections`) and one per creative (`creatives`), each with its `object_expansion` E (a fraction of
+    the image: salient pixels of the creative, by the saliency net, outside the product mask the pipeline
+    kept), summarised in `object_expansion`. Fractions, not percent.
+
+    max_expansion: None (default) keeps every creative a candidate; a fraction of the image in [0, 1]:
+    creatives with E above it are dropped from selection (`pick_over_original(max_expansion=...)`), so a
+    group whose every creative grew the product keeps the original. Raises ValueError outside [0, 1].
     """
+    if max_expansion is not None and not 0.0 <= float(max_expansion) <= 1.0:
+        raise ValueError(f"max_expansion must be a fraction in [0, 1], got {max_expansion!r}")
     from cg4ctr_fast.fileio import atomic_dir
     from cg4ctr_fast.models.prompt import PromptModel
     from cg4ctr_fast.models.reward import RewardModel
     from cg4ctr_fast.pipeline import CreativePipeline
     from cg4ctr_fast.sim import load_dataset
-    from cg4ctr_fast.training.metrics import aggregate_ctr_lift, pick_over_original
+    from cg4ctr_fast.training.metrics import aggregate_ctr_lift, object_expansion, pick_over_original
     from cg4ctr_fast.training.toy import HELD_OUT_ITEM_BASE, ToyConfig, build_toy_models, item_features_for
 
     started = time.perf_counter()
@@ -113,16 +221,24 @@ def run_demo(
         for c in creatives:
             if not np.array_equal(np.asarray(c.image)[keep], original_pixels[keep]):
                 raise RuntimeError("product pixels changed in a creative")  # the composite guarantees this
-        results.append((item_id, product, prompts, creatives, original_rewards))
+        # Object expansion of each creative, against the product mask the pipeline kept (the saliency net's
+        # own region on the photo at 64 px, where the scaled dilation is 0): an unchanged photo scores 0.
+        expansions = [object_expansion(pipe.saliency, c.image, c.mask) for c in creatives]
+        results.append((item_id, product, prompts, creatives, original_rewards, expansions))
 
     with atomic_dir(out) as tmp:
-        for k, (item_id, product, prompts, creatives, original_rewards) in enumerate(results):
+        for k, (item_id, product, prompts, creatives, original_rewards, expansions) in enumerate(results):
             product.image.save(tmp / f"product{k}.png")
-            row = [product.image]
+            row = [(product.image, [(f"product {k}: original", (0, 0, 0)),
+                                    (product.title[:30], (0, 0, 0)),
+                                    ("'vs': this photo's CTR", (110, 110, 110))])]
             original_ctr = world.true_ctr_groups(product.image, item_id=item_id)
+            expansion_of = {(c.group, c.index): e for c, e in zip(creatives, expansions)}
             for g_index, group_id in enumerate(group_ids):
                 group_creatives = [c for c in creatives if c.group == g_index]
-                pick = pick_over_original([c.reward for c in group_creatives], float(original_rewards[g_index]))
+                group_expansions = [expansion_of[(c.group, c.index)] for c in group_creatives]
+                pick = pick_over_original([c.reward for c in group_creatives], float(original_rewards[g_index]),
+                                          expansions=group_expansions, max_expansion=max_expansion)
                 chosen = None if pick is None else group_creatives[pick]
                 best = max(group_creatives, key=lambda c: c.reward)
                 base = float(original_ctr[group_id])
@@ -136,6 +252,9 @@ def run_demo(
                         "group": group_id, "group_name": group_names[g_index], "prompt": c.prompt,
                         "seed": c.seed, "reward": c.reward, "original_reward": float(original_rewards[g_index]),
                         "chosen": c is chosen, "true_ctr": ctrs[c.index], "original_true_ctr": base,
+                        "object_expansion": expansion_of[(c.group, c.index)],
+                        "dropped_for_expansion": (max_expansion is not None
+                                                  and not expansion_of[(c.group, c.index)] <= max_expansion),
                     })
                 served_ctr = base if chosen is None else ctrs[chosen.index]
                 selections.append({
@@ -146,10 +265,21 @@ def run_demo(
                     "best_generated_true_ctr": ctrs[best.index],
                     "mean_generated_true_ctr": float(np.mean(list(ctrs.values()))),
                     "oracle_best_true_ctr": max(base, *ctrs.values()),
+                    "served_object_expansion": 0.0 if chosen is None else expansion_of[(chosen.group, chosen.index)],
                 })
-                row.append(product.image if chosen is None else chosen.image)
+                ratio = served_ctr / base - 1.0
+                colour = (0, 110, 0) if ratio > 0 else (170, 0, 0) if ratio < 0 else (90, 90, 90)
+                what = "original kept" if chosen is None else f"creative {chosen.index}"
+                row.append((product.image if chosen is None else chosen.image, [
+                    (_group_label(group_id, group_names[g_index])[:30], (0, 0, 0)),
+                    (f"CTR {served_ctr:.2%} vs {base:.2%}", (0, 0, 0)),
+                    (f"{ratio:+.1%}  {what}", colour),
+                ]))
             rows.append(row)
-        contact_sheet(rows).save(tmp / "contact_sheet.png")
+        labelled_contact_sheet(
+            rows, title="Each row: a held-out product, then what each user group is served. "
+                        "CTR: true CTR of what is served vs the original photo's, for that group (synthetic world)."
+        ).save(tmp / "contact_sheet.png")
 
         def lift(column: str, cells=selections, clusters=True):
             return aggregate_ctr_lift([r[column] for r in cells], [r["original_true_ctr"] for r in cells],
@@ -167,6 +297,20 @@ def run_demo(
                 "original_kept": int(sum(r["kept_original"] for r in mine)), "products": len(mine),
             }
         kept = int(sum(r["kept_original"] for r in selections))
+        all_e = np.array([r["object_expansion"] for r in records], dtype=np.float64)
+        served_e = np.array([r["object_expansion"] for r in records if r["chosen"]], dtype=np.float64)
+        expansion = {
+            "definition": ("E = area(saliency net's region on the creative ∪ input product mask) − area(input "
+                           "product mask), a fraction of the image; input mask: the product pixels the pipeline kept"),
+            "max_expansion": max_expansion,
+            "creatives": int(all_e.size), "mean": float(all_e.mean()), "median": float(np.median(all_e)),
+            "p90": float(np.quantile(all_e, 0.9)), "max": float(all_e.max()),
+            "zero": int((all_e == 0).sum()),
+            "served": int(served_e.size),
+            "served_mean": float(served_e.mean()) if served_e.size else 0.0,
+            "served_max": float(served_e.max()) if served_e.size else 0.0,
+            "dropped": int(sum(r["dropped_for_expansion"] for r in records)),
+        }
         summary = {
             "model_root": str(models.root),
             "steps": steps,
@@ -183,10 +327,16 @@ def run_demo(
                 "any_generated_creative": lift("mean_generated_true_ctr").to_dict(),
                 "oracle_best_candidate": lift("oracle_best_true_ctr").to_dict(),
             },
+            "object_expansion": expansion,
             "by_group": by_group,
             "selections": selections,
             "creatives": records,
         }
+        head = summary["aggregate_true_ctr_lift"]
+        summary["plots"] = ["ctr_by_group.png"] if plot_ctr_by_group(
+            by_group, selections, tmp / "ctr_by_group.png",
+            title=f"True CTR per user group over {n_products} held-out products: original photo vs served "
+                  f"(aggregate lift {head['lift']:+.1%})") else []
         (tmp / "creatives.json").write_text(json.dumps(summary, indent=2) + "\n")
         (tmp / "report.md").write_text(demo_report(summary, models))
     return summary
@@ -247,7 +397,35 @@ def demo_report(summary: dict, models) -> str:
         "![contact sheet](contact_sheet.png)",
         "",
         "Rows: products; first column: the original; then what each group is served (the original again",
-        "where it was kept).",
+        "where it was kept), labelled with the group, the true CTR of what is served against the original",
+        "photo's for that group, and the change (green: up, red: down).",
+        "",
+    ]
+    if "ctr_by_group.png" in summary.get("plots", []):
+        lines += [
+            "![true CTR per group](ctr_by_group.png)",
+            "",
+            "Per group: the original photo's true CTR (grey) against what is served (blue), means over the",
+            "products (bars) and each product (dots); the label is the group's lift (Σ served / Σ original − 1).",
+            "",
+        ]
+    e = summary["object_expansion"]
+    threshold = ("off (every creative a candidate)" if e["max_expansion"] is None else
+                 f"{e['max_expansion']:.2%} of the image: {e['dropped']} of {e['creatives']} creatives dropped")
+    lines += [
+        "## Object expansion",
+        "",
+        "Inpainting can grow the product's outline into the background (a ghost rim) or paint a second",
+        "product. E = area(saliency net's region on the creative ∪ the product mask the pipeline kept) −",
+        "area(that mask), as a fraction of the image (`training.metrics.object_expansion`); 0 for the",
+        "unchanged photo.",
+        "",
+        "| creatives | E = 0 | mean | median | p90 | max | served: mean | served: max |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| {e['creatives']} | {e['zero']} | {e['mean']:.2%} | {e['median']:.2%} | {e['p90']:.2%} | {e['max']:.2%} | "
+        f"{e['served_mean']:.2%} | {e['served_max']:.2%} |",
+        "",
+        f"Selection threshold on E (`run_demo(max_expansion=...)`): {threshold}.",
         "",
         "## Per group",
         "",
