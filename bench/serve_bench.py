@@ -155,7 +155,7 @@ def bench_load(runtime, args) -> dict:
     rng = np.random.default_rng(2)
     for multiple in args.load_multiples:
         rate = multiple * capacity
-        futures, submitted, rejected_full = [], [], 0
+        futures, rejected_full, refused_late = [], 0, 0
         max_depth = 0
         t0 = time.monotonic()
         k = 0
@@ -169,6 +169,8 @@ def bench_load(runtime, args) -> dict:
                 futures.append((now, runtime.submit(request(k, now + args.timeout_s))))
             except QueueFull:
                 rejected_full += 1
+            except DeadlineExceeded:  # refused at once: the work queued ahead cannot finish by the deadline
+                refused_late += 1
             except InputError:
                 raise
             max_depth = max(max_depth, runtime.queue_depth())
@@ -187,13 +189,13 @@ def bench_load(runtime, args) -> dict:
         in_time = sum(1 for x in lat if x <= args.timeout_s)
         rows.append({
             "offered_x_capacity": multiple, "offered_rps": rate, "sent": k, "ok": len(ok), "ok_in_time": in_time,
-            "queue_full": rejected_full, "deadline": timeouts, "goodput_rps": in_time / elapsed,
+            "queue_full": rejected_full, "deadline_at_submit": refused_late, "deadline": timeouts, "goodput_rps": in_time / elapsed,
             "latency_ok_s": {"p50": float(np.percentile(lat, 50)) if lat else None,
                              "p99": float(np.percentile(lat, 99)) if lat else None},
             "max_queue_depth": max_depth, "wall_s": elapsed,
         })
         print(f"  load {multiple:g}× capacity ({rate:.2f} req/s): sent {k}, ok {len(ok)}, 503 {rejected_full}, "
-              f"504 {timeouts}, goodput {in_time / elapsed:.2f} req/s ({in_time} in time), p50 "
+              f"504 {refused_late} at submit + {timeouts} queued, goodput {in_time / elapsed:.2f} req/s ({in_time} in time), p50 "
               f"{rows[-1]['latency_ok_s']['p50'] or float('nan'):.3f} s, p99 "
               f"{rows[-1]['latency_ok_s']['p99'] or float('nan'):.3f} s, max queue {max_depth}", file=sys.stderr)
     return {"capacity_rps": capacity, "timeout_s": args.timeout_s, "max_queue": runtime.max_queue,

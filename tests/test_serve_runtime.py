@@ -365,21 +365,38 @@ def test_select_after_generate_and_readers_during_writes(tmp_path):
     assert selection.candidates == 5  # 4 creatives + the original
 
 
-def test_a_deadline_the_batch_cannot_meet_is_refused_before_it_runs(tmp_path):
+def test_a_deadline_the_queue_cannot_meet_is_refused_at_submit(tmp_path):
     runtime = _runtime(tmp_path)
     image, mask = _products()[0]
     calls = []
     inner = runtime.pipeline.generate_batch
     runtime.pipeline.generate_batch = lambda jobs, **kw: calls.append(len(jobs)) or inner(jobs, **kw)
     try:
-        runtime._batch_s = 30.0  # recent batches took 30 s: a 5 s deadline cannot be met
-        future = runtime.submit(GenerateRequest("p", image=image, mask_image=mask, prompts=("x",),
-                                                deadline=time.monotonic() + 5.0))
-        with pytest.raises(DeadlineExceeded, match="a batch takes about 30000 ms"):
-            future.result(60)
-        ok = runtime.submit(GenerateRequest("q", image=image, mask_image=mask, prompts=("x",)))
-        ok.result(60)
+        runtime._creative_s = 30.0  # recent batches took 30 s per creative: a 5 s deadline cannot be met
+        with pytest.raises(DeadlineExceeded, match="queued ahead needs about 30000 ms; not queued"):
+            runtime.submit(GenerateRequest("p", image=image, mask_image=mask, prompts=("x",),
+                                           deadline=time.monotonic() + 5.0))
+        runtime.submit(GenerateRequest("q", image=image, mask_image=mask, prompts=("x",))).result(60)
     finally:
         runtime.close()
     assert calls == [1] and runtime.store.product("p") is None
-    assert runtime._batch_s < 30.0  # the estimate follows the batch that ran
+    assert runtime._creative_s < 30.0  # the estimate follows the batch that ran
+
+
+def test_a_deadline_its_batch_cannot_meet_is_refused_before_it_runs(tmp_path):
+    runtime = _runtime(tmp_path)
+    gate = _Gate(runtime)
+    image, mask = _products()[0]
+    try:
+        blocker = runtime.submit(GenerateRequest("b", image=image, mask_image=mask, prompts=("x",)))
+        assert gate.entered.wait(60)
+        late = runtime.submit(GenerateRequest("p", image=image, mask_image=mask, prompts=("x",),
+                                              deadline=time.monotonic() + 5.0))  # no estimate yet: queued
+        runtime._creative_s = 30.0
+        gate.release.set()
+        blocker.result(60)
+        with pytest.raises(DeadlineExceeded, match="a batch takes about"):
+            late.result(60)
+    finally:
+        runtime.close()
+    assert gate.calls == 1 and runtime.store.product("p") is None

@@ -278,8 +278,9 @@ class CreativeRuntime:
         self._queue: "collections.deque[_Pending]" = collections.deque()
         self._cond = threading.Condition()
         self._closing = False
-        self._running = 0  # requests in the batch being run
-        self._batch_s: Optional[float] = None  # recent batches' wall time (s), for deadline admission
+        self._running = 0  # creatives in the batch being run
+        # Seconds per creative of recent batches (EWMA), for deadline admission; None until a batch has run.
+        self._creative_s: Optional[float] = None
         self._worker = threading.Thread(target=self._work, name="cg4ctr-runtime", daemon=True)
         self._worker.start()
 
@@ -326,7 +327,8 @@ class CreativeRuntime:
         """Queue one request; returns a Future of its `GenerateResult`.
 
         The request is checked here, in the caller's thread: InputError (bad ids, prompts, counts or image),
-        NotFound (image None and no stored product), RuntimeClosed (closing). A full queue raises QueueFull,
+        NotFound (image None and no stored product), RuntimeClosed (closing), DeadlineExceeded (the work queued
+        ahead, at the measured seconds per creative, cannot finish by its deadline). A full queue raises QueueFull,
         or with block=True waits for room. `future.cancel()` before the request starts means it never runs.
         """
         started = time.monotonic()
@@ -341,6 +343,7 @@ class CreativeRuntime:
                 if self._closing:
                     self.observer.rejected("closed")
                     raise RuntimeClosed("the runtime is shutting down and takes no new requests")
+                self._refuse_if_late(pending, started)
                 if len(self._queue) < self.max_queue:
                     break
                 if not block:
@@ -436,6 +439,22 @@ class CreativeRuntime:
         self.close()
 
     # ------------------------------------------------------------------ internals
+    def _refuse_if_late(self, pending: _Pending, started: float) -> None:
+        """DeadlineExceeded at once when the work queued ahead (at the measured seconds per creative) would not
+        let this request finish by its deadline: answering now beats answering late, and it frees the slot.
+        The batch running now counts half (it is on average half done). Called with the lock held."""
+        deadline = pending.request.deadline
+        if deadline is None or self._creative_s is None:
+            return
+        ahead = sum(p.creatives for p in self._queue) + self._running / 2 + pending.creatives
+        expected = ahead * self._creative_s
+        now = time.monotonic()
+        if now + expected > deadline:
+            self.observer.rejected("deadline")
+            self.observer.completed("deadline", now - started)
+            raise DeadlineExceeded(f"the deadline leaves {1000 * max(0.0, deadline - now):.0f} ms and the work "
+                                   f"queued ahead needs about {1000 * expected:.0f} ms; not queued")
+
     def _retry_after(self) -> float:
         # One batch's worth of work ahead of the caller is a fair first retry; at least 1 s (HTTP's unit).
         return 1.0
@@ -525,7 +544,7 @@ class CreativeRuntime:
                 used += pending.creatives
             for pending in batch:
                 self._queue.remove(pending)
-            self._running = len(batch)
+            self._running = used
             self.observer.queue_depth(len(self._queue))
             self._cond.notify_all()
         return batch
@@ -539,7 +558,7 @@ class CreativeRuntime:
             now = time.monotonic()
             # A request that cannot finish by its deadline is answered now rather than served late: its batch
             # would take about this long (measured on recent batches; 0 until one has run).
-            estimate = self._batch_s or 0.0
+            estimate = (self._creative_s or 0.0) * sum(p.creatives for p in batch)
             for pending in batch:
                 if not pending.future.set_running_or_notify_cancel():
                     self.observer.rejected("cancelled")
@@ -560,9 +579,11 @@ class CreativeRuntime:
                 live.append(pending)
             if live:
                 self._run(live)
-                took = time.monotonic() - now
+                per_creative = (time.monotonic() - now) / sum(p.creatives for p in live)
                 # EWMA over batches (weight 0.3 on the newest): follows a change of load within a few batches.
-                self._batch_s = took if self._batch_s is None else 0.7 * self._batch_s + 0.3 * took
+                # Per creative, because a batch's time grows with its creatives (full batches under load).
+                self._creative_s = (per_creative if self._creative_s is None
+                                    else 0.7 * self._creative_s + 0.3 * per_creative)
             with self._cond:
                 self._running = 0
                 self._cond.notify_all()
