@@ -5,8 +5,7 @@ The heavy parts (diffusers, the pipeline) load on first attribute access.
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from cg4ctr_fast._lazy import lazy_getattr
 
 __version__ = "0.1.0"
 
@@ -21,10 +20,4 @@ _LAZY = {
 __all__ = ["__version__", *_LAZY]
 
 
-def __getattr__(name: str) -> Any:
-    module_name = _LAZY.get(name)
-    if module_name is None:
-        raise AttributeError(f"module 'cg4ctr_fast' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module_name), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(__name__, _LAZY, globals())

@@ -148,26 +148,27 @@ def _temp_name(final: Path, kind: str) -> Path:
     return final.parent / f".{final.name}.{kind}-{secrets.token_hex(6)}"
 
 
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write `data` to `path` so readers see either the old file or the whole new one.
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a fresh temporary path next to `path`; when the block succeeds the file written there is fsynced and
+    renamed over `path` (readers see the old file or the whole new one), else it is removed.
 
-    Writes a temporary file next to `path`, fsyncs it and renames it over `path`.  The temporary
-    file is created with os.open(..., 0o666) rather than mkstemp so the umask applies and the
-    result has the same permissions an ordinary open() would give (mkstemp forces 0600).
+    For writers that want a path rather than bytes (pyarrow's ParquetWriter, say).  The temporary file is created
+    empty with os.open(..., 0o666) rather than mkstemp, so the umask applies and the result has the permissions an
+    ordinary open() would give (mkstemp forces 0600).
     """
     final = Path(path)
     while True:
         tmp = _temp_name(final, "tmp")
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0),
-                         0o666)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+            os.close(fd)
             break
         except FileExistsError:
             continue
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
+        yield tmp
+        with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, final)
     except BaseException:
@@ -175,6 +176,12 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
             os.unlink(tmp)
         raise
     _fsync_dir(final.parent)
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write `data` to `path` so readers see either the old file or the whole new one (see `atomic_path`)."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        handle.write(data)
 
 
 @contextlib.contextmanager

@@ -9,31 +9,24 @@ Importing this package (or :mod:`.step`) imports neither triton nor diffusers; n
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from cg4ctr_fast._lazy import lazy_getattr
 
 _LAZY = {
-    "Blend": "step",
-    "FusedStep": "step",
-    "UnfusedStep": "step",
-    "fused_unsupported_reason": "step",
-    "make_step": "step",
-    "resolve_backend": "step",
-    "supports_fused": "step",
-    "triton_available": "step",
-    "unfused_step": "step",
-    "ddim_step_ref": "reference",
-    "euler_step_ref": "reference",
-    "dpm_solver_step_ref": "reference",
+    "Blend": ".step",
+    "FusedStep": ".step",
+    "UnfusedStep": ".step",
+    "fused_unsupported_reason": ".step",
+    "make_step": ".step",
+    "resolve_backend": ".step",
+    "supports_fused": ".step",
+    "triton_available": ".step",
+    "unfused_step": ".step",
+    "ddim_step_ref": ".reference",
+    "euler_step_ref": ".reference",
+    "dpm_solver_step_ref": ".reference",
 }
 
 __all__ = list(_LAZY)
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'cg4ctr_fast.kernels' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(__name__, _LAZY, globals())

@@ -12,8 +12,7 @@ embeddings), and the HTTP layer (`http`, `protocol`, `metrics`; FastAPI + uvicor
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from cg4ctr_fast._lazy import lazy_getattr
 
 _LAZY = {
     "CreativeRuntime": "cg4ctr_fast.serving.runtime",
@@ -34,10 +33,4 @@ _LAZY = {
 __all__ = list(_LAZY)
 
 
-def __getattr__(name: str) -> Any:
-    module_name = _LAZY.get(name)
-    if module_name is None:
-        raise AttributeError(f"module 'cg4ctr_fast.serving' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module_name), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(__name__, _LAZY, globals())

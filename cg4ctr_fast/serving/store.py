@@ -21,7 +21,6 @@ import hashlib
 import math
 import os
 import re
-import secrets
 import sqlite3
 import threading
 import time
@@ -32,7 +31,7 @@ from typing import Iterator, Mapping, Optional, Sequence
 import numpy as np
 
 from cg4ctr_fast.errors import InputError, check_utf8
-from cg4ctr_fast.fileio import _fsync_dir, atomic_write_bytes, path_label
+from cg4ctr_fast.fileio import _fsync_dir, atomic_path, atomic_write_bytes, path_label
 from cg4ctr_fast.serving.errors import NotFound, RuntimeClosed
 
 __all__ = ["SCHEMA_VERSION", "StoreError", "NewCreative", "CreativeRow", "ProductRow", "Candidates",
@@ -849,27 +848,16 @@ class CreativeStore:
             ("prompt", pa.string()), ("index", pa.int64()), ("seed", pa.int64()), ("model_id", pa.string()),
             ("reward", pa.float64()), ("embedding", pa.list_(pa.float32())), ("created_at", pa.float64()),
             ("file", pa.string())])
-        final = Path(path)
-        tmp = final.parent / f".{final.name}.tmp-{secrets.token_hex(6)}"
         count = 0
-        try:
-            with self._read() as conn, pq.ParquetWriter(tmp, schema) as writer:
-                cursor = conn.execute("SELECT creative_id, product_id, group_id, prompt, idx, seed, model_id, reward, "
-                                      "embedding, dim, created_at FROM creatives ORDER BY id")
-                while True:
-                    rows = cursor.fetchmany(4096)  # row groups of 4096 rows: memory stays bounded
-                    if not rows:
-                        break
-                    count += len(rows)
-                    writer.write_table(_arrow_table(rows, schema, pa))
-            with open(tmp, "rb+") as handle:
-                os.fsync(handle.fileno())
-            os.replace(tmp, final)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-        _fsync_dir(final.parent)
+        with atomic_path(path) as tmp, self._read() as conn, pq.ParquetWriter(tmp, schema) as writer:
+            cursor = conn.execute("SELECT creative_id, product_id, group_id, prompt, idx, seed, model_id, reward, "
+                                  "embedding, dim, created_at FROM creatives ORDER BY id")
+            while True:
+                rows = cursor.fetchmany(4096)  # row groups of 4096 rows: memory stays bounded
+                if not rows:
+                    break
+                count += len(rows)
+                writer.write_table(_arrow_table(rows, schema, pa))
         return count
 
 
