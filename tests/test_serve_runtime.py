@@ -291,6 +291,11 @@ def test_async_cancel_before_start_never_runs(tmp_path):
     (dict(product_id="", prompts=("x",)), "product_id must not be empty"),
     (dict(prompts=("x",), deadline=float("nan")), "deadline"),
     (dict(prompts=("x",), mask_image=None), "no mask: send a mask image"),
+    (dict(prompts=("a\x00b",)), "control character U\\+0000 at character 2"),
+    (dict(prompts=("x" * 1001,)), "1001 characters, over the 1000 allowed"),
+    (dict(prompts=("x",), title="t" * 1001), "title is 1001 characters"),
+    (dict(prompts=("x",), seed=-1), "seed must be an integer from 0 to 2\\*\\*63 - 1"),
+    (dict(prompts=("x",), seed=2**63), "seed must be an integer from 0"),
 ])
 def test_bad_requests_fail_at_submit_and_store_nothing(tmp_path, fields, needle):
     runtime = _runtime(tmp_path)
@@ -372,15 +377,15 @@ def test_a_deadline_the_queue_cannot_meet_is_refused_at_submit(tmp_path):
     inner = runtime.pipeline.generate_batch
     runtime.pipeline.generate_batch = lambda jobs, **kw: calls.append(len(jobs)) or inner(jobs, **kw)
     try:
-        runtime._creative_s = 30.0  # recent batches took 30 s per creative: a 5 s deadline cannot be met
-        with pytest.raises(DeadlineExceeded, match="queued ahead needs about 30000 ms; not queued"):
+        runtime._timings.append((1, 30.0))  # a recent batch took 30 s for 1 creative: 5 s cannot be met
+        with pytest.raises(DeadlineExceeded, match="0 creatives queued ahead and this request's 1 need about 30000 ms"):
             runtime.submit(GenerateRequest("p", image=image, mask_image=mask, prompts=("x",),
                                            deadline=time.monotonic() + 5.0))
         runtime.submit(GenerateRequest("q", image=image, mask_image=mask, prompts=("x",))).result(60)
     finally:
         runtime.close()
     assert calls == [1] and runtime.store.product("p") is None
-    assert runtime._creative_s < 30.0  # the estimate follows the batch that ran
+    assert runtime._batch_cost()[1] < 30.0  # the estimate follows the batch that ran
 
 
 def test_a_deadline_its_batch_cannot_meet_is_refused_before_it_runs(tmp_path):
@@ -392,7 +397,7 @@ def test_a_deadline_its_batch_cannot_meet_is_refused_before_it_runs(tmp_path):
         assert gate.entered.wait(60)
         late = runtime.submit(GenerateRequest("p", image=image, mask_image=mask, prompts=("x",),
                                               deadline=time.monotonic() + 5.0))  # no estimate yet: queued
-        runtime._creative_s = 30.0
+        runtime._timings.append((1, 30.0))
         gate.release.set()
         blocker.result(60)
         with pytest.raises(DeadlineExceeded, match="a batch takes about"):
@@ -400,3 +405,46 @@ def test_a_deadline_its_batch_cannot_meet_is_refused_before_it_runs(tmp_path):
     finally:
         runtime.close()
     assert gate.calls == 1 and runtime.store.product("p") is None
+
+
+def test_batch_cost_is_a_line_through_recent_batches(tmp_path):
+    runtime = _runtime(tmp_path)
+    runtime.close()
+    assert runtime._batch_cost() is None
+    runtime._timings.extend([(2, 1.0), (8, 2.2), (4, 1.4)])  # 0.6 s per batch + 0.2 s per creative, exactly
+    a, b = runtime._batch_cost()
+    assert a == pytest.approx(0.6) and b == pytest.approx(0.2)
+    runtime._timings.clear()
+    runtime._timings.extend([(4, 2.0), (4, 1.0)])  # one size only: proportional
+    assert runtime._batch_cost() == pytest.approx((0.0, 0.375))
+
+
+def test_a_stored_product_regenerates_with_its_stored_mask_and_file(tmp_path):
+    runtime = _runtime(tmp_path)  # the tiny preset has no saliency net: without the stored mask this would fail
+    image, mask = _products()[1]
+    try:
+        first = runtime.generate([GenerateRequest("p", image=image, mask_image=mask, prompts=("warm",))])[0]
+        sha = runtime.store.product("p").sha256
+        again = runtime.generate([GenerateRequest("p", prompts=("cool",))])[0]
+        selection = runtime.select("p", "a", k=5)
+    finally:
+        runtime.close()
+    assert runtime.store.product("p").sha256 == sha  # the stored file itself, not a re-encoding
+    keep = np.asarray(mask) < 128
+    pixels = np.asarray(Image.open(runtime.store.image_path(again.creatives[0].creative_id)).convert("RGB"))
+    assert np.array_equal(pixels[keep], np.asarray(image)[keep])  # the same product region kept, bit for bit
+    assert selection.candidates == 3  # both creatives + the original
+    assert first.creatives[0].creative_id != again.creatives[0].creative_id
+
+
+def test_creatives_of_a_replaced_image_are_no_longer_selected(tmp_path):
+    runtime = _runtime(tmp_path)
+    (old, old_mask), (new, new_mask), _ = _products()
+    try:
+        runtime.generate([GenerateRequest("p", image=old, mask_image=old_mask, prompts=("a", "b"))])
+        fresh = runtime.generate([GenerateRequest("p", image=new, mask_image=new_mask, prompts=("c",))])[0]
+        selection = runtime.select("p", "b", k=5)
+    finally:
+        runtime.close()
+    assert selection.candidates == 2  # the new image's creative + the new original
+    assert {c.creative_id for c in selection.chosen} <= {fresh.creatives[0].creative_id, None}

@@ -554,3 +554,39 @@ def test_cli_as_a_subprocess(tmp_path):
     done = subprocess.run([sys.executable, "-m", "cg4ctr_fast.cli.store", "verify", "--store", str(root)],
                           capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=120)
     assert done.returncode == 0 and done.stdout.startswith("OK:") and done.stderr == ""
+
+
+def test_creatives_of_a_replaced_product_image_are_not_candidates(store):
+    import dataclasses
+
+    rng = np.random.default_rng(21)
+    first = store.put_product("p1", png_bytes(rng), scores={"g1": 0.5}, reward_id=REWARD)
+    old = [dataclasses.replace(c, source_sha256=first) for c in make_creatives(rng, per_group=1)]
+    unknown_source = make_creatives(rng, groups=("g3",), per_group=1)  # made before sources were recorded
+    old_ids = store.put_creatives(old + unknown_source, reward_id=REWARD)
+    cands = store.candidates("p1", "preset:tiny:seed0", "g1", REWARD)
+    assert cands.creative_ids == old_ids
+    second = store.put_product("p1", png_bytes(rng), scores={"g1": 0.5}, reward_id=REWARD)
+    new = [dataclasses.replace(c, source_sha256=second) for c in make_creatives(rng, groups=("g1",), per_group=1)]
+    new_ids = store.put_creatives(new, reward_id=REWARD)
+    cands = store.candidates("p1", "preset:tiny:seed0", "g1", REWARD)
+    # The old image's creatives are gone from the candidates (kept in the store); unrecorded sources stay.
+    assert cands.creative_ids == [old_ids[-1], *new_ids]
+    assert len(store.creatives("p1")) == 4
+    with pytest.raises(InputError, match="source_sha256"):
+        store.put_creatives([dataclasses.replace(new[0], source_sha256="../x")], reward_id=REWARD)
+
+
+def test_the_product_mask_is_stored_verified_and_kept_by_gc(store):
+    rng = np.random.default_rng(22)
+    mask = io.BytesIO()
+    Image.fromarray(np.where(rng.random((13, 9)) < 0.5, 255, 0).astype(np.uint8), "L").save(mask, format="PNG")
+    store.put_product("p1", png_bytes(rng), mask_png=mask.getvalue())
+    row = store.product("p1")
+    assert row.mask_sha256 == hashlib.sha256(mask.getvalue()).hexdigest()
+    assert store.image_path(row.mask_sha256).read_bytes() == mask.getvalue()
+    assert store.gc()["orphans_removed"] == 0 and store.verify() == []
+    store.image_path(row.mask_sha256).write_bytes(b"\x89PNG\r\n\x1a\ndamaged")
+    assert any("mask of product 'p1'" in p for p in store.verify())
+    store.put_product("p1", png_bytes(rng))  # re-put without a mask: the old mask file becomes an orphan
+    assert store.product("p1").mask_sha256 is None and store.gc()["orphans_removed"] == 2

@@ -53,6 +53,12 @@ __all__ = [
 # The same cap as `cg4ctr generate`: one request's creatives share one denoising batch (2× with guidance).
 MAX_CREATIVES_PER_REQUEST = 64
 MAX_ID_CHARS = 200
+# CLIP reads 77 tokens (≈ 300 characters of English); 1,000 leaves room for other scripts and stops a 100 kB
+# prompt or title from being stored in every row.
+MAX_TEXT_CHARS = 1000
+MAX_SEED = 2**63 - 1
+# Batches the deadline estimate is fitted on (seconds ≈ a + b · creatives).
+_TIMING_WINDOW = 32
 
 
 @dataclass(frozen=True)
@@ -152,7 +158,9 @@ class _Pending:
     group_ids: list
     future: concurrent.futures.Future
     size: tuple  # the working (height, width): requests batch together only at one size
+    mask_image: Any  # the request's mask, or the one stored with the product
     creatives: int
+    original_png: Optional[bytes] = None  # the stored original's file, when the request named a stored product
     submitted: float = field(default_factory=time.monotonic)
     started: float = 0.0  # time.monotonic() when its batch started
 
@@ -166,6 +174,19 @@ def _check_id(value: Any, what: str) -> str:
     if len(text) > MAX_ID_CHARS:
         raise InputError(f"{what} is {len(text)} characters, over the {MAX_ID_CHARS} allowed")
     return check_utf8(text, what)
+
+
+def _check_text(text: str, what: str) -> str:
+    """UTF-8, at most MAX_TEXT_CHARS, and no control characters but tab and line breaks."""
+    import unicodedata
+
+    check_utf8(text, what)
+    if len(text) > MAX_TEXT_CHARS:
+        raise InputError(f"{what} is {len(text)} characters, over the {MAX_TEXT_CHARS} allowed")
+    for position, char in enumerate(text):
+        if char not in "\t\n\r" and unicodedata.category(char) == "Cc":
+            raise InputError(f"{what} holds the control character U+{ord(char):04X} at character {position + 1}")
+    return text
 
 
 def _png(image) -> bytes:
@@ -280,7 +301,7 @@ class CreativeRuntime:
         self._closing = False
         self._running = 0  # creatives in the batch being run
         # Seconds per creative of recent batches (EWMA), for deadline admission; None until a batch has run.
-        self._creative_s: Optional[float] = None
+        self._timings: "collections.deque[tuple[int, float]]" = collections.deque(maxlen=_TIMING_WINDOW)
         self._worker = threading.Thread(target=self._work, name="cg4ctr-runtime", daemon=True)
         self._worker.start()
 
@@ -439,21 +460,42 @@ class CreativeRuntime:
         self.close()
 
     # ------------------------------------------------------------------ internals
+    def _batch_cost(self) -> Optional[tuple[float, float]]:
+        """(a, b): a batch of n creatives takes about a + b·n seconds, least squares over recent batches (a fixed
+        cost per batch: the text encoder, the product encodes, Python per step; b per creative). None before any
+        batch ran. One batch size seen so far: a = 0, b = its seconds per creative."""
+        if not self._timings:
+            return None
+        n = np.array([t[0] for t in self._timings], dtype=np.float64)
+        seconds = np.array([t[1] for t in self._timings], dtype=np.float64)
+        if np.ptp(n) == 0:
+            return 0.0, float(np.mean(seconds / n))
+        b, a = np.polyfit(n, seconds, 1)
+        if a < 0 or b <= 0:  # noise on few points: fall back to proportional
+            return 0.0, float(np.sum(seconds) / np.sum(n))
+        return float(a), float(b)
+
     def _refuse_if_late(self, pending: _Pending, started: float) -> None:
-        """DeadlineExceeded at once when the work queued ahead (at the measured seconds per creative) would not
-        let this request finish by its deadline: answering now beats answering late, and it frees the slot.
-        The batch running now counts half (it is on average half done). Called with the lock held."""
+        """DeadlineExceeded at once when the work queued ahead plus this request's own, at the measured batch
+        cost, would not let it finish by its deadline: answering now beats answering late, and frees the slot.
+        The batch running now counts half (on average half done). Called with the lock held."""
         deadline = pending.request.deadline
-        if deadline is None or self._creative_s is None:
+        cost = self._batch_cost()
+        if deadline is None or cost is None:
             return
-        ahead = sum(p.creatives for p in self._queue) + self._running / 2 + pending.creatives
-        expected = ahead * self._creative_s
+        a, b = cost
+        ahead = sum(p.creatives for p in self._queue)
+        work = ahead + pending.creatives
+        batches = -(-work // self.max_batch)
+        running = (a + b * self._running) / 2 if self._running else 0.0
+        expected = running + batches * a + b * work
         now = time.monotonic()
         if now + expected > deadline:
             self.observer.rejected("deadline")
             self.observer.completed("deadline", now - started)
-            raise DeadlineExceeded(f"the deadline leaves {1000 * max(0.0, deadline - now):.0f} ms and the work "
-                                   f"queued ahead needs about {1000 * expected:.0f} ms; not queued")
+            raise DeadlineExceeded(
+                f"the deadline leaves {1000 * max(0.0, deadline - now):.0f} ms; {ahead} creatives queued ahead and "
+                f"this request's {pending.creatives} need about {1000 * expected:.0f} ms; not queued")
 
     def _retry_after(self) -> float:
         # One batch's worth of work ahead of the caller is a fair first retry; at least 1 s (HTTP's unit).
@@ -470,7 +512,7 @@ class CreativeRuntime:
         for p in prompts:
             if not isinstance(p, str):
                 raise InputError(f"prompts must be strings, got {type(p).__name__}")
-            check_utf8(p, "prompt")
+            _check_text(p, "prompt")
             if not p.strip():
                 raise InputError("a prompt must not be empty")
         group_ids = [None if g is None else _check_id(g, "group id") for g in request.group_ids]
@@ -495,28 +537,33 @@ class CreativeRuntime:
         if creatives > MAX_CREATIVES_PER_REQUEST:
             raise InputError(f"{len(group_ids)} prompts × {per_prompt} images per prompt is over the "
                              f"{MAX_CREATIVES_PER_REQUEST} creatives one request makes; split it")
-        if isinstance(request.seed, bool) or not isinstance(request.seed, int):
-            raise InputError(f"seed must be an integer, got {request.seed!r}")
+        if isinstance(request.seed, bool) or not isinstance(request.seed, int) or not 0 <= request.seed <= MAX_SEED:
+            raise InputError(f"seed must be an integer from 0 to 2**63 - 1, got {request.seed!r}")
         if not isinstance(request.title, str):
             raise InputError(f"title must be a string, got {type(request.title).__name__}")
-        check_utf8(request.title, "title")
+        _check_text(request.title, "title")
         if request.deadline is not None and not np.isfinite(request.deadline):
             raise InputError(f"deadline must be a finite time.monotonic() value, got {request.deadline!r}")
-        image = request.image
+        image, mask_image = request.image, request.mask_image
         if image is None:
             row = self.store.product(product_id)
             if row is None:
                 raise NotFound(f"unknown product id {product_id!r}: send its image first")
-            image = self.store.image_path(row.sha256)
+            image = self.store.image_path(row.sha256).read_bytes()
+            if mask_image is None and row.mask_sha256 is not None:
+                mask_image = self.store.image_path(row.mask_sha256)  # the mask its creatives were made with
         product = load_product(image, what="image")
-        if request.mask_image is None and product.alpha_mask is None and self.pipeline.saliency is None:
+        if mask_image is not None and request.mask_image is None and product.alpha_mask is not None:
+            mask_image = None  # a cut-out's own alpha decides, as it did the first time
+        if mask_image is None and product.alpha_mask is None and self.pipeline.saliency is None:
             # The pipeline would refuse it too, but only in the worker, after the request waited its turn.
             raise InputError("no mask: send a mask image (white = background to repaint), an image with "
                              "transparency, or serve with a saliency model")
         width, height = working_size(product.model_rgb.width, product.model_rgb.height, self.pipeline.max_side)
         return _Pending(request=dataclasses.replace(request, product_id=product_id), product=product,
                         prompts=prompts, group_ids=group_ids, future=concurrent.futures.Future(),
-                        size=(height, width), creatives=creatives)
+                        size=(height, width), creatives=creatives, mask_image=mask_image,
+                        original_png=image if request.image is None else None)
 
     def _take_batch(self) -> Optional[list[_Pending]]:
         """The oldest request and every waiting one of its size, up to max_batch creatives; None: stop."""
@@ -558,7 +605,8 @@ class CreativeRuntime:
             now = time.monotonic()
             # A request that cannot finish by its deadline is answered now rather than served late: its batch
             # would take about this long (measured on recent batches; 0 until one has run).
-            estimate = (self._creative_s or 0.0) * sum(p.creatives for p in batch)
+            cost = self._batch_cost()
+            estimate = 0.0 if cost is None else cost[0] + cost[1] * sum(p.creatives for p in batch)
             for pending in batch:
                 if not pending.future.set_running_or_notify_cancel():
                     self.observer.rejected("cancelled")
@@ -579,11 +627,8 @@ class CreativeRuntime:
                 live.append(pending)
             if live:
                 self._run(live)
-                per_creative = (time.monotonic() - now) / sum(p.creatives for p in live)
-                # EWMA over batches (weight 0.3 on the newest): follows a change of load within a few batches.
-                # Per creative, because a batch's time grows with its creatives (full batches under load).
-                self._creative_s = (per_creative if self._creative_s is None
-                                    else 0.7 * self._creative_s + 0.3 * per_creative)
+                with self._cond:
+                    self._timings.append((sum(p.creatives for p in live), time.monotonic() - now))
             with self._cond:
                 self._running = 0
                 self._cond.notify_all()
@@ -628,7 +673,7 @@ class CreativeRuntime:
         for pending in batch:
             prompts = pending.prompts or self._propose(pending.group_ids)
             pending.prompts = prompts
-            jobs.append(ProductJob(prompts, pending.product, mask_image=pending.request.mask_image,
+            jobs.append(ProductJob(prompts, pending.product, mask_image=pending.mask_image,
                                    num_images_per_prompt=pending.request.num_images_per_prompt,
                                    seed=pending.request.seed))
         self.observer.batch(sum(p.creatives for p in batch), len(batch))
@@ -683,9 +728,13 @@ class CreativeRuntime:
                     embedding=embeddings[k], scores=by_group[k],
                 ))
             assert len(new) == len(pending.group_ids) * per_prompt
-            self.store.put_product(request.product_id, _png(_original_image(pending.product, alpha=True)),
-                                   title=request.title, embedding=embeddings[-1], scores=by_group[-1],
-                                   reward_id=self.reward_id)
+            # A stored product keeps its very file (so its sha256, which its earlier creatives name as their
+            # source); a new upload is stored as decoded: oriented, sRGB, alpha kept.
+            original = pending.original_png or _png(_original_image(pending.product, alpha=True))
+            source = self.store.put_product(request.product_id, original, title=request.title,
+                                            embedding=embeddings[-1], scores=by_group[-1], reward_id=self.reward_id,
+                                            mask_png=_png(creatives[0].mask))
+            new = [dataclasses.replace(n, source_sha256=source) for n in new]
             ids = self.store.put_creatives(new, reward_id=self.reward_id)
             self.selector.invalidate(request.product_id)
             self.observer.stage("store", time.perf_counter() - started)

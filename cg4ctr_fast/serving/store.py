@@ -71,7 +71,8 @@ CREATE TABLE IF NOT EXISTS products (
     title TEXT NOT NULL,
     embedding BLOB,                      -- float32 little-endian, dim values; NULL when none
     dim INTEGER NOT NULL DEFAULT 0,
-    created_at REAL NOT NULL             -- unix s
+    created_at REAL NOT NULL,            -- unix s
+    mask_sha256 TEXT                     -- the repaint mask the product was generated with (a PNG file), or NULL
 );
 CREATE INDEX IF NOT EXISTS products_by_sha256 ON products (sha256);
 CREATE TABLE IF NOT EXISTS creatives (
@@ -87,6 +88,7 @@ CREATE TABLE IF NOT EXISTS creatives (
     embedding BLOB,
     dim INTEGER NOT NULL DEFAULT 0,
     created_at REAL NOT NULL,
+    source_sha256 TEXT,                  -- the product image it was made from; NULL when not recorded
     -- The idempotence key: its index (product_id, model_id, ...) also serves candidates() by prefix.
     UNIQUE (product_id, model_id, group_id, idx, creative_id)
 );
@@ -135,6 +137,9 @@ class NewCreative:
     reward: Optional[float]
     embedding: Optional[np.ndarray]
     scores: Mapping[str, float] = field(default_factory=dict)
+    # The sha256 of the product image it was made from (`put_product`'s return): once the product's image is
+    # replaced, creatives of the old image stop being candidates. None: not recorded (always a candidate).
+    source_sha256: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -155,13 +160,15 @@ class CreativeRow:
 
 @dataclass(frozen=True)
 class ProductRow:
-    """A stored product: its original image's sha256, title, float32 [D] embedding or None, unix s."""
+    """A stored product: its original image's sha256, title, float32 [D] embedding or None, unix s, and the sha256
+    of the repaint mask (mode "L" PNG, 255 = repaint) it was generated with, or None."""
 
     product_id: str
     sha256: str
     title: str
     embedding: Optional[np.ndarray]
     created_at: float
+    mask_sha256: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -456,9 +463,10 @@ class CreativeStore:
 
     # -- writes ------------------------------------------------------------------------------------------------
     def put_product(self, product_id, png: bytes, *, title: str = "", embedding=None,
-                    scores: Mapping[str, float] = {}, reward_id: str = "") -> str:
+                    scores: Mapping[str, float] = {}, reward_id: str = "", mask_png: Optional[bytes] = None) -> str:
         """Store a product's original image (PNG bytes) with its title, float32 [D] embedding and its scores
         (group_id -> calibrated CTR in [0, 1], computed by `reward_id`); returns the PNG's sha256.
+        mask_png: the repaint mask it was generated with (PNG), kept so a later request by product id reuses it.
 
         The file first, then the row and scores in one transaction.  Re-putting replaces the row; when the image
         or title changed, the scores stored for the old one are dropped.  InputError on bad input.
@@ -473,16 +481,24 @@ class CreativeStore:
                    for g, s in dict(scores).items()}
         reward_id = _check_reward_id(reward_id, required=bool(checked))
         sha256 = hashlib.sha256(png).hexdigest()
-        self._write_file(sha256, png)
+        files = {sha256: png}
+        mask_sha256 = None
+        if mask_png is not None:
+            mask_png = _check_png(mask_png, f"product {product_id!r} mask")
+            mask_sha256 = hashlib.sha256(mask_png).hexdigest()
+            files[mask_sha256] = mask_png
+        for digest, data in files.items():
+            self._write_file(digest, data)
         with self._write(products=(product_id,)) as conn:
-            self._ensure_files({sha256: png})
+            self._ensure_files(files)
             old = conn.execute("SELECT sha256, title FROM products WHERE product_id = ?", (product_id,)).fetchone()
             if old is not None and tuple(old) != (sha256, title):
                 conn.execute("DELETE FROM product_scores WHERE product_id = ?", (product_id,))
-            conn.execute("INSERT INTO products (product_id, sha256, title, embedding, dim, created_at) "
-                         "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (product_id) DO UPDATE SET sha256 = excluded.sha256, "
-                         "title = excluded.title, embedding = excluded.embedding, dim = excluded.dim",
-                         (product_id, sha256, title, blob, dim, time.time()))
+            conn.execute("INSERT INTO products (product_id, sha256, title, embedding, dim, created_at, mask_sha256) "
+                         "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (product_id) DO UPDATE SET "
+                         "sha256 = excluded.sha256, title = excluded.title, embedding = excluded.embedding, "
+                         "dim = excluded.dim, mask_sha256 = excluded.mask_sha256",
+                         (product_id, sha256, title, blob, dim, time.time(), mask_sha256))
             conn.executemany("INSERT OR REPLACE INTO product_scores (product_id, group_id, reward_id, score) "
                              "VALUES (?, ?, ?, ?)", [(product_id, g, reward_id, s) for g, s in checked.items()])
         return sha256
@@ -524,11 +540,13 @@ class CreativeStore:
                 scores.setdefault(group_id, reward)
             if scores:
                 _check_reward_id(reward_id, required=True)
+            if c.source_sha256 is not None and not _HEX64.fullmatch(str(c.source_sha256)):
+                raise InputError(f"creative {n} source_sha256 must be None or a sha256 (64 lowercase hex)")
             sha256 = hashlib.sha256(png).hexdigest()
             files[sha256] = png
             ids.append(sha256)
             rows.append((sha256, product_id, group_id or "", c.prompt, int(c.index),
-                         None if c.seed is None else int(c.seed), model_id, reward, blob, dim, now))
+                         None if c.seed is None else int(c.seed), model_id, reward, blob, dim, now, c.source_sha256))
             score_rows.extend((product_id, g, reward_id, sha256, s) for g, s in scores.items())
         if not rows:
             return []
@@ -540,8 +558,8 @@ class CreativeStore:
             self._check_dims(conn, rows)
             self._ensure_files(files)
             conn.executemany("INSERT OR IGNORE INTO creatives (creative_id, product_id, group_id, prompt, idx, seed, "
-                             "model_id, reward, embedding, dim, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                             rows)
+                             "model_id, reward, embedding, dim, created_at, source_sha256) "
+                             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
             conn.executemany("INSERT OR REPLACE INTO scores (product_id, group_id, reward_id, creative_id, score) "
                              "VALUES (?, ?, ?, ?, ?)", score_rows)
         return ids
@@ -596,11 +614,11 @@ class CreativeStore:
     def product(self, product_id) -> Optional[ProductRow]:
         """The stored product, or None.  InputError for an invalid id."""
         product_id = _check_id(product_id, "product id")
-        row = self._conn().execute("SELECT product_id, sha256, title, embedding, dim, created_at FROM products "
-                                   "WHERE product_id = ?", (product_id,)).fetchone()
+        row = self._conn().execute("SELECT product_id, sha256, title, embedding, dim, created_at, mask_sha256 "
+                                   "FROM products WHERE product_id = ?", (product_id,)).fetchone()
         if row is None:
             return None
-        return ProductRow(row[0], row[1], row[2], _embedding(row[3], row[4]), row[5])
+        return ProductRow(row[0], row[1], row[2], _embedding(row[3], row[4]), row[5], row[6])
 
     def creatives(self, product_id, model_id: Optional[str] = None) -> list:
         """The product's stored creatives (of `model_id` only, when given) as CreativeRows, in insertion order."""
@@ -635,8 +653,10 @@ class CreativeStore:
             rows = conn.execute(
                 "SELECT c.creative_id, c.prompt, c.embedding, c.dim, s.score FROM creatives AS c "
                 "LEFT JOIN scores AS s ON s.product_id = c.product_id AND s.group_id = ? AND s.reward_id = ? "
-                "AND s.creative_id = c.creative_id WHERE c.product_id = ? AND c.model_id = ? ORDER BY c.id",
-                (group_id, reward_id, product_id, model_id)).fetchall()
+                "AND s.creative_id = c.creative_id WHERE c.product_id = ? AND c.model_id = ? "
+                # A creative made from an earlier image of this product is not a candidate for the current one.
+                "AND (c.source_sha256 IS NULL OR c.source_sha256 = ?) ORDER BY c.id",
+                (group_id, reward_id, product_id, model_id, product[0])).fetchall()
         seen: dict = {}
         for row in rows:
             seen.setdefault(row[0], row)
@@ -705,7 +725,8 @@ class CreativeStore:
         return images, temps, unknown
 
     def _referenced(self, conn: sqlite3.Connection) -> set:
-        return {r[0] for r in conn.execute("SELECT creative_id FROM creatives UNION SELECT sha256 FROM products")}
+        return {r[0] for r in conn.execute("SELECT creative_id FROM creatives UNION SELECT sha256 FROM products "
+                                           "UNION SELECT mask_sha256 FROM products WHERE mask_sha256 IS NOT NULL")}
 
     def _relative(self, path: Path) -> str:
         return path_label(path.relative_to(self.root))
@@ -753,7 +774,8 @@ class CreativeStore:
                     "SELECT creative_id, min('creative of product ' || quote(product_id) || ', model ' || "
                     "quote(model_id)) FROM creatives GROUP BY creative_id "
                     "UNION ALL SELECT sha256, min('original of product ' || quote(product_id)) FROM products "
-                    "GROUP BY sha256"):
+                    "GROUP BY sha256 UNION ALL SELECT mask_sha256, min('mask of product ' || quote(product_id)) "
+                    "FROM products WHERE mask_sha256 IS NOT NULL GROUP BY mask_sha256"):
                 owners.setdefault(sha256, what)
             for table, key in (("creatives", "creative_id"), ("products", "product_id")):
                 for ident, in conn.execute(f"SELECT {key} FROM {table} WHERE embedding IS NOT NULL AND "
