@@ -208,6 +208,9 @@ def test_generate_fetch_select(server, client):
         image = client.get(c["url"])
         assert image.status_code == 200 and image.headers["content-type"] == "image/png"
         assert hashlib.sha256(image.content).hexdigest() == c["id"]  # content addressed
+        head = client.head(c["url"])
+        assert head.status_code == 200 and head.content == b"" and head.headers["content-type"] == "image/png"
+        assert int(head.headers["content-length"]) == len(image.content)
         assert Image.open(io.BytesIO(image.content)).size == (48, 40)  # the input's own size
     assert len({c["id"] for c in creatives}) == 4
 
@@ -335,15 +338,92 @@ def test_bad_input_is_one_line_4xx_and_stores_nothing(server, client, world):
     r = client.post("/v1/generate", content=chunks(), headers={"content-type": "application/json"})
     assert r.status_code == 413 and "68157440-byte limit" in r.json()["error"]
 
+    # Each refused with its own one line: strict JSON types, repeated file parts, seeds, text that is not UTF-8.
+    lines_before = len(server.lines)
+    image_part = ("image", ("p.png", valid, "image/png"))
+    mask_part = ("mask", ("m.png", _png(Image.new("L", (48, 40), 255)), "image/png"))
+    form = {"product_id": "sku-5", "prompts": "x"}
+    worded = [
+        ("/v1/generate", {"json": {"product_id": "sku-3", "prompts": ["x"], "num_images_per_prompt": True}},
+         "num_images_per_prompt: must be an integer, got true"),
+        ("/v1/generate", {"json": {"product_id": "sku-3", "prompts": ["x"], "num_images_per_prompt": "2"}},
+         "num_images_per_prompt: must be an integer, got a string"),
+        ("/v1/generate", {"json": {"product_id": "sku-3", "prompts": ["x"], "seed": -1}},
+         "seed: must be an integer from 0 to 2**63 - 1, got -1"),
+        ("/v1/generate", {"json": {"product_id": "sku-3", "prompts": ["x"], "seed": 2**63}},
+         f"seed: must be an integer from 0 to 2**63 - 1, got {2**63}"),
+        ("/v1/generate", {"json": {"product_id": "sku-3", "prompts": ["x"], "seed": True}},
+         "seed: must be an integer, got true"),
+        ("/v1/generate", {"data": {**form, "seed": str(2**63)}, "files": [image_part]},
+         f"seed: must be an integer from 0 to 2**63 - 1, got {2**63}"),
+        ("/v1/generate", {"data": form, "files": [image_part, image_part]}, "image: given more than once"),
+        ("/v1/generate", {"data": form, "files": [image_part, mask_part, mask_part]}, "mask: given more than once"),
+        ("/v1/generate", {"data": {"product_id": "sku-5"},
+                          "files": [image_part, ("prompts", (None, "café".encode("latin-1")))]},
+         "prompts holds byte 0xE9, which is not valid UTF-8, at character 4 (after 'caf')"),
+        ("/v1/generate", {"data": {"prompts": "x"},
+                          "files": [image_part, ("product_id", (None, b"sku-\xff"))]},
+         "product_id holds byte 0xFF, which is not valid UTF-8"),
+        ("/v1/generate", {"content": b"garbage", "headers": {"content-type": "multipart/form-data; boundary=xyz"}},
+         "multipart body: "),
+        ("/v1/select", {"content": b'{"product_id": "sku-3", "group_id": "g0", "budget_ms": Infinity}',
+                        "headers": {"content-type": "application/json"}},
+         "budget_ms: must be a positive number of milliseconds (or null for no budget), got inf"),
+        ("/v1/select", {"json": {"product_id": "sku-3", "group_id": None}},
+         "group_id: must be a string or an integer, got null"),
+        ("/v1/select", {"json": {"product_id": "sku-3", "group_id": "g0", "k": "2"}}, "k: must be an integer"),
+    ]
+    for path, kwargs, expected in worded:
+        r = client.post(path, **kwargs)
+        assert r.status_code == 400, (path, kwargs, r.status_code, r.text)
+        error = r.json()["error"]
+        assert expected in error and "\n" not in error, (expected, error)
+    # The server's stderr says nothing about a user's bad body (python-multipart's parser warnings included).
+    assert server.lines[lines_before:] == []
+
     assert _stats(server.store) == before  # nothing written for any refused request
     m = _metrics(client)
     # Every refused generate request is counted once (the truncated PNG too); refused selects are not.
     refused = sum(path == "/v1/generate" for _, path, _, _ in cases) + 1
+    refused += sum(path == "/v1/generate" for path, _, _ in worded)
     for reason, count in (("bad_input", refused), ("body_too_large", 2)):
         assert (_metric(m, "cg4ctr_rejections_total", reason=reason)
                 - _metric(counted, "cg4ctr_rejections_total", reason=reason)) == count, reason
     assert not any(name == "cg4ctr_http_requests_total" and dict(labels)["status"] == "500"
                    for name, labels in m)
+
+
+def test_damaged_creative_file_is_500_naming_store_verify(server, client):
+    """A creative file changed on disk is never served as that creative: 500 (server-side damage) with one
+    line naming `cg4ctr store verify`, logged once however often it is asked for; the file put back, 200."""
+    r = _generate_multipart(client, "sku-d", _product_png(seed=12), prompts=["x"])
+    assert r.status_code == 200, r.text
+    creative = r.json()["creatives"][0]
+    from cg4ctr_fast.serving.store import CreativeStore
+
+    store = CreativeStore(server.store, create=False)
+    try:
+        path = Path(store.image_path(creative["id"]))
+    finally:
+        store.close()
+    original = path.read_bytes()
+    damaged = bytearray(original)
+    damaged[len(damaged) // 2] ^= 0x01  # one bit: same size, same PNG signature
+    lines_before = len(server.lines)
+    try:
+        path.write_bytes(bytes(damaged))
+        for method in ("get", "get", "head"):
+            r = getattr(client, method)(creative["url"])
+            assert r.status_code == 500, (method, r.status_code)
+            if method == "get":
+                error = r.json()["error"]
+                assert "cg4ctr store verify" in error and creative["id"] in error and "\n" not in error, error
+        logged = server.lines[lines_before:]
+        assert len(logged) == 1 and creative["id"] in logged[0] and "cg4ctr store verify" in logged[0], logged
+    finally:
+        path.write_bytes(original)
+    r = client.get(creative["url"])
+    assert r.status_code == 200 and hashlib.sha256(r.content).hexdigest() == creative["id"]
 
 
 def test_metrics_show_the_counts(server, client):
@@ -562,6 +642,11 @@ def test_refused_at_start_in_one_line(world, tmp_path):
         (["--preset", "tiny", *common, "--api-key-file", str(tmp_path / "none.txt")], "no such file"),
         (["--preset", "tiny", *common, "--timeout-s", "0"], "--timeout-s"),
         (["--preset", "tiny", *common, "--max-queue", "0"], "--max-queue"),
+        (["--preset", "tiny", *common, "--api-key-file", str(tmp_path)], "is a directory"),
+        (["--preset", "tiny", *common, "--max-body-mb", "1e30"], "--max-body-mb 1e+30 is over 1024"),
+        (["--preset", "tiny", *common, "--body-timeout-s", "nan"], "--body-timeout-s"),
+        (["--preset", "tiny", "--store", str(tmp_path / "s"), "--reward", str(world / "reward"), "--groups",
+          str(tmp_path / "missing.json")], f"--groups {tmp_path / 'missing.json'}: no such file"),
         (["--preset", "tiny", "--engines", str(tmp_path), *common], "one of"),
         (["--preset", "tiny", "--store", str(tmp_path / "s")], "make demo"),
     ]
@@ -597,3 +682,72 @@ def test_sigterm_drains_in_flight_requests(server, client):
         assert store.verify() == []
     finally:
         store.close()
+
+
+def _half_sent(url: str, path: str, head: bytes, declared: int = 100000) -> socket.socket:
+    """A raw request whose body is declared `declared` bytes long and of which only `head` is sent."""
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=CALL_S)
+    kind = "multipart/form-data; boundary=b" if path == "/v1/generate" else "application/json"
+    sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: {kind}\r\nContent-Length: {declared}\r\n\r\n"
+                 .encode() + head)
+    return sock
+
+
+def test_stalled_and_abandoned_bodies_and_bounded_sigterm(world, tmp_path):
+    """Its own server (--body-timeout-s 2, --shutdown-timeout-s 3): a body that stalls gets 408 and the
+    connection closed; one abandoned half-way counts as 499 with nothing on stderr; SIGTERM while a body
+    trickles in (never stalling) still exits 0, the wait bounded by --shutdown-timeout-s."""
+    srv = Server(["--preset", "tiny", "--store", str(tmp_path / "store"), "--reward", str(world / "reward"),
+                  "--groups", str(world / "groups.json"), "--port", "0", "--steps", str(STEPS),
+                  "--body-timeout-s", "2", "--shutdown-timeout-s", "3"])
+    trickling = threading.Event()
+    try:
+        srv.wait_ready()
+        quiet = len(srv.lines)
+        for path, head in (("/v1/generate", b"--b\r\n"), ("/v1/select", b'{"product_id": "p')):
+            with _half_sent(srv.url, path, head) as sock:
+                status, body = _read_response(sock)
+                assert status == 408, (path, status, body)
+                error = json.loads(body)["error"]
+                assert "no byte of the request body arrived for 2 s" in error and "\n" not in error, error
+                assert sock.recv(1) == b""  # closed by the server: the rest of that body is no next request
+        with httpx.Client(base_url=srv.url, timeout=CALL_S) as c:
+            before = _metrics(c)
+            for path, head in (("/v1/generate", b"--b\r\n"), ("/v1/select", b'{"product_id": "p')):
+                _half_sent(srv.url, path, head).close()  # the client leaves half-way through its body
+            deadline = time.monotonic() + CALL_S
+            while time.monotonic() < deadline:
+                m = _metrics(c)
+                gone = {p: _metric(m, "cg4ctr_http_requests_total", route=p, status=499)
+                        - _metric(before, "cg4ctr_http_requests_total", route=p, status=499)
+                        for p in ("/v1/generate", "/v1/select")}
+                if all(gone.values()):
+                    break
+                time.sleep(0.01)
+            assert gone == {"/v1/generate": 1, "/v1/select": 1}, gone
+            assert not any(status == "500" for name, labels in m for key, status in labels if key == "status")
+            assert _metric(m, "cg4ctr_rejections_total", reason="body_timeout") == 2
+        assert srv.lines[quiet:] == []  # no traceback, no parser warning
+
+        # A body that trickles a byte every 0.5 s never trips the 2 s body timeout: only the bounded
+        # graceful shutdown ends it.
+        sock = _half_sent(srv.url, "/v1/generate", b"--b\r\n")
+
+        def trickle():
+            try:
+                while not trickling.wait(0.5):
+                    sock.sendall(b"x")
+            except OSError:  # the server closed it
+                pass
+
+        sender = threading.Thread(target=trickle, daemon=True)
+        sender.start()
+        time.sleep(1.0)
+        assert srv.stop() == 0, srv.lines
+        assert any("SIGTERM" in line for line in srv.lines), srv.lines
+    finally:
+        trickling.set()
+        if srv.proc.poll() is None:
+            srv.proc.kill()
+            srv.proc.wait()

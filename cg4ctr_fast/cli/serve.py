@@ -2,13 +2,17 @@
 
     cg4ctr serve --preset tiny --store out/store [--host 127.0.0.1] [--port 8000] [--max-queue 64]
                  [--max-batch 32] [--timeout-s 60] [--api-key-file key.txt] [--reward DIR] [--groups FILE]
+                 [--body-timeout-s 30] [--shutdown-timeout-s SECONDS]
 
 Order of work: every flag and file is checked, the store opened (a store of another schema version is
 refused) and the port bound, all before any model loads; bad input is one line and exit code 2. Then the
 models load, the server answers (/healthz 200, /readyz 503), one line `... listening on http://HOST:PORT` goes
 to stderr (port 0 picks a free port: this line names it), the runtime warms up in the background, and one
 line `... ready` follows once /readyz says 200. SIGTERM (or Ctrl-C): stop accepting, let every request in
-flight finish and get its answer, drain the runtime, exit 0 (130 for Ctrl-C).
+flight finish and get its answer, drain the runtime, exit 0 (130 for Ctrl-C). The wait for requests in flight
+is bounded by --shutdown-timeout-s (default --timeout-s + 10 s: an admitted request finishes by its deadline);
+requests still unanswered then are cancelled, so the process exits within that bound plus the denoising batch
+running at that moment. A client that stops sending its body is answered 408 after --body-timeout-s.
 """
 from __future__ import annotations
 
@@ -27,6 +31,12 @@ from cg4ctr_fast.errors import InputError
 PROG = "cg4ctr serve"
 # The same cap as `cg4ctr generate`'s one command: creatives in one denoising batch.
 MAX_BATCH = 64
+# --max-body-mb's ceiling, MiB: a body is held in memory whole while its multipart is parsed, so a larger cap
+# only lets one request claim gigabytes; no valid request is over 65 MiB (the 64 MiB image limit + 1).
+MAX_BODY_MB = 1024
+# The graceful shutdown's wait for requests in flight beyond --timeout-s, seconds: time for the last admitted
+# request's batch to finish and its answer to be written.
+SHUTDOWN_GRACE_S = 10.0
 _REWARD_FILES = ("model.safetensors", "config.json", "vocab.json")
 
 
@@ -69,7 +79,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="file holding the API key; every route but /healthz then needs `Authorization: "
                              "Bearer KEY` or `X-API-Key: KEY` (401 otherwise)")
     parser.add_argument("--max-body-mb", type=float, default=None,
-                        help="cap on a request body, MiB (HTTP 413 over it; default: the 64 MiB image limit + 1)")
+                        help=f"cap on a request body, MiB, at most {MAX_BODY_MB} (HTTP 413 over it; default: the "
+                             "64 MiB image limit + 1)")
+    parser.add_argument("--body-timeout-s", type=float, default=30.0,
+                        help="a request body that sends no byte for this long is answered HTTP 408, seconds")
+    parser.add_argument("--shutdown-timeout-s", type=float, default=None,
+                        help="on SIGTERM, how long requests in flight may take to finish before they are "
+                             f"cancelled, seconds (default: --timeout-s + {SHUTDOWN_GRACE_S:g})")
 
 
 def _toy_paths():
@@ -97,12 +113,21 @@ def _check_number_flags(args) -> None:
         raise InputError(f"--steps must be a positive integer, got {args.steps}")
     if args.max_body_mb is not None and not (math.isfinite(args.max_body_mb) and args.max_body_mb > 0):
         raise InputError(f"--max-body-mb must be a positive number, got {args.max_body_mb}")
+    if args.max_body_mb is not None and args.max_body_mb > MAX_BODY_MB:
+        raise InputError(f"--max-body-mb {args.max_body_mb:g} is over {MAX_BODY_MB} (a body is held in memory "
+                         "whole; no valid request is over 65 MiB)")
+    for flag, value in (("--body-timeout-s", args.body_timeout_s), ("--shutdown-timeout-s",
+                                                                     args.shutdown_timeout_s)):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise InputError(f"{flag} must be a positive number of seconds, got {value}")
 
 
 def _read_api_key(path: Optional[str]) -> Optional[str]:
     if path is None:
         return None
     file = Path(path)
+    if file.is_dir():
+        raise InputError(f"--api-key-file {path}: is a directory, expected the file holding the key")
     if not file.is_file():
         raise InputError(f"--api-key-file {path}: no such file")
     try:
@@ -190,6 +215,10 @@ def _check_reward(args) -> tuple[str, Optional[str], Optional[str]]:
     except (OSError, ValueError, TypeError, AttributeError) as exc:
         raise InputError(f"--reward {reward}: config.json: cannot read it ({' '.join(str(exc).split())})") from None
     if groups is not None:
+        if Path(groups).is_dir():
+            raise InputError(f"--groups {groups}: is a directory, expected a groups.json file")
+        if not Path(groups).is_file():
+            raise InputError(f"--groups {groups}: no such file")
         _, features = _load_groups_json(Path(groups))
         if features.shape[1] != group_dim:
             raise InputError(f"--groups {groups}: groups have {features.shape[1]} features each, the reward model "
@@ -284,9 +313,13 @@ async def _serve(runtime, sock: socket.socket, args, api_key: Optional[str], max
     from cg4ctr_fast.serving.http import create_app
 
     app = create_app(runtime, api_key=api_key, max_body_bytes=max_body, timeout_s=args.timeout_s,
-                     observer=observer)
+                     observer=observer, body_timeout_s=args.body_timeout_s)
+    shutdown_s = args.shutdown_timeout_s or args.timeout_s + SHUTDOWN_GRACE_S
+    # timeout_graceful_shutdown: after SIGTERM uvicorn waits this long for requests in flight, then cancels
+    # them (a cancelled generate request that has not started is never run); without it one stuck
+    # connection holds the process forever. uvicorn passes it to asyncio.wait_for, so seconds as a float.
     config = uvicorn.Config(app, log_level="warning", access_log=False, log_config=None, lifespan="off",
-                            timeout_keep_alive=5)
+                            timeout_keep_alive=5, timeout_graceful_shutdown=shutdown_s)
     server = uvicorn.Server(config)
     stop: list[int] = []
 

@@ -11,8 +11,10 @@ never share counts). Exposed at GET /metrics in the text exposition format. Name
     stage_seconds{stage}        histogram  queue, prepare, denoise, decode, reward, store, select; seconds
     generate_seconds{status}    histogram  a generate request's time from submit to answer, by outcome; seconds
     rejections_total{reason}    counter    queue_full, deadline, bad_input, closed, cancelled (runtime);
-                                           body_too_large, unauthorized (HTTP layer)
-    http_requests_total{route,status}   counter   every answered HTTP request; route is the path template
+                                           body_too_large, body_timeout, unauthorized (HTTP layer)
+    http_requests_total{route,status}   counter   every answered HTTP request; route is the path template;
+                                                  status 499: the client left before its answer (while it
+                                                  waited, or while sending its body), nothing sent
     http_request_seconds{route}         histogram time to answer, seconds
 """
 from __future__ import annotations

@@ -15,10 +15,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from cg4ctr_fast.errors import InputError, check_utf8
 
 __all__ = [
+    "SEED_LIMIT",
     "CreativeOut",
     "GenerateBody",
     "GenerateResponse",
     "SelectBody",
+    "check_seed",
     "creative_url",
     "parse_body",
     "selection_response",
@@ -26,6 +28,9 @@ __all__ = [
 
 # The longest id accepted (the store's rule for product and group ids).
 MAX_ID_CHARS = 200
+# Seeds are stored in SQLite INTEGER columns and fed to torch.Generator.manual_seed: both take signed 64-bit
+# values, so a seed is 0 ≤ seed < 2**63 (the runtime checks the same range with the same words).
+SEED_LIMIT = 2**63
 
 
 def creative_url(creative_id: str) -> str:
@@ -36,11 +41,19 @@ def creative_url(creative_id: str) -> str:
 def _check_id(value: Any, what: str) -> str:
     # Ids arrive as JSON strings or numbers (a group id "3" and 3 name the same group), and as form text.
     if isinstance(value, bool) or not isinstance(value, (str, int)):
-        raise ValueError("must be a string")
+        got = "null" if value is None else type(value).__name__
+        raise ValueError(f"must be a string or an integer, got {got}")
     text = str(value)
     if not text or len(text) > MAX_ID_CHARS:
         raise ValueError(f"must be 1 to {MAX_ID_CHARS} characters, got {len(text)}")
     return _utf8(text, what)
+
+
+def check_seed(value: int) -> int:
+    """`value` if 0 ≤ value < 2**63, else ValueError (one line)."""
+    if not 0 <= value < SEED_LIMIT:
+        raise ValueError(f"must be an integer from 0 to 2**63 - 1, got {value}")
+    return value
 
 
 def _utf8(text: str, what: str) -> str:
@@ -62,8 +75,9 @@ class GenerateBody(_Body):
 
     prompts: one per creative group (empty: the runtime's prompt model proposes one per group, when it has one).
     group_ids: the user group each prompt is scored for, in prompt order (may be empty when prompts are given).
-    num_images_per_prompt: ≥ 1. seed: mixed into every creative's seed. timeout_s: the request's deadline in
-    seconds from arrival, > 0 (default: the server's --timeout-s); a request still queued then gets HTTP 504.
+    num_images_per_prompt: ≥ 1. seed: 0 ≤ seed < 2**63, mixed into every creative's seed. timeout_s: the
+    request's deadline in seconds from arrival, > 0 (default: the server's --timeout-s); a request still queued
+    then gets HTTP 504.
     """
 
     product_id: str
@@ -108,6 +122,11 @@ class GenerateBody(_Body):
             raise ValueError(f"must be a positive integer, got {value}")
         return value
 
+    @field_validator("seed")
+    @classmethod
+    def _seed(cls, value: int) -> int:
+        return check_seed(value)
+
     @field_validator("timeout_s")
     @classmethod
     def _timeout(cls, value: Optional[float]) -> Optional[float]:
@@ -132,6 +151,14 @@ class SelectBody(_Body):
     @classmethod
     def _ids(cls, value: Any, info) -> str:
         return _check_id(value, info.field_name)
+
+    @field_validator("budget_ms")
+    @classmethod
+    def _budget(cls, value: Optional[float]) -> Optional[float]:
+        # JSON's Infinity / NaN parse as floats; an infinite budget is "no budget", which is null.
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise ValueError(f"must be a positive number of milliseconds (or null for no budget), got {value}")
+        return value
 
 
 class CreativeOut(BaseModel):
@@ -192,24 +219,48 @@ def selection_response(selection: Any) -> dict:
     return out
 
 
+_TYPE_WORDS = {"int_type": "an integer", "int_from_float": "an integer", "float_type": "a number",
+               "string_type": "a string", "list_type": "a list", "bool_type": "true or false"}
+
+
+def _json_kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, (int, float)):
+        return f"{value!r}"
+    return {"list": "a list", "dict": "an object"}.get(type(value).__name__, type(value).__name__)
+
+
 def _one_line(error: ValidationError) -> str:
     """pydantic's first error as one line naming the field: `prompts: a prompt must not be empty`."""
     first = error.errors(include_url=False)[0]
     where = ".".join(str(part) for part in first.get("loc", ())) or "body"
     message = str(first.get("msg", "invalid"))
     message = message.removeprefix("Value error, ")
-    if first.get("type") == "extra_forbidden":
+    kind = first.get("type")
+    if kind == "extra_forbidden":
         message = "unknown field"
-    elif first.get("type") == "missing":
+    elif kind == "missing":
         message = "required"
+    elif kind in _TYPE_WORDS:
+        # Strict JSON: `true` or `"2"` is not the integer 2; name what was sent, as JSON spells it.
+        message = f"must be {_TYPE_WORDS[kind]}, got {_json_kind(first.get('input'))}"
     return " ".join(f"{where}: {message}".split())
 
 
 def parse_body(model: type[BaseModel], data: Union[bytes, Mapping[str, Any]]) -> Any:
-    """Validate a JSON body (bytes) or form fields (a mapping) against `model`; InputError (one line) if not."""
+    """Validate a JSON body (bytes) or form fields (a mapping) against `model`; InputError (one line) if not.
+
+    JSON is strict: an integer field takes a JSON integer only (not `true`, `"2"` or `2.0`), a number field a
+    JSON number. Form fields are text by nature and are parsed as numbers where the field is one ("2" → 2).
+    """
     try:
         if isinstance(data, (bytes, bytearray)):
-            return model.model_validate_json(data)
+            return model.model_validate_json(data, strict=True)
         return model.model_validate(dict(data))
     except ValidationError as exc:
         raise InputError(_one_line(exc)) from None
