@@ -396,6 +396,7 @@ def create_app(runtime, *, api_key: Optional[str] = None, max_body_bytes: int = 
             raise
         from cg4ctr_fast.serving.runtime import GenerateRequest
 
+        parsed = time.monotonic()
         timeout = body.timeout_s if body.timeout_s is not None else timeout_s
         generate_request = GenerateRequest(
             product_id=body.product_id, image=image, mask_image=mask, prompts=tuple(body.prompts),
@@ -420,7 +421,13 @@ def create_app(runtime, *, api_key: Optional[str] = None, max_body_bytes: int = 
             except asyncio.CancelledError:
                 # 499 (nginx's "client closed request"): counted in /metrics, never seen by the departed client.
                 return _error(499, "client disconnected before the answer")
-        return GenerateResponse.from_result(task.result()).model_dump()
+        answer = GenerateResponse.from_result(task.result()).model_dump()
+        # Server-Timing (W3C): where this request's time went on the server, ms, from the route's start: reading
+        # and parsing the body, then the runtime (image decode in the executor, queue, batch); a client's own
+        # latency minus their sum is time spent before the route ran (its connection, uvicorn) or client side.
+        done = time.monotonic()
+        timing = f"body;dur={1000 * (parsed - arrived):.1f}, runtime;dur={1000 * (done - parsed):.1f}"
+        return JSONResponse(answer, headers={"Server-Timing": timing})
 
     async def _read_json(request: Request) -> bytes:
         kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
