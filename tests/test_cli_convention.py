@@ -427,6 +427,7 @@ def test_preset_toy_names_the_missing_toy_models(capsys, files, monkeypatch, tmp
     from cg4ctr_fast.cli.main import main
 
     monkeypatch.setenv("CG4CTR_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("CG4CTR_TOY_SET", str(tmp_path / "no-set"))  # as if the package shipped no toy set
     assert main(_generate_args(files, "--preset", "toy", "--prompt", "x", "--out", str(files / "out"))) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "run `cg4ctr demo` once" in err and str(tmp_path / "cache") in err
@@ -441,6 +442,7 @@ def test_preset_toy_runs_the_cached_toy_generator(capsys, files, monkeypatch, tm
     from cg4ctr_fast.training.toy import ToyConfig, toy_root
 
     monkeypatch.setenv("CG4CTR_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("CG4CTR_TOY_SET", str(tmp_path / "no-set"))  # the shipped set would come first
     root = toy_root(ToyConfig())
     shutil.copytree(tiny_model, root / "generator")
     (root / "saliency").mkdir()

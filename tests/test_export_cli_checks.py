@@ -112,5 +112,6 @@ def test_preset_toy_untrained_says_how(tmp_path, monkeypatch, capsys, no_export)
     import cg4ctr_fast.training.toy as toy
 
     monkeypatch.setattr(toy, "toy_root", lambda config: tmp_path / "toy")
+    monkeypatch.setenv("CG4CTR_TOY_SET", str(tmp_path / "no-set"))  # as if the package shipped no toy set
     line = _one_error_line(capsys, _export("onnx", "--preset", "toy", "--out", str(tmp_path / "o")))
     assert "cg4ctr demo" in line and str(tmp_path / "toy") in line and no_export == []

@@ -1,7 +1,8 @@
 """`cg4ctr demo`: the whole system on the embedded default, on a laptop CPU.
 
-The toy models (generator, saliency, reward, prompt) are trained on the synthetic ad world on first use
-and cached; then held-out products go through saliency → prompt model → one batched generation per
+The toy models (generator, saliency, reward, prompt) ship with the package (cg4ctr_fast/assets/toy, written
+by `cg4ctr-train toy`); with `--retrain` or another seed they are trained on the synthetic ad world and
+cached instead (training.toy.build_toy_models). Then held-out products go through saliency → prompt model → one batched generation per
 product → reward → per group the top creative, served only when the reward model scores it above the
 original photo (always a candidate), scored by the world's oracle. The headline is the aggregate true-CTR
 lift an A/B test would measure (groups weighted by their traffic); the mean of per-group ratios is
@@ -153,6 +154,7 @@ def run_demo(
     cache: Optional[Path] = None,
     config=None,
     max_expansion: Optional[float] = None,
+    retrain: bool = False,
 ) -> dict:
     """Build (or reuse) the toy models, then for held-out products × all user groups: prompt model →
     one batched generation per product → reward model → per group the top creative, served only when its
@@ -170,6 +172,10 @@ def run_demo(
     max_expansion: None (default) keeps every creative a candidate; a fraction of the image in [0, 1]:
     creatives with E above it are dropped from selection (`pick_over_original(max_expansion=...)`), so a
     group whose every creative grew the product keeps the original. Raises ValueError outside [0, 1].
+
+    Models: the set shipped with the package when `config` is its configuration (the default, seed 0) and
+    neither `cache` nor `retrain` is given (nothing is trained); otherwise `build_toy_models` into the cache
+    (trains what is not cached yet).
     """
     if max_expansion is not None and not 0.0 <= float(max_expansion) <= 1.0:
         raise ValueError(f"max_expansion must be a fraction in [0, 1], got {max_expansion!r}")
@@ -179,11 +185,13 @@ def run_demo(
     from cg4ctr_fast.pipeline import CreativePipeline
     from cg4ctr_fast.sim import load_dataset
     from cg4ctr_fast.training.metrics import aggregate_ctr_lift, object_expansion, pick_over_original
-    from cg4ctr_fast.training.toy import HELD_OUT_ITEM_BASE, ToyConfig, build_toy_models, item_features_for
+    from cg4ctr_fast.training.toy import HELD_OUT_ITEM_BASE, ToyConfig, item_features_for
+    from cg4ctr_fast.training.toy_set import resolve_toy_models
 
     started = time.perf_counter()
     say = (lambda _msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
-    models = build_toy_models(config or ToyConfig(seed=seed), cache=cache, progress=not quiet, log=say)
+    models = resolve_toy_models(config or ToyConfig(seed=seed), cache=cache, retrain=retrain, progress=not quiet,
+                                log=say)
     dataset = load_dataset(models.world)
     world = dataset.world
     traffic = world.group_traffic()

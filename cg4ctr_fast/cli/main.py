@@ -109,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--products", type=int, default=4, help="held-out products")
     demo.add_argument("--images-per-group", type=int, default=4)
     demo.add_argument("--quiet", action="store_true", help="no progress bars or summary line")
+    demo.add_argument("--retrain", action="store_true",
+                      help="train the toy models into the cache (CG4CTR_CACHE or ~/.cache/cg4ctr_fast; reused once "
+                           "there) instead of using the set shipped with the package; ~50 min on 2 CPU cores")
 
     from cg4ctr_fast.cli import store as store_cli
 
@@ -186,10 +189,12 @@ def _check_inputs(args) -> None:
 
 
 def _toy_folders() -> tuple[Path, Path]:
-    """The demo's trained toy generator and saliency folders (`cg4ctr demo` builds and caches them)."""
-    from cg4ctr_fast.training.toy import ToyConfig, toy_root
+    """The demo's trained toy generator and saliency folders: the shipped set's (hashes checked), else the
+    cache's (`cg4ctr demo --retrain` builds them there)."""
+    from cg4ctr_fast.training.toy import ToyConfig
+    from cg4ctr_fast.training.toy_set import resolve_toy_root
 
-    root = toy_root(ToyConfig())
+    root = resolve_toy_root(ToyConfig())
     generator, saliency = root / "generator", root / "saliency"
     if not (generator / "model_index.json").is_file() or not (saliency / "saliency.safetensors").is_file():
         raise InputError(f"--preset toy: the toy models are not trained yet; run `cg4ctr demo` once (it trains "
@@ -597,7 +602,7 @@ def cmd_demo(args) -> int:
         if value <= 0:
             raise InputError(f"{name} must be a positive integer, got {value}")
     summary = run_demo(Path(args.out), steps=args.steps, seed=args.seed, quiet=args.quiet,
-                       n_products=args.products, images_per_group=args.images_per_group)
+                       n_products=args.products, images_per_group=args.images_per_group, retrain=args.retrain)
     if args.quiet:
         return 0
     head, kept = summary["aggregate_true_ctr_lift"], summary["original_kept"]

@@ -89,9 +89,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _toy_paths():
-    from cg4ctr_fast.training.toy import ToyConfig, toy_root
+    from cg4ctr_fast.training.toy import ToyConfig
+    from cg4ctr_fast.training.toy_set import resolve_toy_root
 
-    root = toy_root(ToyConfig())
+    root = resolve_toy_root(ToyConfig())  # the shipped set (hashes checked), else the cache
     return root, root / "reward", root / "world" / "groups.json", root / "prompt"
 
 

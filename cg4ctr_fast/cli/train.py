@@ -1,6 +1,7 @@
 """`cg4ctr-train`: train the project's models from the command line.
 
     cg4ctr-train reward --data DIR --out MODEL_DIR [--epochs N] [--seed S] [--test-fraction F] [--quiet]
+    cg4ctr-train toy --out DIR [--config default|small] [--cache DIR]
     cg4ctr-train cycle --config FILE --out RUN_DIR [--resume]
     cg4ctr-train ablate --config FILE --seeds N --out DIR
 
@@ -209,6 +210,38 @@ def _run_prompt(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------------
+# toy: every model of the embedded default, written as a shipped set (folder + manifest.json)
+# --------------------------------------------------------------------------------------------
+
+
+def _toy_arguments(p: argparse.ArgumentParser) -> None:
+    from cg4ctr_fast.training.toy import TOY_CONFIGS
+
+    p.add_argument("--out", required=True, help="set folder to write (the package ships cg4ctr_fast/assets/toy)")
+    p.add_argument("--config", choices=sorted(TOY_CONFIGS), default="default",
+                   help="ToyConfig: default (the shipped set; ~50 min on 2 CPU cores when nothing is cached) or "
+                        "small (seconds; for tests)")
+    p.add_argument("--cache", default=None, help="where the models are trained (and reused when already trained "
+                   "with this config) before the set is written (default: the cache folder, CG4CTR_CACHE or "
+                   "~/.cache/cg4ctr_fast)")
+    add_overwrite(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bars or summary lines")
+
+
+def _run_toy(args: argparse.Namespace) -> int:
+    from cg4ctr_fast.training.toy import TOY_CONFIGS, build_toy_models
+    from cg4ctr_fast.training.toy_set import export_toy_set
+
+    out = check_out_dir(args.out, overwrite=args.overwrite)
+    config = TOY_CONFIGS[args.config]
+    say = (lambda _m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
+    models = build_toy_models(config, cache=Path(args.cache) if args.cache else None, progress=not args.quiet, log=say)
+    command = f"cg4ctr-train toy --out {args.out} --config {args.config}"
+    export_toy_set(models.root, out, config, command=command, log=say)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
 # cycle, ablate: self-cyclic training of the LoRA and the prompt model (cg4ctr_fast.training.cycle)
 # --------------------------------------------------------------------------------------------
 
@@ -266,6 +299,8 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "base": Subcommand("train the toy generator (VAE, UNet, text encoder) on a synthetic world",
                        _base_arguments, _run_base),
     "prompt": Subcommand("train the prompt model on a synthetic world's logs", _prompt_arguments, _run_prompt),
+    "toy": Subcommand("train every toy model of the embedded default and write them as a set with manifest.json",
+                      _toy_arguments, _run_toy),
     "cycle": Subcommand("self-cyclic training: LoRA and prompt model alternate on reward-ranked creatives",
                         _cycle_arguments, _run_cycle),
     "ablate": Subcommand("the self-cyclic ablation arms over several seeds, with confidence intervals",

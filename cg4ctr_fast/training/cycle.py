@@ -64,16 +64,17 @@ class CycleContext:
 
 
 def resolve_models(config: CycleConfig, log: Callable[[str], Any] = print) -> dict[str, str]:
-    """The four model folders: the config's, or the embedded toy models (built and cached on first use)."""
+    """The four model folders: the config's, or the embedded toy models (the shipped set, else built and cached)."""
     given = {k: getattr(config.models, k) for k in ("world", "generator", "reward", "prompt")}
     if all(given.values()):
         return given
     if any(given.values()):
         missing = [k for k, v in given.items() if not v]
         raise InputError(f"config: [models] sets some folders but not {', '.join(missing)}; set all four or none")
-    from cg4ctr_fast.training.toy import ToyConfig, build_toy_models
+    from cg4ctr_fast.training.toy import ToyConfig
+    from cg4ctr_fast.training.toy_set import resolve_toy_models
 
-    toy = build_toy_models(ToyConfig(), log=log)
+    toy = resolve_toy_models(ToyConfig(), log=log)
     return {"world": str(toy.world), "generator": str(toy.generator), "reward": str(toy.reward), "prompt": str(toy.prompt)}
 
 

@@ -50,6 +50,20 @@ class ToyConfig:
         return hashlib.sha256(f"{TOY_VERSION}|{text}".encode()).hexdigest()[:10]
 
 
+# `cg4ctr-train toy --config NAME`: the default builds the shipped set (~50 min on 2 CPU cores); small runs the
+# same path in ~16 s on one core (tests/test_toy_set.py): tests/test_demo.py's SMALL with fewer training steps
+# (saliency 30 → 4 steps, VAE 10 → 3, UNet 20 → 4; SMALL's build takes ~40 s, 20 of them in the saliency net).
+TOY_CONFIGS = {
+    "default": ToyConfig(),
+    "small": ToyConfig(
+        products=8, creatives_per_product=4, days=3,
+        generator=BaseTrainConfig(n_images=32, vae_steps=3, vae_batch=8, unet_steps=4, unet_batch=8),
+        saliency=SaliencyTrainConfig(steps=4, batch=8), saliency_images=24,
+        reward_epochs=1, prompt_epochs=5, eval_items=1, steering_images=2, steering_steps=2,
+    ),
+}
+
+
 @dataclass(frozen=True)
 class ToyModels:
     root: Path
