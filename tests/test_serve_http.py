@@ -674,10 +674,12 @@ def test_refused_at_start_in_one_line(world, tmp_path):
         (["--preset", "tiny", "--store", str(tmp_path / "s"), "--reward", str(world / "reward"), "--groups",
           str(tmp_path / "missing.json")], f"--groups {tmp_path / 'missing.json'}: no such file"),
         (["--preset", "tiny", "--engines", str(tmp_path), *common], "one of"),
-        (["--preset", "tiny", "--store", str(tmp_path / "s")], "make demo"),
+        (["--preset", "tiny", "--store", str(tmp_path / "s")], "no reward model: pass --reward DIR"),
     ]
     for args, expected in cases:
-        env = {**ENV, "CG4CTR_CACHE": str(tmp_path / "no-cache")} if expected == "make demo" else ENV
+        # Neither the shipped toy set nor a cache: nothing to default to.
+        env = ({**ENV, "CG4CTR_CACHE": str(tmp_path / "no-cache"), "CG4CTR_TOY_SET": str(tmp_path / "no-set")}
+               if expected.startswith("no reward model") else ENV)
         done = subprocess.run([sys.executable, "-m", "cg4ctr_fast.cli.main", "serve", "--port", "0", *args],
                               capture_output=True, text=True, env=env, timeout=CALL_S)
         lines = done.stderr.strip().splitlines()

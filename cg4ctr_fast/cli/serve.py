@@ -44,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The `serve` subcommand's flags."""
     source = parser.add_argument_group("generator (one of)")
     source.add_argument("--preset", default=None,
-                        help="toy: the demo's trained generator (`make demo` once); tiny: random weights, for "
+                        help="toy: the embedded default generator (shipped with the package); tiny: random weights, for "
                              "latency and plumbing work (its images are noise)")
     source.add_argument("--model", metavar="DIR", help="local diffusers folder (SD 1.x/2.x inpainting)")
     source.add_argument("--engines", metavar="DIR", help="a cg4ctr-export folder (ONNX Runtime or TensorRT)")
@@ -56,8 +56,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--store", required=True, metavar="DIR",
                         help="creative store folder (SQLite + PNG files; created if missing)")
     parser.add_argument("--reward", metavar="DIR",
-                        help="reward model folder (`cg4ctr-train reward`); default: the toy reward model, when "
-                             "`make demo` has cached it")
+                        help="reward model folder (`cg4ctr-train reward`); default: the embedded toy reward model "
+                             "(shipped with the package)")
     parser.add_argument("--groups", metavar="FILE",
                         help="user groups, a groups.json as `cg4ctr-sim` writes it; default: the toy world's "
                              "groups with the toy reward model, else one neutral group \"default\"")
@@ -168,8 +168,9 @@ def _check_source(args) -> dict:
             root = _toy_paths()[0]
             path = str(root / "generator")
             if not (Path(path) / "model_index.json").is_file():
-                raise InputError(f"--preset toy: the toy models are not trained yet; run `make demo` (or `cg4ctr "
-                                 f"demo`) once (it trains and caches them in {root}), or pass --model DIR")
+                raise InputError(f"--preset toy: no toy models in {root} (the package's set is missing or "
+                                 "CG4CTR_TOY_SET points elsewhere); `cg4ctr demo --retrain` trains them into the "
+                                 "cache, or pass --model DIR")
             if saliency is None and (root / "saliency").is_dir():
                 saliency = str(root / "saliency")
         folder = inspect_model_folder(path)
@@ -198,8 +199,8 @@ def _check_reward(args) -> tuple[str, Optional[str], Optional[str]]:
     toy_default = reward is None
     if reward is None:
         if not all((toy_reward / name).is_file() for name in _REWARD_FILES):
-            raise InputError(f"no reward model: pass --reward DIR (a `cg4ctr-train reward` folder) and --groups FILE, "
-                             f"or run `make demo` once to cache the toy models in {root}")
+            raise InputError(f"no reward model: pass --reward DIR (a `cg4ctr-train reward` folder) and --groups FILE "
+                             f"(no toy models in {root}; `cg4ctr demo --retrain` trains them into the cache)")
         reward = str(toy_reward)
     if groups is None and (toy_default or args.preset == "toy") and toy_groups.is_file():
         groups = str(toy_groups)
