@@ -21,6 +21,7 @@ FORBIDDEN = {
                            "cg4ctr_fast.cli", "fastapi", "starlette", "uvicorn", "prometheus_client", "ray"),
     "serving/store.py": ("cg4ctr_fast.serving.runtime", "cg4ctr_fast.serving.http", "cg4ctr_fast.cli", "fastapi",
                          "torch"),
+    "training": ("cg4ctr_fast.cli", "cg4ctr_fast.serving"),
     "serving/select.py": ("cg4ctr_fast.serving.runtime", "cg4ctr_fast.serving.http", "cg4ctr_fast.cli", "fastapi"),
 }
 

@@ -226,7 +226,7 @@ def export_toy_set(src: Path, out: Path, config, *, command: str, fp16: tuple[st
                    log: Log = print) -> dict:
     """Write the set built in `src` (a `build_toy_models` folder of `config`) to `out`, atomically, with its
     manifest. Returns the manifest."""
-    from cg4ctr_fast.cli.common import package_version
+    from cg4ctr_fast import __version__ as package_version
     from cg4ctr_fast.fileio import atomic_dir
     from cg4ctr_fast.training.toy import TOY_VERSION
 
@@ -269,7 +269,7 @@ def export_toy_set(src: Path, out: Path, config, *, command: str, fp16: tuple[st
         manifest = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
-            "package_version": package_version(),
+            "package_version": package_version,
             "toy_version": TOY_VERSION,
             "config_key": config.key(),
             "config": asdict(config),
