@@ -509,12 +509,14 @@ def test_client_disconnect_cancels_queued_work(server, client):
     before = _metric(_metrics(client), "cg4ctr_rejections_total", reason="cancelled")
     png = _product_png(seed=5)
     busy = _start_busy(server, client, "sku-busy", png)
-    # A second full batch queued behind the running one: the request below waits behind both.
-    queued = _send_raw(server, "sku-busy-2", png, [f"p{i}" for i in range(MAX_BATCH)])
+    # Two more full batches behind the running one: the request below waits behind them. Two, because the
+    # worker's torch calls can keep the event loop from reading them until the running batch ends; then one of
+    # them runs and the other still stands in the queue with the request below.
+    queued = [_send_raw(server, f"sku-busy-{k}", png, [f"p{i}" for i in range(MAX_BATCH)]) for k in (2, 4)]
     with _send_raw(server, "sku-gone", png, ["never"]):
         _wait_for(client, lambda m: _metric(m, "cg4ctr_queue_depth") >= 2)
     # Closed: the client is gone while its request waits.
-    for sock in (busy, queued):
+    for sock in (busy, *queued):
         with sock:
             assert _answer(sock) == 200
     m = _wait_for(client, lambda m: _metric(m, "cg4ctr_rejections_total", reason="cancelled") > before)
@@ -692,7 +694,9 @@ def test_sigterm_drains_in_flight_requests(server, client):
     """Runs last: SIGTERM while one request runs and two wait; each gets its 200, then exit code 0."""
     png = _product_png(seed=7)
     running = _start_busy(server, client, "drain-0", png)
-    waiting = [_send_raw(server, f"drain-{i}", png, ["q"]) for i in (1, 2)]
+    # Full batches each: whenever the two arrive (the worker's torch calls can keep the event loop from reading
+    # them until the running batch ends), one runs while the other waits, so a request is queued at SIGTERM.
+    waiting = [_send_raw(server, f"drain-{i}", png, [f"q{j}" for j in range(MAX_BATCH)]) for i in (1, 2)]
     _wait_for(client, lambda m: _metric(m, "cg4ctr_queue_depth") >= 1)
     server.proc.send_signal(signal.SIGTERM)
     statuses = []
