@@ -13,6 +13,7 @@ from typing import Any, Mapping, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from cg4ctr_fast.errors import InputError, check_utf8
+from cg4ctr_fast.serving.store import MAX_ID_CHARS  # the longest product / group id: the store's rule
 
 __all__ = [
     "SEED_LIMIT",
@@ -26,8 +27,6 @@ __all__ = [
     "selection_response",
 ]
 
-# The longest id accepted (the store's rule for product and group ids).
-MAX_ID_CHARS = 200
 # Seeds are stored in SQLite INTEGER columns and fed to torch.Generator.manual_seed: both take signed 64-bit
 # values, so a seed is 0 ≤ seed < 2**63 (the runtime checks the same range with the same words).
 SEED_LIMIT = 2**63

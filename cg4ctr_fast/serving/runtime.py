@@ -39,6 +39,7 @@ import numpy as np
 
 from cg4ctr_fast.errors import InputError, check_utf8
 from cg4ctr_fast.serving.errors import DeadlineExceeded, NotFound, QueueFull, RuntimeClosed
+from cg4ctr_fast.serving.store import MAX_ID_CHARS  # one id rule for the store, the runtime and HTTP
 
 __all__ = [
     "GenerateRequest",
@@ -52,7 +53,6 @@ __all__ = [
 
 # The same cap as `cg4ctr generate`: one request's creatives share one denoising batch (2× with guidance).
 MAX_CREATIVES_PER_REQUEST = 64
-MAX_ID_CHARS = 200
 # CLIP reads 77 tokens (≈ 300 characters of English); 1,000 leaves room for other scripts and stops a 100 kB
 # prompt or title from being stored in every row.
 MAX_TEXT_CHARS = 1000
