@@ -1,8 +1,8 @@
 """cg4ctr_fast.kernels: fused per-step kernels of the denoising loop.
 
 * :mod:`.step`: :class:`FusedStep`, :func:`unfused_step`, :func:`make_step`, :func:`supports_fused`.
-* :mod:`.ddim_step`, :mod:`.euler_step`, :mod:`.dpm_solver_step`: one Triton kernel per scheduler
-  family (CFG combine + update + inpainting blend in one pass) with a launcher and a torch ``_ref``.
+* :mod:`.ddim_step`, :mod:`.euler_step`, :mod:`.dpm_solver_step`, :mod:`.lcm_step`, :mod:`.tcd_step`:
+  one Triton kernel per scheduler family (CFG combine + update + inpainting blend in one pass) with a launcher and a torch ``_ref``.
 * :mod:`.reference`: the torch references alone (no triton).
 
 Importing this package (or :mod:`.step`) imports neither triton nor diffusers; names below load lazily.
@@ -24,6 +24,8 @@ _LAZY = {
     "ddim_step_ref": ".reference",
     "euler_step_ref": ".reference",
     "dpm_solver_step_ref": ".reference",
+    "lcm_step_ref": ".reference",
+    "tcd_step_ref": ".reference",
 }
 
 __all__ = list(_LAZY)

@@ -147,6 +147,18 @@ def check_out(out: torch.Tensor | None, like: torch.Tensor, dtype: torch.dtype, 
     return out
 
 
+def check_step_noise(step_noise: torch.Tensor | None, sample: torch.Tensor) -> torch.Tensor | None:
+    """The few-step schedulers' injected noise (LCM, TCD): None, or a float tensor shaped like ``sample``
+    on its device (made contiguous)."""
+    if step_noise is None:
+        return None
+    _check_dtype("step_noise", step_noise)
+    if tuple(step_noise.shape) != tuple(sample.shape) or step_noise.device != sample.device:
+        raise ValueError(f"step_noise must have the shape {tuple(sample.shape)} and device {sample.device} of sample, "
+                         f"got {tuple(step_noise.shape)} on {step_noise.device}")
+    return step_noise.contiguous()
+
+
 # ---------------------------------------------------------------------------------------------
 # Torch pieces shared by the references (fp32 math, unfused).
 

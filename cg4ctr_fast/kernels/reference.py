@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ._layout import blend_fp32, check_out, guided_fp32, prepare
+from ._layout import blend_fp32, check_out, check_step_noise, guided_fp32, prepare
 
 
 def ddim_step_ref(
@@ -126,3 +126,90 @@ def dpm_solver_step_ref(
         prev = prev + coef_diff * (m0 - prev_x0.float())
     out.copy_(blend_fp32(lay, prev, init_image, init_noise))
     return out, x0_out
+
+
+def lcm_step_ref(
+    model_output: torch.Tensor,
+    sample: torch.Tensor,
+    *,
+    guidance_scale: float | None,
+    x0_sample: float,
+    x0_model: float,
+    c_skip: float,
+    c_out: float,
+    prev_denoised: float = 1.0,
+    prev_noise: float = 0.0,
+    step_noise: torch.Tensor | None = None,
+    clip_range: float | None = None,
+    mask: torch.Tensor | None = None,
+    image_latents: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
+    init_image: float = 1.0,
+    init_noise: float = 0.0,
+    out: torch.Tensor | None = None,
+    block_size: int | None = None,
+) -> torch.Tensor:
+    """LCM (LCMScheduler) step: x0 = clamp(x0_sample*s + x0_model*e), denoised = c_out*x0 + c_skip*s,
+    prev = prev_denoised*denoised + prev_noise*step_noise (prev = denoised when ``step_noise`` is None:
+    diffusers' last step), then the optional mask blend.
+
+    ``step_noise``: the scheduler's injected noise z ~ N(0, I), shape and device of ``sample``.
+    """
+    del block_size
+    lay = prepare(model_output, sample, guidance_scale, mask, image_latents, noise)
+    out = check_out(out, lay.sample, lay.sample.dtype)
+    step_noise = check_step_noise(step_noise, lay.sample)
+    e = guided_fp32(lay, guidance_scale)
+    s = lay.sample.float()
+    x0 = x0_sample * s + x0_model * e
+    if clip_range is not None:
+        x0 = x0.clamp(-clip_range, clip_range)
+    prev = c_out * x0 + c_skip * s
+    if step_noise is not None:
+        prev = prev_denoised * prev + prev_noise * step_noise.float()
+    out.copy_(blend_fp32(lay, prev, init_image, init_noise))
+    return out
+
+
+def tcd_step_ref(
+    model_output: torch.Tensor,
+    sample: torch.Tensor,
+    *,
+    guidance_scale: float | None,
+    x0_sample: float,
+    x0_model: float,
+    eps_sample: float,
+    eps_model: float,
+    noised_x0: float,
+    noised_eps: float,
+    prev_noised: float = 1.0,
+    prev_noise: float = 0.0,
+    step_noise: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    image_latents: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
+    init_image: float = 1.0,
+    init_noise: float = 0.0,
+    out: torch.Tensor | None = None,
+    block_size: int | None = None,
+) -> torch.Tensor:
+    """TCD (TCDScheduler) step: x0 = x0_sample*s + x0_model*e, eps = eps_sample*s + eps_model*e,
+    noised = noised_x0*x0 + noised_eps*eps (sqrt(a_s)*x0 + sqrt(1 - a_s)*eps at s = floor((1 - gamma)*t_prev)),
+    prev = prev_noised*noised + prev_noise*step_noise (prev = noised when ``step_noise`` is None), then the
+    optional mask blend.
+
+    ``step_noise``: the scheduler's injected noise z ~ N(0, I), shape and device of ``sample``.
+    """
+    del block_size
+    lay = prepare(model_output, sample, guidance_scale, mask, image_latents, noise)
+    out = check_out(out, lay.sample, lay.sample.dtype)
+    step_noise = check_step_noise(step_noise, lay.sample)
+    e = guided_fp32(lay, guidance_scale)
+    s = lay.sample.float()
+    x0 = x0_sample * s + x0_model * e
+    eps = eps_sample * s + eps_model * e
+    prev = noised_x0 * x0 + noised_eps * eps
+    if step_noise is not None:
+        prev = prev_noised * prev + prev_noise * step_noise.float()
+    out.copy_(blend_fp32(lay, prev, init_image, init_noise))
+    return out

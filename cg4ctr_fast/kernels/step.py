@@ -20,6 +20,15 @@ Supported in fused mode (anything else raises ``ValueError`` from :class:`FusedS
   midpoint or heun, prediction_type epsilon / v_prediction / sample / flow_prediction, no
   thresholding, no learned variance; lower_order_final / euler_at_final / final_sigmas_type as
   diffusers decides them.
+* ``LCMScheduler``: prediction_type epsilon / v_prediction / sample, clip_sample on or off, no
+  thresholding, any timestep_scaling / original_inference_steps / custom timesteps.
+* ``TCDScheduler``: prediction_type epsilon / v_prediction / sample, gamma (the step's ``eta``) in
+  [0, 1] (TCDScheduler.step never clips or thresholds, so those settings do not matter).
+
+LCM and TCD inject fresh noise z ~ N(0, I) in each step but the schedule's last (TCD only when gamma > 0).
+:class:`FusedStep` draws it on the host with diffusers' ``randn_tensor`` and the generator it was given,
+with the call ``scheduler.step`` makes (same shape, device, dtype, order), so a fused and an unfused loop
+given equally seeded generators see the same z.
 
 Importing this module imports neither triton nor diffusers; the Triton kernel modules are
 imported on the first call that runs with the triton backend.
@@ -56,6 +65,8 @@ _FAMILY_BY_CLASS = {
     "DDIMScheduler": "ddim",
     "EulerDiscreteScheduler": "euler",
     "DPMSolverMultistepScheduler": "dpm",
+    "LCMScheduler": "lcm",
+    "TCDScheduler": "tcd",
 }
 
 
@@ -99,7 +110,10 @@ def _family(scheduler: Any) -> str | None:
 
 
 def fused_unsupported_reason(scheduler: Any, eta: float = 0.0) -> str | None:
-    """None when :class:`FusedStep` supports ``scheduler``, else a one-line reason."""
+    """None when :class:`FusedStep` supports ``scheduler``, else a one-line reason.
+
+    ``eta`` is DDIM's eta (only 0 is fused) and TCD's gamma (any value in [0, 1]); other families ignore it.
+    """
     family = _family(scheduler)
     name = type(scheduler).__name__
     if family is None:
@@ -116,6 +130,16 @@ def fused_unsupported_reason(scheduler: Any, eta: float = 0.0) -> str | None:
     elif family == "euler":
         if pred not in ("epsilon", "v_prediction", "sample", "original_sample"):
             return f"EulerDiscreteScheduler prediction_type {pred!r} is not supported"
+    elif family == "lcm":
+        if pred not in ("epsilon", "v_prediction", "sample"):
+            return f"LCMScheduler prediction_type {pred!r} is not supported"
+        if cfg.thresholding:
+            return "LCMScheduler with thresholding=True (per-sample quantiles) is not supported"
+    elif family == "tcd":
+        if pred not in ("epsilon", "v_prediction", "sample"):
+            return f"TCDScheduler prediction_type {pred!r} is not supported"
+        if not 0.0 <= eta <= 1.0:
+            return f"TCDScheduler gamma (eta) must be in [0, 1], got {eta}"
     else:
         if cfg.algorithm_type != "dpmsolver++":
             return f"DPMSolverMultistepScheduler algorithm_type {cfg.algorithm_type!r} is not supported; only 'dpmsolver++'"
@@ -133,7 +157,7 @@ def fused_unsupported_reason(scheduler: Any, eta: float = 0.0) -> str | None:
 
 
 def supports_fused(scheduler: Any, eta: float = 0.0) -> bool:
-    """True when :class:`FusedStep` can run ``scheduler`` (with the given DDIM ``eta``)."""
+    """True when :class:`FusedStep` can run ``scheduler`` (with the given DDIM ``eta`` / TCD gamma)."""
     return fused_unsupported_reason(scheduler, eta) is None
 
 
@@ -161,14 +185,17 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 
 def _ops(backend: str):
-    """(ddim, euler, dpm) step functions of a resolved backend."""
+    """(ddim, euler, dpm, lcm, tcd) step functions of a resolved backend."""
     if backend == "triton":
         from .ddim_step import ddim_step
         from .dpm_solver_step import dpm_solver_step
         from .euler_step import euler_step
+        from .lcm_step import lcm_step
+        from .tcd_step import tcd_step
 
-        return ddim_step, euler_step, dpm_solver_step
-    return _reference.ddim_step_ref, _reference.euler_step_ref, _reference.dpm_solver_step_ref
+        return ddim_step, euler_step, dpm_solver_step, lcm_step, tcd_step
+    return (_reference.ddim_step_ref, _reference.euler_step_ref, _reference.dpm_solver_step_ref,
+            _reference.lcm_step_ref, _reference.tcd_step_ref)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -275,7 +302,7 @@ class _HostCopy:
 class FusedStep:
     """Fused CFG + scheduler step + blend for a diffusers scheduler instance.
 
-    ``FusedStep(scheduler, guidance_scale, do_cfg, backend)`` then, inside the denoising loop,
+    ``FusedStep(scheduler, guidance_scale, do_cfg, backend, generator=g)`` then, inside the denoising loop,
     ``latents = step(noise_pred, t, latents, blend=None)`` in place of the unfused sequence.
     ``noise_pred`` is the raw UNet output (batch 2B when ``do_cfg``); ``backend`` is "auto"
     (triton for CUDA tensors when triton imports, else torch), "triton" or "torch".
@@ -286,12 +313,17 @@ class FusedStep:
     tables (diffusers computes them as fp32 tensors: the two agree to an fp32 rounding). Timesteps
     that are elements of a CUDA ``scheduler.timesteps`` are read from a host copy, so a step
     does not synchronize with the GPU.
+
+    ``generator``: a ``torch.Generator``, a list of one per batch item, or None (torch's global RNG), as
+    ``scheduler.step(..., generator=)`` takes it; only LCM and TCD draw from it (their injected noise).
+    ``eta``: DDIM's eta (0 only) or TCD's gamma in [0, 1], as the pipeline passes it to ``scheduler.step``.
+    Raises ValueError for a scheduler/config without a fused path (see :func:`fused_unsupported_reason`).
     """
 
     fused = True
 
     def __init__(self, scheduler: Any, guidance_scale: float, do_cfg: bool, backend: str = "auto", *,
-                 eta: float = 0.0):
+                 eta: float = 0.0, generator: Any = None):
         reason = fused_unsupported_reason(scheduler, eta)
         if reason is not None:
             raise ValueError(f"no fused step for this scheduler: {reason}; use the unfused step instead")
@@ -303,17 +335,20 @@ class FusedStep:
         self.do_cfg = bool(do_cfg)
         self.backend = backend
         self.eta = eta
+        self.generator = generator
         self._warned_fallback = False
         self._sigmas = _HostCopy()
         self._timesteps = _HostCopy()
         cfg = scheduler.config
         self._pred = cfg.prediction_type
-        if self.family == "ddim":
+        if self.family in ("ddim", "lcm", "tcd"):
             # host copies (DDIM's add_noise moves scheduler.alphas_cumprod to the latents' device)
             self._alphas_cumprod = scheduler.alphas_cumprod.detach().to("cpu", torch.float32).tolist()
             self._final_alpha_cumprod = float(torch.as_tensor(scheduler.final_alpha_cumprod).float())
             self._clip = float(cfg.clip_sample_range) if cfg.clip_sample else None
             self._num_train = int(cfg.num_train_timesteps)
+            if self.family == "lcm":
+                self._timestep_scaling = float(cfg.timestep_scaling)
         elif self.family == "dpm":
             self._flow = bool(cfg.use_flow_sigmas)
             self._order = int(cfg.solver_order)
@@ -335,15 +370,19 @@ class FusedStep:
                               "running the unfused step", RuntimeWarning, stacklevel=2)
                 self._warned_fallback = True
             res = unfused_step(self.scheduler, noise_pred, t, latents, self.guidance_scale, self.do_cfg,
-                               blend, eta=self.eta)
+                               blend, self.generator, eta=self.eta)
             return out.copy_(res) if out is not None else res
         backend = resolve_backend(self.backend, latents.device)
-        ddim_op, euler_op, dpm_op = _ops(backend)
+        ddim_op, euler_op, dpm_op, lcm_op, tcd_op = _ops(backend)
         g = self.guidance_scale if self.do_cfg else None
         if self.family == "ddim":
             return self._ddim(ddim_op, noise_pred, t, latents, g, blend, out)
         if self.family == "euler":
             return self._euler(euler_op, noise_pred, t, latents, g, blend, out)
+        if self.family == "lcm":
+            return self._lcm(lcm_op, noise_pred, t, latents, g, blend, out)
+        if self.family == "tcd":
+            return self._tcd(tcd_op, noise_pred, t, latents, g, blend, out)
         return self._dpm(dpm_op, noise_pred, t, latents, g, blend, out)
 
     # -- host helpers -----------------------------------------------------------------------
@@ -516,6 +555,99 @@ class FusedStep:
         return res
 
 
+    # -- LCM / TCD ---------------------------------------------------------------------------
+
+    def _pred_coefs(self, alpha_prod_t: float) -> tuple[tuple[float, float], tuple[float, float]]:
+        """(x0, eps) as (coef on sample, coef on model output), for LCM/TCD's three prediction types."""
+        sa, sb = math.sqrt(alpha_prod_t), math.sqrt(1.0 - alpha_prod_t)
+        if self._pred == "epsilon":  # x0 = (s - sb*e) / sa, eps = e
+            return (1.0 / sa, -sb / sa), (0.0, 1.0)
+        if self._pred == "v_prediction":  # x0 = sa*s - sb*e, eps = sa*e + sb*s
+            return (sa, -sb), (sb, sa)
+        return (0.0, 1.0), (1.0 / sb, -sa / sb)  # "sample": x0 = e, eps = (s - sa*x0) / sb
+
+    def _few_step_start(self, t: Any) -> tuple[int, int, list]:
+        """(step index, timestep value, host timesteps) after the checks LCM/TCD ``step`` make first."""
+        s = self.scheduler
+        if s.num_inference_steps is None:
+            raise ValueError("Number of inference steps is 'None', you need to run 'set_timesteps' after creating the scheduler")
+        if s.step_index is None:
+            s._init_step_index(t)
+        return s.step_index, int(self._timestep_value(t)), self._timesteps.get(s.timesteps)
+
+    def _step_noise(self, latents: torch.Tensor) -> torch.Tensor:
+        # LCMScheduler/TCDScheduler.step: randn_tensor(model_output.shape, generator=generator,
+        # device=model_output.device, dtype=<the denoised sample's dtype>); the guided model output and the
+        # denoised sample have the latents' shape, device and dtype here (mixed dtypes ran unfused above).
+        from diffusers.utils.torch_utils import randn_tensor
+
+        return randn_tensor(latents.shape, generator=self.generator, device=latents.device, dtype=latents.dtype)
+
+    def _ddpm_blend_coefs(self, blend: Blend | None) -> tuple[float, float]:
+        # LCM/TCD add_noise is DDPM's: sqrt(a_next) * image_latents + sqrt(1 - a_next) * noise
+        if blend is None or blend.next_t is None:
+            return 0.0, 0.0
+        a_next = self._alphas_cumprod[int(self._timestep_value(blend.next_t))]
+        return math.sqrt(a_next), math.sqrt(1.0 - a_next)
+
+    def _lcm(self, op, noise_pred, t, latents, g, blend, out):
+        s = self.scheduler
+        i, t_i, timesteps = self._few_step_start(t)
+        prev_t = timesteps[i + 1] if i + 1 < len(timesteps) else t_i
+        ac = self._alphas_cumprod
+        alpha_prod_t = ac[t_i]
+        alpha_prod_t_prev = ac[int(prev_t)] if prev_t >= 0 else self._final_alpha_cumprod
+        # get_scalings_for_boundary_condition_discrete: sigma_data = 0.5
+        scaled = t_i * self._timestep_scaling
+        c_skip = 0.25 / (scaled * scaled + 0.25)
+        c_out = scaled / math.sqrt(scaled * scaled + 0.25)
+        x0c, _ = self._pred_coefs(alpha_prod_t)
+        step_noise = None
+        prev_denoised, prev_noise = 1.0, 0.0
+        if s.step_index != s.num_inference_steps - 1:  # diffusers' test: no noise on the schedule's last step
+            step_noise = self._step_noise(latents)
+            prev_denoised, prev_noise = math.sqrt(alpha_prod_t_prev), math.sqrt(1.0 - alpha_prod_t_prev)
+        init_image, init_noise = self._ddpm_blend_coefs(blend)
+        res = op(
+            noise_pred, latents, guidance_scale=g,
+            x0_sample=x0c[0], x0_model=x0c[1], c_skip=c_skip, c_out=c_out,
+            prev_denoised=prev_denoised, prev_noise=prev_noise, step_noise=step_noise, clip_range=self._clip,
+            out=out, **self._blend_kwargs(blend, init_image, init_noise),
+        )
+        s._step_index += 1
+        return res
+
+    def _tcd(self, op, noise_pred, t, latents, g, blend, out):
+        s = self.scheduler
+        gamma = float(self.eta)
+        i, t_i, timesteps = self._few_step_start(t)
+        prev_t = int(timesteps[i + 1]) if i + 1 < len(timesteps) else 0
+        # timestep_s = floor((1 - gamma) * prev_t) in float32 as TCDScheduler.step computes it (a float64
+        # product can land on the other side of an integer: 0.7 * 500 is 350 in fp32, 349.99... in fp64)
+        t_s = int(torch.floor((1 - gamma) * torch.tensor(prev_t, dtype=torch.long)).to(torch.long))
+        ac = self._alphas_cumprod
+        alpha_prod_t = ac[t_i]
+        alpha_prod_t_prev = ac[prev_t] if prev_t >= 0 else self._final_alpha_cumprod
+        alpha_prod_s = ac[t_s]
+        x0c, epsc = self._pred_coefs(alpha_prod_t)
+        step_noise = None
+        prev_noised, prev_noise = 1.0, 0.0
+        if gamma > 0 and s.step_index != s.num_inference_steps - 1:
+            step_noise = self._step_noise(latents)
+            ratio = alpha_prod_t_prev / alpha_prod_s
+            prev_noised, prev_noise = math.sqrt(ratio), math.sqrt(max(1.0 - ratio, 0.0))
+        init_image, init_noise = self._ddpm_blend_coefs(blend)
+        res = op(
+            noise_pred, latents, guidance_scale=g,
+            x0_sample=x0c[0], x0_model=x0c[1], eps_sample=epsc[0], eps_model=epsc[1],
+            noised_x0=math.sqrt(alpha_prod_s), noised_eps=math.sqrt(1.0 - alpha_prod_s),
+            prev_noised=prev_noised, prev_noise=prev_noise, step_noise=step_noise,
+            out=out, **self._blend_kwargs(blend, init_image, init_noise),
+        )
+        s._step_index += 1
+        return res
+
+
 def make_step(
     scheduler: Any,
     guidance_scale: float,
@@ -529,8 +661,9 @@ def make_step(
     """A step callable ``step(noise_pred, t, latents, *, blend=None) -> latents``.
 
     ``fused=True`` returns a :class:`FusedStep` and raises ``ValueError`` (with the reason) when the
-    scheduler/config has no fused path, so callers can fall back to ``fused=False``.
+    scheduler/config has no fused path, so callers can fall back to ``fused=False``. ``generator`` goes to
+    ``scheduler.step`` (unfused) or draws LCM/TCD's injected noise (fused) the same way.
     """
     if fused:
-        return FusedStep(scheduler, guidance_scale, do_cfg, backend, eta=eta)
+        return FusedStep(scheduler, guidance_scale, do_cfg, backend, eta=eta, generator=generator)
     return UnfusedStep(scheduler, guidance_scale, do_cfg, eta=eta, generator=generator)

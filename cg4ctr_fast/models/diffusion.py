@@ -26,6 +26,8 @@ SCHEDULER_NAMES = {
     "pndm": "PNDMScheduler",
     "lms": "LMSDiscreteScheduler",
     "unipc": "UniPCMultistepScheduler",
+    "lcm": "LCMScheduler",
+    "tcd": "TCDScheduler",
 }
 
 
