@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import os
 import threading
 from collections import OrderedDict
@@ -61,7 +62,9 @@ class Creative:
         the caller passed `generator`;
     mask: mode "L" at H × W, 255 (white) = repainted, 0 (black) = product kept (the diffusion mask);
     reward: the attached reward model's score (a CTR in [0, 1] for the project's reward model), or None;
-    latents: with return_latents=True, the final latents [C, h, w] float32 on the CPU (as "latent").
+    latents: with return_latents=True, the final latents [C, h, w] float32 on the CPU (as "latent");
+    preview_reward: with preview_top_k, the reward model's score of the preview decode (same scale as
+        reward) that ranked this creative into its group's top k; else None.
     """
 
     image: Any
@@ -74,6 +77,8 @@ class Creative:
     # The final denoised latents [C, h, w] in the UNet's (scaled) space, with return_latents=True: what
     # training on the pipeline's own output wants, without a VAE decode + encode round trip.
     latents: Optional[torch.Tensor] = None
+    # With preview_top_k: the reward of this creative's cheap preview decode, by which it was chosen.
+    preview_reward: Optional[float] = None
 
 
 @dataclass
@@ -513,6 +518,10 @@ class CreativePipeline:
         return_latents: bool = False,
         callback_on_step_end: Optional[Callable] = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+        guidance_cutoff: float = 1.0,
+        cache_interval: int = 1,
+        cache_branch: int = 0,
+        preview_top_k: Optional[int] = None,
     ) -> list[Creative]:
         """Generate creatives: one product image, one prompt per user group, one denoising loop for all.
 
@@ -570,15 +579,41 @@ class CreativePipeline:
                 prompt_embeds [2B, 77, D] with guidance ([negatives; prompts]), else [B, 77, D];
                 mask [2B or B, 1, h, w] in {0, 1}; masked_image_latents [2B or B, C, h, w].
             callback_on_step_end_tensor_inputs: names from `_callback_tensor_inputs` (default ["latents"]).
+            guidance_cutoff: in (0, 1]: classifier-free guidance runs for the first ceil(guidance_cutoff × n)
+                of the n denoising steps actually run (after strength); from the next step the UNet batch
+                halves (the prompt half of the embeddings, un-doubled mask and masked-image latents) and the
+                step is unguided (diffusers' SDCFGCutoffCallback idea, done inside the loop so the 9-channel
+                input halves too).  1.0 (default) is the plain loop, bit for bit.  Ignored when guidance is
+                off.  After the cut-off a callback sees prompt_embeds [B, 77, D], mask [B, 1, h, w] and
+                masked_image_latents [B, C, h, w], and "negative_prompt_embeds" is None.
+            cache_interval: ≥ 1.  DeepCache feature reuse (runtime/deepcache.py): step i (0-based) is a key
+                step when i % cache_interval == 0 and runs the full UNet, caching the feature entering its
+                shallow up block(s); the other steps run only the shallow blocks around that feature.
+                1 (default) is the plain loop, bit for bit.  > 1 needs a UNet slot with
+                supports_feature_cache (torch and compile backends); ONNX Runtime / TensorRT refuse it.
+                The image changes: measured in bench/levers.py, not assumed.
+            cache_branch: which down/up block pair is the shallow part for cache_interval > 1: 0 (default,
+                outermost, cheapest) .. number of up blocks − 1.
+            preview_top_k: None (default) or 1 .. num_images_per_prompt: rank candidates by cheap previews.
+                Every creative's latents are decoded by `components.preview_decoder`, composited as the
+                output would be and scored by the reward model; per group only the best preview_top_k (by
+                that preview reward) are decoded by the full VAE, composited and rescored.  Needs a preview
+                decoder and a reward model.
 
-        Returns: a list of groups × num_images_per_prompt `Creative`s, group-major (group 0's images first).
+        Returns: a list of groups × num_images_per_prompt `Creative`s, group-major (group 0's images first);
+            with preview_top_k, groups × preview_top_k of them, group-major, each group's best preview
+            first (`Creative.index` stays the image's index among all candidates, so its seed and noise
+            are those of the full run; `Creative.preview_reward` is set).
 
         Raises:
             InputError (a ValueError) for anything the caller controls: an unreadable, corrupt, oversized or
                 empty image or mask, a mask of another size or marking nothing / everything, no mask at
                 all, a bad step count, guidance, strength, size, output type, negative-prompt or generator
                 count, a non-UTF-8 prompt, an unknown callback tensor name, or a callback returning
-                something other than a dict.
+                something other than a dict; a guidance_cutoff outside (0, 1], a cache_interval < 1, a
+                cache_branch the UNet does not have, cache_interval > 1 on a backend without feature
+                caching, a preview_top_k outside 1 .. num_images_per_prompt or without a preview decoder
+                or reward model.
             TypeError for an image that is not a path, bytes, PIL image or ProductImage (arrays and tensors
                 are not accepted: wrap them with PIL.Image.fromarray).
             RuntimeError when the VAE decode gives NaN/Inf even in float32.
@@ -591,6 +626,8 @@ class CreativePipeline:
             show_progress=show_progress, return_latents=return_latents,
             callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+            guidance_cutoff=guidance_cutoff, cache_interval=cache_interval, cache_branch=cache_branch,
+            preview_top_k=preview_top_k,
         )[0]
 
     @torch.no_grad()
@@ -608,6 +645,10 @@ class CreativePipeline:
         eta: float = 0.0,
         show_progress: bool = True,
         return_latents: bool = False,
+        guidance_cutoff: float = 1.0,
+        cache_interval: int = 1,
+        cache_branch: int = 0,
+        preview_top_k: Optional[int] = None,
     ) -> list[list[Creative]]:
         """Several products, each with its own prompts (user groups), in ONE denoising loop.
 
@@ -619,7 +660,8 @@ class CreativePipeline:
 
         jobs: `ProductJob`s; all must have the same working size (height × width after `working_size`, or the
             explicit height/width); the serving runtime groups requests by it.
-        Other arguments as in `__call__`, shared by every job.
+        Other arguments as in `__call__`, shared by every job (guidance_cutoff, cache_interval, cache_branch and
+        preview_top_k included; preview_top_k must be ≤ every job's num_images_per_prompt).
         Returns one list of `Creative`s per job, in job order, each group-major as `__call__` returns it.
         Raises InputError as `__call__` does (naming the job), and when the jobs' working sizes differ.
         """
@@ -627,6 +669,8 @@ class CreativePipeline:
             list(jobs), num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, strength=strength,
             output_type=output_type, composite=composite, height=height, width=width, eta=eta,
             show_progress=show_progress, return_latents=return_latents,
+            guidance_cutoff=guidance_cutoff, cache_interval=cache_interval, cache_branch=cache_branch,
+            preview_top_k=preview_top_k,
         )
 
     def _run(
@@ -645,6 +689,10 @@ class CreativePipeline:
         return_latents: bool,
         callback_on_step_end: Optional[Callable] = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+        guidance_cutoff: float = 1.0,
+        cache_interval: int = 1,
+        cache_branch: int = 0,
+        preview_top_k: Optional[int] = None,
     ) -> list[list[Creative]]:
         """The data path for one or more products; see `__call__` (one) and `generate_batch` (several)."""
         from diffusers.utils.torch_utils import randn_tensor
@@ -671,6 +719,7 @@ class CreativePipeline:
             raise InputError(f"the UNet has {info.unet_in_channels} input channels; 4 or 9 are supported")
         four_channel = info.unet_in_channels == 4
         do_cfg = guidance_scale > 1.0
+        self._check_levers(jobs, guidance_cutoff, cache_interval, cache_branch, preview_top_k, output_type)
 
         # 4. timesteps (shared by every product of the batch) ------------------------------------
         # A fresh scheduler per call: scheduler state (step index, solver history) is per request.
@@ -720,14 +769,33 @@ class CreativePipeline:
                          if four_channel else None)
 
         # 7. one denoising loop over all groups of all products --------------------------------
+        # `guided`: classifier-free guidance this step. It turns off once, after ceil(cutoff × n) steps.
+        guided = do_cfg
+        guided_steps = math.ceil(guidance_cutoff * len(timesteps)) if do_cfg else len(timesteps)
+        feature = None  # DeepCache: the deep feature of the last key step (cache_interval > 1)
         stepper = self._make_stepper(scheduler, guidance_scale, do_cfg, eta, generator, device)
         for i, t in enumerate(tqdm(timesteps, desc="denoise", disable=not show_progress, leave=False)):
-            model_input = torch.cat([latents] * 2) if do_cfg else latents
+            if guided and i == guided_steps:
+                # Guidance cut-off: keep the prompt half ([negatives; prompts] order) of everything the UNet
+                # reads, and step unguided. The new stepper shares `scheduler`, whose state (step index, DPM
+                # history) both steppers read and advance, so the solver continues where it was.
+                guided = False
+                prompt_embeds = prompt_embeds[batch:]
+                unet_mask, unet_masked_latents = unet_mask[batch:], unet_masked_latents[batch:]
+                if feature is not None:  # per-sample features: the prompt half is what that half would cache
+                    feature = feature[batch:]
+                stepper = self._make_stepper(scheduler, guidance_scale, False, eta, generator, device)
+            model_input = torch.cat([latents] * 2) if guided else latents
             model_input = scheduler.scale_model_input(model_input, t)
             if not four_channel:
                 model_input = torch.cat([model_input, unet_mask, unet_masked_latents], dim=1)
             with self._stage("unet"):
-                noise_pred = comps.unet(model_input, t, prompt_embeds)
+                if cache_interval == 1:
+                    noise_pred = comps.unet(model_input, t, prompt_embeds)
+                else:
+                    noise_pred, feature = comps.unet.feature_cache_step(
+                        model_input, t, prompt_embeds, feature=None if i % cache_interval == 0 else feature,
+                        branch=cache_branch)
             blend = None
             if four_channel:
                 next_t = timesteps[i + 1] if i < len(timesteps) - 1 else None
@@ -740,7 +808,7 @@ class CreativePipeline:
                 tensors = {
                     "latents": latents,
                     "prompt_embeds": prompt_embeds,
-                    "negative_prompt_embeds": prompt_embeds[:batch] if do_cfg else None,
+                    "negative_prompt_embeds": prompt_embeds[:batch] if guided else None,
                     "mask": unet_mask,
                     "masked_image_latents": unet_masked_latents,
                 }
@@ -754,8 +822,16 @@ class CreativePipeline:
                 if "mask" in outputs:
                     unet_mask = outputs.pop("mask")
                     # The 4-channel blend reads the unguided half, as diffusers' mask.chunk(2) does.
-                    mask_latents = unet_mask.chunk(2)[0] if do_cfg else unet_mask
+                    mask_latents = unet_mask.chunk(2)[0] if guided else unet_mask
                 unet_masked_latents = outputs.pop("masked_image_latents", unet_masked_latents)
+
+        # 7b. preview ranking: which creatives get the full decode (all of them without preview_top_k) ------
+        picks = [list(range(p.batch)) for p in prepared]  # per product: indices into its batch, output order
+        preview_rewards: list[list[Optional[float]]] = [[None] * p.batch for p in prepared]
+        if preview_top_k is not None:
+            picks, preview_rewards = self._preview_rank(latents, prepared, preview_top_k, composite)
+            offsets = np.cumsum([0] + [p.batch for p in prepared[:-1]])
+            latents = latents[[int(o) + k for o, ks in zip(offsets, picks) for k in ks]]
 
         if output_type == "latent":
             # diffusers returns the scaled latents themselves: no decode, so no composite and no reward.
@@ -777,26 +853,27 @@ class CreativePipeline:
             images = []
             with self._stage("composite"):
                 start = 0
-                for p in prepared:
-                    images += self._postprocess(decoded[start:start + p.batch], p.product, p.paste_mask,
+                for p, ks in zip(prepared, picks):
+                    images += self._postprocess(decoded[start:start + len(ks)], p.product, p.paste_mask,
                                                 composite=composite, output_type=output_type)
-                    start += p.batch
+                    start += len(ks)
         results: list[list[Creative]] = []
         start = 0
-        for p in prepared:
+        for p, ks, previews in zip(prepared, picks, preview_rewards):
             creatives = [
                 Creative(
-                    image=images[start + k],
+                    image=images[start + j],
                     prompt=p.creative_prompts[k],
                     group=k // p.per_prompt,
                     index=k % p.per_prompt,
                     seed=p.seeds[k],
                     mask=p.mask,
-                    latents=latents[start + k].detach().float().cpu() if return_latents else None,
+                    latents=latents[start + j].detach().float().cpu() if return_latents else None,
+                    preview_reward=previews[k],
                 )
-                for k in range(p.batch)
+                for j, k in enumerate(ks)
             ]
-            start += p.batch
+            start += len(ks)
 
             # 10. reward --------------------------------------------------------------------------
             if self.reward is not None and output_type != "latent":
@@ -808,6 +885,64 @@ class CreativePipeline:
                     creative.reward = float(score)
             results.append(creatives)
         return results
+
+    def _check_levers(self, jobs, guidance_cutoff, cache_interval, cache_branch, preview_top_k, output_type) -> None:
+        """InputError (one line) for a bad guidance_cutoff / cache_interval / cache_branch / preview_top_k."""
+        comps = self.components
+        if (isinstance(guidance_cutoff, bool) or not isinstance(guidance_cutoff, (int, float))
+                or not math.isfinite(guidance_cutoff) or not 0.0 < guidance_cutoff <= 1.0):
+            raise InputError(f"guidance_cutoff must be a number in (0, 1], got {guidance_cutoff!r}")
+        if isinstance(cache_interval, bool) or not isinstance(cache_interval, int) or cache_interval < 1:
+            raise InputError(f"cache_interval must be an integer ≥ 1, got {cache_interval!r}")
+        if isinstance(cache_branch, bool) or not isinstance(cache_branch, int) or cache_branch < 0:
+            raise InputError(f"cache_branch must be an integer ≥ 0, got {cache_branch!r}")
+        if cache_interval > 1:
+            if not getattr(comps.unet, "supports_feature_cache", False):
+                raise InputError(f"cache_interval > 1 needs a UNet that can run its shallow blocks alone; the "
+                                 f"{comps.backend} backend runs a whole-UNet engine (use cache_interval=1, or the "
+                                 "torch / compile backend)")
+            if hasattr(comps.unet, "feature_split"):
+                comps.unet.feature_split(cache_branch)  # InputError for a branch this UNet does not have
+        if preview_top_k is not None:
+            if isinstance(preview_top_k, bool) or not isinstance(preview_top_k, int):
+                raise InputError(f"preview_top_k must be None or an integer ≥ 1, got {preview_top_k!r}")
+            smallest = min(job.num_images_per_prompt for job in jobs)
+            if not 1 <= preview_top_k <= smallest:
+                raise InputError(f"preview_top_k must be in 1..num_images_per_prompt ({smallest}), got {preview_top_k}")
+            if comps.preview_decoder is None:
+                raise InputError("preview_top_k needs a preview decoder (components.preview_decoder, e.g. a TAESD "
+                                 "AutoencoderTiny); none is attached")
+            if self.reward is None:
+                raise InputError("preview_top_k ranks previews by the reward model; no reward model is attached")
+
+    def _preview_rank(self, latents: torch.Tensor, prepared: list, top_k: int, composite: bool):
+        """Decode every candidate with the preview decoder, score it, keep each group's best top_k.
+
+        Returns (picks, preview_rewards): per product, the chosen indices into its batch (group-major, each
+        group's best preview first, ties by index) and the preview reward of every candidate.
+        The previews are postprocessed like the "pil" output (resized, product pasted when `composite`),
+        since the reward model scores what would be shipped.
+        """
+        comps = self.components
+        with self._stage("preview_decode"):
+            previews = comps.preview_decoder(latents / comps.info.scaling_factor)
+        picks, rewards = [], []
+        start = 0
+        with self._stage("preview_reward"):
+            for p in prepared:
+                shown = self._postprocess(previews[start:start + p.batch], p.product, p.paste_mask,
+                                          composite=composite, output_type="pil")
+                scores = [float(x) for x in self.reward(shown, [k // p.per_prompt for k in range(p.batch)])]
+                start += p.batch
+                chosen = []
+                for g in range(p.batch // p.per_prompt):
+                    members = range(g * p.per_prompt, (g + 1) * p.per_prompt)
+                    # A NaN preview score ranks last rather than breaking the sort.
+                    order = sorted(members, key=lambda k: (-scores[k] if math.isfinite(scores[k]) else math.inf, k))
+                    chosen += order[:top_k]
+                picks.append(chosen)
+                rewards.append(scores)
+        return picks, rewards
 
     def _prepare(self, job: "ProductJob", *, scheduler, timesteps, strength: float, do_cfg: bool,
                  height: Optional[int], width: Optional[int], randn_tensor) -> "_Prepared":

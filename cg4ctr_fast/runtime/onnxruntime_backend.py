@@ -125,6 +125,9 @@ class OrtTextEncoderSlot:
 
 
 class OrtUNetSlot:
+    # An exported graph is the whole UNet: no shallow-only path, so no DeepCache (cache_interval > 1 is refused).
+    supports_feature_cache = False
+
     def __init__(self, component: OrtComponent):
         self.component = component
 

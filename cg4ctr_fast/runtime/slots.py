@@ -24,6 +24,12 @@ class Components:
     unet(sample[B, C, h, w], timestep[] or [B], encoder_hidden_states[B, 77, D]) -> noise prediction [B, 4, h, w]
     vae_encoder(image[B, 3, H, W] in [-1, 1]) -> moments [B, 2 * latent_channels, h, w] (mean ⊕ logvar)
     vae_decoder(latents[B, 4, h, w], already divided by scaling_factor) -> image [B, 3, H, W] in about [-1, 1]
+    preview_decoder: None, or a cheap decoder with vae_decoder's contract (e.g. AutoencoderTiny,
+        runtime/preview.py) for `preview_top_k`: its images are only ranked, never shipped.
+
+    A unet slot with `supports_feature_cache = True` also has
+    `feature_cache_step(sample, timestep, encoder_hidden_states, *, feature=None, branch=0) -> (noise, feature)`
+    (DeepCache, runtime/deepcache.py): the torch and compile backends; engine slots set it False.
     """
 
     text_encoder: Callable[[Tensor], Tensor]
@@ -38,3 +44,5 @@ class Components:
     dtype: torch.dtype = torch.float32
     # The torch modules behind the slots when there are any (LoRA, export, training); None for engines.
     modules: Optional[Any] = None
+    # Cheap decoder used only to rank candidates (pipeline's preview_top_k); same call contract as vae_decoder.
+    preview_decoder: Optional[Any] = None

@@ -18,18 +18,62 @@ class TextEncoderSlot:
 
 
 class UNetSlot:
+    """unet(sample, timestep, encoder_hidden_states) -> noise prediction, plus DeepCache key / non-key steps."""
+
+    # The pipeline's cache_interval > 1 needs `feature_cache_step`; engine slots set this False.
+    supports_feature_cache = True
+
     def __init__(self, unet):
         self.module = unet
         self.forward = unet
         # Set for CUDA-graph compiled UNets: each call is a new step, so inductor may reuse its static
         # output buffer; the loop consumes the previous output before the next call.
         self.mark_step = False
+        # The torch.compile mode of the compile backend (None: eager); the DeepCache halves compile with it.
+        self.compiled = False
+        self.compile_mode = None
+        self._splits: dict = {}  # branch -> (DeepCacheUNet, full_fn, shallow_fn)
 
     @torch.no_grad()
     def __call__(self, sample, timestep, encoder_hidden_states):
         if self.mark_step:
             torch.compiler.cudagraph_mark_step_begin()
         return self.forward(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
+
+    def feature_split(self, branch: int):
+        """(DeepCacheUNet, full_fn, shallow_fn) for `branch`, built once; InputError for a branch or UNet it cannot split."""
+        if branch not in self._splits:
+            from cg4ctr_fast.runtime.deepcache import DeepCacheUNet
+
+            split = DeepCacheUNet(self.module, branch)  # InputError for a bad branch or UNet
+            full_fn, shallow_fn = split.full, split.shallow
+            if self.compiled:
+                # Two graphs per shape (key and non-key step), compiled on first use like the full UNet.
+                full_fn = torch.compile(full_fn, mode=self.compile_mode, fullgraph=False)
+                shallow_fn = torch.compile(shallow_fn, mode=self.compile_mode, fullgraph=False)
+            self._splits[branch] = (split, full_fn, shallow_fn)
+        return self._splits[branch]
+
+    @torch.no_grad()
+    def feature_cache_step(self, sample, timestep, encoder_hidden_states, *, feature=None, branch: int = 0):
+        """A DeepCache step (runtime/deepcache.py): the full UNet when `feature` is None (key step), else the
+        shallow blocks around the cached `feature`.
+
+        sample [B, C_in, h, w], timestep 0-dim or [B], encoder_hidden_states [B, 77, D]; feature: None or the
+        tensor a previous call returned, with batch B.  branch: which down/up block pair is the shallow part
+        (0 = outermost).  Returns (noise prediction [B, C_out, h, w], feature to pass on non-key steps).
+        Raises InputError for a branch this UNet does not have.
+        """
+        from cg4ctr_fast.runtime.deepcache import feature_step
+
+        split, full_fn, shallow_fn = self.feature_split(branch)
+        if self.mark_step:
+            torch.compiler.cudagraph_mark_step_begin()
+        out, new_feature = feature_step(split, full_fn, shallow_fn, sample, timestep, encoder_hidden_states, feature)
+        if self.mark_step and feature is None:
+            # CUDA-graph outputs live in static buffers the next replay overwrites; the feature outlives it.
+            new_feature = new_feature.clone()
+        return out, new_feature
 
 
 class VaeEncoderSlot:
@@ -80,6 +124,7 @@ def torch_components(
         if on_cuda:
             modules.unet.to(memory_format=torch.channels_last)
         unet.forward = torch.compile(modules.unet, mode=mode, fullgraph=False)
+        unet.compiled, unet.compile_mode = True, mode
         unet.mark_step = on_cuda and mode in ("reduce-overhead", "max-autotune")
     elif backend != "torch":
         raise ValueError(f"torch_components: backend must be 'torch' or 'compile', got {backend!r}")
