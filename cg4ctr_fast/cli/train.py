@@ -4,6 +4,7 @@
     cg4ctr-train toy --out DIR [--config default|small] [--cache DIR]
     cg4ctr-train cycle --config FILE --out RUN_DIR [--resume]
     cg4ctr-train ablate --config FILE --seeds N --out DIR
+    cg4ctr-train taesd --model GENERATOR_DIR --out DIR [--data WORLD_DIR] [--steps N] [--resume]
 
 Subcommands live in `SUBCOMMANDS` (name → Subcommand(help, add_arguments, run)); to add one, write
 its two functions and add an entry.  `run(args)` returns the exit code and raises `InputError` for bad
@@ -12,6 +13,8 @@ Every output path is checked before any work: an existing, non-empty `--out` nee
 Outputs are written to a temporary folder renamed at the end, so a failed run leaves nothing behind;
 `cycle` writes one such folder per cycle and resumes from the last one (`--resume`), `ablate` resumes
 when rerun on the same folder.
+`cg4ctr-train lcm --model GENERATOR_DIR --out DIR` distils an LCM-LoRA (4 steps, no guidance) from a generator;
+it checkpoints beside --out (.NAME.lcm-partial) and continues from there with `--resume`.
 """
 from __future__ import annotations
 
@@ -188,6 +191,92 @@ def _run_base(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------------------------
+# lcm: an LCM-LoRA distilled from a generator (training.lcm), for few-step sampling without guidance
+# --------------------------------------------------------------------------------------------
+
+
+def _lcm_arguments(p: argparse.ArgumentParser) -> None:
+    from cg4ctr_fast.training.lcm import LcmDistillConfig
+
+    d = LcmDistillConfig()
+    p.add_argument("--model", required=True, help="generator folder (diffusers layout, 9-channel inpainting UNet; "
+                   "the toy set's generator/): the frozen teacher, and the UNet the LoRA adapts")
+    p.add_argument("--out", required=True, help="LoRA folder to write (pytorch_lora_weights.safetensors, "
+                   "lcm_config.json, metrics.json)")
+    p.add_argument("--data", default=None, help="synthetic-world folder whose products and captions make the "
+                   "inpainting examples (default: world/ beside --model, as in a toy set)")
+    p.add_argument("--steps", type=int, default=d.steps, help=f"optimizer steps (default {d.steps})")
+    p.add_argument("--batch", type=int, default=d.batch, help=f"examples per step (default {d.batch})")
+    p.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate, cosine decay (default {d.lr})")
+    p.add_argument("--rank", type=int, default=d.rank, help=f"LoRA rank; alpha = rank (default {d.rank})")
+    p.add_argument("--w-min", type=float, default=d.w_min,
+                   help=f"smallest teacher guidance scale, the pipeline's guidance_scale (default {d.w_min})")
+    p.add_argument("--w-max", type=float, default=d.w_max, help=f"largest teacher guidance scale (default {d.w_max})")
+    p.add_argument("--num-ddim-timesteps", type=int, default=d.num_ddim_timesteps,
+                   help=f"DDIM solver grid over the 1000 training timesteps; skip = 1000 / N "
+                        f"(default {d.num_ddim_timesteps}: skip 20)")
+    p.add_argument("--images", type=int, default=d.images, help=f"training creatives, encoded once (default {d.images})")
+    p.add_argument("--seed", type=int, default=d.seed, help="images, batch draws (default 0)")
+    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
+                   help=f"steps between checkpoints (default {d.checkpoint_every})")
+    p.add_argument("--save-dtype", choices=("float32", "float16"), default="float32",
+                   help="storage dtype of the LoRA weights (default float32; loading casts to the UNet's)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads while training (default 1)")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint beside --out (.NAME.lcm-partial)")
+    add_overwrite(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bars or summary line")
+
+
+def _run_lcm(args: argparse.Namespace) -> int:
+    import shlex
+
+    import torch
+
+    from cg4ctr_fast.models.diffusion import load_modules
+    from cg4ctr_fast.training.lcm import LcmDistillConfig, distill_lcm_lora, half_lora_file, world_creatives
+
+    _positive("--threads", args.threads)
+    config = LcmDistillConfig(steps=args.steps, batch=args.batch, lr=args.lr, rank=args.rank, alpha=float(args.rank),
+                              w_min=args.w_min, w_max=args.w_max, num_ddim_timesteps=args.num_ddim_timesteps,
+                              images=args.images, seed=args.seed, checkpoint_every=args.checkpoint_every)
+    out = check_out_dir(args.out, overwrite=args.overwrite)
+    if not Path(args.model).is_dir():
+        raise InputError(f"--model {args.model}: folder not found")
+    world = Path(args.data) if args.data else Path(args.model).parent / "world"
+    if not (world / "world.json").is_file():
+        flag = "--data" if args.data else f"--model {args.model}: no world/ beside it;"
+        raise InputError(f"{flag} {world}: not a synthetic-world folder (no world.json); name one with --data")
+    torch.set_num_threads(args.threads)
+    modules = load_modules(args.model)
+    creatives = world_creatives(world, config.images, config.seed)
+    argv = ["cg4ctr-train", "lcm", "--model", args.model, "--out", args.out]
+    if args.data:
+        argv += ["--data", args.data]
+    for flag, value, default in (("--steps", args.steps, LcmDistillConfig.steps),
+                                 ("--batch", args.batch, LcmDistillConfig.batch),
+                                 ("--lr", args.lr, LcmDistillConfig.lr), ("--rank", args.rank, LcmDistillConfig.rank),
+                                 ("--w-min", args.w_min, LcmDistillConfig.w_min),
+                                 ("--w-max", args.w_max, LcmDistillConfig.w_max),
+                                 ("--num-ddim-timesteps", args.num_ddim_timesteps, LcmDistillConfig.num_ddim_timesteps),
+                                 ("--images", args.images, LcmDistillConfig.images),
+                                 ("--seed", args.seed, LcmDistillConfig.seed)):
+        if value != default:
+            argv += [flag, str(value)]
+    if args.save_dtype != "float32":
+        argv += ["--save-dtype", args.save_dtype]
+    command = shlex.join(argv)
+    metrics = distill_lcm_lora(modules, creatives, out, config, resume=args.resume, progress=not args.quiet,
+                               command=command, extra={"teacher": str(args.model), "world": str(world),
+                                                       "save_dtype": args.save_dtype},
+                               log=lambda m: _say(args, m))
+    if args.save_dtype == "float16":
+        half_lora_file(out)
+    _say(args, f"LCM-LoRA: pseudo-Huber loss {metrics['loss_first']:.5f} -> {metrics['loss_last']:.5f} over "
+               f"{metrics['steps']} steps ({metrics['seconds']:.0f} s) -> {out}")
+    return 0
+
+
 def _prompt_arguments(p: argparse.ArgumentParser) -> None:
     _world_arguments(p)
     p.add_argument("--epochs", type=int, default=150)
@@ -293,11 +382,66 @@ def _run_ablate(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------------------------
+# taesd: a tiny preview decoder (AutoencoderTiny) distilled from a generator's VAE
+# --------------------------------------------------------------------------------------------
+
+
+def _taesd_arguments(p: argparse.ArgumentParser) -> None:
+    from cg4ctr_fast.training.taesd import TaesdTrainConfig
+
+    d = TaesdTrainConfig()
+    p.add_argument("--model", required=True, help="generator folder with vae/ (the toy set's generator/), or a VAE folder")
+    p.add_argument("--out", required=True, help="AutoencoderTiny folder to write (config.json, "
+                   "diffusion_pytorch_model.safetensors, metrics.json)")
+    p.add_argument("--data", default=None, help="synthetic-world folder whose creatives are the training images "
+                   "(default: world/ beside --model, as in a toy set)")
+    p.add_argument("--steps", type=int, default=d.steps, help=f"optimizer steps (default {d.steps})")
+    p.add_argument("--batch", type=int, default=d.batch, help=f"latents per step (default {d.batch})")
+    p.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate, cosine decay (default {d.lr})")
+    p.add_argument("--images", type=int, default=d.images, help=f"training creatives, encoded once (default {d.images})")
+    p.add_argument("--seed", type=int, default=d.seed, help="images, initial weights, batch order (default 0)")
+    p.add_argument("--save-dtype", choices=("float32", "float16"), default=d.save_dtype,
+                   help="storage dtype of the weights (default float32; loading casts to the pipeline's)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads while training (default 1)")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint beside --out (.NAME.checkpoint)")
+    add_overwrite(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bars or summary line")
+
+
+def _run_taesd(args: argparse.Namespace) -> int:
+    import torch
+
+    from cg4ctr_fast.training.taesd import TaesdTrainConfig, default_world, train_taesd
+
+    for name, value in (("--steps", args.steps), ("--batch", args.batch), ("--images", args.images),
+                        ("--threads", args.threads)):
+        _positive(name, value)
+    out = check_out_dir(args.out, overwrite=args.overwrite)
+    if not Path(args.model).is_dir():
+        raise InputError(f"--model {args.model}: folder not found")
+    world = args.data or default_world(args.model)
+    if world is None:
+        raise InputError(f"--model {args.model}: no world/ beside it; name a synthetic-world folder with --data")
+    if not (Path(world) / "world.json").is_file():
+        raise InputError(f"--data {world}: not a synthetic-world folder (no world.json); write one with `cg4ctr-sim logs`")
+    torch.set_num_threads(args.threads)
+    config = TaesdTrainConfig(seed=args.seed, steps=args.steps, batch=args.batch, lr=args.lr, images=args.images,
+                              save_dtype=args.save_dtype)
+    metrics = train_taesd(args.model, world, out, config, resume=args.resume, progress=not args.quiet,
+                          log=lambda m: _say(args, m))
+    _say(args, f"TAESD decoder: L1 {metrics['loss_first']:.4f} -> {metrics['loss_last']:.4f}; held-out preview vs "
+               f"full decode L1 {metrics['preview_vs_full_l1']:.4f} ({metrics['seconds']:.0f} s) -> {out}")
+    return 0
+
+
 SUBCOMMANDS: dict[str, Subcommand] = {
     "reward": Subcommand("train the multimodal CTR reward model on click logs", _reward_arguments, _run_reward),
     "saliency": Subcommand("train the U2NetP saliency net on a synthetic world", _saliency_arguments, _run_saliency),
     "base": Subcommand("train the toy generator (VAE, UNet, text encoder) on a synthetic world",
                        _base_arguments, _run_base),
+    "lcm": Subcommand("distil an LCM-LoRA from a generator: 4 steps without guidance instead of 20 guided",
+                      _lcm_arguments, _run_lcm),
     "prompt": Subcommand("train the prompt model on a synthetic world's logs", _prompt_arguments, _run_prompt),
     "toy": Subcommand("train every toy model of the embedded default and write them as a set with manifest.json",
                       _toy_arguments, _run_toy),
@@ -305,6 +449,8 @@ SUBCOMMANDS: dict[str, Subcommand] = {
                         _cycle_arguments, _run_cycle),
     "ablate": Subcommand("the self-cyclic ablation arms over several seeds, with confidence intervals",
                          _ablate_arguments, _run_ablate),
+    "taesd": Subcommand("distil a tiny preview decoder (AutoencoderTiny) from a generator's VAE",
+                        _taesd_arguments, _run_taesd),
 }
 
 
