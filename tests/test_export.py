@@ -233,24 +233,32 @@ def test_exported_saliency_makes_the_mask(tiny9, saliency_file):
 
 
 # ------------------------------------------------------------------------------------------------ LoRA
+def random_unet_lora(seed: int, *, rank: int = 4, alpha: float = 8,
+                     targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0"), unet_channels: int = 9):
+    """A LoRA with random non-zero weights (peft's init_lora_weights=False, seeded) on the tiny preset's UNet
+    (`unet_channels` in-channels): (the peft-wrapped UNet, its state dict with diffusers' keys, its LoraConfig)."""
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+
+    from cg4ctr_fast.config import get_preset, with_unet_channels
+    from cg4ctr_fast.models.diffusion import build_modules
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=False, target_modules=list(targets))
+        peft_unet = get_peft_model(build_modules(with_unet_channels(get_preset("tiny"), unet_channels)).unet, config)
+    state = {k.removeprefix("base_model.model."): v for k, v in get_peft_model_state_dict(peft_unet).items()}
+    return peft_unet, state, config
+
+
 @pytest.fixture(scope="module")
 def loras(tmp_path_factory):
     """One LoRA (r=4, alpha=8, non-zero weights) on the tiny UNet, saved as diffusers, peft and kohya files."""
     from diffusers import StableDiffusionInpaintPipeline
-    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
     from safetensors.torch import save_file
 
-    from cg4ctr_fast.config import get_preset
-    from cg4ctr_fast.models.diffusion import build_modules
-
     root = tmp_path_factory.mktemp("lora")
-    with torch.random.fork_rng():
-        torch.manual_seed(3)
-        config = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
-                            target_modules=["to_q", "to_k", "to_v", "to_out.0"])
-        peft_unet = get_peft_model(build_modules(get_preset("tiny")).unet, config)
+    peft_unet, state, config = random_unet_lora(3)
     peft_unet.save_pretrained(str(root / "peft"))
-    state = {k.removeprefix("base_model.model."): v for k, v in get_peft_model_state_dict(peft_unet).items()}
     # With its metadata: without it diffusers reloads alpha = r (DESIGN.md §12).
     StableDiffusionInpaintPipeline.save_lora_weights(str(root / "diffusers"), unet_lora_layers=state,
                                                      unet_lora_adapter_metadata=config.to_dict())

@@ -1,16 +1,20 @@
 """`cg4ctr-export`: validated ONNX folders and TensorRT engines from the torch stack.
 
-    cg4ctr-export onnx --preset tiny --out engines/tiny [--lora FILE --lora-scale 0.8] [--saliency u2netp.pth]
+    cg4ctr-export onnx --preset tiny --out engines/tiny [--lora FILE --lora-scale 0.8 ...] [--saliency u2netp.pth]
                        [--reward models/reward] [--dtype fp32|fp16] [--batch 1:1:8] [--height 64:64:128]
                        [--width 64] [--opset 17] [--unet-channels 9] [--overwrite]
     cg4ctr-export engine --engines engines/tiny --out engines/tiny-trt [--refittable] [--timing-cache FILE]
     cg4ctr-export refit --engines engines/tiny-trt --lora FILE [--lora-scale S]
-    cg4ctr-export verify --engines engines/tiny [--model DIR] [--lora FILE] [--saliency FILE] [--reward DIR]
+    cg4ctr-export verify --engines engines/tiny [--model DIR] [--lora FILE ...] [--saliency FILE] [--reward DIR]
     cg4ctr-export env
 
 One name for an engine folder: `--engines DIR` names a folder to read, ONNX (`cg4ctr-export onnx`) or TensorRT
 (`cg4ctr-export engine`), in every command (`cg4ctr generate --engines`, `cg4ctr-bench --engines`); `--out`
 names a folder to write. The older `engine --onnx`, `refit --engine` and `verify FOLDER` still work, hidden.
+
+Several LoRAs: repeat --lora (and --lora-scale, paired by position; none = all 1.0), e.g. an LCM-LoRA with a
+style LoRA: `--lora lcm.safetensors --lora style.safetensors --lora-scale 1.0 --lora-scale 0.8`. They are fused
+together through diffusers' set_adapters + fuse_lora (cg4ctr_fast.export.lora.fuse_loras). `refit` swaps in one.
 
 Exit codes: 0 done; 1 a component out of tolerance, or an internal error (one line naming the file with the
 traceback; --debug prints it); 2 bad input: arguments, a missing/modified/truncated file, a source that is not
@@ -53,8 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
     onnx.add_argument("--saliency", help="U2NetP weights (.pth / .safetensors, or a cg4ctr-train saliency folder): exports the saliency component")
     onnx.add_argument("--reward", metavar="DIR",
                       help="RewardModel folder (RewardModel.save): exports reward_image and reward_head")
-    onnx.add_argument("--lora", help="LoRA to fuse: diffusers .safetensors, kohya .safetensors or a peft folder")
-    onnx.add_argument("--lora-scale", type=float, default=None, help="LoRA scale, with --lora (default: 1.0)")
+    onnx.add_argument("--lora", action="append", default=None,
+                      help="LoRA to fuse: diffusers .safetensors, kohya .safetensors or a peft folder; repeat to "
+                           "fuse several together")
+    onnx.add_argument("--lora-scale", type=float, action="append", default=None,
+                      help="scale of each --lora, paired by position (default: 1.0 for all)")
     onnx.add_argument("--out", required=True, help="output folder, written atomically")
     onnx.add_argument("--overwrite", action="store_true", help="replace a non-empty --out (atomically, at the end)")
     onnx.add_argument("--dtype", default="fp32", choices=("fp32", "fp16"), help="precision of the graphs")
@@ -80,15 +87,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     refit = sub.add_parser("refit", help="swap the LoRA of a refittable engine folder without a rebuild")
     _engines_flag(refit, "TensorRT engine folder built with --refittable (replaced atomically)", "--engine")
-    refit.add_argument("--lora", required=True, help="the new LoRA file or peft folder")
-    refit.add_argument("--lora-scale", type=float, default=None, help="LoRA scale (default: 1.0)")
+    refit.add_argument("--lora", action="append", required=True, help="the new LoRA file or peft folder (one)")
+    refit.add_argument("--lora-scale", type=float, action="append", default=None, help="LoRA scale (default: 1.0)")
 
     verify = sub.add_parser("verify", help="re-check an ONNX folder: every file's sha256, onnx.checker, "
                                            "ONNX Runtime vs torch")
     _engines_flag(verify, "ONNX engine folder to verify")
     verify.add_argument("folder", nargs="?", default=None, help=argparse.SUPPRESS)  # the older positional form
     verify.add_argument("--model", help="the source model folder, when it moved (checked by content hash)")
-    verify.add_argument("--lora", help="the LoRA, when it moved (checked by sha256)")
+    verify.add_argument("--lora", action="append", default=None,
+                        help="a LoRA, when it moved (checked by sha256); repeat for several")
     verify.add_argument("--saliency", help="the saliency weights, when they moved (checked by sha256)")
     verify.add_argument("--reward", metavar="DIR", help="the RewardModel folder, when it moved (checked by sha256)")
 
@@ -106,14 +114,23 @@ def engines_arg(args) -> str:
     return given[0]
 
 
-def _check_lora_scale(args) -> None:
-    """--lora-scale: finite (check_scale), and only with the --lora it scales (alone it would do nothing)."""
+def lora_args(args) -> list[tuple[str, float]]:
+    """The (path, scale) pairs of the repeated --lora / --lora-scale flags, paired by position.
+
+    No --lora-scale means 1.0 for every LoRA; otherwise one finite scale per --lora (check_scale). InputError
+    (one line) for a --lora-scale without a --lora (alone it would do nothing) or counts that differ.
+    """
     from cg4ctr_fast.export.lora import check_scale
 
-    if args.lora_scale is not None:
-        if getattr(args, "lora", None) is None:
-            raise InputError("--lora-scale needs --lora FILE (the LoRA it scales)")
-        check_scale(args.lora_scale)
+    loras, scales = list(getattr(args, "lora", None) or []), list(args.lora_scale or [])
+    if scales and not loras:
+        raise InputError("--lora-scale needs --lora FILE (the LoRA it scales)")
+    for scale in scales:
+        check_scale(scale)
+    if scales and len(scales) != len(loras):
+        raise InputError(f"{len(scales)} --lora-scale for {len(loras)} --lora: give one scale per --lora, in the "
+                         "same order, or none (all 1.0)")
+    return list(zip(loras, scales or [1.0] * len(loras)))
 
 
 def _toy_request(args) -> None:
@@ -139,7 +156,7 @@ def cmd_onnx(args) -> int:
     from cg4ctr_fast.export.contracts import parse_batch, parse_components, parse_side
     from cg4ctr_fast.export.onnx_export import ExportRequest, export_onnx
 
-    _check_lora_scale(args)
+    loras = lora_args(args)
     batch = parse_batch(args.batch)
     if batch[2] > MAX_CREATIVES:
         # One call's creatives share one denoising batch; `cg4ctr generate` makes at most this many per command.
@@ -156,8 +173,10 @@ def cmd_onnx(args) -> int:
         random_weights=args.random_weights,
         seed=args.seed,
         saliency=args.saliency,
-        lora=args.lora,
-        lora_scale=1.0 if args.lora_scale is None else args.lora_scale,
+        # One LoRA as before (lora/lora_scale); several fused together (loras).
+        lora=loras[0][0] if len(loras) == 1 else None,
+        lora_scale=loras[0][1] if len(loras) == 1 else 1.0,
+        loras=tuple(loras) if len(loras) > 1 else (),
         precision=args.dtype,
         batch=batch,
         height=parse_side(args.height, "--height"),
@@ -184,8 +203,11 @@ def cmd_engine(args) -> int:
 def cmd_refit(args) -> int:
     from cg4ctr_fast.export.tensorrt_build import refit_engines
 
-    _check_lora_scale(args)
-    refit_engines(engines_arg(args), args.lora, lora_scale=1.0 if args.lora_scale is None else args.lora_scale)
+    loras = lora_args(args)
+    if len(loras) > 1:
+        raise InputError(f"refit swaps in one LoRA, {len(loras)} given: fuse several at export "
+                         "(cg4ctr-export onnx --lora A --lora B, then cg4ctr-export engine)")
+    refit_engines(engines_arg(args), loras[0][0], lora_scale=loras[0][1])
     return 0
 
 

@@ -76,6 +76,7 @@ class ExportRequest:
     saliency: Optional[str] = None
     lora: Optional[str] = None
     lora_scale: float = 1.0
+    loras: tuple[tuple[str, float], ...] = ()  # several LoRAs fused together (path, scale); or lora/lora_scale
     precision: str = "fp32"
     batch: tuple[int, int, int] = (1, 1, 8)
     height: Optional[tuple[int, int, int] | int] = None  # pixels MIN:OPT:MAX, an int = fixed; None = the model's
@@ -122,11 +123,19 @@ def check_request(req: ExportRequest) -> tuple[Any, ExportSettings, tuple[str, .
             raise InputError(f"component {name!r} needs --reward DIR (a folder written by RewardModel.save)")
     if req.reward:
         check_reward_folder(req.reward)
-    if req.lora is not None:
-        resolve_lora(req.lora)
-        check_scale(req.lora_scale)
+    for path, scale in request_loras(req):
+        resolve_lora(path)
+        check_scale(scale)
     check_out_dir(req.out, overwrite=req.overwrite)  # the one --out rule of every command
     return preset, settings, components
+
+
+def request_loras(req: ExportRequest) -> list[tuple[str, float]]:
+    """The (path, scale) pairs to fuse: `loras`, or the one `lora` at `lora_scale`; InputError if both."""
+    if req.loras and req.lora is not None:
+        raise InputError("give the LoRAs either as lora/lora_scale or as loras, not both")
+    return [(str(p), float(s)) for p, s in req.loras] if req.loras else (
+        [(req.lora, req.lora_scale)] if req.lora is not None else [])
 
 
 def check_reward_folder(path: str) -> None:
@@ -173,7 +182,7 @@ def _load_modules(req: ExportRequest, preset):
 def export_onnx(req: ExportRequest, *, log: Callable[[str], None] = _log) -> dict[str, Any]:
     """Export, validate and write the folder; returns the manifest. InputError / ValidationFailed otherwise."""
     from cg4ctr_fast.export.contracts import image_sides
-    from cg4ctr_fast.export.lora import fuse_lora
+    from cg4ctr_fast.export.lora import describe, fuse_loras, manifest_lora
     from cg4ctr_fast.export.modules import export_module
     from cg4ctr_fast.export.validate import compare, open_session, reference_cases, table
     from cg4ctr_fast.fileio import atomic_dir
@@ -182,10 +191,9 @@ def export_onnx(req: ExportRequest, *, log: Callable[[str], None] = _log) -> dic
     preset, settings, components = check_request(req)
     started = time.perf_counter()
     modules = _load_modules(req, preset)
-    lora = None
-    if req.lora is not None:
-        lora = fuse_lora(modules, req.lora, req.lora_scale)
-        log(f"fused LoRA {req.lora} at scale {req.lora_scale:g} (through {lora['format']})")
+    lora = manifest_lora(fuse_loras(modules, request_loras(req)))  # None, one record, or the combined one
+    if lora is not None:
+        log(f"fused LoRA {describe(lora)}")
     saliency_net = None
     saliency_sha = None
     if "saliency" in components:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 from cg4ctr_fast.errors import InputError
 from cg4ctr_fast.export import manifest as mf
@@ -30,7 +30,7 @@ def verify_folder(
     folder: str | Path,
     *,
     model: Optional[str] = None,
-    lora: Optional[str] = None,
+    lora: Optional[str | Sequence[str]] = None,
     saliency: Optional[str] = None,
     reward: Optional[str] = None,
     log: Callable[[str], None] = _log,
@@ -38,7 +38,7 @@ def verify_folder(
     import onnx
     import torch
 
-    from cg4ctr_fast.export.lora import fuse_lora, lora_record
+    from cg4ctr_fast.export.lora import fuse_loras, lora_record, recorded_loras
     from cg4ctr_fast.export.modules import export_module
     from cg4ctr_fast.export.onnx_export import (
         check_reward_folder,
@@ -64,12 +64,22 @@ def verify_folder(
 
     source = manifest["source"]
     modules = _source_modules(source, model)
-    recorded_lora = manifest.get("lora")
-    if recorded_lora:
-        lora_path = _found(lora, recorded_lora.get("source"), "LoRA", "--lora FILE")
-        if lora_record(lora_path, recorded_lora["scale"])["sha256"] != recorded_lora["sha256"]:
+    records = recorded_loras(manifest.get("lora"))
+    given = [lora] if isinstance(lora, (str, Path)) else list(lora or [])
+    if len(records) == 1 and len(given) > 1:
+        raise InputError(f"this folder was exported with one LoRA, {len(given)} --lora given")
+    pairs = []
+    for recorded in records:
+        if len(records) == 1:
+            candidate = given[0] if given else None
+        else:  # several: each --lora is matched to its record by content
+            candidate = next((g for g in given if Path(g).exists()
+                              and lora_record(g, recorded["scale"])["sha256"] == recorded["sha256"]), None)
+        lora_path = _found(candidate, recorded.get("source"), "LoRA", "--lora FILE")
+        if lora_record(lora_path, recorded["scale"])["sha256"] != recorded["sha256"]:
             raise InputError(f"LoRA {lora_path} is not the one this folder was exported with (its sha256 differs)")
-        fuse_lora(modules, lora_path, recorded_lora["scale"])
+        pairs.append((lora_path, recorded["scale"]))
+    fuse_loras(modules, pairs)
     saliency_net = None
     if "saliency" in manifest["components"]:
         from cg4ctr_fast.models.saliency import load_saliency
