@@ -622,8 +622,9 @@ class FusedStep:
         gamma = float(self.eta)
         i, t_i, timesteps = self._few_step_start(t)
         prev_t = int(timesteps[i + 1]) if i + 1 < len(timesteps) else 0
-        # timestep_s = floor((1 - gamma) * prev_t) in float32 as TCDScheduler.step computes it (a float64
-        # product can land on the other side of an integer: 0.7 * 500 is 350 in fp32, 349.99... in fp64)
+        # timestep_s = floor((1 - gamma) * prev_t) in float32 as TCDScheduler.step computes it: a float64
+        # product can land on the other side of an integer (gamma 0.3: 0.7 * 90 is 63 in fp32, 62.99... in
+        # fp64; 16 of the 1000 timesteps differ so), which would pick another alphas_cumprod entry
         t_s = int(torch.floor((1 - gamma) * torch.tensor(prev_t, dtype=torch.long)).to(torch.long))
         ac = self._alphas_cumprod
         alpha_prod_t = ac[t_i]
