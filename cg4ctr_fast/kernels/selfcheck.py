@@ -1,7 +1,7 @@
 """GPU self-check of the fused step kernels: ``python -m cg4ctr_fast.kernels.selfcheck [--quick]``.
 
 Needs CUDA, triton and diffusers. Prints, then exits non-zero on any failure:
-1. each compiled kernel vs its torch reference on CUDA tensors (fp32/fp16/bf16, CFG, blend),
+1. each compiled kernel vs its torch reference on CUDA tensors (fp32/fp16/bf16, CFG, blend, LCM/TCD step noise),
 2. full denoising loops: FusedStep (backend triton) vs the unfused diffusers sequence, with the fused
    steps after the first run under torch.cuda.set_sync_debug_mode("error") (a step must not wait
    for the GPU; the first may copy the schedule to the host once),
@@ -32,6 +32,8 @@ def check_kernels(dev: str) -> int:
     from .ddim_step import ddim_step, ddim_step_ref
     from .dpm_solver_step import dpm_solver_step, dpm_solver_step_ref
     from .euler_step import euler_step, euler_step_ref
+    from .lcm_step import lcm_step, lcm_step_ref
+    from .tcd_step import tcd_step, tcd_step_ref
 
     fails = 0
     worst: dict = {}
@@ -58,6 +60,14 @@ def check_kernels(dev: str) -> int:
                         ("dpm", dpm_solver_step, dpm_solver_step_ref,
                          dict(x0_sample=1.2, x0_model=-0.5, coef_sample=0.7, coef_x0=0.4, coef_diff=0.3,
                               prev_x0=r(*shape).to(dtype) if blend != "last" else None)),
+                        ("lcm", lcm_step, lcm_step_ref,
+                         dict(x0_sample=1.3, x0_model=-0.7, c_skip=0.15, c_out=0.92, prev_denoised=0.8, prev_noise=0.6,
+                              clip_range=0.9 if cfg else None,
+                              step_noise=r(*shape).to(dtype) if blend != "last" else None)),
+                        ("tcd", tcd_step, tcd_step_ref,
+                         dict(x0_sample=1.3, x0_model=-0.7, eps_sample=0.1, eps_model=0.95, noised_x0=0.85,
+                              noised_eps=0.53, prev_noised=0.9, prev_noise=0.44,
+                              step_noise=r(*shape).to(dtype) if blend != "last" else None)),
                     ]
                     for name, fn, ref, coefs in pairs:
                         got, want = fn(mo, x, **coefs, **kw), ref(mo, x, **coefs, **kw)
@@ -77,8 +87,11 @@ def check_kernels(dev: str) -> int:
 
 
 def _loop(cls, kw, steps, strength, dtype, dev, mode, shape=(1, 4, 64, 64), cfg=True, seed=0, blend=True,
-          sync_check=False):
-    """One inpainting-style loop; mode: 'unfused' | 'torch' | 'triton'. Returns final latents."""
+          sync_check=False, eta=0.0):
+    """One inpainting-style loop; mode: 'unfused' | 'torch' | 'triton'. Returns final latents.
+
+    ``eta``: TCD's gamma (0 for the others). LCM/TCD draw their injected noise from a step generator seeded
+    the same way in every mode, so the modes see the same noise."""
     from .step import Blend, FusedStep, unfused_step
 
     s = cls(**kw)
@@ -98,13 +111,14 @@ def _loop(cls, kw, steps, strength, dtype, dev, mode, shape=(1, 4, 64, 64), cfg=
     else:
         latents = s.add_noise(image_latents, noise, timesteps[:1].repeat(b))
     latents = latents.to(dtype)
-    step = None if mode == "unfused" else FusedStep(s, 7.5, cfg, mode)
+    step_gen = torch.Generator(device=dev).manual_seed(seed + 1)
+    step = None if mode == "unfused" else FusedStep(s, 7.5, cfg, mode, eta=eta, generator=step_gen)
     for i, t in enumerate(timesteps):
         s.scale_model_input(latents, t)
         nt = timesteps[i + 1] if i < len(timesteps) - 1 else None
         bl = Blend(mask, image_latents, noise, nt) if blend else None
         if step is None:
-            latents = unfused_step(s, preds[i], t, latents, 7.5, cfg, bl)
+            latents = unfused_step(s, preds[i], t, latents, 7.5, cfg, bl, step_gen, eta=eta)
         elif sync_check and i > 0:
             # after the first step (which may read the schedule once into a host copy), any
             # GPU->host sync inside the fused step raises
@@ -119,23 +133,27 @@ def _loop(cls, kw, steps, strength, dtype, dev, mode, shape=(1, 4, 64, 64), cfg=
 
 
 def _cases():
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+    """name -> (scheduler class, config, eta: TCD's gamma, 0 otherwise)."""
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, LCMScheduler, TCDScheduler
 
     return {
-        "ddim": (DDIMScheduler, dict(SD, clip_sample=False, set_alpha_to_one=False, steps_offset=1)),
-        "euler": (EulerDiscreteScheduler, dict(SD, steps_offset=1, timestep_spacing="leading")),
-        "dpm++2m": (DPMSolverMultistepScheduler, dict(SD)),
-        "dpm++2m-v-karras": (DPMSolverMultistepScheduler, dict(SD, prediction_type="v_prediction", use_karras_sigmas=True)),
+        "ddim": (DDIMScheduler, dict(SD, clip_sample=False, set_alpha_to_one=False, steps_offset=1), 0.0),
+        "euler": (EulerDiscreteScheduler, dict(SD, steps_offset=1, timestep_spacing="leading"), 0.0),
+        "dpm++2m": (DPMSolverMultistepScheduler, dict(SD), 0.0),
+        "dpm++2m-v-karras": (DPMSolverMultistepScheduler, dict(SD, prediction_type="v_prediction", use_karras_sigmas=True),
+                             0.0),
+        "lcm": (LCMScheduler, dict(SD), 0.0),
+        "tcd": (TCDScheduler, dict(SD), 0.3),
     }
 
 
 def check_loops(dev: str) -> int:
     fails = 0
-    for name, (cls, kw) in _cases().items():
+    for name, (cls, kw, eta) in _cases().items():
         for dtype in (torch.float32, torch.float16, torch.bfloat16):
             for strength in (1.0, 0.6):
-                ref, _ = _loop(cls, kw, 20, strength, dtype, dev, "unfused")
-                got, n = _loop(cls, kw, 20, strength, dtype, dev, "triton", sync_check=dev == "cuda")
+                ref, _ = _loop(cls, kw, 20, strength, dtype, dev, "unfused", eta=eta)
+                got, n = _loop(cls, kw, 20, strength, dtype, dev, "triton", sync_check=dev == "cuda", eta=eta)
                 err = _rel(got, ref)
                 ok = err <= LOOP_TOL[dtype]
                 fails += not ok
@@ -147,15 +165,15 @@ def check_loops(dev: str) -> int:
 def bench(dev: str, repeats: int) -> None:
     cases = _cases()
     for shape, label in [((1, 4, 64, 64), "512px B1"), ((4, 4, 96, 96), "768px B4"), ((1, 4, 128, 128), "1024px B1")]:
-        for name in ("ddim", "euler", "dpm++2m"):
-            cls, kw = cases[name]
+        for name in ("ddim", "euler", "dpm++2m", "lcm", "tcd"):
+            cls, kw, eta = cases[name]
             row = []
             for mode in ("unfused", "torch", "triton"):
                 times = []
                 for rep in range(repeats + 2):
                     torch.cuda.synchronize()
                     t0 = time.perf_counter()
-                    _, n = _loop(cls, kw, 20, 1.0, torch.float16, dev, mode, shape=shape)
+                    _, n = _loop(cls, kw, 20, 1.0, torch.float16, dev, mode, shape=shape, eta=eta)
                     torch.cuda.synchronize()
                     if rep >= 2:
                         times.append((time.perf_counter() - t0) / n)
