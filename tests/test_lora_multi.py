@@ -179,7 +179,7 @@ def test_export_cli_with_two_loras_records_both_and_verifies(pair, tmp_path, cap
     from cg4ctr_fast.export.lora import fuse_loras, lora_record
 
     out = tmp_path / "two"
-    assert export_cli("onnx", "--preset", "tiny", "--components", "unet,text_encoder", "--lora", str(pair["a"]),
+    assert export_cli("onnx", "--preset", "tiny", "--components", "unet", "--lora", str(pair["a"]),
                       "--lora", str(pair["b"]), "--lora-scale", "1.0", "--lora-scale", "0.7", "--out", str(out)) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     section = manifest["lora"]
@@ -214,3 +214,17 @@ def test_scale_count_must_match_lora_count(pair, tmp_path, capsys, scales):
 def test_refit_with_two_loras_is_one_line(pair, tmp_path, capsys):
     code = export_cli("refit", "--engines", str(tmp_path), "--lora", str(pair["a"]), "--lora", str(pair["b"]))
     assert "refit swaps in one LoRA, 2 given" in one_line_error(capsys, code)
+
+
+def test_lora_pairs_reads_every_caller_shape():
+    from cg4ctr_fast.errors import InputError
+    from cg4ctr_fast.export.lora import lora_pairs
+
+    assert lora_pairs(None) == [] and lora_pairs("a.safetensors", 0.5) == [("a.safetensors", 0.5)]
+    assert lora_pairs(["a", "b"], [1, 0.25]) == [("a", 1.0), ("b", 0.25)]
+    assert lora_pairs(["a", "b"], 0.5) == [("a", 0.5), ("b", 0.5)]
+    assert lora_pairs([("a", 2), ("b", -1)]) == [("a", 2.0), ("b", -1.0)]
+    with pytest.raises(InputError, match="1 LoRA scales for 2 LoRAs"):
+        lora_pairs(["a", "b"], [1.0])
+    with pytest.raises(InputError, match="finite"):
+        lora_pairs([("a", float("inf"))])

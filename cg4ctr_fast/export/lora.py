@@ -218,9 +218,9 @@ def fuse_loras(modules, loras: Sequence[tuple[str | Path, float]]) -> list[dict[
     independent too (so `manifest_lora`'s order-free combined id names one set of weights), the adapters are
     loaded and fused sorted by record id, whatever order the caller gives.
 
-    Raises InputError (one line, modules left without any adapter) for a missing or unreadable file, a
-    non-finite scale, or a LoRA that does not fit (other shapes, keys that match no layer, conv_in for other
-    in-channels).
+    Raises InputError (one line) for a missing or unreadable file, a non-finite scale, or a LoRA that does not
+    fit (other shapes, keys that match no layer, conv_in for other in-channels); with several LoRAs the
+    modules are then left without any adapter and unchanged (every file is resolved before any loads).
     """
     pairs = [(path, check_scale(float(scale))) for path, scale in loras]
     if len(pairs) <= 1:
@@ -234,7 +234,7 @@ def fuse_loras(modules, loras: Sequence[tuple[str | Path, float]]) -> list[dict[
     try:
         for name, i in zip(names, order):
             path = Path(pairs[i][0])
-            kind, files = resolve_lora(path)
+            _kind, files = resolve_lora(path)
             if records[i]["format"] == "peft":
                 _load_peft_adapter(modules, path, files[0], name)
             else:
