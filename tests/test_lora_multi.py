@@ -173,6 +173,24 @@ def test_conv_in_lora_for_other_channels_is_refused_and_nothing_stays(pair):
     assert "\n" not in message and "adapts conv_in for 4 input channels" in message and "takes 9" in message
     assert not any(".lora_" in n for n, _ in modules.unet.named_parameters())  # a's adapter was unloaded
     assert _max_weight_diff(modules.unet, base.unet) == 0.0
+    with pytest.raises(InputError, match="adapts conv_in for 4 input channels"):
+        fuse_loras(modules, [(pair["c"], 1.0)])  # the one-LoRA path says the same
+
+
+def test_conv_in_lora_made_for_this_unet_is_fused(pair, tmp_path):
+    from diffusers import StableDiffusionInpaintPipeline
+
+    from cg4ctr_fast.export.lora import fuse_loras
+
+    _, state, config = random_unet_lora(9, rank=2, targets=("conv_in",))  # on the 9-channel UNet itself
+    StableDiffusionInpaintPipeline.save_lora_weights(str(tmp_path), unet_lora_layers=state,
+                                                     unet_lora_adapter_metadata=config.to_dict())
+    conv_in = tmp_path / "pytorch_lora_weights.safetensors"
+    modules = _tiny()
+    fuse_loras(modules, [(conv_in, 0.5), (pair["a"], 1.0)])
+    reference = _diffusers_fused([conv_in, pair["a"]], (0.5, 1.0))
+    assert _max_weight_diff(modules.unet, reference.unet) <= WEIGHT_TOL
+    assert float((modules.unet.conv_in.weight - _tiny().unet.conv_in.weight).abs().max()) > 1e-3
 
 
 def test_export_cli_with_two_loras_records_both_and_verifies(pair, tmp_path, capsys):

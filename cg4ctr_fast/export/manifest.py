@@ -16,7 +16,8 @@ LOAD_HASH_BYTES (all tokenizer, scheduler, config and reward files; every graph 
 larger ones by size; `cg4ctr-export verify` hashes every file.
 
 Provenance is content, not paths: the source model folder's content hash (`folder_sha256`), the LoRA's file
-hash and scale, the saliency and reward weights' sha256. Paths are kept as hints only (made absolute), so a
+hash and scale (`lora`: one record, or for several LoRAs fused together a combined record whose `loras` lists
+each; see export.lora.manifest_lora), the saliency and reward weights' sha256. Paths are kept as hints only (made absolute), so a
 folder verifies from any directory, and a moved source is named with --model / --lora / --saliency / --reward.
 """
 from __future__ import annotations
