@@ -73,9 +73,34 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--unet-channels", type=int, choices=(4, 9), default=None, help="UNet input channels, built-in presets only (default: the preset's, 9 = inpainting)")
     gen.add_argument("--seed", type=int, default=0, help="mixed into every creative's hashlib-derived seed")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
-    gen.add_argument("--lora", help="LoRA to fuse first: diffusers/kohya .safetensors, a peft folder, or a "
-                     "`cg4ctr-train cycle` checkpoint's lora/ folder")
-    gen.add_argument("--lora-scale", type=float, default=None, help="weight of the fused LoRA, finite (default: 1.0)")
+    gen.add_argument("--lora", action="append", default=None,
+                     help="LoRA to fuse first: diffusers/kohya .safetensors, a peft folder, or a `cg4ctr-train "
+                          "cycle` checkpoint's lora/ folder; repeat the flag to fuse several (diffusers' set_adapters "
+                          "+ fuse_lora)")
+    gen.add_argument("--lora-scale", type=float, action="append", default=None,
+                     help="weight of each fused LoRA, finite, paired with --lora by position; one --lora-scale "
+                          "with several --lora applies to all (default: 1.0)")
+    gen.add_argument("--guidance-cutoff", type=float, default=None,
+                     help="in (0, 1]: classifier-free guidance runs for the first ceil(cutoff x steps) steps, then "
+                          "the UNet batch halves (default: 1.0, guidance on every step)")
+    gen.add_argument("--cache-interval", type=int, default=None,
+                     help="DeepCache-style feature reuse: the full UNet runs every N-th step, the other steps only "
+                          "its shallow blocks (torch backend only; default: 1, every step full)")
+    gen.add_argument("--preview-top-k", type=int, default=None,
+                     help="rank every candidate by the reward model on a tiny decoder's preview and fully decode "
+                          "only the best K per group (needs a preview decoder and --reward; default: off)")
+    gen.add_argument("--deadline-ms", type=float, default=None,
+                     help="latency budget of the generation in ms: the planner picks the plan (scheduler, steps, "
+                          "guidance cut-off, cache interval, candidates, preview ranking) with the best measured "
+                          "quality whose predicted p99 meets it, prints it and why, runs it and reports the "
+                          "measured time. A deadline no plan meets exits 2 naming the fastest feasible time, "
+                          "with nothing run. Model loading is not counted")
+    gen.add_argument("--cost-table", metavar="FILE",
+                     help="cost table for --deadline-ms (written by `cg4ctr-bench --calibrate`; default: the one "
+                          "cached for this model, device, backend and thread count, calibrated now when none is)")
+    gen.add_argument("--quality-table", metavar="FILE",
+                     help="quality table for --deadline-ms (default: the shipped toy set's, for --preset toy, once "
+                          "measured; without one the planner ranks plans by UNet work and says so)")
     gen.add_argument("--engines", help="run a cg4ctr-export folder (ONNX or TensorRT engines) instead of torch")
     gen.add_argument("--backend", choices=("onnxruntime", "tensorrt"), default=None,
                      help="backend for --engines (default: onnxruntime)")
@@ -163,6 +188,7 @@ def _check_inputs(args) -> None:
         check_utf8(args.negative_prompt, "--negative-prompt")
     if args.backend is not None and not args.engines:
         raise InputError("--backend needs --engines DIR (a folder written by cg4ctr-export)")
+    _check_plan_flags(args)
     for flag, side in (("--height", args.height), ("--width", args.width)):
         # 8: the SD VAE downsamples by 8; MAX_SIDE (4096): the largest input side accepted, and a working size
         # past it would only upsample what no input can hold.
@@ -182,10 +208,59 @@ def _check_inputs(args) -> None:
         # Replacing --out deletes it: an input inside it would be deleted with it.
         out = Path(args.out).resolve()
         for flag in ("image", "mask", "model", "saliency", "lora", "engines", "reward", "groups"):
-            value = getattr(args, flag, None)
-            if isinstance(value, str) and (out == Path(value).resolve() or out in Path(value).resolve().parents):
-                raise InputError(f"--{flag} {value} lies inside --out {args.out}, which --overwrite replaces; "
-                                 "choose another --out")
+            values = getattr(args, flag, None)
+            for value in values if isinstance(values, list) else [values]:
+                if isinstance(value, str) and (out == Path(value).resolve() or out in Path(value).resolve().parents):
+                    raise InputError(f"--{flag} {value} lies inside --out {args.out}, which --overwrite replaces; "
+                                     "choose another --out")
+
+
+def _check_plan_flags(args) -> None:
+    """The lever flags and --deadline-ms: ranges, and no flag the planner would override."""
+    import math
+
+    if args.guidance_cutoff is not None and not (0.0 < args.guidance_cutoff <= 1.0):
+        raise InputError(f"--guidance-cutoff must be in (0, 1], got {args.guidance_cutoff}")
+    if args.cache_interval is not None and args.cache_interval < 1:
+        raise InputError(f"--cache-interval must be a positive integer, got {args.cache_interval}")
+    if args.preview_top_k is not None and not 1 <= args.preview_top_k <= args.images_per_prompt:
+        raise InputError(f"--preview-top-k must be from 1 to --images-per-prompt ({args.images_per_prompt}), got "
+                         f"{args.preview_top_k}")
+    if args.deadline_ms is None:
+        for flag, value in (("--cost-table", args.cost_table), ("--quality-table", args.quality_table)):
+            if value is not None:
+                raise InputError(f"{flag} is read by the planner: pass --deadline-ms MS too")
+        return
+    if not (math.isfinite(args.deadline_ms) and args.deadline_ms > 0):
+        raise InputError(f"--deadline-ms must be a finite number of ms > 0, got {args.deadline_ms}")
+    chosen = [flag for flag, value in (("--steps", args.steps), ("--guidance", args.guidance),
+                                       ("--scheduler", args.scheduler), ("--guidance-cutoff", args.guidance_cutoff),
+                                       ("--cache-interval", args.cache_interval),
+                                       ("--preview-top-k", args.preview_top_k)) if value is not None]
+    if chosen:
+        raise InputError(f"--deadline-ms lets the planner choose {', '.join(chosen)}; drop them, or drop "
+                         "--deadline-ms to set them yourself")
+    if args.strength != 1.0:
+        raise InputError("--deadline-ms plans full-strength generations; drop --strength")
+    for flag, path in (("--cost-table", args.cost_table), ("--quality-table", args.quality_table)):
+        if path is not None and not Path(path).is_file():
+            raise InputError(f"{flag} {path}: no such file")
+
+
+def _lora_pairs(args) -> list[tuple[str, float]]:
+    """(path, scale) per --lora, scales paired by position (one scale for all, or none: 1.0)."""
+    from cg4ctr_fast.export.lora import check_scale
+
+    paths = list(args.lora or [])
+    scales = list(args.lora_scale or [])
+    if scales and not paths:
+        raise InputError("--lora-scale applies to a LoRA: pass --lora FILE too")
+    if len(scales) > 1 and len(scales) != len(paths):
+        raise InputError(f"{len(scales)} --lora-scale for {len(paths)} --lora: give one scale per LoRA, in the same "
+                         "order, or one for all")
+    if len(scales) <= 1:
+        scales = (scales or [1.0]) * len(paths)
+    return [(path, check_scale(scale)) for path, scale in zip(paths, scales)]
 
 
 def _toy_folders() -> tuple[Path, Path]:
@@ -307,6 +382,176 @@ def _read_groups(args) -> Optional[tuple[list, "np.ndarray"]]:
     return [ids[i] for i in chosen], np.asarray(features[chosen], dtype=np.float32)
 
 
+def _load_pipeline(args, preset, saliency, loras, reward_model, planning):
+    """The pipeline `generate` runs: an engine folder's, or torch modules with the LoRAs fused (the plan's
+    LCM-LoRA first when it chose the LCM UNet). Several LoRAs fuse together through `export.lora.fuse_loras`
+    (diffusers' set_adapters + fuse_lora) before the slots are built."""
+    from cg4ctr_fast.pipeline import CreativePipeline
+
+    if args.engines:
+        return CreativePipeline.from_engines(
+            args.engines, backend=args.backend or "onnxruntime", saliency=saliency, scheduler=args.scheduler,
+            reward=False if reward_model is not None else None,  # an explicit --reward replaces the folder's
+        )
+    wanted = list(loras)
+    if planning is not None and planning.plan is not None and planning.plan.unet == "lcm":
+        wanted.insert(0, (planning.lcm_lora, 1.0))
+    if len(wanted) <= 1:
+        return CreativePipeline.from_preset(
+            preset.name,
+            model=args.model,
+            random_weights=args.random_weights,
+            unet_in_channels=args.unet_channels,
+            scheduler=args.scheduler,
+            saliency=saliency,
+            lora=wanted[0][0] if wanted else None,
+            lora_scale=wanted[0][1] if wanted else 1.0,
+        )
+    from cg4ctr_fast.config import with_unet_channels
+    from cg4ctr_fast.export.lora import fuse_loras
+    from cg4ctr_fast.models.diffusion import build_modules, load_modules
+
+    if args.model:
+        modules = load_modules(args.model)
+    else:
+        modules = build_modules(with_unet_channels(preset, args.unet_channels) if args.unet_channels else preset,
+                                seed=0)
+    fuse_loras(modules, wanted)
+    return CreativePipeline.from_modules(modules, scheduler=args.scheduler, saliency=saliency)
+
+
+def _preview_weights() -> Optional[str]:
+    """The shipped tiny preview decoder, when both it and the code that attaches it are present."""
+    import importlib.util
+
+    from cg4ctr_fast.planner import toy_preview_decoder
+
+    path = toy_preview_decoder()
+    return path if path and importlib.util.find_spec("cg4ctr_fast.runtime.preview") else None
+
+
+def _attach_preview(pipe) -> None:
+    """Attach the shipped tiny preview decoder (runtime/preview.py) unless one is attached already."""
+    if getattr(pipe.components, "preview_decoder", None) is not None:
+        return
+    path = _preview_weights()
+    if path is None:
+        raise InputError("--preview-top-k needs a preview decoder: none is shipped with this version yet")
+    from cg4ctr_fast.runtime.preview import attach_preview_decoder
+
+    attach_preview_decoder(pipe, path)
+
+
+class _Planning:
+    """`generate --deadline-ms`: the cost and quality tables, the chosen plan, and the report against it."""
+
+    def __init__(self, args, *, toy: bool, preset, provenance: dict, requested, rgb, reward: bool):
+        import torch
+
+        from cg4ctr_fast import planner
+        from cg4ctr_fast.imaging import working_size
+
+        self.args, self.reward = args, reward
+        self.groups, self.served = len(args.prompt), args.images_per_prompt
+        self.lcm_lora = planner.toy_lcm_lora() if toy else None
+        self.backend = (args.backend or "onnxruntime") if args.engines else "torch"
+        self.levers = planner.detect_levers(backend=self.backend, lcm_lora=self.lcm_lora,
+                                            preview_decoder=toy and _preview_weights() is not None, reward=reward,
+                                            unet="base" if args.engines else None)
+        resolution = preset.resolution
+        if args.model and not args.engines:
+            from cg4ctr_fast.models.diffusion import inspect_model_folder
+
+            configs = inspect_model_folder(args.model).configs
+            scale = 2 ** (len(configs["vae"].get("block_out_channels", (128, 256, 512, 512))) - 1)
+            resolution = int(configs["unet"].get("sample_size", resolution // scale)) * scale
+        # The table is keyed by the longer working side: a smaller or non-square input runs no slower.
+        self.side = max(requested) if requested else max(working_size(rgb.width, rgb.height, resolution))
+        if args.engines:
+            model = f"engines-{(provenance.get('engines_manifest_sha256') or 'unknown')[:12]}"
+        elif args.model:
+            model = f"{'toy' if toy else 'model'}-{provenance['model_sha256'][:12]}"
+        else:
+            model = f"{preset.name}-random-seed0-c{args.unet_channels or preset.unet.in_channels}"
+        self.key = planner.cost_table_key(model, "float32", self.side, torch.get_num_threads())
+        if args.cost_table:
+            self.cost_path = Path(args.cost_table)
+        elif args.engines and (Path(args.engines) / planner.ENGINE_COST_FILE).is_file():
+            self.cost_path = Path(args.engines) / planner.ENGINE_COST_FILE
+        else:
+            self.cost_path = planner.default_cost_path("cpu", self.backend, self.key)
+        self.cost = planner.CostTable.load(self.cost_path) if self.cost_path.is_file() else None
+        quality_path = args.quality_table or (planner.shipped_quality_path() if toy else None)
+        self.quality = (planner.QualityTable.load(quality_path)
+                        if quality_path is not None and Path(quality_path).is_file() else None)
+        self.quality_path = quality_path if self.quality is not None else None
+        self.plan = self.why = None
+        self.calibrated = None
+
+    def say(self, text: str) -> None:
+        if not self.args.quiet:
+            print(text, file=sys.stderr, flush=True)
+
+    def choose(self) -> None:
+        """Plan from the cost table (DeadlineInfeasible when none fits); nothing when no table exists yet."""
+        from cg4ctr_fast.planner import plan_for
+
+        if self.cost is None:
+            return
+        self.plan, self.why = plan_for(self.args.deadline_ms, self.groups, self.cost, self.quality,
+                                       served_per_group=self.served, reward=self.reward, levers=self.levers)
+        self.p99 = self.cost.predict(self.plan, self.groups, reward=self.reward, stat="p99")
+        self.p50 = self.cost.predict(self.plan, self.groups, reward=self.reward, stat="p50")
+        p = self.plan
+        self.say(f"plan: {p.name} (scheduler {p.scheduler}, {p.steps} steps, guidance {p.guidance_scale:g}, "
+                 f"cut-off {p.guidance_cutoff:g}, cache interval {p.cache_interval}, {p.images_per_prompt} "
+                 f"candidate(s) per group, preview ranking {'top ' + str(p.preview_top_k) if p.preview_top_k else 'off'}"
+                 f", {p.unet} UNet); cost table {self.cost_path}"
+                 + (f", quality table {self.quality_path}" if self.quality_path else ", no quality table"))
+        self.say(f"why: {self.why}")
+
+    def finish(self, pipe, reload):
+        """Calibrate now when no table was cached, plan, and set the pipeline up for the plan."""
+        from cg4ctr_fast.models.diffusion import swap_scheduler
+        from cg4ctr_fast.planner import calibration_batches, measure_cost_table
+
+        if self.cost is None:
+            started = time.perf_counter()
+            runs = 20
+            self.say(f"no cost table for {self.key} at {self.cost_path}: calibrating a small one now ({runs} runs "
+                     "per stage, p99 = their maximum; `cg4ctr-bench --calibrate` measures a full one)")
+            self.cost = measure_cost_table(pipe, batches=calibration_batches(self.groups * self.served,
+                                                                             preview=self.levers.preview),
+                                           runs=runs, warmup=2, reward=pipe.reward, height=self.side, width=self.side)
+            self.cost.meta["calibrated_by"] = "cg4ctr generate --deadline-ms (on the fly)"
+            self.cost.save(self.cost_path)
+            self.calibrated = time.perf_counter() - started
+            self.say(f"calibrated in {self.calibrated:.1f} s; saved to {self.cost_path}")
+            self.choose()
+            if self.plan.unet == "lcm":
+                pipe = reload()
+        pipe.scheduler = swap_scheduler(pipe.scheduler, self.plan.scheduler)
+        if self.plan.preview_top_k is not None:
+            _attach_preview(pipe)
+        return pipe
+
+    def report(self, measured_ms: float, timer) -> dict:
+        """Print and return the measured latency against the deadline and the prediction, with the stages."""
+        deadline = self.args.deadline_ms
+        met = measured_ms <= deadline
+        stages = {k: 1000 * v for k, v in (timer.snapshot() if timer is not None else {}).items()}
+        timing = ", ".join(f"{k};dur={v:.1f}" for k, v in stages.items())
+        self.say(f"latency: {measured_ms:.0f} ms measured against the {deadline:g} ms deadline "
+                 f"({'met' if met else 'MISSED'}; predicted p50 {self.p50.total_ms:.0f} ms, p99 "
+                 f"{self.p99.total_ms:.0f} ms; model loading not counted); Server-Timing: {timing}")
+        return {"plan": self.plan.to_dict(), "name": self.plan.name, "why": self.why, "deadline_ms": deadline,
+                "measured_ms": measured_ms, "met": met, "predicted_p99_ms": self.p99.total_ms,
+                "predicted_p50_ms": self.p50.total_ms, "predicted_stages_p99_ms": self.p99.stages,
+                "measured_stages_ms": stages, "cost_table": str(self.cost_path),
+                "calibrated_now_s": self.calibrated, "quality_table": str(self.quality_path) if self.quality_path
+                else None}
+
+
 def cmd_generate(args) -> int:
     import numpy as np
 
@@ -365,14 +610,14 @@ def cmd_generate(args) -> int:
         scheduler, scale = _model_facts(args, preset)
         check_steps(scheduler, steps, args.strength, flag="--steps")
         ranges = None
+    loras = _lora_pairs(args)
     lora = None
-    if args.lora_scale is not None and not args.lora:
-        raise InputError("--lora-scale applies to a LoRA: pass --lora FILE too")
-    if args.lora:
-        from cg4ctr_fast.export.lora import check_scale, lora_record
+    if loras:
+        from cg4ctr_fast.export import lora as lora_mod
 
-        scale = 1.0 if args.lora_scale is None else args.lora_scale
-        lora = lora_record(args.lora, check_scale(scale))  # resolves the files: InputError if unusable
+        records = [lora_mod.lora_record(path, scale) for path, scale in loras]  # InputError if unusable
+        lora = (lora_mod.manifest_lora(records) if hasattr(lora_mod, "manifest_lora")
+                else records[0] if len(records) == 1 else {"format": "fused", "loras": records})
     source = load_image(args.image, what="image")
     rgb, alpha_mask = to_rgb_and_alpha_mask(source)
     mask = load_mask(args.mask, rgb.size) if args.mask else None
@@ -408,26 +653,17 @@ def cmd_generate(args) -> int:
         "groups_sha256": sha256_file(args.groups) if args.groups else None,
     }
 
-    # 3. Load and run.
-    from cg4ctr_fast.pipeline import CreativePipeline
+    # 2b. With --deadline-ms: the plan, from a cost table, before any model loads (an impossible deadline exits
+    # here, nothing run). Without a cached table one is calibrated once the pipeline is loaded.
+    planning = None
+    if args.deadline_ms is not None:
+        planning = _Planning(args, toy=toy, preset=preset, provenance=provenance, requested=requested, rgb=rgb,
+                             reward=reward_model is not None or engine_reward)
+        planning.choose()
 
+    # 3. Load and run.
     started = time.perf_counter()
-    if args.engines:
-        pipe = CreativePipeline.from_engines(
-            args.engines, backend=args.backend or "onnxruntime", saliency=saliency, scheduler=args.scheduler,
-            reward=False if reward_model is not None else None,  # an explicit --reward replaces the folder's
-        )
-    else:
-        pipe = CreativePipeline.from_preset(
-            preset.name,
-            model=args.model,
-            random_weights=args.random_weights,
-            unet_in_channels=args.unet_channels,
-            scheduler=args.scheduler,
-            saliency=saliency,
-            lora=args.lora,
-            lora_scale=1.0 if args.lora_scale is None else args.lora_scale,
-        )
+    pipe = _load_pipeline(args, preset, saliency, loras, reward_model, planning)
     width, height = requested or working_size(rgb.width, rgb.height, pipe.max_side)
     # The reward model scores (image, title, caption, user group); the pipeline passes images and group indices.
     scorer = reward_model if reward_model is not None else getattr(pipe.reward, "engine", None)
@@ -444,6 +680,20 @@ def cmd_generate(args) -> int:
             table = np.tile(default_group_features(dim), (len(args.prompt), 1))
         captions = list(args.prompt) if args.captions == "prompts" else None
         pipe.reward = scorer.pipeline_scorer(table, title=args.title, captions=captions)
+    levers: dict = {name: value for name, value in (("guidance_cutoff", args.guidance_cutoff),
+                                                    ("cache_interval", args.cache_interval),
+                                                    ("preview_top_k", args.preview_top_k)) if value is not None}
+    per_prompt = args.images_per_prompt
+    if planning is not None:
+        pipe = planning.finish(pipe, lambda: _load_pipeline(args, preset, saliency, loras, reward_model, planning))
+        steps, guidance, per_prompt, levers = (planning.plan.steps, planning.plan.guidance_scale,
+                                               planning.plan.images_per_prompt, planning.plan.pipeline_kwargs())
+        from cg4ctr_fast.runtime.timing import StageTimer
+
+        pipe.timer = StageTimer(pipe.components.device)
+    elif args.preview_top_k is not None:
+        _attach_preview(pipe)
+    run_started = time.perf_counter()
     creatives = pipe(
         args.prompt,
         source,
@@ -452,11 +702,12 @@ def cmd_generate(args) -> int:
         num_inference_steps=steps,
         guidance_scale=guidance,
         strength=args.strength,
-        num_images_per_prompt=args.images_per_prompt,
+        num_images_per_prompt=per_prompt,
         height=height,
         width=width,
         seed=args.seed,
-        show_progress=not args.quiet,
+        show_progress=not args.quiet and planning is None,  # a bar would be in the measured time
+        **levers,
     )
     original_rewards = None
     if scorer is not None:
@@ -464,7 +715,14 @@ def cmd_generate(args) -> int:
         # white where transparent), with the title and no caption (no prompt made it), as the demo scores it.
         n = len(args.prompt)
         original = load_product(source).model_rgb
+        scored = time.perf_counter()
         original_rewards = [float(s) for s in scorer.score_images([original] * n, [args.title] * n, [""] * n, table)]
+        if pipe.timer is not None:
+            pipe.timer.seconds["reward"] += time.perf_counter() - scored
+    plan_record = None
+    if planning is not None:
+        plan_record = planning.report(1000 * (time.perf_counter() - run_started), pipe.timer)
+        pipe.timer = None
 
     # 4. Write the folder atomically.
     out = Path(args.out)
@@ -484,6 +742,7 @@ def cmd_generate(args) -> int:
                     "index": creative.index,
                     "seed": creative.seed,
                     "reward": creative.reward,
+                    "preview_reward": getattr(creative, "preview_reward", None),
                     "original_reward": original_rewards[creative.group] if original_rewards else None,
                     "model_id": pipe.components.info.model_id,
                     "mask_file": "mask.png",
@@ -509,6 +768,8 @@ def cmd_generate(args) -> int:
             "steps": steps,
             "guidance": guidance,
             "strength": args.strength,
+            "levers": levers,
+            "plan": plan_record,
             "scheduler": type(pipe.scheduler).__name__,
             "seed": args.seed,
             "negative_prompt": args.negative_prompt,
@@ -625,7 +886,11 @@ COMMANDS = {"generate": cmd_generate, "demo": _demo, "store": _store, "serve": _
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    return run_cli(PROG, build_parser(), lambda args: COMMANDS[args.command](args), argv)
+    from cg4ctr_fast.planner import DeadlineInfeasible
+
+    # A deadline no plan meets is the caller's to change: one line and exit 2, as for any bad input.
+    return run_cli(PROG, build_parser(), lambda args: COMMANDS[args.command](args), argv,
+                   extra_errors=((DeadlineInfeasible, EXIT_BAD_INPUT, "error"),))
 
 
 if __name__ == "__main__":
