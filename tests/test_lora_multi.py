@@ -194,11 +194,16 @@ def test_conv_in_lora_made_for_this_unet_is_fused(pair, tmp_path):
 
 
 def test_export_cli_with_two_loras_records_both_and_verifies(pair, tmp_path, capsys):
+    import shutil
+
     from cg4ctr_fast.export.lora import fuse_loras, lora_record
 
+    copies = {k: tmp_path / f"{k}.safetensors" for k in ("a", "b")}
+    for key, copy in copies.items():
+        shutil.copy2(pair[key], copy)
     out = tmp_path / "two"
-    assert export_cli("onnx", "--preset", "tiny", "--components", "unet", "--lora", str(pair["a"]),
-                      "--lora", str(pair["b"]), "--lora-scale", "1.0", "--lora-scale", "0.7", "--out", str(out)) == 0
+    assert export_cli("onnx", "--preset", "tiny", "--components", "unet", "--lora", str(copies["a"]),
+                      "--lora", str(copies["b"]), "--lora-scale", "1.0", "--lora-scale", "0.7", "--out", str(out)) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     section = manifest["lora"]
     assert section["format"] == "fused" and [r["id"] for r in section["loras"]] == [
@@ -216,7 +221,10 @@ def test_export_cli_with_two_loras_records_both_and_verifies(pair, tmp_path, cap
     want = _unet_out(torch_modules.unet, tuple(inputs.values()))
     assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()  # the export's own ONNX-vs-torch bound
     capsys.readouterr()
-    assert export_cli("verify", "--engines", str(out)) == 0  # rebuilt from both recorded LoRAs
+    for copy in copies.values():
+        copy.unlink()  # moved away: verify finds each LoRA by content among the --lora given, in any order
+    assert "LoRA not found at" in one_line_error(capsys, export_cli("verify", "--engines", str(out)))
+    assert export_cli("verify", "--engines", str(out), "--lora", str(pair["b"]), "--lora", str(pair["a"])) == 0
 
 
 @pytest.mark.parametrize("scales", [["0.5"], ["1", "0.5", "0.2"]])
