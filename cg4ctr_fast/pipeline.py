@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
+import numbers
 import os
 import threading
 from collections import OrderedDict
@@ -889,12 +890,12 @@ class CreativePipeline:
     def _check_levers(self, jobs, guidance_cutoff, cache_interval, cache_branch, preview_top_k, output_type) -> None:
         """InputError (one line) for a bad guidance_cutoff / cache_interval / cache_branch / preview_top_k."""
         comps = self.components
-        if (isinstance(guidance_cutoff, bool) or not isinstance(guidance_cutoff, (int, float))
+        if (isinstance(guidance_cutoff, bool) or not isinstance(guidance_cutoff, numbers.Real)
                 or not math.isfinite(guidance_cutoff) or not 0.0 < guidance_cutoff <= 1.0):
             raise InputError(f"guidance_cutoff must be a number in (0, 1], got {guidance_cutoff!r}")
-        if isinstance(cache_interval, bool) or not isinstance(cache_interval, int) or cache_interval < 1:
+        if isinstance(cache_interval, bool) or not isinstance(cache_interval, numbers.Integral) or cache_interval < 1:
             raise InputError(f"cache_interval must be an integer ≥ 1, got {cache_interval!r}")
-        if isinstance(cache_branch, bool) or not isinstance(cache_branch, int) or cache_branch < 0:
+        if isinstance(cache_branch, bool) or not isinstance(cache_branch, numbers.Integral) or cache_branch < 0:
             raise InputError(f"cache_branch must be an integer ≥ 0, got {cache_branch!r}")
         if cache_interval > 1:
             if not getattr(comps.unet, "supports_feature_cache", False):
@@ -904,7 +905,7 @@ class CreativePipeline:
             if hasattr(comps.unet, "feature_split"):
                 comps.unet.feature_split(cache_branch)  # InputError for a branch this UNet does not have
         if preview_top_k is not None:
-            if isinstance(preview_top_k, bool) or not isinstance(preview_top_k, int):
+            if isinstance(preview_top_k, bool) or not isinstance(preview_top_k, numbers.Integral):
                 raise InputError(f"preview_top_k must be None or an integer ≥ 1, got {preview_top_k!r}")
             smallest = min(job.num_images_per_prompt for job in jobs)
             if not 1 <= preview_top_k <= smallest:

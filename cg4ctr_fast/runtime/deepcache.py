@@ -31,6 +31,7 @@ no ControlNet / adapter residuals, no attention masks.  Anything else raises Inp
 """
 from __future__ import annotations
 
+import numbers
 from typing import Any, Optional
 
 import torch
@@ -61,7 +62,7 @@ class DeepCacheUNet:
     def __init__(self, unet, branch: int = 0):
         cfg = unet.config
         n_up = len(unet.up_blocks)
-        if isinstance(branch, bool) or not isinstance(branch, int) or not 0 <= branch < n_up:
+        if isinstance(branch, bool) or not isinstance(branch, numbers.Integral) or not 0 <= branch < n_up:
             raise InputError(f"cache_branch must be an integer in 0..{n_up - 1} (this UNet has {n_up} up blocks), got {branch!r}")
         unsupported = [
             name for name, bad in (
@@ -74,7 +75,7 @@ class DeepCacheUNet:
         if unsupported:
             raise InputError(f"cache_interval > 1 supports SD-style UNets only; this one has {', '.join(unsupported)}")
         self.unet = unet
-        self.branch = branch
+        self.branch = branch = int(branch)
         self.shallow_up = n_up - (branch + 1)  # index of the first shallow up block
         self.needed = sum(len(up.resnets) for up in unet.up_blocks[self.shallow_up:])
         produced, k = 1, 0  # conv_in's output is the first residual
