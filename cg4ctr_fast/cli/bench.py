@@ -13,6 +13,8 @@ import argparse
 import json
 import os
 import sys
+
+import numpy as np
 from dataclasses import asdict
 from typing import Optional, Sequence
 
@@ -69,9 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "in `cg4ctr generate`)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=7.5, help=f"from 0 to {MAX_GUIDANCE:g} (default: 7.5)")
-    p.add_argument("--runs", type=int, default=5,
+    p.add_argument("--runs", type=int, default=None,
                    help="timed calls per row, interleaved with the other rows (p95 is shown from 20, p99 from "
-                        f"100; at most {MAX_RUNS})")
+                        f"100; at most {MAX_RUNS}; default: 5, or 100 with --calibrate)")
     p.add_argument("--warmup", type=int, default=1,
                    help=f"untimed rounds first (compile happens in them; at most {MAX_RUNS})")
     p.add_argument("--threads", type=int, default=None,
@@ -95,7 +97,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile-mode", default=None,
                    help="torch.compile mode for the compile backend (default: reduce-overhead on CUDA)")
     p.add_argument("--no-diffusers", action="store_true", help="skip the diffusers baseline (no ratios)")
-    p.add_argument("--json", required=True, help="where to write the results (atomic; checked before any work)")
+    p.add_argument("--json", help="where to write the results (atomic; checked before any work; required "
+                                  "unless --calibrate)")
+    p.add_argument("--calibrate", action="store_true",
+                   help="measure the planner's cost table instead (cg4ctr_fast.planner): p50/p99 of every stage and "
+                        "of the UNet at a few batch sizes, interleaved, on this machine, for one backend; written "
+                        "to --out, else next to --engines (cost_table.json), else to the cache where `cg4ctr "
+                        "generate --deadline-ms` finds it (<cache>/cost/<device>-<backend>-<key>.json). --preset "
+                        "toy calibrates the shipped toy set (generator, saliency, reward)")
+    p.add_argument("--out", help="--calibrate: where to write the cost table (atomic; checked before any work)")
+    p.add_argument("--reward", metavar="DIR",
+                   help="--calibrate: a reward model folder whose scoring is timed (--preset toy: the toy set's)")
     p.add_argument("--plot", help="PNG/SVG/PDF of stage times per variant (checked before any work)")
     return p
 
@@ -161,6 +173,11 @@ def set_omp_wait_policy(policy: str) -> dict:
 def run(args) -> dict:
     from cg4ctr_fast.config import get_preset
 
+    if args.json is None:
+        raise InputError("--json FILE is required (where the results go), unless --calibrate")
+    if args.out is not None or args.reward is not None:
+        raise InputError("--out and --reward belong to --calibrate")
+    args.runs = 5 if args.runs is None else args.runs
     check_numbers(args)
     check_outputs(args)
     preset = get_preset(args.preset)
@@ -346,11 +363,159 @@ def _write_report(args, ctx, variants, samples, *, final: bool) -> dict:
     return report
 
 
+def calibrate(args) -> dict:
+    """`cg4ctr-bench --calibrate`: measure and write the planner's cost table (see --calibrate's help).
+
+    Checks every flag and the output path before anything loads (InputError, one line, exit 2). Besides the
+    table, a few whole calls of the reference plan (20 guided DDIM steps, or fewer with --steps) at the largest
+    --groups are timed and their median set beside the table's predicted p50 (meta.validation), so a reader
+    sees how well the stage sum predicts a call. Returns the table as a dict.
+    """
+    from pathlib import Path
+
+    from cg4ctr_fast.config import PRESETS, get_preset
+
+    if args.json is not None or args.plot is not None:
+        raise InputError("--calibrate writes a cost table to --out (or its default place), not --json/--plot")
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    if len(backends) != 1:
+        raise InputError(f"--calibrate measures one backend at a time, got --backends {args.backends}")
+    backend = backends[0]
+    toy = args.preset == "toy"
+    if not toy and args.preset not in PRESETS:
+        raise InputError(f"unknown preset {args.preset!r}; choose one of: {', '.join(sorted([*PRESETS, 'toy']))}")
+    if toy and (args.model or args.engines or args.random_weights):
+        raise InputError("--preset toy calibrates the shipped toy set; --model, --engines and --random-weights "
+                         "do not apply")
+    args.runs = 100 if args.runs is None else args.runs
+    if args.warmup == 1:
+        args.warmup = 3  # the first rounds allocate; three keep them out of a 100-run p99
+    check_numbers(args)
+    if args.out:
+        check_out_file(args.out, flag="--out")
+    if args.reward and not Path(args.reward).is_dir():
+        raise InputError(f"--reward {args.reward}: no such folder")
+    threads = args.threads if args.threads is not None else _available_cores()
+    omp_wait = set_omp_wait_policy(args.omp_wait)
+
+    import torch
+
+    from cg4ctr_fast import planner
+    from cg4ctr_fast.bench import apply_threads, check_backend
+    from cg4ctr_fast.export.manifest import folder_sha256, sha256_file
+    from cg4ctr_fast.pipeline import CreativePipeline
+
+    check_backend(backend, args.engines)
+    if backend == "compile" and args.device == "cpu":
+        pass  # measured as it runs: compile happens in the warm-up rounds
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda: no CUDA device is visible to torch")
+    apply_threads(threads, compile_workers=backend == "compile")
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    preset = get_preset("tiny" if toy else args.preset)
+    reward_dir = args.reward
+    if toy:
+        from cg4ctr_fast.training.toy import ToyConfig
+        from cg4ctr_fast.training.toy_set import resolve_toy_models
+
+        models = resolve_toy_models(ToyConfig(seed=0), progress=False)
+        saliency_cfg = json.loads((models.saliency / "config.json").read_text())
+        pipe = CreativePipeline.from_pretrained(
+            str(models.generator), saliency=str(models.saliency / "saliency.safetensors"),
+            saliency_size=saliency_cfg["size"], saliency_threshold=saliency_cfg["threshold"], backend=backend,
+            device=args.device, dtype=dtype)
+        model_key = f"toy-{folder_sha256(models.generator)[:12]}"
+        reward_dir = reward_dir or str(models.reward)
+    elif args.engines:
+        pipe = CreativePipeline.from_engines(args.engines, backend=backend, reward=False)
+        model_key = f"engines-{sha256_file(Path(args.engines) / 'manifest.json')[:12]}"
+    elif args.model:
+        pipe = CreativePipeline.from_pretrained(args.model, backend=backend, device=args.device, dtype=dtype)
+        model_key = f"model-{folder_sha256(args.model)[:12]}"
+    elif args.random_weights or preset.buildable:
+        pipe = CreativePipeline.from_preset(preset.name, random_weights=True, backend=backend, device=args.device,
+                                            dtype=dtype)
+        model_key = f"{preset.name}-random-seed0-c{preset.unet.in_channels}"
+    else:
+        raise InputError(f"preset {preset.name!r} needs --model PATH or --random-weights")
+    reward = None
+    if reward_dir:
+        from cg4ctr_fast.models.reward import RewardModel
+        from cg4ctr_fast.runtime.onnxruntime_backend import default_group_features
+
+        model = RewardModel.load(reward_dir)
+        features = np.tile(default_group_features(model.config.group_dim), (max(args.groups), 1))
+        reward = pipe.reward = model.pipeline_scorer(features)
+    side = args.size or pipe.max_side
+    groups = max(args.groups)
+    preview = getattr(pipe.components, "preview_decoder", None) is not None
+    batches = sorted(set(planner.calibration_batches(groups, preview=preview)) | {1, 2, 4, 8})
+    print(f"[calibrate] {backend} on {args.device}, {threads} threads, {side}×{side}: UNet at batches "
+          f"{', '.join(map(str, batches))}; {args.warmup} warm-up + {args.runs} timed rounds, interleaved",
+          file=sys.stderr, flush=True)
+    table = planner.measure_cost_table(pipe, batches=batches, runs=args.runs, warmup=args.warmup, reward=reward,
+                                       height=side, width=side,
+                                       log=lambda m: print(m, file=sys.stderr, flush=True))
+    table.meta.update(threads=threads, omp_wait_policy=omp_wait, preset=args.preset,
+                      validation=_validate(pipe, table, groups, side, steps=args.steps, reward=reward is not None))
+    key = planner.cost_table_key(model_key, table.dtype, side, threads)
+    if args.out:
+        out = Path(args.out)
+    elif args.engines:
+        out = Path(args.engines) / planner.ENGINE_COST_FILE
+    else:
+        out = planner.default_cost_path(args.device, backend, key)
+    table.meta["key"] = key
+    table.save(out)
+    v = table.meta["validation"]
+    print(f"wrote {out}: " + ", ".join(f"{k} p50 {c.p50_ms:.1f} / p99 {c.p99_ms:.1f} ms" for k, c in table.stages.items())
+          + "; UNet " + ", ".join(f"b{b} {c.p50_ms:.1f}/{c.p99_ms:.1f} ms" for b, c in table.unet)
+          + (f"; shallow step {table.unet_shallow_fraction:.2f} of a full UNet" if table.unet_shallow_fraction
+             else "") + f"; check: {v['plan']} × {groups} groups measured p50 {v['measured_p50_ms']:.0f} ms vs "
+          f"predicted p50 {v['predicted_p50_ms']:.0f} ms (p99 {v['predicted_p99_ms']:.0f} ms)")
+    return table.to_dict()
+
+
+def _validate(pipe, table, groups: int, side: int, *, steps: int, reward: bool, runs: int = 5) -> dict:
+    """Whole calls of the reference plan beside the table's prediction for them (median of `runs`)."""
+    import statistics
+    import time
+
+    from cg4ctr_fast.cli.demo import draw_product
+    from cg4ctr_fast.imaging import to_rgb_and_alpha_mask
+    from cg4ctr_fast.planner import Plan
+
+    plan = Plan("ddim", steps, 7.5)
+    rgb, mask = to_rgb_and_alpha_mask(draw_product(side))
+    prompts = [GROUP_PROMPTS[i % len(GROUP_PROMPTS)] for i in range(groups)]
+    times = []
+    for _ in range(runs + 1):
+        pipe.clear_prompt_cache()
+        started = time.perf_counter()
+        pipe(prompts, rgb, mask, num_inference_steps=plan.steps, guidance_scale=plan.guidance_scale,
+             show_progress=False)
+        times.append(1000 * (time.perf_counter() - started))
+    # The alpha mask spares the saliency net, and the original photo is not scored here: neither is predicted.
+    p50 = table.predict(plan, groups, reward=reward, stat="p50").stages
+    p99 = table.predict(plan, groups, reward=reward, stat="p99").stages
+    drop = ("saliency",)
+    per_group_reward = table.stage_ms("reward", "p50") * groups if reward else 0.0
+    per_group_reward99 = table.stage_ms("reward", "p99") * groups if reward else 0.0
+    return {"plan": plan.name, "groups": groups, "runs": runs, "measured_ms": times[1:],
+            "measured_p50_ms": statistics.median(times[1:]),
+            "predicted_p50_ms": sum(v for k, v in p50.items() if k not in drop) - per_group_reward,
+            "predicted_p99_ms": sum(v for k, v in p99.items() if k not in drop) - per_group_reward99,
+            "note": "whole calls with the product's alpha as mask (no saliency), the original not scored"}
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from cg4ctr_fast.cli.common import run_cli
 
     def dispatch(args) -> int:
-        run(args)
+        if args.calibrate:
+            calibrate(args)
+        else:
+            run(args)
         return 0
 
     return run_cli("cg4ctr-bench", build_parser(), dispatch, argv)
