@@ -108,9 +108,13 @@ FEW_CASES = {
     "tcd-sample-gamma0": (TCDScheduler, dict(SD, prediction_type="sample"), 0.0),
 }
 
-# (steps or custom timesteps, start index, cfg, blend, dtype name, call set_begin_index, generator list)
+# (steps, custom timesteps or (steps, set_timesteps strength), start index, cfg, blend, dtype name,
+#  call set_begin_index, generator list)
 FEW_VARIANTS = {
     "4-cfg-blend-fp32": (4, 0, True, True, "fp32", True, False),
+    # diffusers' LCM img2img pipelines pass strength to set_timesteps (4 steps from the first half of the
+    # distillation schedule) instead of slicing the schedule as the inpainting pipeline does
+    "set_timesteps-strength0.5-cfg-blend-fp32": ((4, 0.5), 0, True, True, "fp32", True, False),
     "strength0.5-nocfg-blend-fp32-genlist": (6, 3, False, True, "fp32", True, True),
     "4-nocfg-noblend-fp32-nobegin": (4, 0, False, False, "fp32", False, False),
     "1-step-cfg-blend-fp32": (1, 0, True, True, "fp32", True, False),
@@ -123,6 +127,8 @@ def _few_make(cls, kw, steps, start, set_begin):
     s = cls(**kw)
     if isinstance(steps, list):
         s.set_timesteps(timesteps=steps)
+    elif isinstance(steps, tuple):
+        s.set_timesteps(steps[0], strength=steps[1])
     else:
         s.set_timesteps(steps)
     if set_begin:
@@ -184,6 +190,7 @@ def _run_few(case, steps, start, cfg, use_blend, dname, set_begin, gen_list, bac
 def test_fused_step_matches_scheduler_step(case, variant, backend):
     _, gen = _run_few(case, *FEW_VARIANTS[variant], backend)
     steps, start = FEW_VARIANTS[variant][:2]
+    steps = steps[0] if isinstance(steps, tuple) else steps
     gamma = FEW_CASES[case][2]
     fresh = _gens(7, 2, FEW_VARIANTS[variant][6])
     drew = not all(torch.equal(x, y) for x, y in zip(_gen_states(gen), _gen_states(fresh)))
