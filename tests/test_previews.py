@@ -116,6 +116,21 @@ def test_load_round_trip(saved_preview):
         assert torch.equal(loaded.decode(z).sample, model.decode(z).sample)
 
 
+def test_float16_storage_loads_as_float32(tmp_path):
+    """Weights stored as float16 (the shipped toy TAESD) load into float32 modules: computation stays fp32."""
+    from safetensors.torch import load_file
+
+    model = build_preview_decoder(4, 4, seed=6)
+    half = build_preview_decoder(4, 4, seed=6).half()
+    half.save_pretrained(str(tmp_path / "half"), safe_serialization=True)
+    stored = load_file(str(tmp_path / "half" / "diffusion_pytorch_model.safetensors"))
+    assert {v.dtype for v in stored.values()} == {torch.float16}
+    loaded = load_preview_decoder(tmp_path / "half", latent_channels=4, scale_factor=4)
+    assert loaded.dtype == torch.float32
+    for name, value in loaded.state_dict().items():
+        assert torch.equal(value, model.state_dict()[name].half().float()), name
+
+
 def test_load_refusals_are_one_line(saved_preview, tmp_path):
     folder, _ = saved_preview
     with pytest.raises(InputError) as exc:

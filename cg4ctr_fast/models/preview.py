@@ -90,7 +90,8 @@ def build_preview_decoder(latent_channels: int = 4, scale_factor: int = 8, *, se
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoencoderTiny(**preview_config(latent_channels, scale_factor, channels=channels, blocks=blocks))
-    return model.to(dtype=dtype).eval()
+    # diffusers warns on any `.to(dtype)` of a loaded model; cast only when asked for another dtype.
+    return (model if dtype == torch.float32 else model.to(dtype=dtype)).eval()
 
 
 def build_preview_for(info, **kwargs):
@@ -166,4 +167,4 @@ def load_preview_decoder(path: str | os.PathLike, *, latent_channels: Optional[i
     except Exception as exc:  # diffusers raises OSError/ValueError/RuntimeError/SafetensorError for bad files
         raise InputError(f"{what}: cannot load the weights: {type(exc).__name__}: "
                          f"{' '.join(str(exc).split())[:300]}") from None
-    return model.to(device=device, dtype=dtype).eval()
+    return model.to(device=device).eval()  # already in `dtype` (torch_dtype above)

@@ -65,7 +65,10 @@ def attach_preview_decoder(pipe, decoder: Any) -> PreviewDecoderSlot:
             if (channels, scale) != (info.latent_channels, info.vae_scale_factor):
                 raise InputError(f"preview decoder: {channels} latent channels at scale factor {scale}, the pipeline's "
                                  f"VAE has {info.latent_channels} at {info.vae_scale_factor}")
-            module = decoder.to(device=comps.device, dtype=comps.dtype).eval()
+            module = decoder.to(device=comps.device)
+            if module.dtype != comps.dtype:
+                module = module.to(dtype=comps.dtype)
+            module.eval()
         else:
             raise InputError(f"preview decoder: expected an AutoencoderTiny, its folder or a PreviewDecoderSlot, got "
                              f"{type(decoder).__name__}")
