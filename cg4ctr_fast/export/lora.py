@@ -168,7 +168,7 @@ def _check_conv_in(file: Path, state_dict: dict, unet) -> None:
     SD1.5 LCM/TCD-LoRAs leave conv_in alone, so they fit the 9-channel inpainting UNet (4 latent + 1 mask + 4
     masked-image latent channels); a LoRA trained on a 4-channel text-to-image UNet's conv_in has 4 there.
     """
-    want = int(unet.conv_in.in_channels)
+    want = int(unet.config.in_channels)  # not conv_in.in_channels: conv_in may already hold another adapter
     for key, value in state_dict.items():
         if "conv_in" in key and any(marker in key for marker in _CONV_IN_DOWN) and value.ndim >= 2:
             if int(value.shape[1]) != want:
