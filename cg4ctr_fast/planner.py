@@ -869,7 +869,7 @@ def measure_cost_table(pipe, *, batches: Sequence[int] = (1, 2, 4, 8, 16), runs:
     during = load_during(before, load_snapshot())
     stages = {k: StageCost.from_samples(v) for k, v in samples.items() if not k.startswith("unet@")}
     unet = [(b, StageCost.from_samples(samples[f"unet@{b}"])) for b in batches]
-    shallow = _measure_shallow_fraction(pipe, shallow_interval, height, width, log=log)
+    shallow = _measure_shallow_fraction(pipe, shallow_interval, height, width, runs=max(1, min(3, runs)), log=log)
     env = environment(dev)
     name = device_name or (env["device"]["name"] if isinstance(env.get("device"), dict) else dev.type)
     table = CostTable(
@@ -990,13 +990,22 @@ def measure_quality(plan: Plan, *, products: int = 4, seed: int = 0, log=None, p
             mine = [c for c in creatives if c.group == g]
             pick = pick_over_original([c.reward for c in mine], float(originals[g]))
             base = float(base_ctr[group_id])
-            served = base if pick is None else world.true_ctr(mine[pick].image, group_id, item_id=item_id)
-            cells.append((served, base, float(traffic[group_id]), k))
+            best = int(np.argmax([c.reward for c in mine]))
+            best_ctr = world.true_ctr(mine[best].image, group_id, item_id=item_id)
+            served = base if pick is None else best_ctr  # pick_over_original picks the best reward or none
+            cells.append((served, base, float(traffic[group_id]), k, best_ctr))
         say(f"[quality] {plan.name}: product {k + 1}/{products}")
     lift = aggregate_ctr_lift([c[0] for c in cells], [c[1] for c in cells], [c[2] for c in cells],
                               clusters=[c[3] for c in cells], seed=seed)
+    # Beside it: the reward's best creative served always (no fallback to the original), which tells a plan
+    # whose creatives are worse but rejected (lift near 0: the original kept) from one whose creatives are good.
+    creative = aggregate_ctr_lift([c[4] for c in cells], [c[1] for c in cells], [c[2] for c in cells],
+                                  clusters=[c[3] for c in cells], seed=seed)
+    kept = sum(1 for c in cells if c[0] == c[1] and c[4] != c[1])
     return QualityEntry(plan, lift.lift, tuple(lift.ci95), lift.cells, products,
                         {"treatment_ctr": lift.treatment_ctr, "control_ctr": lift.control_ctr, "seed": seed,
+                         "original_kept": kept, "best_creative_lift": creative.lift,
+                         "best_creative_lift_ci95": list(creative.ci95),
                          "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
 
 

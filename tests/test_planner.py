@@ -296,3 +296,89 @@ def test_generate_impossible_deadline_exits_with_one_line(tmp_path, capsys):
                  "--cost-table", str(path)])
     assert code == 2 and "--deadline-ms" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_runtime_plans_requests_with_deadlines(tmp_path):
+    """A deadline picks the plan (its steps and guidance reach generate_batch), the result names it, and a
+    deadline no plan fits is refused at submit with the fastest feasible time, nothing queued."""
+    import time
+
+    import torch
+
+    from cg4ctr_fast.models.reward import RewardConfig, RewardModel
+    from cg4ctr_fast.pipeline import CreativePipeline
+    from cg4ctr_fast.serving.runtime import CreativeRuntime, GenerateRequest, RuntimeObserver
+    from tests.conftest import make_product
+
+    slow_good, fast_poor = Plan("ddim", 2, 7.5), Plan("ddim", 1, 1.0)
+    # p50 tiny (the batch-time check uses it), p99 in seconds: A needs 2 × U(2) = 6 s, B needs U(1) = 2 s.
+    cost = CostTable("cpu:test", "torch", "float32", 64, 64, stages={},
+                     unet=[(1, StageCost(0.1, 2000.0)), (2, StageCost(0.2, 3000.0))])
+    quality = QualityTable([QualityEntry(slow_good, 0.05), QualityEntry(fast_poor, -0.01)])
+
+    class Rejections(RuntimeObserver):
+        def __init__(self):
+            self.reasons = []
+
+        def rejected(self, reason):
+            self.reasons.append(reason)
+
+    torch.manual_seed(3)
+    reward = RewardModel(RewardConfig(group_dim=2, title_vocab_size=5, caption_vocab_size=5)).eval()
+    observer = Rejections()
+    runtime = CreativeRuntime(CreativePipeline.from_preset("tiny"), store=tmp_path / "store", reward=reward,
+                              groups={"a": [1.0, 0.0]}, model_id="preset:tiny:seed0", observer=observer,
+                              cost_table=cost.save(tmp_path / "cost.json"), quality_table=quality)
+    calls = []
+    inner = runtime.pipeline.generate_batch
+
+    def recording(jobs, **kwargs):
+        calls.append(kwargs)
+        return inner(jobs, **kwargs)
+
+    runtime.pipeline.generate_batch = recording
+    image, mask = make_product(48, 40, seed=2)
+    try:
+        def request(seconds):
+            return GenerateRequest("p", image=image, mask_image=mask, prompts=("warm",), group_ids=("a",),
+                                   deadline=time.monotonic() + seconds)
+
+        generous = runtime.submit(request(60.0)).result(120)
+        tighter = runtime.submit(request(4.5)).result(120)
+        with pytest.raises(DeadlineInfeasible) as info:
+            runtime.submit(request(1.0))
+        plain = runtime.submit(GenerateRequest("p", prompts=("warm",), group_ids=("a",))).result(120)
+    finally:
+        runtime.close()
+    assert (generous.plan, tighter.plan, plain.plan) == (slow_good.name, fast_poor.name, None)
+    assert [(c["num_inference_steps"], c["guidance_scale"]) for c in calls] == [(2, 7.5), (1, 1.0),
+                                                                               (runtime.num_inference_steps,
+                                                                                runtime.guidance_scale)]
+    # 2000 ms for the fast plan, plus the queue wait the runtime expects (the batch before may still be storing).
+    assert isinstance(info.value, TimeoutError) and info.value.fastest_ms >= 2000
+    assert f"{math.ceil(info.value.fastest_ms)} ms" in str(info.value)
+    assert observer.reasons == ["deadline"] and runtime.queue_depth() == 0
+
+
+def test_bench_calibrate_writes_a_table_the_planner_reads(tmp_path, capsys):
+    """One timed round on the tiny preset: the file is a valid cost table with every UNet batch asked for and
+    the reference plan's whole-call check beside it (values are timings: only their presence and sign are
+    checked)."""
+    from cg4ctr_fast.cli.bench import main
+
+    out = tmp_path / "cost.json"
+    code = main(["--calibrate", "--preset", "tiny", "--runs", "1", "--warmup", "0", "--groups", "3", "--steps", "1",
+                 "--threads", "1", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    table = CostTable.load(out)
+    assert [b for b, _ in table.unet] == [1, 2, 3, 4, 6, 8]
+    assert {"text", "vae_encode", "vae_decode", "step"} <= set(table.stages)
+    assert all(c.p99_ms >= c.p50_ms > 0 for c in table.stages.values())
+    assert table.meta["validation"]["plan"] == "ddim-1s-w7.5" and table.meta["validation"]["measured_p50_ms"] > 0
+    assert table.meta["p99"].startswith("max of 1 runs")
+    plan, why = plan_for(1e9, 3, table)
+    assert plan.name in why
+    # --json and --calibrate do not mix; a file where --out points is checked before any work.
+    assert main(["--calibrate", "--json", str(tmp_path / "x.json")]) == 2
+    assert main(["--calibrate", "--out", str(tmp_path / "missing" / "c.json")]) == 2
+    assert "folder" in capsys.readouterr().err

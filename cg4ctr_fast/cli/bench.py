@@ -139,7 +139,8 @@ def check_numbers(args) -> None:
     if max(args.groups) > MAX_CREATIVES:
         raise InputError(f"--groups {max(args.groups)} is over the {MAX_CREATIVES} creatives one call makes (one "
                          "denoising batch, twice that with guidance), as in `cg4ctr generate`")
-    for name, value, low, high in (("--steps", args.steps, 1, None), ("--runs", args.runs, 1, MAX_RUNS),
+    runs = 5 if args.runs is None else args.runs  # None: the default (5; --calibrate sets 100 first)
+    for name, value, low, high in (("--steps", args.steps, 1, None), ("--runs", runs, 1, MAX_RUNS),
                                    ("--warmup", args.warmup, 0, MAX_RUNS)):
         if value < low or (high is not None and value > high):
             raise InputError(f"{name} must be an integer from {low} to {high}, got {value}" if high is not None
@@ -457,7 +458,8 @@ def calibrate(args) -> dict:
                                        height=side, width=side,
                                        log=lambda m: print(m, file=sys.stderr, flush=True))
     table.meta.update(threads=threads, omp_wait_policy=omp_wait, preset=args.preset,
-                      validation=_validate(pipe, table, groups, side, steps=args.steps, reward=reward is not None))
+                      validation=_validate(pipe, table, groups, side, steps=args.steps, reward=reward is not None,
+                                           runs=max(1, min(5, args.runs))))
     key = planner.cost_table_key(model_key, table.dtype, side, threads)
     if args.out:
         out = Path(args.out)

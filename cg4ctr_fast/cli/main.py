@@ -528,8 +528,10 @@ class _Planning:
             self.calibrated = time.perf_counter() - started
             self.say(f"calibrated in {self.calibrated:.1f} s; saved to {self.cost_path}")
             self.choose()
-            if self.plan.unet == "lcm":
+            if self.plan.unet == "lcm":  # the LCM-LoRA is fused at load: load again with it
+                reward = pipe.reward
                 pipe = reload()
+                pipe.reward = reward
         pipe.scheduler = swap_scheduler(pipe.scheduler, self.plan.scheduler)
         if self.plan.preview_top_k is not None:
             _attach_preview(pipe)

@@ -11,12 +11,18 @@ Nearline path, one worker thread, top to bottom:
   2. the worker takes the oldest request and every waiting request of the same working size, up to
      `max_batch` creatives (waiting up to `max_wait_ms` for the batch to fill); a request whose deadline has
      passed, or that its batch (timed on recent batches) cannot finish by then, is answered DeadlineExceeded and
-     never run; a cancelled one is dropped;
+     never run; a cancelled one is dropped; requests batch together only under one plan;
   3. `CreativePipeline.generate_batch`: each product encoded once, ONE denoising loop for all of them;
   4. the reward model embeds every creative and the original once; the numpy reward head (`select.RewardHead`)
      scores each of them for every known user group;
   5. the store writes the files, then the rows and scores in one transaction; each request's future resolves.
 Online path: `select` reads the stored scores (`select.Selector`); the original photo is always a candidate.
+
+Plans (`cg4ctr_fast.planner`): given a cost table (`cost_table=`, measured by `cg4ctr-bench --calibrate`), a
+request with a deadline gets, at submit, the plan (scheduler, steps, guidance, cut-off, cache interval) with the
+best measured quality (`quality_table=`) whose predicted p99 fits the time left after the work queued ahead; a
+deadline no plan fits is refused at once with `planner.DeadlineInfeasible` (a DeadlineExceeded: HTTP 504)
+naming the fastest feasible time, never run late. Requests without a deadline run the runtime's defaults.
 
 Metrics are taken at this boundary through a `RuntimeObserver` (the HTTP layer plugs Prometheus in);
 the runtime never imports the HTTP layer.
@@ -112,6 +118,7 @@ class GenerateResult:
 
     queued_ms: from submit to the start of its batch; run_ms: its batch's generate + score + store time;
     batch_creatives / batch_requests: the denoising batch it ran in (creatives, and requests sharing it).
+    plan: the name of the plan it ran under (`planner.Plan.name`), None for the runtime's defaults.
     """
 
     product_id: str
@@ -122,6 +129,7 @@ class GenerateResult:
     run_ms: float
     batch_creatives: int
     batch_requests: int = 1
+    plan: Optional[str] = None  # the planner's plan name when the request had a deadline and the runtime a cost table
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -163,6 +171,12 @@ class _Pending:
     original_png: Optional[bytes] = None  # the stored original's file, when the request named a stored product
     submitted: float = field(default_factory=time.monotonic)
     started: float = 0.0  # time.monotonic() when its batch started
+    plan: Any = None  # planner.Plan chosen for its deadline; None: the runtime's defaults
+
+    @property
+    def batch_key(self) -> tuple:
+        # One denoising loop runs one working size and one plan (steps, guidance and scheduler are per loop).
+        return (self.size, self.plan)
 
 
 def _check_id(value: Any, what: str) -> str:
@@ -232,6 +246,10 @@ class CreativeRuntime:
         max_wait_ms: how long the oldest request waits for others to fill its batch (ms).
         num_inference_steps / guidance_scale: per batch; None: the pipeline's preset defaults (20 / 7.5).
         observer: a `RuntimeObserver` for metrics.
+        cost_table: a `planner.CostTable` or its JSON path: requests with a deadline get a plan that fits it
+            (see the module doc); None: no planning, deadlines only admit or refuse.
+        quality_table: a `planner.QualityTable` or its JSON path, the planner's quality side (None: plans are
+            ranked by UNet work).
     Raises InputError for a bad reward folder, groups file or option.
     """
 
@@ -251,6 +269,8 @@ class CreativeRuntime:
         num_inference_steps: Optional[int] = None,
         guidance_scale: Optional[float] = None,
         observer: Optional[RuntimeObserver] = None,
+        cost_table=None,
+        quality_table=None,
     ):
         from cg4ctr_fast.models.reward import RewardModel
         from cg4ctr_fast.serving.select import RewardHead, Selector
@@ -295,6 +315,7 @@ class CreativeRuntime:
         self.num_inference_steps = num_inference_steps or 20
         self.guidance_scale = 7.5 if guidance_scale is None else guidance_scale
         self.observer = observer or RuntimeObserver()
+        self._set_planner(cost_table, quality_table)
         self.ready = False
         self._queue: "collections.deque[_Pending]" = collections.deque()
         self._cond = threading.Condition()
@@ -364,7 +385,10 @@ class CreativeRuntime:
                 if self._closing:
                     self.observer.rejected("closed")
                     raise RuntimeClosed("the runtime is shutting down and takes no new requests")
-                self._refuse_if_late(pending, started)
+                if self.cost_table is not None and pending.request.deadline is not None:
+                    self._choose_plan(pending, started)
+                else:
+                    self._refuse_if_late(pending, started)
                 if len(self._queue) < self.max_queue:
                     break
                 if not block:
@@ -497,6 +521,84 @@ class CreativeRuntime:
                 f"the deadline leaves {1000 * max(0.0, deadline - now):.0f} ms; {ahead} creatives queued ahead and "
                 f"this request's {pending.creatives} need about {1000 * expected:.0f} ms; not queued")
 
+    def _set_planner(self, cost_table, quality_table) -> None:
+        """Load the planner's tables (paths or objects) and the levers this pipeline offers; InputError when
+        malformed. The UNet weights are the runtime's own (plans needing other weights are not considered)
+        and the runtime scores with its own reward model (the pipeline has none, so no preview ranking)."""
+        from cg4ctr_fast import planner
+
+        self.cost_table = self.quality_table = self.levers = None
+        if cost_table is None:
+            if quality_table is not None:
+                raise InputError("quality_table needs cost_table: plans are chosen by predicted latency")
+            return
+        self.cost_table = (cost_table if isinstance(cost_table, planner.CostTable)
+                           else planner.CostTable.load(cost_table))
+        self.quality_table = (quality_table if quality_table is None or isinstance(quality_table, planner.QualityTable)
+                              else planner.QualityTable.load(quality_table))
+        self.levers = planner.detect_levers(backend=self.pipeline.components.backend, reward=False, unet="base")
+        self._schedulers: dict = {}
+
+    def _scheduler(self, name: str):
+        """The pipeline's noise schedule under the sampler `name`, built once per name."""
+        if name not in self._schedulers:
+            from cg4ctr_fast.models.diffusion import swap_scheduler
+
+            self._schedulers[name] = swap_scheduler(self.pipeline.scheduler, name)
+        return self._schedulers[name]
+
+    def _predict_s(self, plan, batch: Sequence[_Pending], *, stat: str) -> float:
+        """Predicted seconds for one batch under `plan`: every creative in one UNet batch; the per-product stages
+        (saliency, VAE encode) once per request."""
+        creatives = sum(p.creatives for p in batch)
+        groups = max(1, creatives // plan.images_per_prompt)
+        one = self.cost_table.predict(plan, groups, reward=True, stat=stat)
+        extra = (len(batch) - 1) * (one.stages.get("saliency", 0.0) + one.stages.get("vae_encode", 0.0))
+        return (one.total_ms + extra) / 1000.0
+
+    def _choose_plan(self, pending: _Pending, started: float) -> None:
+        """The plan for a request with a deadline: the best-quality one whose predicted p99 fits the time left
+        after the work queued ahead (at the fitted batch cost; 0 before any batch ran). Refuses at once with
+        DeadlineInfeasible (naming the fastest feasible time, queue wait included) when none fits. Called with
+        the lock held."""
+        from cg4ctr_fast.planner import DeadlineInfeasible, plan_for
+
+        now = time.monotonic()
+        cost = self._batch_cost()
+        wait = 0.0
+        if cost is not None:
+            a, b = cost
+            ahead = sum(p.creatives for p in self._queue)
+            running = (a + b * self._running) / 2 if self._running else 0.0
+            wait = running + (-(-ahead // self.max_batch)) * a + b * ahead
+        left_ms = 1000 * (pending.request.deadline - now - wait)
+        try:
+            if left_ms <= 0:
+                raise DeadlineInfeasible(self._fastest_ms(pending), 1000 * (pending.request.deadline - now),
+                                         where="after the queue wait")
+            plan, _why = plan_for(left_ms, len(pending.group_ids), self.cost_table, self.quality_table,
+                                  served_per_group=pending.request.num_images_per_prompt, reward=True,
+                                  levers=self.levers)
+        except DeadlineInfeasible as exc:
+            self.observer.rejected("deadline")
+            self.observer.completed("deadline", now - started)
+            fastest = exc.fastest_ms + 1000 * wait
+            raise DeadlineInfeasible(fastest, 1000 * (pending.request.deadline - now), exc.plan,
+                                     where=f"{self.cost_table.where()}, {1000 * wait:.0f} ms of queued work ahead"
+                                     ) from None
+        pending.plan = plan
+
+    def _fastest_ms(self, pending: _Pending) -> float:
+        """The fastest feasible plan's predicted p99 (ms) for this request, ignoring the deadline."""
+        from cg4ctr_fast.planner import DeadlineInfeasible, plan_for
+
+        try:
+            plan_for(1e-9, len(pending.group_ids), self.cost_table, self.quality_table,
+                     served_per_group=pending.request.num_images_per_prompt, reward=True, levers=self.levers)
+        except DeadlineInfeasible as exc:
+            return exc.fastest_ms
+        return 0.0
+
     def _retry_after(self) -> float:
         # One batch's worth of work ahead of the caller is a fair first retry; at least 1 s (HTTP's unit).
         return 1.0
@@ -576,14 +678,14 @@ class CreativeRuntime:
             # Wait briefly for others to fill the batch: at 2 ms this costs < 1 % of a 64 px generation.
             fill_until = head.submitted + self.max_wait_s
             while True:
-                room = self.max_batch - sum(p.creatives for p in self._queue if p.size == head.size)
+                room = self.max_batch - sum(p.creatives for p in self._queue if p.batch_key == head.batch_key)
                 now = time.monotonic()
                 if room <= 0 or now >= fill_until or self._closing:
                     break
                 self._cond.wait(fill_until - now)
             batch, used = [], 0
             for pending in list(self._queue):
-                if pending.size != head.size:
+                if pending.batch_key != head.batch_key:
                     continue
                 if batch and used + pending.creatives > self.max_batch:
                     break
@@ -607,6 +709,10 @@ class CreativeRuntime:
             # would take about this long (measured on recent batches; 0 until one has run).
             cost = self._batch_cost()
             estimate = 0.0 if cost is None else cost[0] + cost[1] * sum(p.creatives for p in batch)
+            if batch[0].plan is not None:
+                # A planned batch: the cost table's expected (p50) time for it; the plan's p99 was checked
+                # against the deadline at submit, with the queue wait then expected.
+                estimate = self._predict_s(batch[0].plan, batch, stat="p50")
             for pending in batch:
                 if not pending.future.set_running_or_notify_cancel():
                     self.observer.rejected("cancelled")
@@ -677,8 +783,19 @@ class CreativeRuntime:
                                    num_images_per_prompt=pending.request.num_images_per_prompt,
                                    seed=pending.request.seed))
         self.observer.batch(sum(p.creatives for p in batch), len(batch))
-        outputs = self.pipeline.generate_batch(jobs, num_inference_steps=self.num_inference_steps,
-                                               guidance_scale=self.guidance_scale, show_progress=False)
+        plan = batch[0].plan
+        if plan is None:
+            outputs = self.pipeline.generate_batch(jobs, num_inference_steps=self.num_inference_steps,
+                                                   guidance_scale=self.guidance_scale, show_progress=False)
+        else:
+            default = self.pipeline.scheduler
+            self.pipeline.scheduler = self._scheduler(plan.scheduler)
+            try:
+                outputs = self.pipeline.generate_batch(jobs, num_inference_steps=plan.steps,
+                                                       guidance_scale=plan.guidance_scale, show_progress=False,
+                                                       **plan.pipeline_kwargs())
+            finally:
+                self.pipeline.scheduler = default
         self.observer.stage("generate", time.perf_counter() - started)
         return outputs
 
@@ -747,6 +864,7 @@ class CreativeRuntime:
                 queued_ms=1000 * (pending.started - pending.submitted),
                 run_ms=1000 * (time.monotonic() - pending.started),
                 batch_creatives=batch_creatives, batch_requests=batch_requests,
+                plan=None if pending.plan is None else pending.plan.name,
             )
             self.observer.completed("ok", time.monotonic() - pending.submitted)
             pending.future.set_result(result)
