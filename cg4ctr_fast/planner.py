@@ -712,13 +712,17 @@ def plan_for(deadline_ms: float, groups: int, cost: CostTable, quality: Optional
     if stat not in ("p99", "p50"):
         raise InputError(f"stat must be p99 or p50, got {stat!r}")
     levers = levers or ALL_LEVERS
-    measured = quality is not None and any(levers.why_not(e.plan) is None for e in quality.entries)
+
+    def fits(p: Plan) -> bool:  # serves what was asked, within one call's creatives
+        return p.served_per_group == served_per_group and products * groups * p.images_per_prompt <= MAX_CREATIVES
+
+    # Measured quality counts when at least one measured plan of this shape can run here.
+    measured = quality is not None and any(levers.why_not(e.plan) is None and fits(e.plan) for e in quality.entries)
     if candidates is None:
         pool = [e.plan for e in quality.entries] if measured else candidate_plans(served_per_group)
     else:
         pool = list(candidates)
-    pool = [p for p in dict.fromkeys(pool) if p.served_per_group == served_per_group
-            and products * groups * p.images_per_prompt <= MAX_CREATIVES]
+    pool = [p for p in dict.fromkeys(pool) if fits(p)]
     scored: list[_Scored] = []
     for plan in pool:
         entry = quality.lookup(plan) if quality is not None else None
@@ -768,7 +772,8 @@ def _quality_text(s: _Scored, measured: bool) -> str:
 # ---------------------------------------------------------------------------------------------- measuring
 def measure_cost_table(pipe, *, batches: Sequence[int] = (1, 2, 4, 8, 16), runs: int = 100, warmup: int = 3,
                        reward=None, saliency: bool = True, shallow_interval: int = 2, device_name: Optional[str] = None,
-                       height: Optional[int] = None, width: Optional[int] = None, log=None) -> CostTable:
+                       height: Optional[int] = None, width: Optional[int] = None, text_prompts: int = 2,
+                       log=None) -> CostTable:
     """Measure a `CostTable` for `pipe` (a `CreativePipeline`) on this machine (imports torch).
 
     Every stage is timed directly on the pipeline's slots, round-robin (one run of every stage and batch per
@@ -778,9 +783,9 @@ def measure_cost_table(pipe, *, batches: Sequence[int] = (1, 2, 4, 8, 16), runs:
     saliency: time the pipeline's saliency net when it has one. shallow_interval: when the pipeline takes
     cache_interval (and its slot supports it), the shallow-step fraction is measured from whole calls at this
     interval against interval 1 (UNet stage time). The preview decoder (components.preview_decoder), when
-    attached, is timed too. Returns the table (not written: see `CostTable.save`).
+    attached, is timed too. text_prompts: how many distinct prompts the text stage encodes (a call's groups;
+    the text cost is counted once per call). Returns the table (not written: see `CostTable.save`).
     """
-    import numpy as np
     import torch
     from PIL import Image
 
@@ -795,7 +800,7 @@ def measure_cost_table(pipe, *, batches: Sequence[int] = (1, 2, 4, 8, 16), runs:
     h, w = height // scale, width // scale
     channels = info.latent_channels if hasattr(info, "latent_channels") else 4
     gen = torch.Generator("cpu").manual_seed(0)
-    prompts = ["a warm wooden kitchen table, golden light", "calm blue sea and sky"]
+    prompts = [f"a warm wooden kitchen table, golden light, variant {i}" for i in range(max(1, text_prompts))]
     embeds = pipe.encode_prompts(prompts[:1])
     max_b = max(batches)
     latents_full = torch.randn(max_b, channels, h, w, generator=gen).to(dev, dtype)
@@ -884,7 +889,6 @@ def measure_cost_table(pipe, *, batches: Sequence[int] = (1, 2, 4, 8, 16), runs:
               "unet_shallow_fraction": None if shallow is None else f"from whole calls at cache_interval "
                                                                     f"{shallow_interval} vs 1"},
     )
-    del np
     return table
 
 

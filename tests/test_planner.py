@@ -176,6 +176,15 @@ def test_unavailable_levers_are_skipped_with_reason():
     assert "quality unmeasured" in why and plan.steps == 20 and plan.guidance_scale > 1
 
 
+def test_quality_table_of_another_shape_falls_back_to_the_proxy():
+    cost = synthetic_cost(4)
+    quality = synthetic_quality(candidate_plans(1), 4)  # one creative per group only
+    plan, why = plan_for(1e9, 2, cost, quality, served_per_group=3)
+    assert plan.served_per_group == 3 and "quality unmeasured" in why
+    plan, why = plan_for(1e9, 2, cost, quality, served_per_group=1)
+    assert "true-CTR lift" in why and quality.lookup(plan) is not None
+
+
 def test_no_runnable_plan_is_input_error():
     cost = synthetic_cost(1)
     with pytest.raises(InputError, match="no plan can run"):

@@ -108,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="--calibrate: where to write the cost table (atomic; checked before any work)")
     p.add_argument("--reward", metavar="DIR",
                    help="--calibrate: a reward model folder whose scoring is timed (--preset toy: the toy set's)")
+    p.add_argument("--preview-decoder", metavar="DIR",
+                   help="--calibrate: a tiny preview decoder (AutoencoderTiny folder) whose decode is timed, for "
+                        "preview-ranking plans (--preset toy: the shipped one when there is one)")
     p.add_argument("--plot", help="PNG/SVG/PDF of stage times per variant (checked before any work)")
     return p
 
@@ -176,8 +179,8 @@ def run(args) -> dict:
 
     if args.json is None:
         raise InputError("--json FILE is required (where the results go), unless --calibrate")
-    if args.out is not None or args.reward is not None:
-        raise InputError("--out and --reward belong to --calibrate")
+    if args.out is not None or args.reward is not None or args.preview_decoder is not None:
+        raise InputError("--out, --reward and --preview-decoder belong to --calibrate")
     args.runs = 5 if args.runs is None else args.runs
     check_numbers(args)
     check_outputs(args)
@@ -394,8 +397,9 @@ def calibrate(args) -> dict:
     check_numbers(args)
     if args.out:
         check_out_file(args.out, flag="--out")
-    if args.reward and not Path(args.reward).is_dir():
-        raise InputError(f"--reward {args.reward}: no such folder")
+    for flag, folder in (("--reward", args.reward), ("--preview-decoder", args.preview_decoder)):
+        if folder and not Path(folder).is_dir():
+            raise InputError(f"{flag} {folder}: no such folder")
     threads = args.threads if args.threads is not None else _available_cores()
     omp_wait = set_omp_wait_policy(args.omp_wait)
 
@@ -447,6 +451,11 @@ def calibrate(args) -> dict:
         model = RewardModel.load(reward_dir)
         features = np.tile(default_group_features(model.config.group_dim), (max(args.groups), 1))
         reward = pipe.reward = model.pipeline_scorer(features)
+    preview_dir = args.preview_decoder or (planner.toy_preview_decoder() if toy else None)
+    if preview_dir:
+        from cg4ctr_fast.runtime.preview import attach_preview_decoder
+
+        attach_preview_decoder(pipe, preview_dir)
     side = args.size or pipe.max_side
     groups = max(args.groups)
     preview = getattr(pipe.components, "preview_decoder", None) is not None
@@ -455,7 +464,7 @@ def calibrate(args) -> dict:
           f"{', '.join(map(str, batches))}; {args.warmup} warm-up + {args.runs} timed rounds, interleaved",
           file=sys.stderr, flush=True)
     table = planner.measure_cost_table(pipe, batches=batches, runs=args.runs, warmup=args.warmup, reward=reward,
-                                       height=side, width=side,
+                                       height=side, width=side, text_prompts=groups,
                                        log=lambda m: print(m, file=sys.stderr, flush=True))
     table.meta.update(threads=threads, omp_wait_policy=omp_wait, preset=args.preset,
                       validation=_validate(pipe, table, groups, side, steps=args.steps, reward=reward is not None,

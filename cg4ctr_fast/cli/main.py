@@ -520,9 +520,12 @@ class _Planning:
             runs = 20
             self.say(f"no cost table for {self.key} at {self.cost_path}: calibrating a small one now ({runs} runs "
                      "per stage, p99 = their maximum; `cg4ctr-bench --calibrate` measures a full one)")
+            if self.levers.preview:
+                _attach_preview(pipe)  # so its decode is timed too
             self.cost = measure_cost_table(pipe, batches=calibration_batches(self.groups * self.served,
                                                                              preview=self.levers.preview),
-                                           runs=runs, warmup=2, reward=pipe.reward, height=self.side, width=self.side)
+                                           runs=runs, warmup=2, reward=pipe.reward, height=self.side, width=self.side,
+                                           text_prompts=self.groups)
             self.cost.meta["calibrated_by"] = "cg4ctr generate --deadline-ms (on the fly)"
             self.cost.save(self.cost_path)
             self.calibrated = time.perf_counter() - started

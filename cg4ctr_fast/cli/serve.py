@@ -75,6 +75,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "not started by then gets HTTP 504")
     parser.add_argument("--steps", type=int, default=None, help="denoising steps per creative (default: the "
                         "preset's, 20)")
+    parser.add_argument("--cost-table", metavar="FILE",
+                        help="the planner's cost table (`cg4ctr-bench --calibrate`): a generate request with a "
+                             "deadline (budget_ms / timeout_s) then runs the best plan that fits it, and one no plan "
+                             "fits gets HTTP 504 at once naming the fastest feasible time (default: no planning)")
+    parser.add_argument("--quality-table", metavar="FILE",
+                        help="the planner's quality table, with --cost-table (default: plans ranked by UNet work)")
     parser.add_argument("--api-key-file", metavar="FILE",
                         help="file holding the API key; every route but /healthz then needs `Authorization: "
                              "Bearer KEY` or `X-API-Key: KEY` (401 otherwise)")
@@ -253,7 +259,8 @@ def _load_runtime(source: dict, args, store, reward: str, groups, prompt, observ
 
     options = dict(store=store, reward=reward, groups=groups, prompt_model=prompt, max_batch=args.max_batch,
                    max_queue=args.max_queue, max_wait_ms=args.max_wait_ms, num_inference_steps=args.steps,
-                   observer=observer)
+                   observer=observer, cost_table=getattr(args, "cost_table", None),
+                   quality_table=getattr(args, "quality_table", None))
     if source["kind"] == "engines":
         return CreativeRuntime.from_engines(source["path"], backend=source["backend"], saliency=source["saliency"],
                                             **options)
