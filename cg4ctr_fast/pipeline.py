@@ -7,7 +7,9 @@ Stages, top to bottom (see `CreativePipeline.__call__`):
   4. timesteps (strength picks the start)
   5. encode the product once: image latents and masked-image latents
   6. initial latents for the whole batch (groups × images per group)
-  7. ONE denoising loop over the whole batch
+  7. ONE denoising loop over the whole batch (levers: guidance_cutoff halves the batch after a fraction of
+     the steps; cache_interval > 1 reuses the UNet's deep features between key steps, runtime/deepcache.py)
+  7b. with preview_top_k: cheap preview decode of every candidate, reward ranks them, top k per group go on
   8. VAE decode
   9. postprocess, restore the original size, paste the product back bit for bit
  10. reward scores, when a reward model is attached
