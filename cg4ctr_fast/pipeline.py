@@ -566,7 +566,7 @@ class CreativePipeline:
                 multiple of 8 (`imaging.working_size`); height / width override that.  The creatives come
                 back at the input's own size either way (except "latent", and "np" / "pt" without
                 composite).
-            eta: DDIM's η (0 = deterministic DDIM); ignored by other schedulers.
+            eta: DDIM's η (0 = deterministic DDIM) and TCD's γ (its stochasticity, in [0, 1]); ignored by other schedulers.
             seed: mixed into every derived seed (ignored with `generator`).
             show_progress: a tqdm bar over the denoising steps.
             return_latents: also return each creative's final latents in `Creative.latents`.
@@ -1040,7 +1040,8 @@ class CreativePipeline:
             reason = fused_unsupported_reason(scheduler, eta)
             if reason is not None:
                 raise InputError(f"fused step unavailable: {reason}; set fuse_step=False")
-            return make_step(scheduler, guidance_scale, do_cfg, fused=True, backend=self.step_backend, eta=eta)
+            return make_step(scheduler, guidance_scale, do_cfg, fused=True, backend=self.step_backend, eta=eta,
+                             generator=generator)
         return make_step(scheduler, guidance_scale, do_cfg, fused=False, eta=eta, generator=generator)
 
     def _postprocess(self, decoded, product, paste_mask: Image.Image, *, composite: bool, output_type: str):
