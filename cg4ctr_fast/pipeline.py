@@ -235,8 +235,8 @@ class CreativePipeline:
         device: Optional[str] = None,
         dtype: Optional[torch.dtype] = None,
         saliency=None,
-        lora: Optional[str] = None,
-        lora_scale: float = 1.0,
+        lora=None,
+        lora_scale=1.0,
         **kwargs,
     ) -> "CreativePipeline":
         """A pipeline over torch modules (a `DiffusionModules`: unet, vae, text_encoder, tokenizer, scheduler).
@@ -248,7 +248,9 @@ class CreativePipeline:
             by `cg4ctr-train saliency`), whose config decides its input size (see `load_saliency`).
         lora: a LoRA (diffusers, kohya or peft files, e.g. a `cg4ctr-train cycle` checkpoint's `lora/`) fused
             into the weights through diffusers before anything runs, so it costs nothing per step;
-            lora_scale multiplies it (1.0 = as trained).
+            lora_scale multiplies it (1.0 = as trained).  Several LoRAs (e.g. an LCM-LoRA and a style LoRA): a
+            list of paths with lora_scale one float for all or a list of one per LoRA, or a list of (path, scale)
+            pairs; they are fused together through diffusers' set_adapters + fuse_lora (`export.lora.fuse_loras`).
         **kwargs: passed to `CreativePipeline(...)` (reward, saliency_threshold, max_side, ...).
         Raises InputError for an unknown scheduler or backend, an unreadable saliency file or LoRA, or a LoRA
         for another architecture.
@@ -257,9 +259,9 @@ class CreativePipeline:
         from cg4ctr_fast.runtime.torch_backend import torch_components
 
         if lora is not None:
-            from cg4ctr_fast.export.lora import fuse_lora
+            from cg4ctr_fast.export.lora import fuse_loras, lora_pairs
 
-            fuse_lora(modules, lora, lora_scale)
+            fuse_loras(modules, lora_pairs(lora, lora_scale))
         if scheduler is not None:
             modules.scheduler = swap_scheduler(modules.scheduler, scheduler)
         if device is not None or dtype is not None:
