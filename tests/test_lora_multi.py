@@ -254,3 +254,16 @@ def test_lora_pairs_reads_every_caller_shape():
         lora_pairs(["a", "b"], [1.0])
     with pytest.raises(InputError, match="finite"):
         lora_pairs([("a", float("inf"))])
+
+
+def test_pipeline_takes_several_loras_as_diffusers_fuses_them(pair):
+    """CreativePipeline.from_modules(lora=[a, b], lora_scale=[1.0, 0.7]) fuses what diffusers' multi-adapter
+    fusion gives (the pipeline's own UNet and text encoder, same tolerance)."""
+    from cg4ctr_fast.pipeline import CreativePipeline
+
+    pipe = CreativePipeline.from_modules(_tiny(), lora=[pair["a"], pair["b"]], lora_scale=list(SCALES))
+    reference = _diffusers_fused([pair["a"], pair["b"]], SCALES)
+    assert _max_weight_diff(pipe.components.unet.module, reference.unet) <= WEIGHT_TOL
+    assert _max_weight_diff(pipe.components.text_encoder.module, reference.text_encoder) <= WEIGHT_TOL
+    # and differs from the base weights, so the comparison can fail
+    assert _max_weight_diff(pipe.components.unet.module, _tiny().unet) > 1e-4
