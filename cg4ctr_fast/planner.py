@@ -286,7 +286,7 @@ class CostTable:
                 return "preview ranking needs the reward model and its measured cost"
         return None
 
-    def predict(self, plan: Plan, groups: int, *, products: int = 1, reward: bool = True,
+    def predict(self, plan: Plan, groups: int, *, products: int = 1, reward: bool = True, saliency: bool = True,
                 stat: str = "p99") -> Prediction:
         """Predicted latency (ms) of one call running `plan` for `products` products × `groups` groups.
 
@@ -295,7 +295,7 @@ class CostTable:
 
             unet    = Σ_{i<n} U(b_i)·(1 if i % k == 0 else f),   b_i = 2B for i < g (guided), else B
             step    = n·B·S(step)
-            fixed   = S(text) + products·(S(saliency) + S(vae_encode))
+            fixed   = S(text) + products·([saliency] S(saliency) + S(vae_encode))
             decode  = B·(S(vae_decode) + S(composite)) + [reward] B·S(reward)                 (no previews)
                     = B·(S(preview_decode) + S(reward)) + products·groups·top_k·(S(vae_decode) + S(composite)
                       + S(reward))                                                          (preview ranking)
@@ -304,7 +304,9 @@ class CostTable:
             total   = fixed + unet + step + decode + original
 
         With stat "p99" every S and U is its p99, so the total is the sum of per-stage p99s: an upper estimate of
-        the call's p99 unless the stages' slow runs all coincide. The table's working size is the largest
+        the call's p99 unless the stages' slow runs all coincide. [reward] / [saliency]: counted only when a
+        reward model scores the creatives / the saliency net finds the product (no mask, no transparency).
+        The table's working size is the largest
         side the model runs at; a smaller or non-square input runs no slower.
         Raises InputError when the table lacks a stage the plan needs (`missing_for`).
         """
@@ -322,7 +324,7 @@ class CostTable:
             unet += full if i % plan.cache_interval == 0 else fraction * full
         parts = {
             "text": self.stage_ms("text", stat),
-            "saliency": products * self.stage_ms("saliency", stat),
+            "saliency": products * self.stage_ms("saliency", stat) if saliency else 0.0,
             "vae_encode": products * self.stage_ms("vae_encode", stat),
             "unet": unet,
             "step": plan.steps * batch * self.stage_ms("step", stat),
@@ -687,7 +689,7 @@ class _Scored:
 
 
 def plan_for(deadline_ms: float, groups: int, cost: CostTable, quality: Optional[QualityTable] = None, *,
-             products: int = 1, served_per_group: int = 1, reward: bool = True,
+             products: int = 1, served_per_group: int = 1, reward: bool = True, saliency: bool = True,
              levers: Optional[Levers] = None, candidates: Optional[Iterable[Plan]] = None,
              stat: str = "p99") -> tuple[Plan, str]:
     """The best plan whose predicted latency meets the deadline, and a one-line `why`.
@@ -695,7 +697,7 @@ def plan_for(deadline_ms: float, groups: int, cost: CostTable, quality: Optional
     deadline_ms: the budget for one call, in ms (> 0, finite). groups / products: the call's size.
     served_per_group: creatives per group the caller wants back (plans serving another count are not
     considered). reward: whether a reward model scores the creatives (counted in the cost; preview plans need
-    it). levers: what can run here (default: `ALL_LEVERS`, i.e. no filter). candidates: plans to choose from
+    it). saliency: whether the saliency net runs (no mask given). levers: what can run here (default: `ALL_LEVERS`, i.e. no filter). candidates: plans to choose from
     (default: the quality table's plans when it has any that can run here, else `candidate_plans`).
     stat: "p99" (default) or "p50", the latency statistic held against the deadline.
 
@@ -735,7 +737,8 @@ def plan_for(deadline_ms: float, groups: int, cost: CostTable, quality: Optional
         if s.rejected is None:
             s.rejected = levers.why_not(plan) or cost.missing_for(plan, reward=reward)
         if s.rejected is None:
-            s.p99 = cost.predict(plan, groups, products=products, reward=reward, stat=stat).total_ms
+            s.p99 = cost.predict(plan, groups, products=products, reward=reward, saliency=saliency,
+                                 stat=stat).total_ms
             if s.p99 > deadline_ms:
                 s.rejected = f"predicted {stat} {s.p99:.0f} ms > {deadline_ms:.0f} ms"
         scored.append(s)

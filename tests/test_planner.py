@@ -65,7 +65,7 @@ def synthetic_quality(plans, seed: int) -> QualityTable:
     return QualityTable(entries=entries)
 
 
-def reference_p99(cost: CostTable, plan: Plan, groups: int, reward: bool = True) -> float:
+def reference_p99(cost: CostTable, plan: Plan, groups: int, reward: bool = True, saliency: bool = True) -> float:
     """The cost model written out a second way (per creative and per step), from the raw table."""
     def u(b):  # linear interpolation, flat below the first point, last slope above
         xs = [x for x, _ in cost.unet]
@@ -81,7 +81,7 @@ def reference_p99(cost: CostTable, plan: Plan, groups: int, reward: bool = True)
     n, m = plan.steps, plan.images_per_prompt
     creatives = groups * m
     guided = math.ceil(round(plan.guidance_cutoff * n, 9)) if plan.guidance_scale > 1 else 0
-    total = s["text"] + s["saliency"] + s["vae_encode"]
+    total = s["text"] + (s["saliency"] if saliency else 0.0) + s["vae_encode"]
     for i in range(n):
         full = u(2 * creatives if i < guided else creatives)
         total += full if i % plan.cache_interval == 0 else cost.unet_shallow_fraction * full
@@ -122,6 +122,9 @@ def test_predict_matches_reference(seed):
         if groups * plan.images_per_prompt > 64:
             continue
         assert cost.predict(plan, groups).total_ms == pytest.approx(reference_p99(cost, plan, groups), rel=1e-9)
+        if plan.preview_top_k is None:  # preview ranking needs the reward model
+            assert cost.predict(plan, groups, reward=False, saliency=False).total_ms == pytest.approx(
+                reference_p99(cost, plan, groups, reward=False, saliency=False), rel=1e-9)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2, 3, 4])
@@ -288,7 +291,8 @@ def test_generate_impossible_deadline_exits_with_one_line(tmp_path, capsys):
     cost = synthetic_cost(11)
     path = cost.save(tmp_path / "cost.json")
     levers = detect_levers(backend="torch", reward=False)  # what this checkout's pipeline can run
-    fastest = min(reference_p99(cost, p, 2, reward=False) for p in candidate_plans(1)
+    # The image's transparency is the mask: no saliency net, and no reward model, in the prediction.
+    fastest = min(reference_p99(cost, p, 2, reward=False, saliency=False) for p in candidate_plans(1)
                   if levers.why_not(p) is None and cost.missing_for(p, reward=False) is None)
     out = tmp_path / "out"
     code = main(["generate", "--preset", "tiny", "--image", str(image), "--prompt", "a", "--prompt", "b",

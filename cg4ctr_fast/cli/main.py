@@ -445,13 +445,13 @@ def _attach_preview(pipe) -> None:
 class _Planning:
     """`generate --deadline-ms`: the cost and quality tables, the chosen plan, and the report against it."""
 
-    def __init__(self, args, *, toy: bool, preset, provenance: dict, requested, rgb, reward: bool):
+    def __init__(self, args, *, toy: bool, preset, provenance: dict, requested, rgb, reward: bool, saliency: bool):
         import torch
 
         from cg4ctr_fast import planner
         from cg4ctr_fast.imaging import working_size
 
-        self.args, self.reward = args, reward
+        self.args, self.reward, self.saliency = args, reward, saliency
         self.groups, self.served = len(args.prompt), args.images_per_prompt
         self.lcm_lora = planner.toy_lcm_lora() if toy else None
         self.backend = (args.backend or "onnxruntime") if args.engines else "torch"
@@ -499,9 +499,10 @@ class _Planning:
         if self.cost is None:
             return
         self.plan, self.why = plan_for(self.args.deadline_ms, self.groups, self.cost, self.quality,
-                                       served_per_group=self.served, reward=self.reward, levers=self.levers)
-        self.p99 = self.cost.predict(self.plan, self.groups, reward=self.reward, stat="p99")
-        self.p50 = self.cost.predict(self.plan, self.groups, reward=self.reward, stat="p50")
+                                       served_per_group=self.served, reward=self.reward, saliency=self.saliency,
+                                       levers=self.levers)
+        self.p99 = self.cost.predict(self.plan, self.groups, reward=self.reward, saliency=self.saliency, stat="p99")
+        self.p50 = self.cost.predict(self.plan, self.groups, reward=self.reward, saliency=self.saliency, stat="p50")
         p = self.plan
         self.say(f"plan: {p.name} (scheduler {p.scheduler}, {p.steps} steps, guidance {p.guidance_scale:g}, "
                  f"cut-off {p.guidance_cutoff:g}, cache interval {p.cache_interval}, {p.images_per_prompt} "
@@ -663,7 +664,7 @@ def cmd_generate(args) -> int:
     planning = None
     if args.deadline_ms is not None:
         planning = _Planning(args, toy=toy, preset=preset, provenance=provenance, requested=requested, rgb=rgb,
-                             reward=reward_model is not None or engine_reward)
+                             reward=reward_model is not None or engine_reward, saliency=mask is None and alpha_mask is None)
         planning.choose()
 
     # 3. Load and run.

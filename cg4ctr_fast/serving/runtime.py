@@ -552,9 +552,10 @@ class CreativeRuntime:
         (saliency, VAE encode) once per request."""
         creatives = sum(p.creatives for p in batch)
         groups = max(1, creatives // plan.images_per_prompt)
-        one = self.cost_table.predict(plan, groups, reward=True, stat=stat)
-        extra = (len(batch) - 1) * (one.stages.get("saliency", 0.0) + one.stages.get("vae_encode", 0.0))
-        return (one.total_ms + extra) / 1000.0
+        one = self.cost_table.predict(plan, groups, reward=True, saliency=False, stat=stat)
+        salient = sum(1 for p in batch if _needs_saliency(p))
+        return (one.total_ms + (len(batch) - 1) * one.stages.get("vae_encode", 0.0)
+                + salient * self.cost_table.stage_ms("saliency", stat)) / 1000.0
 
     def _choose_plan(self, pending: _Pending, started: float) -> None:
         """The plan for a request with a deadline: the best-quality one whose predicted p99 fits the time left
@@ -578,7 +579,7 @@ class CreativeRuntime:
                                          where="after the queue wait")
             plan, _why = plan_for(left_ms, len(pending.group_ids), self.cost_table, self.quality_table,
                                   served_per_group=pending.request.num_images_per_prompt, reward=True,
-                                  levers=self.levers)
+                                  saliency=_needs_saliency(pending), levers=self.levers)
         except DeadlineInfeasible as exc:
             self.observer.rejected("deadline")
             self.observer.completed("deadline", now - started)
@@ -594,7 +595,8 @@ class CreativeRuntime:
 
         try:
             plan_for(1e-9, len(pending.group_ids), self.cost_table, self.quality_table,
-                     served_per_group=pending.request.num_images_per_prompt, reward=True, levers=self.levers)
+                     served_per_group=pending.request.num_images_per_prompt, reward=True,
+                     saliency=_needs_saliency(pending), levers=self.levers)
         except DeadlineInfeasible as exc:
             return exc.fastest_ms
         return 0.0
@@ -868,6 +870,11 @@ class CreativeRuntime:
             )
             self.observer.completed("ok", time.monotonic() - pending.submitted)
             pending.future.set_result(result)
+
+
+def _needs_saliency(pending: _Pending) -> bool:
+    """Whether the saliency net finds this request's product: no mask sent or stored, no transparency."""
+    return pending.mask_image is None and pending.product.alpha_mask is None
 
 
 def _original_image(product, alpha: bool = False):
