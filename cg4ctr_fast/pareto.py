@@ -341,6 +341,7 @@ def plot_pareto(report: dict[str, Any], path: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker  # noqa: F401 - matplotlib.ticker below
 
     groups = report["groups"]
     fig, axes = plt.subplots(1, len(groups), figsize=(6.2 * len(groups), 4.8), sharey=True, squeeze=False)
@@ -365,6 +366,9 @@ def plot_pareto(report: dict[str, Any], path: str) -> None:
             ax.axhspan(100 * ref["ci95"][0], 100 * ref["ci95"][1], color="grey", alpha=0.12,
                        label="reference 95 % CI")
         ax.set_xscale("log")
+        # plain numbers (150, 300, 1000) rather than 1.5×10²
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _p: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(lambda v, _p: f"{v:g}"))
         ax.set_xlabel("ms per creative served (p50 of the call / groups)")
         ax.set_title(f"{g} group{'s' if g > 1 else ''}")
         ax.grid(alpha=0.3, which="both")
