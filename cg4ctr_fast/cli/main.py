@@ -481,6 +481,14 @@ class _Planning:
         else:
             self.cost_path = planner.default_cost_path("cpu", self.backend, self.key)
         self.cost = planner.CostTable.load(self.cost_path) if self.cost_path.is_file() else None
+        if self.cost is not None and not args.cost_table:
+            # A cached table measured without a stage this call runs would count it as free: measure again.
+            lacking = [name for name, used in (("reward", reward), ("saliency", saliency))
+                       if used and name not in self.cost.stages]
+            if lacking:
+                self.say(f"the cached cost table {self.cost_path} has no {' or '.join(lacking)} timing: measuring "
+                         "it again")
+                self.cost = None
         quality_path = args.quality_table or (planner.shipped_quality_path() if toy else None)
         self.quality = (planner.QualityTable.load(quality_path)
                         if quality_path is not None and Path(quality_path).is_file() else None)
