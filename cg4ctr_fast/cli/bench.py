@@ -1,6 +1,8 @@
 """`cg4ctr-bench`: per-stage latency of our backends against diffusers' pipeline, in one run.
 
     cg4ctr-bench --preset tiny --backends torch,compile --groups 1,8 --steps 20 --json bench/results/x.json
+    cg4ctr-bench --calibrate --preset toy                      # the planner's cost table for this machine
+    cg4ctr-bench --pareto --json pareto.json --plot pareto.png # latency vs ad-world quality, one curve per lever
 
 Every row is measured in this process on the same weights and prompts as the diffusers baseline, with the
 same thread count for every backend (--threads), the rows interleaved call by call (A B C A B C …), the
@@ -111,8 +113,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preview-decoder", metavar="DIR",
                    help="--calibrate: a tiny preview decoder (AutoencoderTiny folder) whose decode is timed, for "
                         "preview-ranking plans (--preset toy: the shipped one when there is one)")
-    p.add_argument("--plot", help="PNG/SVG/PDF of stage times per variant (checked before any work)")
+    p.add_argument("--pareto", action="store_true",
+                   help="latency per creative against ad-world quality on the shipped toy generator, one curve per "
+                        "lever (steps, guidance cut-off, cache interval, previews, LCM-LoRA), diffusers' 20 guided "
+                        "steps as the reference in the same rounds (cg4ctr_fast.pareto); --json, --plot, --groups, "
+                        "--runs, --warmup, --threads apply")
+    p.add_argument("--products", type=int, default=8,
+                   help="--pareto: held-out products per quality measurement of a plan not in the table (default 8)")
+    p.add_argument("--quality", metavar="FILE",
+                   help="--pareto: the quality table to start from (default: the toy set's assets/toy/quality.json)")
+    p.add_argument("--quality-out", metavar="FILE",
+                   help="--pareto: write the completed quality table here (atomic), for the planner")
+    p.add_argument("--plot", help="PNG/SVG/PDF of stage times per variant, or --pareto's plot (checked before any work)")
     return p
+
+
+def pareto(args) -> int:
+    """`cg4ctr-bench --pareto`: checks every flag and output path first, then `cg4ctr_fast.pareto.main_pareto`."""
+    if args.json is None:
+        raise InputError("--pareto needs --json FILE (where the results go)")
+    if args.calibrate:
+        raise InputError("--pareto and --calibrate are two runs; give one")
+    if args.out is not None or args.reward is not None or args.preview_decoder is not None:
+        raise InputError("--out, --reward and --preview-decoder belong to --calibrate")
+    if args.engines or args.model or args.random_weights or args.backends != "torch":
+        raise InputError("--pareto measures the shipped toy generator on the torch backend; drop --engines, --model, "
+                         "--random-weights and --backends")
+    args.runs = 5 if args.runs is None else args.runs
+    check_numbers(args)
+    if not 1 <= args.products <= 64:
+        raise InputError(f"--products must be from 1 to 64, got {args.products}")
+    check_outputs(args)
+    if args.quality_out:
+        check_out_file(args.quality_out, flag="--quality-out")
+    if args.quality:
+        from pathlib import Path
+
+        if not Path(args.quality).is_file():
+            raise InputError(f"--quality {args.quality}: no such file")
+    set_omp_wait_policy(args.omp_wait)
+    from cg4ctr_fast.pareto import main_pareto
+
+    return main_pareto(args)
 
 
 def check_outputs(args) -> None:
@@ -523,6 +565,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from cg4ctr_fast.cli.common import run_cli
 
     def dispatch(args) -> int:
+        if args.pareto:
+            return pareto(args)
         if args.calibrate:
             calibrate(args)
         else:
