@@ -18,7 +18,7 @@ fi
 [ -f .whl/bpe_simple_vocab_16e6.txt.gz ] && export CG4CTR_CLIP_BPE="$PWD/.whl/bpe_simple_vocab_16e6.txt.gz"
 export CG4CTR_CACHE=/tmp/cg4ctr-cache
 
-STEPS="${STEPS:-kernels_selfcheck,kernel_bench,pipeline_bench,sd15_onnx}"
+STEPS="${STEPS:-kernels_selfcheck,kernel_bench,pipeline_bench,fewstep,sd15_onnx}"
 step() {  # step NAME SECONDS CMD...: run with a time limit, keep its output, never stop the script
   local name=$1 limit=$2; shift 2
   case ",$STEPS," in *",$name,"*) ;; *) return 0 ;; esac
@@ -41,6 +41,11 @@ step kernel_bench 90 python3 bench/kernel_bench.py --device cuda --dtype fp16 --
 step pipeline_bench 280 python3 -m cg4ctr_fast.cli.bench --preset sd15-inpaint --random-weights --device cuda \
   --dtype fp16 --backends torch,compile --fuse both --groups 1,8 --steps 20 --runs 3 --warmup 2 \
   --json "$OUT/pipeline_bench.json" --plot "$OUT/pipeline_bench.png"
+# 3b. Few steps (issue goal: <= 150 ms on an H200): SD1.5-inpaint architecture, random fp16 weights, 512x512,
+#    8 groups: 4 LCM steps without guidance, compile + fused step, with and without tiny-decoder previews
+#    ranking 2 candidates per group, beside diffusers' 20 guided steps; VAE and preview decode as their own stages.
+step fewstep 300 python3 bench/gpu/fewstep.py --device cuda --dtype fp16 --groups 8 --runs 5 --warmup 2 \
+  --json "$OUT/fewstep.json"
 # 4. The SD1.5-inpaint architecture (random weights) through `cg4ctr-export onnx` at 512x512, fp32: the UNet
 #    goes over 2 GB and takes the external-data path. ONNX Runtime validates every component against torch at
 #    batch 1 and 2, on the providers validation_providers() picks from those printed first.
@@ -53,7 +58,7 @@ echo "=== summary"
 python3 - "$OUT" <<'PY'
 import json, os, sys
 out = sys.argv[1]
-for name in ("kernel_bench.json", "pipeline_bench.json"):
+for name in ("kernel_bench.json", "pipeline_bench.json", "fewstep.json"):
     path = os.path.join(out, name)
     if os.path.exists(path):
         report = json.load(open(path))
