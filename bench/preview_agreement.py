@@ -51,6 +51,28 @@ def spearman(a, b) -> float:
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
+def top_k_rows(cells: list[dict], n: int, seed: int) -> list[dict]:
+    """Per preview_top_k = k (1..n): the share of (product, group) cells whose full-decode best is among the
+    preview's top k, and the aggregate true CTR of what the pipeline then ships (the best full-decode reward
+    among the preview's top k) over what full decoding of all n ships."""
+    from cg4ctr_fast.training.metrics import aggregate_ctr_lift
+
+    rows = []
+    for k in range(1, n + 1):
+        shipped, found = [], []
+        for c in cells:
+            # The pipeline's order: best preview first, ties by index (pipeline._preview_rank).
+            order = sorted(range(n), key=lambda i: (-c["preview_rewards"][i], i))[:k]
+            pick = max(order, key=lambda i: (c["full_rewards"][i], -i))
+            shipped.append(c["true_ctr"][pick])
+            found.append(c["full_pick"] in order)
+        lift = aggregate_ctr_lift(shipped, [c["full_pick_true_ctr"] for c in cells], [c["traffic"] for c in cells],
+                                  clusters=[c["product"] for c in cells], seed=seed)
+        rows.append({"top_k": k, "full_best_in_preview_top_k": float(np.mean(found)),
+                     "full_decodes_per_group": k, "true_ctr_over_full": lift.to_dict()})
+    return rows
+
+
 def time_decoders(slots: dict, latents: torch.Tensor, *, runs: int, warmup: int) -> dict:
     """Median / p90 ms per call of each slot on the same latents, calls interleaved (A B A B ...)."""
     samples = {name: [] for name in slots}
@@ -177,6 +199,7 @@ def main() -> int:
         "image_l1_definition": "mean |preview − full decode| over pixels and channels, images in [-1, 1], before "
                                "compositing (×127.5 for 8-bit levels)",
         "true_ctr_preview_pick_over_full_pick": lift.to_dict(),
+        "by_top_k": top_k_rows(cells, n, args.seed),
         "true_ctr_definition": ("Σ traffic·true CTR of the full decode of the preview's pick / the same for the full "
                                 "decode's pick − 1 over (product, group); CI: cluster bootstrap over products"),
         "decode_ms": timing,
@@ -205,6 +228,7 @@ def report(s: dict) -> str:
         f"{s['candidates_per_group']} candidates, {s['steps']} steps; the reward model scores each candidate's "
         "preview and its full decode (both composited). Command: `" + s["environment"]["command"] + "`.",
         "",
+    ] + ([f"Note: {s['note']}", ""] if s.get("note") else [""]) + [
         "| measure | value |",
         "|---|---:|",
         f"| top-1 agreement per (product, group), {s['cells']} cells | {s['top1_agreement']:.3f} (chance "
@@ -218,6 +242,17 @@ def report(s: dict) -> str:
         f"({127.5 * s['image_l1_preview_vs_full']:.1f} of 255) |",
         f"| true CTR of the preview's pick vs the full decode's pick (aggregate, 95 % CI) | "
         f"{lift['lift']:+.2%} [{lift['ci95'][0]:+.2%}, {lift['ci95'][1]:+.2%}] |",
+        "",
+        "With `preview_top_k = k` the pipeline fully decodes the preview's best k per group and ships the best of "
+        "them by full-decode reward:",
+        "",
+        "| k | full-decode best among the preview's top k | true CTR shipped vs full decoding of all (95 % CI) |",
+        "|---:|---:|---:|",
+    ] + [
+        f"| {r['top_k']} | {r['full_best_in_preview_top_k']:.3f} | {r['true_ctr_over_full']['lift']:+.2%} "
+        f"[{r['true_ctr_over_full']['ci95'][0]:+.2%}, {r['true_ctr_over_full']['ci95'][1]:+.2%}] |"
+        for r in s.get("by_top_k", [])
+    ] + [
         "",
         "Decode time on the same latents, interleaved calls, same process "
         f"({s['environment']['torch_threads']} torch thread(s), {s['environment']['device']['name']}):",

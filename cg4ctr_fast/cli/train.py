@@ -400,6 +400,9 @@ def _taesd_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=d.batch, help=f"latents per step (default {d.batch})")
     p.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate, cosine decay (default {d.lr})")
     p.add_argument("--images", type=int, default=d.images, help=f"training creatives, encoded once (default {d.images})")
+    p.add_argument("--generated", type=int, default=d.generated,
+                   help="further training latents made by the generator's own denoising loop (default 0; needs "
+                        "--model to be a generator folder)")
     p.add_argument("--seed", type=int, default=d.seed, help="images, initial weights, batch order (default 0)")
     p.add_argument("--save-dtype", choices=("float32", "float16"), default=d.save_dtype,
                    help="storage dtype of the weights (default float32; loading casts to the pipeline's)")
@@ -426,8 +429,10 @@ def _run_taesd(args: argparse.Namespace) -> int:
     if not (Path(world) / "world.json").is_file():
         raise InputError(f"--data {world}: not a synthetic-world folder (no world.json); write one with `cg4ctr-sim logs`")
     torch.set_num_threads(args.threads)
+    if args.generated < 0:
+        raise InputError(f"--generated must be 0 or a positive integer, got {args.generated}")
     config = TaesdTrainConfig(seed=args.seed, steps=args.steps, batch=args.batch, lr=args.lr, images=args.images,
-                              save_dtype=args.save_dtype)
+                              generated=args.generated, save_dtype=args.save_dtype)
     metrics = train_taesd(args.model, world, out, config, resume=args.resume, progress=not args.quiet,
                           log=lambda m: _say(args, m))
     _say(args, f"TAESD decoder: L1 {metrics['loss_first']:.4f} -> {metrics['loss_last']:.4f}; held-out preview vs "

@@ -4,7 +4,8 @@ Data: creatives of the synthetic ad world (`training.toy.generator_dataset`: the
 backgrounds from random captions, 64 px), encoded once by the VAE's encoder. Inputs are the *scaled*
 latents the UNet denoises (posterior sample × the VAE's scaling_factor, plus Gaussian noise of a per-image
 std drawn from U(0, `latent_noise`), since the latents the pipeline decodes come out of a denoising loop,
-not out of the encoder). Target: the full VAE decoder's image of those same latents, clamped to [-1, 1], so
+not out of the encoder); optionally (`generated`) further latents made by the generator's own 20-step loop,
+the distribution previews meet in use. Target: the full VAE decoder's image of those same latents, clamped to [-1, 1], so
 the preview learns to agree with the full decode (what ranking needs), not to beat it. Loss: L1. Only the
 decoder half trains; AutoencoderTiny's encoder half stays as built (unused by previews).
 
@@ -44,6 +45,10 @@ class TaesdTrainConfig:
     lr: float = 1e-3
     warmup: int = 100
     images: int = 2048  # training pool: world creatives, encoded once
+    # Further pool latents made by the generator's own denoising loop (random captions on training products,
+    # `generated_steps` steps): the latents previews decode in use. Needs --model to be a generator folder.
+    generated: int = 0
+    generated_steps: int = 20
     eval_images: int = 64  # held-out products' creatives for the metrics
     latent_noise: float = 0.1  # max std of the noise added to the scaled latents (their std is ~1)
     checkpoint_every: int = 200
@@ -99,6 +104,29 @@ def latent_pool(vae, images: torch.Tensor, *, seed: int, latent_noise: float, ba
         latents.append(z)
         targets.append(vae.decode(z / scale).sample.clamp(-1, 1))
     return torch.cat(latents), torch.cat(targets)
+
+
+@torch.no_grad()
+def generated_latents(model_dir: str | Path, world, items, n: int, *, steps: int, seed: int,
+                      per_call: int = 64, images_per_prompt: int = 4) -> torch.Tensor:
+    """`n` scaled latents [n, C, h, w] from the generator's denoising loop (CreativePipeline, output_type
+    "latent"): training products with `per_call // images_per_prompt` random captions each, default guidance."""
+    from cg4ctr_fast.pipeline import CreativePipeline
+    from cg4ctr_fast.sim import caption_text
+
+    pipe = CreativePipeline.from_pretrained(str(model_dir))
+    rng = np.random.default_rng([seed, 13])
+    out: list[torch.Tensor] = []
+    call = 0
+    while sum(x.shape[0] for x in out) < n:
+        item = int(items[int(rng.integers(len(items)))])
+        product = world.product(item)
+        prompts = [caption_text(world.random_caption(rng)) for _ in range(per_call // images_per_prompt)]
+        creatives = pipe(prompts, product.image, product.mask, num_inference_steps=steps, seed=seed * 100_003 + call,
+                         num_images_per_prompt=images_per_prompt, output_type="latent", show_progress=False)
+        out.append(torch.stack([c.image.float().cpu() for c in creatives]))
+        call += 1
+    return torch.cat(out)[:n]
 
 
 def _lr(step: int, cfg: TaesdTrainConfig) -> float:
@@ -197,9 +225,11 @@ def train_taesd(
     from cg4ctr_fast.sim import load_dataset
     from cg4ctr_fast.training.toy import HELD_OUT_ITEM_BASE, generator_dataset
 
-    for name in ("steps", "batch", "images", "eval_images", "checkpoint_every"):
+    for name in ("steps", "batch", "images", "eval_images", "checkpoint_every", "generated_steps"):
         if int(getattr(cfg, name)) <= 0:
             raise InputError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(cfg, name)}")
+    if int(cfg.generated) < 0:
+        raise InputError(f"--generated must be 0 or a positive integer, got {cfg.generated}")
     if not cfg.lr > 0 or not math.isfinite(cfg.lr):
         raise InputError(f"--lr must be a positive number, got {cfg.lr}")
     if not 0 <= cfg.latent_noise < 10:
@@ -218,6 +248,15 @@ def train_taesd(
     held_out = generator_dataset(world, cfg.eval_images, [HELD_OUT_ITEM_BASE + k for k in range(16)], cfg.seed + 1)
     log(f"[taesd] encoding {cfg.images} creatives and decoding them with the full VAE (targets)")
     latents, targets = latent_pool(vae, data.images, seed=cfg.seed, latent_noise=cfg.latent_noise)
+    if cfg.generated > 0:
+        if not (Path(model_dir) / "unet").is_dir():
+            raise InputError(f"--generated needs --model to be a generator folder (unet/, vae/, ...): {model_dir}")
+        log(f"[taesd] generating {cfg.generated} latents with the generator ({cfg.generated_steps} steps each)")
+        made = generated_latents(model_dir, world, items, cfg.generated, steps=cfg.generated_steps, seed=cfg.seed)
+        with torch.no_grad():
+            scale = float(vae.config.scaling_factor)
+            made_targets = torch.cat([vae.decode(z / scale).sample.clamp(-1, 1) for z in made.split(64)])
+        latents, targets = torch.cat([latents, made]), torch.cat([targets, made_targets])
 
     model = build_preview_for(vae, seed=cfg.seed, channels=cfg.channels)
     model.requires_grad_(False)
@@ -261,6 +300,14 @@ def train_taesd(
         "seconds": round(time.perf_counter() - started, 1),
     }
     metrics.update(preview_metrics(model, vae, held_out.images))
+    if cfg.generated > 0:
+        # The same on latents of the generator's loop for held-out products: the error previews show in use.
+        made = generated_latents(model_dir, world, [HELD_OUT_ITEM_BASE + k for k in range(16)], cfg.eval_images,
+                                 steps=cfg.generated_steps, seed=cfg.seed + 1)
+        with torch.no_grad():
+            scale = float(vae.config.scaling_factor)
+            full = vae.decode(made / scale).sample.clamp(-1, 1)
+            metrics["generated_preview_vs_full_l1"] = float((model.decode(made).sample.clamp(-1, 1) - full).abs().mean())
     dtype = torch.float16 if cfg.save_dtype == "float16" else torch.float32
     if dtype != torch.float32:
         stored = build_preview_for(vae, seed=cfg.seed, channels=cfg.channels)
