@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Prepared runs on a lent GPU machine (H100/H200). A device call runs at most 10 minutes, so run it in two calls:
-#   STEPS=kernels_selfcheck,kernel_bench,pipeline_bench,fewstep (≤ 8 min) and STEPS=sd15_onnx (≤ 7 min). From the repository root:
+#   STEPS=kernels_selfcheck,kernel_bench,pipeline_bench,fewstep (step limits add up to 760 s) and STEPS=sd15_onnx (420 s). From the repository root:
 #   bash bench/gpu/run.sh            # writes into $OUT (or /tmp/cg4ctr-gpu) and prints a table last
 #   STEPS=sd15_onnx bash bench/gpu/run.sh   # only some steps (comma list of the step names below)
 # The machine has torch, triton, transformers, onnx but not diffusers: its wheel travels in .whl/
