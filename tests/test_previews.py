@@ -279,6 +279,8 @@ def test_train_taesd_resume_equals_uninterrupted(tiny_vae_dir, tmp_path, monkeyp
     (["--batch", "-1"], "--batch"),
     (["--model", "/nonexistent/generator"], "not found"),
     (["--data", "/nonexistent/world"], "world.json"),
+    (["--generated", "-1"], "--generated"),
+    (["--generated", "4"], "generator folder"),  # --model is a VAE folder here: nothing to generate with
 ])
 def test_train_taesd_bad_input_exit_2(tiny_vae_dir, tmp_path, capsys, extra, needle):
     from cg4ctr_fast.cli.train import main

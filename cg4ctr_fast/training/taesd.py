@@ -238,6 +238,8 @@ def train_taesd(
         raise InputError(f"--save-dtype must be float32 or float16, got {cfg.save_dtype!r}")
     out = Path(out)
     vae, vae_folder = load_vae(model_dir)
+    if cfg.generated > 0 and not (Path(model_dir) / "unet").is_dir():
+        raise InputError(f"--generated needs --model to be a generator folder (unet/, vae/, ...), got {model_dir}")
     dataset = load_dataset(world_dir)
     world = dataset.world
     if world.image_size != int(vae.config.sample_size) and progress:
@@ -249,8 +251,6 @@ def train_taesd(
     log(f"[taesd] encoding {cfg.images} creatives and decoding them with the full VAE (targets)")
     latents, targets = latent_pool(vae, data.images, seed=cfg.seed, latent_noise=cfg.latent_noise)
     if cfg.generated > 0:
-        if not (Path(model_dir) / "unet").is_dir():
-            raise InputError(f"--generated needs --model to be a generator folder (unet/, vae/, ...): {model_dir}")
         log(f"[taesd] generating {cfg.generated} latents with the generator ({cfg.generated_steps} steps each)")
         made = generated_latents(model_dir, world, items, cfg.generated, steps=cfg.generated_steps, seed=cfg.seed)
         with torch.no_grad():
