@@ -21,6 +21,10 @@ by `training.lora.encode_examples` from creatives and masks of the synthetic wor
 (`training.toy.generator_dataset`, the same builder that trained the toy generator). Captions are encoded
 once by the frozen text encoder.
 
+The loss is not a fixed regression target: the student is its own target, so its curve is not monotone. The shipped
+toy run (cg4ctr_fast/assets/toy/lcm_lora, 1,100 steps of 16) rose from 0.029 (first 10 steps) to 0.034 (mean of
+steps 100-200) while the LoRA began to absorb the guidance, then fell to 0.027 (last 100 steps).
+
 Checkpoints (every `checkpoint_every` steps) go to a work folder next to the output,
 `.<out name>.lcm-partial/`: the LoRA (peft keys), AdamW's moments, the batch generator's state (all
 safetensors) and state.json (step, losses, config). `resume=True` continues from it when its config equals
