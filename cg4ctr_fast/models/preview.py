@@ -7,7 +7,8 @@ reward model can rank every candidate and only the best are decoded by the full 
   (`config.json` + `diffusion_pytorch_model.safetensors`, e.g. madebyollin/taesd), loaded with
   `load_preview_decoder`;
 - the toy generator (scale factor 4, 4 latent channels, 64 px): `cg4ctr-train taesd` distils one from its VAE
-  (cg4ctr_fast/training/taesd.py); `build_preview_decoder` makes the untrained architecture.
+  (cg4ctr_fast/training/taesd.py; the shipped one is cg4ctr_fast/assets/toy/taesd/);
+  `build_preview_decoder` makes the untrained architecture.
 
 Conventions (diffusers'): an AutoencoderTiny decodes the *scaled* latents, the ones the UNet denoises
 (its own `scaling_factor` is 1.0, so diffusers pipelines divide by 1.0 before `decode`), and `decode` returns

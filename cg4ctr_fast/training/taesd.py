@@ -4,10 +4,12 @@ Data: creatives of the synthetic ad world (`training.toy.generator_dataset`: the
 backgrounds from random captions, 64 px), encoded once by the VAE's encoder. Inputs are the *scaled*
 latents the UNet denoises (posterior sample × the VAE's scaling_factor, plus Gaussian noise of a per-image
 std drawn from U(0, `latent_noise`), since the latents the pipeline decodes come out of a denoising loop,
-not out of the encoder); optionally (`generated`) further latents made by the generator's own 20-step loop,
-the distribution previews meet in use. Target: the full VAE decoder's image of those same latents, clamped to [-1, 1], so
-the preview learns to agree with the full decode (what ranking needs), not to beat it. Loss: L1. Only the
-decoder half trains; AutoencoderTiny's encoder half stays as built (unused by previews).
+not out of the encoder); optionally (`generated`) further latents made by the generator's own 20-step
+loop, the distribution previews meet in use. That matters: trained on encoder latents alone, the toy TAESD
+was 0.0425 L1 from the full decode on held-out encoder latents but 0.139 on the pipeline's own latents
+(bench/results/cpu/preview_agreement_encoder_latents.md). Target: the full VAE decoder's image of those same
+latents, clamped to [-1, 1], so the preview learns to agree with the full decode (what ranking needs), not to
+beat it. Loss: L1. Only the decoder half trains; AutoencoderTiny's encoder half stays as built (unused).
 
 Output (atomic): a diffusers AutoencoderTiny folder (`config.json` + `diffusion_pytorch_model.safetensors`,
 `save_pretrained` layout, float32 or float16 storage) that `AutoencoderTiny.from_pretrained` and
