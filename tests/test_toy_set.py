@@ -13,6 +13,8 @@ from cg4ctr_fast.errors import InputError
 from cg4ctr_fast.training.toy import TOY_CONFIGS, ToyConfig
 from cg4ctr_fast.training.toy_set import (
     ENV_SET,
+    EXTRA_FP16_FILES,
+    EXTRAS,
     FP16_FILES,
     LEFT_OUT,
     MANIFEST,
@@ -43,9 +45,14 @@ def _check_set(root, manifest, config) -> None:
     on_disk = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()} - {MANIFEST}
     assert on_disk == set(manifest["files"])
     assert not any(name.startswith(tuple(p + "/" for p in LEFT_OUT)) for name in on_disk)
+    extras = manifest.get("extras", {})
+    assert set(extras) <= {name for name, _ in EXTRAS}
+    assert {f for e in extras.values() for f in e["files"]} == {
+        name for name in on_disk if any(name == n or name.startswith(n + "/") for n in extras)}
+    extra_weights = tuple(f for f in EXTRA_FP16_FILES if f.split("/")[0] in extras)
     weights = [name for name in on_disk if name.endswith((".safetensors", ".bin", ".pt", ".pth", ".ckpt"))]
-    assert sorted(weights) == sorted(FP16_FILES)  # safetensors only, each stored as planned
-    for name in FP16_FILES:
+    assert sorted(weights) == sorted(FP16_FILES + extra_weights)  # safetensors only, each stored as planned
+    for name in FP16_FILES + extra_weights:
         assert _safetensors_dtypes(root / name) <= {"F16", "I64"}, name
     assert {"vocab.json", "merges.txt"} <= {p.name for p in (root / "generator" / "tokenizer").iterdir()}
     got, want = reference_outputs(root), manifest["reference_outputs"]
@@ -61,6 +68,9 @@ def test_shipped_set_matches_its_manifest_and_loads(monkeypatch):
     manifest = verify_toy_set(PACKAGE_SET)
     _check_set(PACKAGE_SET, manifest, ToyConfig())
     assert manifest["commands"]["set"] == "cg4ctr-train toy --out cg4ctr_fast/assets/toy --config default"
+    # The LCM-LoRA, the preview decoder and the quality table ship too, each with the command that made it.
+    assert set(manifest["extras"]) == {"lcm_lora", "taesd", "quality.json"}
+    assert all(e["command"].startswith(("cg4ctr-train ", "cg4ctr-bench ")) for e in manifest["extras"].values())
     assert sum(f["size"] for f in manifest["files"].values()) <= 30e6  # the budget for the whole set
     # The default configuration resolves to the shipped folder: nothing to train.
     assert resolve_toy_root(ToyConfig()) == PACKAGE_SET
@@ -92,6 +102,26 @@ def test_train_toy_small_writes_a_set_that_loads(small_set, monkeypatch, tmp_pat
     assert resolve_toy_root(SMALL) == small_set and resolve_toy_root(ToyConfig()) != small_set
     summary = run_demo(tmp_path / "demo", steps=2, quiet=True, n_products=1, images_per_group=1, config=SMALL)
     assert summary["model_root"] == str(small_set) and len(summary["creatives"]) == 8
+
+
+def test_register_extras_hashes_them_and_a_changed_extra_is_refused(small_set, tmp_path):
+    from cg4ctr_fast.training.toy_set import register_extras
+
+    root = tmp_path / "set"
+    shutil.copytree(small_set, root)
+    (root / "quality.json").write_text('{"entries": []}\n')
+    with pytest.raises(InputError, match="present but no command"):
+        register_extras(root, {}, log=lambda _m: None)
+    with pytest.raises(InputError, match="'bogus' is not an extra"):
+        register_extras(root, {"bogus": "x"}, log=lambda _m: None)
+    manifest = register_extras(root, {"quality.json": "cg4ctr-bench --pareto --json p.json"}, log=lambda _m: None)
+    assert manifest["extras"] == {"quality.json": {"command": "cg4ctr-bench --pareto --json p.json",
+                                                   "files": ["quality.json"]}}
+    assert verify_toy_set(root)["files"]["quality.json"]["size"] == len('{"entries": []}\n')
+    _check_set(root, manifest, SMALL)
+    (root / "quality.json").write_text('{"entries": [1]}\n')
+    with pytest.raises(InputError, match="quality.json: does not match its sha256"):
+        verify_toy_set(root)
 
 
 def test_a_changed_file_is_refused_in_one_line(small_set, monkeypatch, tmp_path, capsys):

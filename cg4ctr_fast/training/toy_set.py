@@ -57,6 +57,17 @@ FP16_FILES = (
     "reward/model.safetensors",
     "prompt/model.safetensors",
 )
+# Parts made from the core set after it, each by its own command (run in this order on the written set):
+# the LCM-LoRA, the tiny preview decoder, and the planner's quality table (measured with both). Their files
+# join the manifest's "files" and each is described under "extras" (`register_extras`).
+EXTRAS = (
+    ("lcm_lora", "cg4ctr-train lcm --model {out}/generator --data {out}/world --out {out}/lcm_lora --steps 1100 "
+                 "--threads 1 --save-dtype float16"),
+    ("taesd", "cg4ctr-train taesd --model {out}/generator --data {out}/world --out {out}/taesd {taesd_flags}"),
+    ("quality.json", "cg4ctr-bench --pareto --groups 1,8 --runs 5 --products 8 --json pareto.json "
+                     "--quality-out {out}/quality.json"),
+)
+EXTRA_FP16_FILES = ("lcm_lora/pytorch_lora_weights.safetensors", "taesd/diffusion_pytorch_model.safetensors")
 # Folders of the build that no shipped command reads: the world's images (reward training only).
 LEFT_OUT = ("world/products", "world/masks", "world/creatives")
 # fp16's largest finite value: a weight past it cannot be stored as fp16.
@@ -290,4 +301,43 @@ def export_toy_set(src: Path, out: Path, config, *, command: str, fp16: tuple[st
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     log(f"[toy] wrote {out}: {len(files)} files, {manifest['total_bytes'] / 1e6:.1f} MB, manifest.json")
+    return manifest
+
+
+def register_extras(root: Path, commands: dict[str, str], *, log: Log = print) -> dict:
+    """Add the `EXTRAS` present under `root` to its manifest, atomically: every file's sha256 and size under
+    "files", and manifest["extras"][name] = {"command": commands[name], "files": [...]}; "total_bytes" updated.
+
+    commands: the exact command that made each extra (name → text); an extra present without one, or a name
+    that is not in `EXTRAS`, is an InputError. Returns the new manifest. Raises InputError when `root` holds no
+    manifest or a listed core file no longer matches it (`verify_toy_set`)."""
+    from cg4ctr_fast.fileio import atomic_write_bytes
+
+    root = Path(root)
+    manifest = verify_toy_set(root)
+    names = [name for name, _ in EXTRAS]
+    unknown = sorted(set(commands) - set(names))
+    if unknown:
+        raise InputError(f"register_extras: {unknown[0]!r} is not an extra of the toy set ({', '.join(names)})")
+    files = {rel: entry for rel, entry in manifest["files"].items()
+             if not any(rel == n or rel.startswith(n + "/") for n in names)}
+    extras = {}
+    for name in names:
+        path = root / name
+        members = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path] if path.is_file() else []
+        if not members:
+            continue
+        if name not in commands:
+            raise InputError(f"register_extras: {path} is present but no command says how it was made")
+        rels = [m.relative_to(root).as_posix() for m in members]
+        for member, rel in zip(members, rels):
+            files[rel] = {"sha256": _sha256(member), "size": member.stat().st_size}
+            if rel in EXTRA_FP16_FILES:
+                files[rel]["stored"] = "float16 (written so by its trainer's --save-dtype float16)"
+        extras[name] = {"command": commands[name], "files": rels}
+    manifest = dict(manifest, files=dict(sorted(files.items())), extras=extras,
+                    total_bytes=sum(f["size"] for f in files.values()))
+    atomic_write_bytes(root / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+    log(f"[toy] {root / MANIFEST}: extras {', '.join(extras) or 'none'}; {len(files)} files, "
+        f"{manifest['total_bytes'] / 1e6:.1f} MB")
     return manifest
