@@ -366,9 +366,10 @@ def plot_pareto(report: dict[str, Any], path: str) -> None:
             ax.axhspan(100 * ref["ci95"][0], 100 * ref["ci95"][1], color="grey", alpha=0.12,
                        label="reference 95 % CI")
         ax.set_xscale("log")
-        # plain numbers (150, 300, 1000) rather than 1.5×10²
+        # plain numbers at 1, 2, 5 × 10^k (20, 50, 100, 200) rather than 2×10¹
+        ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
         ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _p: f"{v:g}"))
-        ax.xaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(lambda v, _p: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("ms per creative served (p50 of the call / groups)")
         ax.set_title(f"{g} group{'s' if g > 1 else ''}")
         ax.grid(alpha=0.3, which="both")
