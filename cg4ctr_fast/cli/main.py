@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -901,6 +902,12 @@ COMMANDS = {"generate": cmd_generate, "demo": _demo, "store": _store, "serve": _
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from cg4ctr_fast.planner import DeadlineInfeasible
+
+    # torch's OpenMP threads wait passively (sleep) rather than spin between ops, unless the environment says
+    # otherwise; libgomp reads this once, when torch loads (not yet imported here). Measured on the 2 cores with
+    # one core busy elsewhere: spinning made a 2-step toy plan's stages 10-20x slower (UNet batch 1: 1,512 ms
+    # against 66 ms), and a deadline planned from them impossible (the cg4ctr-bench --omp-wait note).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
     # A deadline no plan meets is the caller's to change: one line and exit 2, as for any bad input.
     return run_cli(PROG, build_parser(), lambda args: COMMANDS[args.command](args), argv,
