@@ -101,6 +101,7 @@ def run_pareto(*, groups: Sequence[int] = (1, 8), runs: int = 5, warmup: int = 1
         shipped_quality_path,
         toy_lcm_lora,
         toy_preview_decoder,
+        toy_weights_sha256,
     )
     from cg4ctr_fast.sim import load_dataset
     from cg4ctr_fast.training.toy import HELD_OUT_ITEM_BASE, ToyConfig, item_features_for
@@ -144,6 +145,11 @@ def run_pareto(*, groups: Sequence[int] = (1, 8), runs: int = 5, warmup: int = 1
     table = QualityTable.load(start_table) if start_table else QualityTable(source={
         "set": "cg4ctr_fast/assets/toy", "products": products, "seed": seed,
         "how": "planner.measure_quality (cg4ctr-bench --pareto)"})
+    # The weights this run measures with (a table started from another set's keeps its entries, and says so).
+    if table.source.get("weights_sha256") not in (None, toy_weights_sha256()):
+        table.source["earlier_weights_sha256"] = table.source["weights_sha256"]
+    table.source.pop("manifest_sha256", None)
+    table.source["weights_sha256"] = toy_weights_sha256()
     measured_now = []
     for plan in plans:
         if table.lookup(plan) is None:

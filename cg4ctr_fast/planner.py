@@ -1021,14 +1021,8 @@ def measure_quality_table(plans: Sequence[Plan], out, *, products: int = 8, seed
     """`measure_quality` for each plan on the toy set, the table rewritten atomically at `out` after each plan
     (a run cut short keeps what it finished); plans already in `existing` are kept, not re-measured. Plans
     this installation cannot run are skipped with a log line."""
-    import hashlib
-
-    from cg4ctr_fast.training.toy_set import shipped_set_dir
-
-    manifest = shipped_set_dir() / "manifest.json"
     table = existing or QualityTable(source={
-        "set": "cg4ctr_fast/assets/toy",
-        "manifest_sha256": hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest.is_file() else None,
+        "set": "cg4ctr_fast/assets/toy", "weights_sha256": toy_weights_sha256(),
         "products": products, "seed": seed,
         "how": "planner.measure_quality: held-out products x every group, the reward's pick per group vs the "
                "original photo, true CTR from the world's oracle, aggregate_ctr_lift with a cluster bootstrap "
@@ -1046,6 +1040,19 @@ def measure_quality_table(plans: Sequence[Plan], out, *, products: int = 8, seed
         table.save(out)
         say(f"[quality] {plan.name}: lift {entry.quality:+.2%} [{entry.ci95[0]:+.2%}, {entry.ci95[1]:+.2%}]")
     return table
+
+
+def toy_weights_sha256() -> dict:
+    """sha256 of every weight file of the shipped toy set a quality measurement depends on (generator, reward,
+    prompt and saliency weights, the LCM-LoRA and the preview decoder when present): which weights a quality
+    table was measured with. The manifest's own hash would not do: the table is listed in that manifest."""
+    import hashlib
+
+    from cg4ctr_fast.training.toy_set import EXTRA_FP16_FILES, FP16_FILES, shipped_set_dir
+
+    root = shipped_set_dir()
+    return {rel: hashlib.sha256((root / rel).read_bytes()).hexdigest()
+            for rel in FP16_FILES + EXTRA_FP16_FILES if (root / rel).is_file()}
 
 
 def toy_lcm_lora() -> Optional[str]:
