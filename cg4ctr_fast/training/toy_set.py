@@ -57,13 +57,14 @@ FP16_FILES = (
     "reward/model.safetensors",
     "prompt/model.safetensors",
 )
-# Parts made from the core set after it, each by its own command (run in this order on the written set):
-# the LCM-LoRA, the tiny preview decoder, and the planner's quality table (measured with both). Their files
-# join the manifest's "files" and each is described under "extras" (`register_extras`).
+# Parts made from the core set after it, each by its own command (run in this order on the written set, {out}
+# its folder): the LCM-LoRA, the tiny preview decoder, and the planner's quality table (measured with both).
+# Their files join the manifest's "files" and each is described under "extras" (`register_extras`).
 EXTRAS = (
     ("lcm_lora", "cg4ctr-train lcm --model {out}/generator --data {out}/world --out {out}/lcm_lora --steps 1100 "
                  "--threads 1 --save-dtype float16"),
-    ("taesd", "cg4ctr-train taesd --model {out}/generator --data {out}/world --out {out}/taesd {taesd_flags}"),
+    ("taesd", "cg4ctr-train taesd --model {out}/generator --data {out}/world --out {out}/taesd --steps 2500 "
+              "--images 1024 --generated 2048 --save-dtype float16"),
     ("quality.json", "cg4ctr-bench --pareto --groups 1,8 --runs 5 --products 8 --json pareto.json "
                      "--quality-out {out}/quality.json"),
 )
