@@ -405,33 +405,11 @@ def distill_lcm_lora(
 
 def save_lcm_lora(unet, out_dir: str | Path, extra_metadata: Optional[dict] = None) -> Path:
     """`pytorch_lora_weights.safetensors` in diffusers' LoRA format, keys in peft naming (`unet.….lora_A.weight`),
-    as diffusers' LCM-LoRA script saves them, with the adapter config and our `cg4ctr.*` keys in the header.
+    as diffusers' LCM-LoRA script saves them, with the adapter config and our `cg4ctr.*` keys in the header
+    (`training.lora.save_lora(..., peft_keys=True)`: this LoRA adapts conv and time-projection layers too)."""
+    from cg4ctr_fast.training.lora import save_lora
 
-    Why not `training.lora.save_lora`: its `convert_state_dict_to_diffusers` renames the attention keys to the old
-    `lora.down/up` form but leaves conv and time-projection keys as `lora_A/B`; diffusers' loader then takes the
-    file as peft-format and silently drops the renamed attention keys (measured: 48 of 234 tensors lost here).
-    """
-    from diffusers import StableDiffusionInpaintPipeline
-    from peft import get_peft_model_state_dict
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    from cg4ctr_fast.training.lora import ADAPTER_NAME, LORA_WEIGHT_NAME
-
-    out = Path(out_dir)
-    layers = get_peft_model_state_dict(unet, adapter_name=ADAPTER_NAME)
-    StableDiffusionInpaintPipeline.save_lora_weights(
-        str(out), unet_lora_layers=layers, unet_lora_adapter_metadata=unet.peft_config[ADAPTER_NAME].to_dict(),
-        weight_name=LORA_WEIGHT_NAME,
-    )
-    file = out / LORA_WEIGHT_NAME
-    with safe_open(str(file), framework="pt") as handle:
-        metadata = dict(handle.metadata() or {})
-        tensors = {k: handle.get_tensor(k) for k in handle.keys()}
-    for key, value in (extra_metadata or {}).items():
-        metadata[f"cg4ctr.{key}"] = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
-    save_file(tensors, str(file), metadata=metadata)
-    return file
+    return save_lora(unet, out_dir, extra_metadata, peft_keys=True)
 
 
 def _config_diff(old: dict, new: dict) -> str:

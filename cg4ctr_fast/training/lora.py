@@ -207,9 +207,15 @@ def train_lora(
     return {"lora_steps": len(losses), "lora_loss_first": float(np.mean(head)), "lora_loss_last": float(np.mean(tail))}
 
 
-def save_lora(unet, out_dir: str | Path, extra_metadata: Optional[dict] = None) -> Path:
+def save_lora(unet, out_dir: str | Path, extra_metadata: Optional[dict] = None, *, peft_keys: bool = False) -> Path:
     """diffusers' layout: `pytorch_lora_weights.safetensors` with the adapter config in its header (without it
     diffusers reloads alpha as r and the output moves), plus our own keys (`cg4ctr.*`: cycle, metrics).
+
+    peft_keys: False (the cycle LoRA, attention layers only): keys through diffusers'
+    `convert_state_dict_to_diffusers`, as its LoRA training scripts write them; True: peft's own names
+    (`….lora_A.weight`), as diffusers' LCM-LoRA script writes them. A LoRA on conv or time-projection layers needs
+    True: the conversion renames only the attention keys (old `lora.down/up` form), and diffusers' loader then
+    reads the file as peft-format and silently drops those (measured: 48 of 234 tensors of the toy LCM-LoRA).
 
     diffusers writes the file, then it is rewritten once with our keys added to its header: its header
     format stays diffusers' own. Written into `out_dir`, which the caller makes atomic (a cycle checkpoint
@@ -222,7 +228,9 @@ def save_lora(unet, out_dir: str | Path, extra_metadata: Optional[dict] = None) 
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=ADAPTER_NAME))
+    layers = get_peft_model_state_dict(unet, adapter_name=ADAPTER_NAME)
+    if not peft_keys:
+        layers = convert_state_dict_to_diffusers(layers)
     adapter_config = unet.peft_config[ADAPTER_NAME].to_dict()
     StableDiffusionInpaintPipeline.save_lora_weights(
         str(out), unet_lora_layers=layers, unet_lora_adapter_metadata=adapter_config, weight_name=LORA_WEIGHT_NAME,
