@@ -413,6 +413,23 @@ class CostTable:
     def where(self) -> str:
         return f"{self.device}/{self.backend}/{self.dtype} at {self.width}×{self.height}"
 
+    def mismatch(self, *, device_type: str, backend: str, side: int,
+                 stages: Sequence[str] = ("text", "vae_encode", "vae_decode")) -> Optional[str]:
+        """Why this table cannot price a run on `device_type` ("cpu", "cuda") with `backend` at a working side of
+        `side` px, or None: another device type or backend, another working size, or a stage every call runs
+        that it never measured (it would count as free). A table from another machine of the same type cannot be
+        told apart here; its `meta` says where it was measured."""
+        if self.device.split(":", 1)[0] != device_type:
+            return f"it was measured on {self.device}, this run is on {device_type}"
+        if self.backend != backend:
+            return f"it was measured with the {self.backend} backend, this run uses {backend}"
+        if max(self.height, self.width) != side:
+            return f"it was measured at {self.width}×{self.height} px, this run works at {side} px"
+        lacking = [name for name in stages if name not in self.stages]
+        if lacking:
+            return f"it has no {', '.join(lacking)} timing"
+        return None
+
 
 def default_cost_path(device: str, backend: str, key: str) -> Path:
     """Where a torch cost table lives: <cache>/cost/<device>-<backend>-<key>.json (cache: CG4CTR_CACHE, else
@@ -423,7 +440,7 @@ def default_cost_path(device: str, backend: str, key: str) -> Path:
     return Path(root) / "cost" / f"{safe(device)}-{safe(backend)}-{safe(key)}.json"
 
 
-ENGINE_COST_FILE = "cost_table.json"
+from cg4ctr_fast.export.manifest import COST_TABLE as ENGINE_COST_FILE  # noqa: E402 - beside its users
 
 
 # ---------------------------------------------------------------------------------------------- quality table

@@ -106,6 +106,18 @@ def test_an_added_file_is_refused(full, tmp_path, capsys):
         CreativePipeline.from_engines(str(folder))
 
 
+def test_a_cost_table_written_after_export_is_allowed(full, tmp_path, capsys):
+    """`cg4ctr-bench --calibrate --engines` writes cost_table.json beside the engines: it describes the machine,
+    not the engines, so verification accepts it, while the same name in a subfolder is still an added file."""
+    folder = tmp_path / "copy"
+    shutil.copytree(full, folder)
+    (folder / mf.COST_TABLE).write_text("{}")
+    assert export_cli("verify", "--engines", str(folder)) == 0
+    capsys.readouterr()
+    (folder / "tokenizer" / mf.COST_TABLE).write_text("{}")
+    assert "not listed in the manifest" in one_line_error(capsys, export_cli("verify", "--engines", str(folder)))
+
+
 def test_a_version_1_folder_is_refused(full, tmp_path, capsys):
     folder = tmp_path / "copy"
     shutil.copytree(full, folder)

@@ -5,6 +5,8 @@ brute-force search over the same candidates with the cost model written out inde
 """
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import math
 import subprocess
@@ -395,3 +397,18 @@ def test_bench_calibrate_writes_a_table_the_planner_reads(tmp_path, capsys):
     assert main(["--calibrate", "--json", str(tmp_path / "x.json")]) == 2
     assert main(["--calibrate", "--out", str(tmp_path / "missing" / "c.json")]) == 2
     assert "folder" in capsys.readouterr().err
+
+
+def test_a_cost_table_for_another_run_says_why():
+    table = synthetic_cost(3)
+    side = max(table.height, table.width)
+    kind = table.device.split(":", 1)[0]
+    assert table.mismatch(device_type=kind, backend=table.backend, side=side) is None
+    other = "cuda" if kind != "cuda" else "cpu"
+    assert f"this run is on {other}" in table.mismatch(device_type=other, backend=table.backend, side=side)
+    assert "backend, this run uses tensorrt" in table.mismatch(device_type=kind, backend="tensorrt", side=side)
+    assert f"this run works at {side * 2} px" in table.mismatch(device_type=kind, backend=table.backend, side=side * 2)
+    stages = dict(table.stages)
+    stages.pop("vae_decode")
+    lacking = dataclasses.replace(table, stages=stages)
+    assert lacking.mismatch(device_type=kind, backend=table.backend, side=side) == "it has no vae_decode timing"

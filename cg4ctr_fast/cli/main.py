@@ -95,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "guidance cut-off, cache interval, candidates, preview ranking) with the best measured "
                           "quality whose predicted p99 meets it, prints it and why, runs it and reports the "
                           "measured time. A deadline no plan meets exits 2 naming the fastest feasible time, "
-                          "with nothing run. Model loading is not counted")
+                          "with nothing run. Model loading and one untimed warm-up call with the plan's shapes "
+                          "are not counted")
     gen.add_argument("--cost-table", metavar="FILE",
                      help="cost table for --deadline-ms (written by `cg4ctr-bench --calibrate`; default: the one "
                           "cached for this model, device, backend and thread count, calibrated now when none is)")
@@ -177,6 +178,10 @@ def _check_inputs(args) -> None:
         raise InputError(f"--strength must be in (0, 1], got {args.strength}")
     if args.images_per_prompt <= 0:
         raise InputError(f"--images-per-prompt must be a positive integer, got {args.images_per_prompt}")
+    if getattr(args, "preview_top_k", None) is not None and args.reward is None and not args.engines:
+        # Before any model loads; an engine folder may carry its own reward model (checked once it is read).
+        raise InputError("--preview-top-k ranks the candidates by the reward model: give --reward DIR (the toy "
+                         "set's is cg4ctr_fast/assets/toy/reward)")
     if any(not p.strip() for p in args.prompt):
         raise InputError("--prompt must not be empty")
     if len(args.prompt) * args.images_per_prompt > MAX_CREATIVES:
@@ -482,6 +487,17 @@ class _Planning:
         else:
             self.cost_path = planner.default_cost_path("cpu", self.backend, self.key)
         self.cost = planner.CostTable.load(self.cost_path) if self.cost_path.is_file() else None
+        if self.cost is not None:
+            reason = self.cost.mismatch(device_type="cpu", backend=self.backend, side=self.side)
+            if reason and args.cost_table:
+                raise InputError(f"--cost-table {args.cost_table} does not fit this run: {reason}; measure one with "
+                                 "`cg4ctr-bench --calibrate` for this model, backend and size")
+            if reason:
+                self.say(f"the cost table {self.cost_path} does not fit this run ({reason}): measuring it again")
+                self.cost = None
+            elif self.cost.meta.get("torch_threads") not in (None, torch.get_num_threads()):
+                self.say(f"note: the cost table was measured with {self.cost.meta['torch_threads']} torch threads, "
+                         f"this run has {torch.get_num_threads()}: its times may not hold")
         if self.cost is not None and not args.cost_table:
             # A cached table measured without a stage this call runs would count it as free: measure again.
             lacking = [name for name, used in (("reward", reward), ("saliency", saliency))
@@ -558,7 +574,7 @@ class _Planning:
         timing = ", ".join(f"{k};dur={v:.1f}" for k, v in stages.items())
         self.say(f"latency: {measured_ms:.0f} ms measured against the {deadline:g} ms deadline "
                  f"({'met' if met else 'MISSED'}; predicted p50 {self.p50.total_ms:.0f} ms, p99 "
-                 f"{self.p99.total_ms:.0f} ms; model loading not counted); Server-Timing: {timing}")
+                 f"{self.p99.total_ms:.0f} ms; model loading and one warm-up call not counted); Server-Timing: {timing}")
         return {"plan": self.plan.to_dict(), "name": self.plan.name, "why": self.why, "deadline_ms": deadline,
                 "measured_ms": measured_ms, "met": met, "predicted_p99_ms": self.p99.total_ms,
                 "predicted_p50_ms": self.p50.total_ms, "predicted_stages_p99_ms": self.p99.stages,
@@ -703,27 +719,26 @@ def cmd_generate(args) -> int:
         pipe = planning.finish(pipe, lambda: _load_pipeline(args, preset, saliency, loras, reward_model, planning))
         steps, guidance, per_prompt, levers = (planning.plan.steps, planning.plan.guidance_scale,
                                                planning.plan.images_per_prompt, planning.plan.pipeline_kwargs())
-        from cg4ctr_fast.runtime.timing import StageTimer
-
-        pipe.timer = StageTimer(pipe.components.device)
     elif args.preview_top_k is not None:
         _attach_preview(pipe)
+
+    def run(show_progress: bool):
+        return pipe(args.prompt, source, mask_image=mask, negative_prompt=args.negative_prompt,
+                    num_inference_steps=steps, guidance_scale=guidance, strength=args.strength,
+                    num_images_per_prompt=per_prompt, height=height, width=width, seed=args.seed,
+                    show_progress=show_progress, **levers)
+
+    if planning is not None:
+        from cg4ctr_fast.runtime.timing import StageTimer
+
+        # One untimed call with the plan's shapes first, as a serving process is warm: a process's first call
+        # pays one-off set-up (ONNX Runtime's first run at a shape: VAE encode 930-1,290 ms against 6-14 ms
+        # warm), which the cost table, measured warm, does not hold. Same seeds, so the same creatives.
+        run(show_progress=False)
+        pipe.clear_prompt_cache()  # the timed call encodes its prompts, as the cost table prices it
+        pipe.timer = StageTimer(pipe.components.device)
     run_started = time.perf_counter()
-    creatives = pipe(
-        args.prompt,
-        source,
-        mask_image=mask,
-        negative_prompt=args.negative_prompt,
-        num_inference_steps=steps,
-        guidance_scale=guidance,
-        strength=args.strength,
-        num_images_per_prompt=per_prompt,
-        height=height,
-        width=width,
-        seed=args.seed,
-        show_progress=not args.quiet and planning is None,  # a bar would be in the measured time
-        **levers,
-    )
+    creatives = run(show_progress=not args.quiet and planning is None)  # a bar would be in the measured time
     original_rewards = None
     if scorer is not None:
         # The original image is always a candidate: scored for every group as displayed (oriented, sRGB, over

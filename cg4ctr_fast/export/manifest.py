@@ -38,6 +38,11 @@ ENGINE_FORMAT = "cg4ctr-tensorrt"
 # folder left its tokenizer/scheduler/model_info unchecked, so it is refused: re-export.
 FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
+# Files a measurement writes into an engine folder after export: the planner's cost table (`cg4ctr-bench
+# --calibrate --engines`). They describe this machine, not the engines, so the manifest does not list them and
+# verification neither requires nor refuses them.
+COST_TABLE = "cost_table.json"
+MEASURED_AFTER_EXPORT = (COST_TABLE,)
 VALIDATION = "validation.json"
 MODEL_INFO = "model_info.json"
 LIBRARIES = ("torch", "diffusers", "transformers", "peft", "onnx", "onnxruntime", "onnxscript", "tensorrt", "triton")
@@ -204,7 +209,7 @@ def check_files(
     } | {f["path"] for f in ((manifest.get("reward") or {}).get("files") or [])}
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         relative = path.relative_to(root).as_posix()
-        if relative != MANIFEST and relative not in listed:
+        if relative != MANIFEST and relative not in listed and relative not in MEASURED_AFTER_EXPORT:
             raise InputError(f"{path}: not listed in the manifest (added after export): remove it or {again}")
 
 
