@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale "
                      "(default: the preset's)")
     gen.add_argument("--strength", type=float, default=1.0, help="how much of the background to redraw, (0, 1]")
+    gen.add_argument("--eta", type=float, default=0.0,
+                     help="stochasticity in [0, 1]: DDIM's eta, TCD's gamma (diffusers' eta); other schedulers "
+                          "ignore it")
     gen.add_argument("--images-per-prompt", type=int, default=1)
     gen.add_argument("--scheduler", default=None, help="ddim | euler | dpm++ | ... (default: the model's)")
     gen.add_argument("--unet-channels", type=int, choices=(4, 9), default=None, help="UNet input channels, built-in presets only (default: the preset's, 9 = inpainting)")
@@ -176,6 +179,8 @@ def _check_inputs(args) -> None:
         raise InputError(f"--guidance must be a number from 0 to {MAX_GUIDANCE:g}, got {args.guidance}")
     if not (0.0 < args.strength <= 1.0):
         raise InputError(f"--strength must be in (0, 1], got {args.strength}")
+    if not (0.0 <= args.eta <= 1.0):
+        raise InputError(f"--eta must be in [0, 1], got {args.eta}")
     if args.images_per_prompt <= 0:
         raise InputError(f"--images-per-prompt must be a positive integer, got {args.images_per_prompt}")
     if getattr(args, "preview_top_k", None) is not None and args.reward is None and not args.engines:
@@ -724,7 +729,7 @@ def cmd_generate(args) -> int:
 
     def run(show_progress: bool):
         return pipe(args.prompt, source, mask_image=mask, negative_prompt=args.negative_prompt,
-                    num_inference_steps=steps, guidance_scale=guidance, strength=args.strength,
+                    num_inference_steps=steps, guidance_scale=guidance, strength=args.strength, eta=args.eta,
                     num_images_per_prompt=per_prompt, height=height, width=width, seed=args.seed,
                     show_progress=show_progress, **levers)
 
@@ -798,6 +803,7 @@ def cmd_generate(args) -> int:
             "steps": steps,
             "guidance": guidance,
             "strength": args.strength,
+            "eta": args.eta,
             "levers": levers,
             "plan": plan_record,
             "scheduler": type(pipe.scheduler).__name__,
