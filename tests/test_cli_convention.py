@@ -158,6 +158,12 @@ def test_run_cli_maps_input_errors_and_interrupts(capsys):
     assert run_cli("prog", parser, interrupted, []) == 130
     assert capsys.readouterr().err.count("\n") == 1
 
+    def reader_left(args):  # `prog ... | head`: the pipe closed under our last message
+        raise BrokenPipeError(32, "Broken pipe")
+
+    assert run_cli("prog", parser, reader_left, []) == 141
+    assert capsys.readouterr().err == ""  # no internal-error line, no traceback file
+
 
 # ------------------------------------------------------------------------------------------ the examples
 @pytest.mark.parametrize("steps", ["1000", "1001"])

@@ -29,6 +29,8 @@ EXIT_OK = 0
 EXIT_INTERNAL = 1
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
+# The reader of our output went away (`cg4ctr ... 2>&1 | head`): 128 + SIGPIPE, as a shell reports it.
+EXIT_BROKEN_PIPE = 141
 
 # Loggers of the libraries we drive; their INFO/WARNING lines describe their internals, not the user's input.
 _LIBRARY_LOGGERS = ("diffusers", "transformers", "huggingface_hub", "torch._dynamo", "torch._inductor", "peft")
@@ -188,6 +190,16 @@ def run_cli(prog: str, parser: argparse.ArgumentParser, dispatch: Callable[[argp
     except KeyboardInterrupt:
         print(f"{prog}: interrupted: nothing half-written is left", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # Nothing can be told to a reader that left; outputs are atomic (whole or absent). Point both streams at
+        # /dev/null so Python's flush at exit does not raise again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                os.dup2(devnull, stream.fileno())
+            except (OSError, ValueError):
+                pass
+        return EXIT_BROKEN_PIPE
     except Exception as exc:  # noqa: BLE001 - every failure ends in one line
         for kind, code, label in extra_errors:
             if isinstance(exc, kind):
