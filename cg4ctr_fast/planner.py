@@ -1095,26 +1095,27 @@ def apply_plan_weights(pipe, plan: Plan, *, lcm_lora: Optional[str] = None,
             raise InputError(f"plan {plan.name} needs an LCM-LoRA and none is available")
         wanted.insert(0, (lcm_lora, 1.0))
     if wanted:
-        from cg4ctr_fast.export import lora as lora_mod
+        from cg4ctr_fast.export.lora import fuse_loras
 
         modules = getattr(pipe, "modules", None) or getattr(pipe.components, "modules", None)
         if modules is None:
             raise InputError("LoRAs fuse into torch modules; this pipeline has none (an engine folder?)")
-        if hasattr(lora_mod, "fuse_loras"):
-            lora_mod.fuse_loras(modules, wanted)
-        elif len(wanted) == 1:
-            lora_mod.fuse_lora(modules, wanted[0][0], wanted[0][1])
-        else:
-            raise InputError("fusing several LoRAs needs export.lora.fuse_loras, not in this version yet")
-    if plan.preview_top_k is not None and getattr(pipe.components, "preview_decoder", None) is None:
-        path = toy_preview_decoder()
-        try:
-            from cg4ctr_fast.runtime.preview import attach_preview_decoder
-        except ImportError:
-            raise InputError(f"plan {plan.name} ranks previews: no preview decoder in this version yet") from None
-        if path is None:
-            raise InputError(f"plan {plan.name} ranks previews: no preview decoder weights shipped")
-        attach_preview_decoder(pipe, path)
+        fuse_loras(modules, wanted)
+    if plan.preview_top_k is not None:
+        attach_toy_preview_decoder(pipe, f"plan {plan.name} ranks previews")
+
+
+def attach_toy_preview_decoder(pipe, what: str) -> None:
+    """Attach the toy set's shipped tiny preview decoder (`runtime.preview.attach_preview_decoder`) unless the
+    pipeline has one already. InputError naming `what` when the set ships none."""
+    if getattr(pipe.components, "preview_decoder", None) is not None:
+        return
+    path = toy_preview_decoder()
+    if path is None:
+        raise InputError(f"{what}: no preview decoder weights shipped")
+    from cg4ctr_fast.runtime.preview import attach_preview_decoder
+
+    attach_preview_decoder(pipe, path)
 
 
 def cost_table_key(model: str, dtype: str, side: int, threads: int) -> str:

@@ -431,26 +431,11 @@ def _load_pipeline(args, preset, saliency, loras, reward_model, planning):
     return CreativePipeline.from_modules(modules, scheduler=args.scheduler, saliency=saliency)
 
 
-def _preview_weights() -> Optional[str]:
-    """The shipped tiny preview decoder, when both it and the code that attaches it are present."""
-    import importlib.util
-
-    from cg4ctr_fast.planner import toy_preview_decoder
-
-    path = toy_preview_decoder()
-    return path if path and importlib.util.find_spec("cg4ctr_fast.runtime.preview") else None
-
-
 def _attach_preview(pipe) -> None:
-    """Attach the shipped tiny preview decoder (runtime/preview.py) unless one is attached already."""
-    if getattr(pipe.components, "preview_decoder", None) is not None:
-        return
-    path = _preview_weights()
-    if path is None:
-        raise InputError("--preview-top-k needs a preview decoder: none is shipped with this version yet")
-    from cg4ctr_fast.runtime.preview import attach_preview_decoder
+    """Attach the shipped tiny preview decoder unless one is attached already (`planner.attach_toy_preview_decoder`)."""
+    from cg4ctr_fast.planner import attach_toy_preview_decoder
 
-    attach_preview_decoder(pipe, path)
+    attach_toy_preview_decoder(pipe, "--preview-top-k needs a preview decoder")
 
 
 class _Planning:
@@ -467,8 +452,8 @@ class _Planning:
         self.lcm_lora = planner.toy_lcm_lora() if toy else None
         self.backend = (args.backend or "onnxruntime") if args.engines else "torch"
         self.levers = planner.detect_levers(backend=self.backend, lcm_lora=self.lcm_lora,
-                                            preview_decoder=toy and _preview_weights() is not None, reward=reward,
-                                            unet="base" if args.engines else None)
+                                            preview_decoder=toy and planner.toy_preview_decoder() is not None,
+                                            reward=reward, unet="base" if args.engines else None)
         resolution = preset.resolution
         if args.model and not args.engines:
             from cg4ctr_fast.models.diffusion import inspect_model_folder
@@ -652,8 +637,7 @@ def cmd_generate(args) -> int:
         from cg4ctr_fast.export import lora as lora_mod
 
         records = [lora_mod.lora_record(path, scale) for path, scale in loras]  # InputError if unusable
-        lora = (lora_mod.manifest_lora(records) if hasattr(lora_mod, "manifest_lora")
-                else records[0] if len(records) == 1 else {"format": "fused", "loras": records})
+        lora = lora_mod.manifest_lora(records)
     source = load_image(args.image, what="image")
     rgb, alpha_mask = to_rgb_and_alpha_mask(source)
     mask = load_mask(args.mask, rgb.size) if args.mask else None
