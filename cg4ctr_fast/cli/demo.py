@@ -364,6 +364,7 @@ def demo_report(summary: dict, models) -> str:
     prompt = load(models.prompt / "metrics.json")
     saliency = load(models.saliency / "metrics.json")
     steering = load(models.generator / "steering.json")
+    vae = load(models.generator / "vae_eval.json")
     head = summary["aggregate_true_ctr_lift"]
     kept = summary["original_kept"]
     n_products = len({r["product"] for r in summary["selections"]})
@@ -470,6 +471,11 @@ def demo_report(summary: dict, models) -> str:
         lines.append(
             f"| saliency | IoU {saliency.get('test_iou', float('nan')):.3f}, MAE {saliency.get('test_mae', float('nan')):.3f}; "
             f"on the demo products IoU {summary['saliency_iou_on_demo_products']:.3f} |"
+        )
+    if vae:
+        lines.append(
+            f"| generator VAE | reconstruction L1 {vae['l1']:.4f} (images in [-1, 1]), colour kept "
+            f"{vae['chroma_ratio']:.2f} (output chroma / input's), {vae['images']} creatives of held-out products |"
         )
     for name, row in steering.items():
         lines.append(

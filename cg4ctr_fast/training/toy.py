@@ -23,7 +23,8 @@ import torch
 from cg4ctr_fast.training.base import BaseTrainConfig, CreativeSet
 from cg4ctr_fast.training.saliency import SaliencyTrainConfig
 
-TOY_VERSION = "toy-v1"
+# v2: the tiny preset's GroupNorms went from 32 to 8 groups (config.TINY), so v1 weights are another model.
+TOY_VERSION = "toy-v2"
 # Item ids at and above this are never in the logs or the training sets: the demo's held-out products.
 HELD_OUT_ITEM_BASE = 100_000
 
@@ -57,11 +58,15 @@ TOY_CONFIGS = {
     "default": ToyConfig(),
     "small": ToyConfig(
         products=8, creatives_per_product=4, days=3,
-        generator=BaseTrainConfig(n_images=32, vae_steps=3, vae_batch=8, unet_steps=4, unet_batch=8),
+        generator=BaseTrainConfig(n_images=32, vae_steps=3, vae_batch=8, vae_full_steps=1, unet_steps=4, unet_batch=8),
         saliency=SaliencyTrainConfig(steps=4, batch=8), saliency_images=24,
         reward_epochs=1, prompt_epochs=5, eval_items=1, steering_images=2, steering_steps=2,
     ),
 }
+
+
+# Held-out creatives (16 products never in training) on which the VAE's reconstruction is measured.
+VAE_EVAL_IMAGES = 128
 
 
 @dataclass(frozen=True)
@@ -264,6 +269,20 @@ def build_toy_models(
         log("[toy] training the generator (VAE, UNet, text encoder)")
         data = generator_dataset(world, config.generator.n_images, train_items, config.seed)
         train_generator(data, paths.generator, config.generator, progress=progress, log=log)
+    vae_file = paths.generator / "vae_eval.json"
+    if not vae_file.is_file():
+        from diffusers import AutoencoderKL
+
+        from cg4ctr_fast.fileio import atomic_write_bytes
+        from cg4ctr_fast.training.base import vae_reconstruction
+
+        held_out = generator_dataset(world, VAE_EVAL_IMAGES, [HELD_OUT_ITEM_BASE + k for k in range(16)],
+                                     config.seed + 1)
+        vae = AutoencoderKL.from_pretrained(str(paths.generator / "vae"))
+        result = dict(vae_reconstruction(vae, held_out), products="held-out items 100000-100015",
+                      unit="images in [-1, 1]")
+        atomic_write_bytes(vae_file, (json.dumps(result, indent=2) + "\n").encode())
+        log(f"[toy] VAE on held-out products: L1 {result['l1']:.4f}, chroma kept {result['chroma_ratio']:.2f}")
     steering_file = paths.generator / "steering.json"
     if not steering_file.is_file():
         from cg4ctr_fast.fileio import atomic_write_bytes
