@@ -65,8 +65,10 @@ TOY_CONFIGS = {
 }
 
 
-# Held-out creatives (16 products never in training) on which the VAE's reconstruction is measured.
+# Held-out creatives on which the VAE's reconstruction is measured: VAE_EVAL_IMAGES of the first VAE_EVAL_PRODUCTS
+# held-out products (never in training).
 VAE_EVAL_IMAGES = 128
+VAE_EVAL_PRODUCTS = 16
 
 
 @dataclass(frozen=True)
@@ -276,10 +278,10 @@ def build_toy_models(
         from cg4ctr_fast.fileio import atomic_write_bytes
         from cg4ctr_fast.training.base import vae_reconstruction
 
-        held_out = generator_dataset(world, VAE_EVAL_IMAGES, [HELD_OUT_ITEM_BASE + k for k in range(16)],
-                                     config.seed + 1)
+        items = [HELD_OUT_ITEM_BASE + k for k in range(VAE_EVAL_PRODUCTS)]
+        held_out = generator_dataset(world, VAE_EVAL_IMAGES, items, config.seed + 1)
         vae = AutoencoderKL.from_pretrained(str(paths.generator / "vae"))
-        result = dict(vae_reconstruction(vae, held_out), products="held-out items 100000-100015",
+        result = dict(vae_reconstruction(vae, held_out), products=f"held-out items {items[0]}-{items[-1]}",
                       unit="images in [-1, 1]")
         atomic_write_bytes(vae_file, (json.dumps(result, indent=2) + "\n").encode())
         log(f"[toy] VAE on held-out products: L1 {result['l1']:.4f}, chroma kept {result['chroma_ratio']:.2f}")
