@@ -4,6 +4,8 @@
                     [--days 14] [--image-size 64] [--groups 8] [--quiet]
     cg4ctr-sim oracle (--data data/sim | --seed 0 [--groups 8]) [--item ID]
     cg4ctr-sim sheet --out sheet.png [--overwrite] [--seed 0] [--image-size 64]
+    cg4ctr-sim stages --out DIR [--products 16] [--candidates 8] [--requests 2000] [--seeds 0 ...]
+                      [--world W --generator G --reward R --prompt P] [--quiet]
 
 Bad arguments get one line on stderr and exit code 2 (`cg4ctr_fast.cli.common.run_cli`); nothing is
 written (the dataset folder is built in a temporary folder and renamed at the end; an existing, non-empty
@@ -56,7 +58,31 @@ def build_parser() -> OneLineParser:
     add_overwrite(sheet)
     sheet.add_argument("--seed", type=int, default=0)
     sheet.add_argument("--image-size", type=int, default=64)
+    add_stages_parser(sub)
     return parser
+
+
+def add_stages_parser(sub) -> None:
+    stages = add_subcommand(sub, "stages", "A-stage against B-stage creative selection in a simulated ad auction",
+                            description="Simulate the ad ranker (predicted CTR × bid, top slot shown) with creatives "
+                            "chosen before ranking (A-stage) or ranked with the items (B-stage); writes results.json, "
+                            "results.md and results.png. The stored creatives are cached in --out/cache, so a rerun "
+                            "into the same folder reuses them.")
+    stages.add_argument("--out", required=True, help="output folder (new, empty, or one this command wrote)")
+    stages.add_argument("--products", type=int, default=16, help="products in each seed's pool")
+    stages.add_argument("--candidates", type=int, default=8, help="candidate items per request (≤ --products)")
+    stages.add_argument("--requests", type=int, default=2000, help="requests per seed")
+    stages.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds (each: its own product pool and requests)")
+    stages.add_argument("--prompts-per-group", type=int, default=2, help="prompts sampled per (product, group)")
+    stages.add_argument("--images-per-prompt", type=int, default=2, help="creatives per prompt")
+    stages.add_argument("--steps", type=int, default=15, help="denoising steps of the toy generator")
+    stages.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples (≥ 20)")
+    stages.add_argument("--timed-requests", type=int, default=300, help="requests whose online scoring is timed")
+    stages.add_argument("--threads", type=int, default=1, help="torch threads (the scoring time is per this many)")
+    for name in ("world", "generator", "reward", "prompt"):
+        stages.add_argument(f"--{name}", default=None,
+                            help=f"{name} folder; give all four or none (none: the embedded toy models)")
+    stages.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
 
 
 def _check_common(args) -> None:
@@ -168,7 +194,47 @@ def cmd_sheet(args) -> int:
     return 0
 
 
-COMMANDS = {"logs": cmd_logs, "oracle": cmd_oracle, "sheet": cmd_sheet}
+def cmd_stages(args) -> int:
+    from cg4ctr_fast.training.stages import check_out, check_settings
+
+    check_settings(products=args.products, candidates=args.candidates, requests=args.requests, seeds=args.seeds,
+                   prompts_per_group=args.prompts_per_group, images_per_prompt=args.images_per_prompt,
+                   steps=args.steps, resamples=args.resamples, timed_requests=args.timed_requests)
+    if args.threads < 1:
+        raise InputError(f"--threads must be ≥ 1, got {args.threads}")
+    given = {k: getattr(args, k) for k in ("world", "generator", "reward", "prompt")}
+    if any(given.values()) and not all(given.values()):
+        missing = ", ".join(f"--{k}" for k, v in given.items() if not v)
+        raise InputError(f"give all four model folders or none; missing {missing}")
+    for name, folder in given.items():
+        if folder and not Path(folder).is_dir():
+            raise InputError(f"--{name} {folder}: not a folder")
+    check_out(Path(args.out))
+    import shlex
+
+    import torch
+
+    from cg4ctr_fast.training.stages import run_stages
+
+    torch.set_num_threads(args.threads)
+    log = (lambda _m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
+    command = " ".join(["cg4ctr-sim", *map(shlex.quote, sys.argv[1:])]) if sys.argv[1:2] == ["stages"] else None
+    results = run_stages(args.out, products=args.products, candidates=args.candidates, requests=args.requests,
+                         seeds=args.seeds, prompts_per_group=args.prompts_per_group,
+                         images_per_prompt=args.images_per_prompt, steps=args.steps, resamples=args.resamples,
+                         timed_requests=args.timed_requests, model_paths=given if all(given.values()) else None,
+                         progress=not args.quiet, log=log, command=command)
+    if not args.quiet:
+        r = results["ratios"]
+        print(f"B/A expected clicks {r['B/A']['expected_clicks']['ratio']:.4f} "
+              f"[{r['B/A']['expected_clicks']['ci95'][0]:.4f}, {r['B/A']['expected_clicks']['ci95'][1]:.4f}], "
+              f"revenue {r['B/A']['revenue']['ratio']:.4f} [{r['B/A']['revenue']['ci95'][0]:.4f}, "
+              f"{r['B/A']['revenue']['ci95'][1]:.4f}]; scoring {results['cost']['B/A']['ms_ratio']:.2f}× the time; "
+              f"wrote {Path(args.out) / 'results.md'}", file=sys.stderr)
+    return 0
+
+
+COMMANDS = {"logs": cmd_logs, "oracle": cmd_oracle, "sheet": cmd_sheet, "stages": cmd_stages}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

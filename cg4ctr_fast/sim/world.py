@@ -49,6 +49,12 @@ MAX_IMAGE_SIZE = 512
 
 # Random streams: each is seeded with [seed, stream, ...].
 _GROUPS, _PREFS, _ITEMS, _REFERENCE, _INTERACTION, _CAPTION, _TABLE, _LOGS = range(1, 9)
+# The advertiser's bid per item (World.bid): its own stream, so adding it changed no other draw.
+_BID = 9
+# Bids: lognormal cost per click (currency units per click); the median is 1.0 and σ = 0.5 spreads bids
+# by e^±0.5 ≈ ×1.65 per standard deviation, comparable to the spread of true CTR between items.
+BID_MEDIAN = 1.0
+BID_SIGMA = 0.5
 _REFERENCE_PRODUCTS = 32
 
 ImageLike = Union[Image.Image, np.ndarray]
@@ -280,6 +286,17 @@ class World:
                       + noise)
             self._item_effects[item_id] = float(effect)
         return self._item_effects[item_id]
+
+    def bid(self, item_id: int) -> float:
+        """The advertiser's bid for item `item_id` (cost per click, currency units), float > 0.
+
+        bid = BID_MEDIAN · exp(BID_SIGMA · z), z ~ N(0, 1) drawn from numpy's Generator seeded with
+        [world seed, _BID, item_id] (SeedSequence: a stable hash of the world's seed and the item id), so the
+        same item has the same bid in any process. Not part of the fingerprint or world.json: a new, separate
+        stream that changes no other draw. Raises InputError for an item_id that is not an integer ≥ 0.
+        """
+        item_id = _check_int("item_id", item_id, 0)
+        return float(BID_MEDIAN * math.exp(BID_SIGMA * self._rng(_BID, item_id).standard_normal()))
 
     def interaction(self, item_id: int) -> np.ndarray:
         """u[g, item] for every group: small group × item noise, fixed per world."""
