@@ -336,7 +336,8 @@ def _run_toy(args: argparse.Namespace) -> int:
 
 
 def _cycle_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", required=True, help="TOML file: [run] [models] [generate] [lora] [prompt] [eval] (configs/cycle.toml)")
+    p.add_argument("--config", required=True, help="TOML file: [run] [models] [generate] [lora] [prompt] [eval] "
+                   "[guard] [refresh] (configs/cycle.toml)")
     p.add_argument("--out", required=True, help="run folder: config, one atomic checkpoint per cycle, metrics.json/png")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last finished cycle")
     p.add_argument("--quiet", action="store_true", help="no progress bars, per-cycle or summary lines")
@@ -350,8 +351,11 @@ def _run_cycle(args: argparse.Namespace) -> int:
     config = load_cycle_config(args.config)
     history = run_cycles(config, Path(args.out), resume=args.resume, progress=not args.quiet, log=main_log(args.quiet))
     last = history[-1]["eval"]
+    best = ""
+    if config.guard.keep_best:
+        best = f"; serve cycle {history[-1]['best_cycle']}, the judge's best ({args.out}/cycles/cycle_{history[-1]['best_cycle']:03d})"
     _say(args, f"cycle {history[-1]['cycle']}: held-out aggregate CTR lift {last['aggregate_lift']:+.1%} (cycle 0: "
-               f"{history[0]['eval']['aggregate_lift']:+.1%}; mean of ratios {last['lift_mean_of_ratios']:+.1%}) → "
+               f"{history[0]['eval']['aggregate_lift']:+.1%}; mean of ratios {last['lift_mean_of_ratios']:+.1%}){best} → "
                f"{args.out}")
     return 0
 
@@ -361,6 +365,8 @@ def _ablate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", type=int, default=3, help="seeds run.seed … run.seed+N−1 (default 3)")
     p.add_argument("--out", required=True, help="folder: one run per seed and arm, results.json, results.md, lift_per_cycle.png; rerun to resume")
     p.add_argument("--jobs", type=int, default=1, help="seeds run at once, in separate processes (default 1)")
+    p.add_argument("--arms", default=None, help="comma-separated arms to run (default: all; the original, "
+                   "random-prompt and global-prompt arms always run), e.g. full,full_refresh,full_judge")
     p.add_argument("--quiet", action="store_true", help="no progress bars, per-cycle or summary lines")
 
 
@@ -374,11 +380,18 @@ def _run_ablate(args: argparse.Namespace) -> int:
     command = f"cg4ctr-train ablate --config {args.config} --seeds {args.seeds} --out {args.out}"
     if args.jobs > 1:
         command += f" --jobs {args.jobs}"
+    arms = None
+    if args.arms is not None:
+        arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+        command += f" --arms {','.join(arms)}"
     results = run_ablation(config, args.seeds, Path(args.out), progress=not args.quiet, log=main_log(args.quiet),
-                           jobs=args.jobs, command=command)
-    comparison = results["comparisons"]["full_over_global_prompt"]
-    _say(args, f"aggregate CTR of full over global prompt at cycle {results['cycles']}: {comparison['lift']:+.1%} "
-               f"[{comparison['ci95'][0]:+.1%}, {comparison['ci95'][1]:+.1%}] → {args.out}/results.md")
+                           jobs=args.jobs, command=command, arms=arms)
+    for key, label in (("full_last_over_cycle0", "full loop, last cycle over cycle 0"),
+                       ("full_over_global_prompt", "full over global prompt")):
+        if key in results["comparisons"]:
+            c = results["comparisons"][key]
+            _say(args, f"aggregate CTR, {label}: {c['lift']:+.1%} [{c['ci95'][0]:+.1%}, {c['ci95'][1]:+.1%}]")
+    _say(args, f"→ {args.out}/results.md")
     return 0
 
 

@@ -8,7 +8,14 @@ Arms (all evaluated on the same held-out products, with the same noise, per seed
     lora_only       cycles that update the LoRA; the prompt model stays the base one
     prompt_only     cycles that update the prompt model; no LoRA
     full            both, alternating (self-cyclic)
-Cycle 0 of the three cyclic arms is the same starting point (base generator + base prompt model).
+    full_refresh    full, with fresh logs between cycles: the reward model is retrained on what was served
+    full_judge      full, each cycle judged by a reward model on disjoint logs: undone when the judge scores it
+                    lower than the last accepted one, and the best-judged cycle served (early stop)
+    full_ensemble   full, ranked by the minimum of 3 reward models (other seeds on the same logs)
+    full_anchor     full, the LoRA anchored to the base UNet (noise-prediction penalty, capped update)
+    full_guarded    full with refresh, judge and anchor together
+Cycle 0 of the cyclic arms without refresh or ensemble is the same starting point (base generator + base
+prompt model + base reward model); the ensemble arm's cycle 0 already ranks with the ensemble.
 
 Every arm serves, per (seed, held-out product, group), the reward model's best creative only when the reward
 model scores it above the original photo, which is always a candidate (`cycle.evaluate`). The headline is
@@ -30,8 +37,21 @@ from cg4ctr_fast.errors import InputError
 from cg4ctr_fast.pipeline import derive_seed
 from cg4ctr_fast.training.cycle_config import CycleConfig, to_toml
 
-ARMS = ("original", "random_prompts", "global_prompt", "lora_only", "prompt_only", "full")
-CYCLIC_ARMS = {"lora_only": (True, False), "prompt_only": (False, True), "full": (True, True)}
+BASE_ARMS = ("original", "random_prompts", "global_prompt", "lora_only", "prompt_only", "full")
+STATIC_ARMS = ("original", "random_prompts", "global_prompt")
+# Guard variants of the full loop: config sections changed on top of the run's config (docs/cycle.md, "Guards").
+_JUDGE = {"judge": True, "accept": True, "keep_best": True}
+_ANCHOR = {"anchor_weight": 1.0, "max_delta": 0.05}
+VARIANT_ARMS: dict[str, dict[str, dict[str, Any]]] = {
+    "full_refresh": {"refresh": {"enabled": True}},
+    "full_judge": {"guard": _JUDGE},
+    "full_ensemble": {"guard": {"ensemble": 3, "ensemble_rule": "min"}},
+    "full_anchor": {"lora": _ANCHOR},
+    "full_guarded": {"refresh": {"enabled": True}, "guard": _JUDGE, "lora": _ANCHOR},
+}
+ARMS = BASE_ARMS + tuple(VARIANT_ARMS)
+CYCLIC_ARMS = {"lora_only": (True, False), "prompt_only": (False, True), "full": (True, True),
+               **{name: (True, True) for name in VARIANT_ARMS}}
 STATIC_FILE = "static.json"
 BOOTSTRAP = 2000
 
@@ -86,8 +106,27 @@ def static_arms(config: CycleConfig, model_paths: dict[str, str], log: Callable[
     return out
 
 
+def arm_config(config: CycleConfig, arm: str) -> CycleConfig:
+    """The config one cyclic arm runs with: the run's, with the arm's update flags and guard changes."""
+    update_lora, update_prompt = CYCLIC_ARMS[arm]
+    sections = {section: dict(values) for section, values in VARIANT_ARMS.get(arm, {}).items()}
+    sections["run"] = {**sections.get("run", {}), "update_lora": update_lora, "update_prompt": update_prompt}
+    return config.replace(**sections)
+
+
+def check_arms(arms: Optional[Sequence[str]]) -> tuple[str, ...]:
+    """The arms to run, in ARMS order (None = all); the static arms are always part of an ablation."""
+    if arms is None:
+        return ARMS
+    unknown = sorted(set(arms) - set(ARMS))
+    if unknown:
+        raise InputError(f"--arms: unknown arm {unknown[0]!r} (known: {', '.join(ARMS)})")
+    chosen = set(arms) | set(STATIC_ARMS)
+    return tuple(a for a in ARMS if a in chosen)
+
+
 def run_seed(config: CycleConfig, seed: int, out: Path, model_paths: dict[str, str], *, progress: bool = False,
-             log: Callable[[str], Any] = print) -> None:
+             log: Callable[[str], Any] = print, arms: Sequence[str] = ARMS) -> None:
     """Every arm of one seed into out/seed_<seed>/ (each arm resumes where it stopped)."""
     from cg4ctr_fast.fileio import atomic_write_bytes
     from cg4ctr_fast.training.cycle import run_cycles
@@ -100,34 +139,39 @@ def run_seed(config: CycleConfig, seed: int, out: Path, model_paths: dict[str, s
         static = static_arms(seed_config, model_paths, log)
         seed_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(static_file, (json.dumps(static, indent=1) + "\n").encode())
-    for arm, (update_lora, update_prompt) in CYCLIC_ARMS.items():
+    for arm in (a for a in arms if a in CYCLIC_ARMS):
         log(f"[ablate] seed {seed}: {arm}")
-        arm_config = seed_config.replace(run={"update_lora": update_lora, "update_prompt": update_prompt})
-        run_cycles(arm_config, seed_dir / arm, resume=True, progress=progress, log=log, model_paths=model_paths)
+        run_cycles(arm_config(seed_config, arm), seed_dir / arm, resume=True, progress=progress, log=log,
+                   model_paths=model_paths, guard_dir=out / "guards")
 
 
-def _seed_worker(config: CycleConfig, seed: int, out: str, model_paths: dict[str, str], quiet: bool) -> int:
+def _seed_worker(config: CycleConfig, seed: int, out: str, model_paths: dict[str, str], quiet: bool,
+                 arms: Sequence[str]) -> int:
     import sys
 
     def log(message: str) -> None:
         if not quiet:
             print(f"[seed {seed}] {message}", file=sys.stderr, flush=True)
 
-    run_seed(config, seed, Path(out), model_paths, progress=False, log=log)
+    run_seed(config, seed, Path(out), model_paths, progress=False, log=log, arms=arms)
     return seed
 
 
 def run_ablation(config: CycleConfig, seeds: int, out: str | Path, *, progress: bool = True,
-                 log: Callable[[str], Any] = print, jobs: int = 1, command: Optional[str] = None) -> dict[str, Any]:
+                 log: Callable[[str], Any] = print, jobs: int = 1, command: Optional[str] = None,
+                 arms: Optional[Sequence[str]] = None) -> dict[str, Any]:
     """Every arm for seeds config.run.seed … +seeds−1; resumable (finished arms and cycles are reused).
 
     jobs > 1 runs that many seeds at once in separate processes (each with config.run.threads torch
     threads): the ops are small, so on 2 cores two one-thread processes do about twice the work of one.
     command: how the run was started, quoted at the top of results.md.
+    arms: the arms to run (default every arm of ARMS; the static arms always run). A later call with more
+    arms reuses the finished ones.
     """
     from cg4ctr_fast.fileio import atomic_write_bytes
     from cg4ctr_fast.training.cycle import resolve_models
 
+    arms = check_arms(arms)
     if seeds < 1:
         raise InputError(f"--seeds must be ≥ 1, got {seeds}")
     if jobs < 1:
@@ -142,11 +186,15 @@ def run_ablation(config: CycleConfig, seeds: int, out: str | Path, *, progress: 
     atomic_write_bytes(out / "config.toml", to_toml(config).encode())
     atomic_write_bytes(saved, (json.dumps(config.to_dict(), indent=2) + "\n").encode())
     paths = resolve_models(config, log=log)  # built once here, not by every worker
+    from cg4ctr_fast.training.cycle import ensure_guard_models
+
+    for arm in (a for a in arms if a in VARIANT_ARMS):  # the judge and ensemble members, once for every worker
+        ensure_guard_models(arm_config(config, arm), paths, out / "guards", log=log)
     started = time.perf_counter()
     seed_list = [config.run.seed + offset for offset in range(seeds)]
     if jobs == 1:
         for seed in seed_list:
-            run_seed(config, seed, out, paths, progress=progress, log=log)
+            run_seed(config, seed, out, paths, progress=progress, log=log, arms=arms)
     else:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
@@ -154,10 +202,10 @@ def run_ablation(config: CycleConfig, seeds: int, out: str | Path, *, progress: 
         quiet = progress is False
         # spawn, not fork: a forked child inherits torch's thread pools and locks mid-state.
         with ProcessPoolExecutor(max_workers=min(jobs, seeds), mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = [pool.submit(_seed_worker, config, seed, str(out), paths, quiet) for seed in seed_list]
+            futures = [pool.submit(_seed_worker, config, seed, str(out), paths, quiet, arms) for seed in seed_list]
             for future in futures:
                 log(f"[ablate] seed {future.result()} done")
-    results = summarize(out, config, seeds)
+    results = summarize(out, config, seeds, arms)
     results["seconds"] = time.perf_counter() - started
     atomic_write_bytes(out / "results.json", (json.dumps(results, indent=2) + "\n").encode())
     atomic_write_bytes(out / "results.md", results_markdown(results, command).encode())
@@ -169,22 +217,44 @@ def run_ablation(config: CycleConfig, seeds: int, out: str | Path, *, progress: 
 
 
 # ------------------------------------------------------------------------------------------------ statistics
-def _collect(out: Path, config: CycleConfig, seeds: int):
+def served_cycle(run_dir: Path, cycle: int) -> int:
+    """Which cycle's models a run serves after `cycle` cycles: the cycle itself, or with guard.keep_best the
+    best-judged one so far (recorded in each cycle's metrics). A run that stopped early (guard.patience)
+    serves what its last finished cycle says."""
+    done = sorted(int(p.name[6:]) for p in (run_dir / "cycles").iterdir()
+                  if p.name.startswith("cycle_") and p.name[6:].isdigit())
+    last = min(cycle, done[-1])
+    metrics = json.loads((run_dir / "cycles" / f"cycle_{last:03d}" / "metrics.json").read_text())
+    if "best_cycle" in metrics and arm_keeps_best(run_dir):
+        return int(metrics["best_cycle"])
+    if last < cycle:
+        raise InputError(f"{run_dir}: cycle {cycle} is missing and the run does not keep its best cycle")
+    return last
+
+
+def arm_keeps_best(run_dir: Path) -> bool:
+    saved = json.loads((run_dir / "config.json").read_text())
+    return bool(saved.get("guard", {}).get("keep_best", False))
+
+
+def _collect(out: Path, config: CycleConfig, seeds: int, arms: Sequence[str] = ARMS):
     """Every finished run's evaluation, read once: arm → cycle → rows (seed, item_id, group, true CTRs, traffic,
     kept_original), the cyclic arms' evaluation summaries per (arm, cycle) over seeds, and each seed's global
-    prompt."""
+    prompt. An arm that keeps its best-judged cycle is read at that cycle (`served_cycle`)."""
     cycles = config.run.cycles
-    table: dict[str, dict[int, list[dict[str, Any]]]] = {arm: {c: [] for c in range(cycles + 1)} for arm in ARMS}
-    evals: dict[tuple[str, int], list[dict[str, Any]]] = {(arm, c): [] for arm in CYCLIC_ARMS for c in range(cycles + 1)}
+    cyclic = [a for a in arms if a in CYCLIC_ARMS]
+    table: dict[str, dict[int, list[dict[str, Any]]]] = {arm: {c: [] for c in range(cycles + 1)} for arm in arms}
+    evals: dict[tuple[str, int], list[dict[str, Any]]] = {(arm, c): [] for arm in cyclic for c in range(cycles + 1)}
     global_prompts = set()
     for offset in range(seeds):
         seed = config.run.seed + offset
         seed_dir = out / f"seed_{seed}"
         static = json.loads((seed_dir / STATIC_FILE).read_text())
         global_prompts.add(static["global_prompt_text"])
-        for arm in CYCLIC_ARMS:
+        for arm in cyclic:
             for c in range(cycles + 1):
-                metrics = json.loads((seed_dir / arm / "cycles" / f"cycle_{c:03d}" / "metrics.json").read_text())
+                served = served_cycle(seed_dir / arm, c)
+                metrics = json.loads((seed_dir / arm / "cycles" / f"cycle_{served:03d}" / "metrics.json").read_text())
                 table[arm][c].extend({**r, "seed": seed} for r in metrics["eval"]["rows"])
                 evals[(arm, c)].append(metrics["eval"])
         for c in range(cycles + 1):
@@ -236,12 +306,12 @@ def _compare(a_rows, b_rows, seed: int) -> dict[str, Any]:
             "mean_of_ratios_ci95": list(result.mean_of_ratios_ci95), "excludes_zero": bool(low > 0 or high < 0)}
 
 
-def summarize(out: Path, config: CycleConfig, seeds: int) -> dict[str, Any]:
-    table, evals, global_prompts = _collect(out, config, seeds)
+def summarize(out: Path, config: CycleConfig, seeds: int, arms: Sequence[str] = ARMS) -> dict[str, Any]:
+    table, evals, global_prompts = _collect(out, config, seeds, arms)
     cycles = config.run.cycles
-    arms: dict[str, Any] = {arm: {str(c): _lift_cell(table[arm][c], seed=c) for c in range(cycles + 1)} for arm in ARMS}
-    comparisons = {}
-    for name, (a, ca), (b, cb) in (
+    chosen = list(arms)
+    lift: dict[str, Any] = {arm: {str(c): _lift_cell(table[arm][c], seed=c) for c in range(cycles + 1)} for arm in chosen}
+    pairs = [
         ("full_over_global_prompt", ("full", cycles), ("global_prompt", cycles)),
         ("full_over_random_prompts", ("full", cycles), ("random_prompts", cycles)),
         ("full_last_over_cycle0", ("full", cycles), ("full", 0)),
@@ -249,10 +319,17 @@ def summarize(out: Path, config: CycleConfig, seeds: int) -> dict[str, Any]:
         ("full_over_prompt_only", ("full", cycles), ("prompt_only", cycles)),
         ("lora_only_last_over_cycle0", ("lora_only", cycles), ("lora_only", 0)),
         ("prompt_only_last_over_cycle0", ("prompt_only", cycles), ("prompt_only", 0)),
-    ):
-        comparisons[name] = {"a": f"{a}@{ca}", "b": f"{b}@{cb}", **_compare(table[a][ca], table[b][cb], seed=17)}
+    ]
+    for variant in VARIANT_ARMS:
+        pairs += [(f"{variant}_last_over_cycle0", (variant, cycles), (variant, 0)),
+                  (f"{variant}_over_full", (variant, cycles), ("full", cycles)),
+                  (f"{variant}_over_original", (variant, cycles), ("original", cycles))]
+    comparisons = {}
+    for name, (a, ca), (b, cb) in pairs:
+        if a in table and b in table:
+            comparisons[name] = {"a": f"{a}@{ca}", "b": f"{b}@{cb}", **_compare(table[a][ca], table[b][cb], seed=17)}
     extras = {}
-    for arm in CYCLIC_ARMS:
+    for arm in (a for a in chosen if a in CYCLIC_ARMS):
         extras[arm] = {}
         for c in range(cycles + 1):
             values = evals[(arm, c)]
@@ -260,7 +337,8 @@ def summarize(out: Path, config: CycleConfig, seeds: int) -> dict[str, Any]:
                                    for k in ("reward_mean", "true_ctr_mean", "reward_oracle_gap", "diversity")}
             extras[arm][str(c)]["product_pixels_unchanged"] = all(v["product_pixels_unchanged"] for v in values)
     return {"config": config.to_dict(), "seeds": [config.run.seed + o for o in range(seeds)], "cycles": cycles,
-            "lift": arms, "comparisons": comparisons, "eval_metrics": extras, "global_prompt": global_prompts,
+            "arms": chosen, "lift": lift, "comparisons": comparisons, "eval_metrics": extras,
+            "global_prompt": global_prompts,
             "bootstrap": {"resamples": BOOTSTRAP, "cluster": "(seed, held-out product)", "level": 0.95},
             "weights": "each (seed, product, group) cell weighted by its group's traffic share (World.group_traffic)"}
 
@@ -295,7 +373,7 @@ def results_markdown(results: dict[str, Any], command: Optional[str] = None) -> 
 
     def table(cell_text) -> list[str]:
         rows = []
-        for arm in ARMS:
+        for arm in results.get("arms", ARMS):
             cells = [cell_text(results["lift"][arm][str(c)]) for c in range(cycles + 1)]
             if arm not in CYCLIC_ARMS:
                 cells = [cells[0]] + ["″"] * cycles  # no cycles: the same evaluation in every column
@@ -343,7 +421,7 @@ def plot_lift(results: dict[str, Any]) -> bytes:
     for ax, (key, ci_key, title) in zip(axes, (
             ("lift", "ci95", "Aggregate true-CTR lift (traffic-weighted), 95 % cluster-bootstrap CI"),
             ("mean_of_ratios", "mean_of_ratios_ci95", "Secondary: mean of per-(product, group) ratios"))):
-        for arm in ARMS:
+        for arm in results.get("arms", ARMS):
             cells = [results["lift"][arm][str(c)] for c in cycles]
             mean = np.array([c[key] for c in cells])
             low = np.array([c[ci_key][0] for c in cells])

@@ -12,12 +12,22 @@ One cycle (`run_cycle`):
                  the photo was kept, the mean reward, the reward/oracle gap, diversity, product pixels unchanged
     7. checkpoint one atomic folder per cycle: LoRA (diffusers format), prompt model, metrics
 
+Options against reward hacking (config [guard], [refresh], [lora] anchor_weight / max_delta; `training.guards`):
+    3b. refresh  the world logs impressions and clicks of the served training creatives and the photo; the
+                 reward model (every ensemble member) is retrained on the logs so far
+    4.  anchor   a noise-prediction penalty towards the base UNet, and a cap on each layer's LoRA update
+    5b. judge    a reward model trained on disjoint logs scores what the cycle would serve on judge products of
+                 their own; with `accept` a cycle it scores below the last accepted one is undone, with
+                 `keep_best` the run serves its best-judged cycle and can stop early (`patience`)
+    ensemble     the reward models that rank are combined pessimistically (min, or mean − k·std)
+
 Cycle 0 is the evaluation of the starting models. Every random draw is seeded from (run seed, cycle,
 stage) with hashlib, and each cycle's optimizers start fresh, so a cycle depends only on the checkpoint it
 starts from: a run resumed after a kill gives the same numbers as an uninterrupted one.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -33,7 +43,11 @@ from cg4ctr_fast.pipeline import derive_seed
 from cg4ctr_fast.training.cycle_config import CycleConfig, to_toml
 
 CYCLE_DIR = "cycles"
-RUN_FILES = frozenset({"config.toml", "config.json", CYCLE_DIR, "metrics.json", "metrics.png"})
+GUARD_DIR = "guards"  # the judge and the ensemble members, cached per world (training.guards)
+RUN_FILES = frozenset({"config.toml", "config.json", CYCLE_DIR, GUARD_DIR, "metrics.json", "metrics.png"})
+# Judge products: a block of held-out ids of their own, far from the evaluation's (HELD_OUT_ITEM_BASE + seed ·
+# eval_products), so selecting a cycle by the judge never looks at the products it is evaluated on.
+JUDGE_ITEM_OFFSET = 500_000
 
 
 # ------------------------------------------------------------------------------------------------ context
@@ -45,13 +59,27 @@ class CycleContext:
     dataset: Any  # cg4ctr_fast.sim.SimDataset
     modules: Any  # DiffusionModules (the UNet carries the LoRA adapter when the run updates it)
     pipe: Any  # CreativePipeline over `modules`
-    reward: Any  # RewardModel
+    reward: Any  # RewardModel, or a guards.RewardEnsemble of them (what ranks and picks)
     prompt_model: Any  # PromptModel (updated in place by the prompt step)
     group_ids: list[int]
     group_features: np.ndarray  # [G, group_dim]
     train_items: list[int]
     eval_items: list[int]
     model_paths: dict[str, str]
+    judge: Any = None  # the held-out judge (RewardModel) when guard.judge
+    judge_items: list[int] = dataclasses.field(default_factory=list)
+    fresh: list[dict[str, np.ndarray]] = dataclasses.field(default_factory=list)  # every cycle's fresh logs
+    base_logs: Any = None  # (AdLog, uint8 images) of the world's logs, loaded at the first refresh
+    guard_dir: Optional[Path] = None  # where guard models and a materialized world copy are cached
+
+    def reward_members(self) -> list[Any]:
+        return list(self.reward.members) if hasattr(self.reward, "members") else [self.reward]
+
+    def set_reward_members(self, members: Sequence[Any]) -> None:
+        from cg4ctr_fast.training.guards import RewardEnsemble
+
+        guard = self.config.guard
+        self.reward = RewardEnsemble(members, guard.ensemble_rule, guard.ensemble_k) if guard.ensemble > 1 else members[0]
 
     @property
     def world(self):
@@ -93,8 +121,36 @@ def pick_items(config: CycleConfig, dataset) -> tuple[list[int], list[int]]:
     return train, list(range(start, start + run.eval_products))
 
 
+def judge_items(config: CycleConfig) -> list[int]:
+    """The judge's held-out products (a different block per seed, disjoint from every evaluation block)."""
+    from cg4ctr_fast.training.toy import HELD_OUT_ITEM_BASE
+
+    n = config.guard.judge_products
+    start = HELD_OUT_ITEM_BASE + JUDGE_ITEM_OFFSET + config.run.seed * n
+    return list(range(start, start + n))
+
+
+def ensure_guard_models(config: CycleConfig, model_paths: dict[str, str], guard_dir: Path,
+                        log: Callable[[str], Any] = print) -> dict[str, Any]:
+    """Build (or reuse) the judge and the extra ensemble members the config asks for, under guard_dir/<world>.
+    Returns {"judge": folder or None, "members": [folders of members 1 … n−1]}."""
+    from cg4ctr_fast.training import guards
+
+    guard = config.guard
+    if not guard.judge and guard.ensemble == 1:
+        return {"judge": None, "members": [], "root": None}
+    root = Path(guard_dir) / guards.guard_cache_key(model_paths["world"])
+    judge = guards.build_judge(model_paths["world"], root / f"judge_{guard.judge_seed}", seed=guard.judge_seed,
+                               log=log) if guard.judge else None
+    members = []
+    if guard.ensemble > 1:
+        world = guards.materialized_world(model_paths["world"], root)
+        members = guards.build_members(world, root, guard.ensemble, log=log)
+    return {"judge": judge, "members": members, "root": root}
+
+
 def build_context(config: CycleConfig, *, log: Callable[[str], Any] = print,
-                  model_paths: Optional[dict[str, str]] = None) -> CycleContext:
+                  model_paths: Optional[dict[str, str]] = None, guard_dir: Optional[Path] = None) -> CycleContext:
     from cg4ctr_fast.models.diffusion import load_modules
     from cg4ctr_fast.models.prompt import PromptModel
     from cg4ctr_fast.models.reward import RewardModel
@@ -114,12 +170,18 @@ def build_context(config: CycleConfig, *, log: Callable[[str], Any] = print,
     prompt_model = PromptModel.load(paths["prompt"])
     groups = sorted(dataset.groups, key=lambda g: g["group_id"])
     train_items, eval_items = pick_items(config, dataset)
-    return CycleContext(
+    extra = ensure_guard_models(config, paths, Path(guard_dir) if guard_dir else Path(GUARD_DIR), log=log)
+    ctx = CycleContext(
         config=config, dataset=dataset, modules=modules, pipe=pipe, reward=reward, prompt_model=prompt_model,
         group_ids=[int(g["group_id"]) for g in groups],
         group_features=np.stack([np.asarray(g["features"], dtype=np.float32) for g in groups]),
         train_items=train_items, eval_items=eval_items, model_paths=paths,
+        judge=RewardModel.load(extra["judge"]).eval() if extra["judge"] else None,
+        judge_items=judge_items(config) if config.guard.judge else [],
+        guard_dir=Path(guard_dir) if guard_dir else Path(GUARD_DIR),
     )
+    ctx.set_reward_members([reward] + [RewardModel.load(f).eval() for f in extra["members"]])
+    return ctx
 
 
 # ------------------------------------------------------------------------------------------------ generation
@@ -177,7 +239,7 @@ def score_originals(ctx: CycleContext, item_id: int) -> np.ndarray:
 
 def evaluate(ctx: CycleContext, prompts_for: Callable[[int], list[str]], *, seed: int,
              images_per_group: Optional[int] = None, steps: Optional[int] = None, progress: bool = False,
-             desc: str = "evaluate") -> dict[str, Any]:
+             desc: str = "evaluate", items: Optional[Sequence[int]] = None, judge: Any = None) -> dict[str, Any]:
     """Serve each (held-out product, group) as selection would, and score it with the world's oracle.
 
     The original photo is always a candidate: the reward model's best creative of the group replaces it only
@@ -189,6 +251,9 @@ def evaluate(ctx: CycleContext, prompts_for: Callable[[int], list[str]], *, seed
         generated_only_aggregate_lift   the same for the best creative without the original as a candidate
         original_kept_share    fraction of (product, group) where the photo was kept
     and one row per (product, group): `lift` = true CTR served / true CTR of the original − 1.
+    items: the products (default: the held-out evaluation products). judge: a reward model that also scores
+    what is served and the photo (rows get judge_served and judge_original; the result judge_aggregate_lift,
+    `guards.judged_lift`); it never changes what is served.
     """
     from cg4ctr_fast.training.metrics import aggregate_ctr_lift, pick_over_original
 
@@ -199,7 +264,7 @@ def evaluate(ctx: CycleContext, prompts_for: Callable[[int], list[str]], *, seed
     from tqdm.auto import tqdm
 
     rows, diversity, unchanged = [], [], True
-    for item_id in tqdm(ctx.eval_items, desc=desc, disable=not progress, leave=False):
+    for item_id in tqdm(ctx.eval_items if items is None else items, desc=desc, disable=not progress, leave=False):
         product = world.product(item_id)
         prompts = prompts_for(item_id)
         generated = generate_for_groups(ctx, item_id, [[p] for p in prompts], images_per_prompt=per_group,
@@ -225,6 +290,12 @@ def evaluate(ctx: CycleContext, prompts_for: Callable[[int], list[str]], *, seed
                          "true_ctr": true_ctr, "original_true_ctr": base, "best_generated_true_ctr": best_ctr,
                          "traffic": float(traffic[ctx.group_ids[g]]), "lift": true_ctr / base - 1.0})
             picks.append(np.asarray(best["image"], dtype=np.float32)[~keep] / 255.0)
+            if judge is not None:
+                caption = best["prompt"] if ctx.config.generate.reward_sees_prompt else ""
+                scores = judge.score_images([best["image"], product.image], [product.title] * 2, [caption, ""],
+                                            ctx.group_features[[g, g]])
+                rows[-1]["judge_original"] = float(scores[1])
+                rows[-1]["judge_served"] = float(scores[1] if kept_original else scores[0])
         # Diversity: mean absolute pixel difference between the best creatives of different groups, background only.
         pairs = [np.abs(a - b).mean() for i, a in enumerate(picks) for b in picks[i + 1 :]]
         diversity.append(float(np.mean(pairs)) if pairs else 0.0)
@@ -234,7 +305,13 @@ def evaluate(ctx: CycleContext, prompts_for: Callable[[int], list[str]], *, seed
     generated_only = aggregate_ctr_lift([r["best_generated_true_ctr"] for r in rows], base, weights)
     rewards = np.array([r["reward"] for r in rows])
     ctrs = np.array([r["true_ctr"] for r in rows])
+    judged = {}
+    if judge is not None:
+        from cg4ctr_fast.training.guards import judged_lift
+
+        judged["judge_aggregate_lift"] = judged_lift(rows)
     return {
+        **judged,
         "aggregate_lift": served.lift,
         "aggregate_true_ctr": served.treatment_ctr,
         "aggregate_original_true_ctr": served.control_ctr,
@@ -265,8 +342,11 @@ def prompt_model_prompts(ctx: CycleContext) -> Callable[[int], list[str]]:
 
 
 # ------------------------------------------------------------------------------------------------ one cycle
-def run_cycle(ctx: CycleContext, cycle: int, *, progress: bool = False) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Cycle `cycle` (≥ 1) from the models' current state; returns its metrics and the top-k rows."""
+def run_cycle(ctx: CycleContext, cycle: int, *, progress: bool = False,
+              judge_reference: Optional[float] = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Cycle `cycle` (≥ 1) from the models' current state; returns its metrics and the top-k rows.
+
+    judge_reference: the judged aggregate lift of the last accepted cycle (guard.accept compares with it)."""
     from tqdm.auto import tqdm
 
     cfg = ctx.config
@@ -294,6 +374,15 @@ def run_cycle(ctx: CycleContext, cycle: int, *, progress: bool = False) -> tuple
         "topk_reward_mean": float(np.mean([r["reward"] for r in kept])),
         "topk_distinct_prompts": len({r["prompt"] for r in kept}),
     }
+    # 3b. fresh logs: the world shows what was served (and the photo) and logs clicks; the reward is retrained.
+    fresh = None
+    if cfg.refresh.enabled:
+        started = time.perf_counter()
+        fresh = refresh_step(ctx, rows, kept, cycle)
+        metrics["refresh"] = {"creatives": int(len(fresh["item_id"])), "impressions": int(fresh["impressions"].sum()),
+                              "clicks": int(fresh["clicks"].sum()), "logged_reward_members": len(ctx.reward_members())}
+        timings["refresh_s"] = time.perf_counter() - started
+    snapshot = _snapshot(ctx) if cfg.guard.accept else None
     # 4. LoRA on the top-k images, prompt model frozen.
     if cfg.run.update_lora:
         started = time.perf_counter()
@@ -305,6 +394,15 @@ def run_cycle(ctx: CycleContext, cycle: int, *, progress: bool = False) -> tuple
         started = time.perf_counter()
         metrics.update(prompt_step(ctx, rows, kept, seed=derive_seed(seed, cycle, "prompt")))
         timings["prompt_s"] = time.perf_counter() - started
+    # 5b. the held-out judge on its own products; with guard.accept a cycle it scores lower is undone.
+    if ctx.judge is not None:
+        started = time.perf_counter()
+        judged = judge_step(ctx, progress=progress, desc=f"cycle {cycle}: judge")
+        accepted = not cfg.guard.accept or judge_reference is None or judged >= judge_reference
+        if not accepted:
+            _restore_snapshot(ctx, snapshot)
+        metrics["judge"] = {"aggregate_lift": judged, "reference": judge_reference, "accepted": accepted}
+        timings["judge_s"] = time.perf_counter() - started
     # 6. held-out evaluation, the same noise every cycle so cycles differ only by the models.
     started = time.perf_counter()
     evaluation = evaluate(ctx, prompt_model_prompts(ctx), seed=derive_seed(seed, "heldout"), progress=progress,
@@ -312,7 +410,76 @@ def run_cycle(ctx: CycleContext, cycle: int, *, progress: bool = False) -> tuple
     timings["eval_s"] = time.perf_counter() - started
     metrics["eval"] = evaluation
     metrics["seconds"] = timings
+    if fresh is not None:
+        metrics["_fresh"] = fresh  # saved as fresh_logs.npz beside the checkpoint, not in metrics.json
     return metrics, kept
+
+
+def _snapshot(ctx: CycleContext) -> dict[str, Any]:
+    """The LoRA and prompt model as they are, to undo a cycle the judge rejects."""
+    import copy
+
+    from cg4ctr_fast.training.lora import lora_state
+
+    return {"lora": lora_state(ctx.modules.unet) if ctx.config.run.update_lora else None,
+            "prompt": copy.deepcopy(ctx.prompt_model) if ctx.config.run.update_prompt else None}
+
+
+def _restore_snapshot(ctx: CycleContext, snapshot: dict[str, Any]) -> None:
+    from cg4ctr_fast.training.lora import load_lora_state
+
+    if snapshot["lora"] is not None:
+        load_lora_state(ctx.modules.unet, snapshot["lora"])
+    if snapshot["prompt"] is not None:
+        ctx.prompt_model = snapshot["prompt"]
+
+
+def judge_step(ctx: CycleContext, *, progress: bool = False, desc: str = "judge") -> float:
+    """The judge's aggregate lift of what the current models would serve on the judge products (the same
+    noise every cycle, as the evaluation's)."""
+    result = evaluate(ctx, prompt_model_prompts(ctx), seed=derive_seed(ctx.config.run.seed, "judge"),
+                      items=ctx.judge_items, judge=ctx.judge, progress=progress, desc=desc)
+    return float(result["judge_aggregate_lift"])
+
+
+def refresh_step(ctx: CycleContext, rows: Sequence[dict[str, Any]], kept: Sequence[dict[str, Any]],
+                 cycle: int) -> dict[str, np.ndarray]:
+    """Log the served creatives (the top-k, or all with refresh.served = "all") and the photo for every
+    (training product, group), then retrain every reward model on the world's logs plus all fresh logs."""
+    from cg4ctr_fast.training import guards
+
+    cfg = ctx.config
+    caption = (lambda r: r["prompt"]) if cfg.generate.reward_sees_prompt else (lambda r: "")
+    served = [{"image": r["image"], "item_id": r["item_id"], "group": r["group"], "caption": caption(r),
+               "title": r["title"]} for r in (kept if cfg.refresh.served == "topk" else rows)]
+    for item_id in ctx.train_items:
+        product = ctx.world.product(item_id)
+        served += [{"image": product.image, "item_id": item_id, "group": g, "caption": "", "title": product.title}
+                   for g in range(len(ctx.group_ids))]
+    fresh = guards.sample_fresh_logs(ctx.world, served, impressions=cfg.refresh.impressions,
+                                     traffic=ctx.world.group_traffic(), group_ids=ctx.group_ids,
+                                     seed=derive_seed(cfg.run.seed, cycle, "fresh-logs"))
+    ctx.fresh.append(fresh)
+    retrain_rewards(ctx, cycle)
+    return fresh
+
+
+def retrain_rewards(ctx: CycleContext, cycle: int) -> None:
+    """Every reward model retrained from scratch on the world's logs plus ctx.fresh (member i with its own seed)."""
+    from cg4ctr_fast.training import guards
+
+    if ctx.base_logs is None:
+        size = ctx.reward_members()[0].config.image_size
+        world = guards.materialized_world(ctx.model_paths["world"],
+                                          ctx.guard_dir / guards.guard_cache_key(ctx.model_paths["world"]))
+        ctx.base_logs = guards.base_log_and_images(world, size)
+    base, images = ctx.base_logs
+    members = []
+    for member in range(len(ctx.reward_members())):
+        model, _metrics = guards.retrain_reward(base, images, ctx.fresh, ctx.group_ids, epochs=ctx.config.refresh.epochs,
+                                                seed=derive_seed(ctx.config.run.seed, cycle, "refresh", member) % (2**31))
+        members.append(model)
+    ctx.set_reward_members(members)
 
 
 def lora_step(ctx: CycleContext, kept: Sequence[dict[str, Any]], *, seed: int, progress: bool = False,
@@ -325,9 +492,12 @@ def lora_step(ctx: CycleContext, kept: Sequence[dict[str, Any]], *, seed: int, p
     modules = ctx.modules
     latents = torch.stack([r["latents"] for r in kept]) if ctx.config.lora.train_on == "latents" else None
     examples = encode_examples(modules.vae, images, masks, latents=latents)
-    return train_lora(modules.unet, modules.text_encoder, modules.tokenizer, modules.scheduler, examples,
-                      [r["prompt"] for r in kept], ctx.config.lora, seed=seed % (2**63),
-                      guidance=ctx.config.generate.guidance, progress=progress, desc=desc)
+    result = train_lora(modules.unet, modules.text_encoder, modules.tokenizer, modules.scheduler, examples,
+                        [r["prompt"] for r in kept], ctx.config.lora, seed=seed % (2**63),
+                        guidance=ctx.config.generate.guidance, progress=progress, desc=desc)
+    from cg4ctr_fast.training.lora import cap_lora_delta
+
+    return {**result, **cap_lora_delta(modules.unet, ctx.config.lora.max_delta)}
 
 
 def prompt_step(ctx: CycleContext, rows: Sequence[dict[str, Any]], kept: Sequence[dict[str, Any]], *,
@@ -373,8 +543,10 @@ def cycle_path(out: Path, cycle: int) -> Path:
 
 
 def restore(ctx: CycleContext, out: Path, cycle: int) -> None:
-    """Load the LoRA and the prompt model a finished cycle saved."""
+    """Load what a finished cycle saved: the LoRA, the prompt model, the reward models and the fresh logs so far."""
     from cg4ctr_fast.models.prompt import PromptModel
+    from cg4ctr_fast.models.reward import RewardModel
+    from cg4ctr_fast.training.guards import FRESH_FILE, load_fresh_logs
     from cg4ctr_fast.training.lora import load_lora_file
 
     folder = cycle_path(out, cycle)
@@ -382,6 +554,10 @@ def restore(ctx: CycleContext, out: Path, cycle: int) -> None:
         load_lora_file(ctx.modules.unet, folder / "lora")
     if ctx.config.run.update_prompt and (folder / "prompt").is_dir():
         ctx.prompt_model = PromptModel.load(folder / "prompt")
+    if ctx.config.refresh.enabled and cycle > 0:
+        ctx.fresh = [load_fresh_logs(cycle_path(out, c) / FRESH_FILE) for c in range(1, cycle + 1)]
+        members = sorted((folder / "reward").iterdir(), key=lambda p: int(p.name.split("_")[1]))
+        ctx.set_reward_members([RewardModel.load(m).eval() for m in members])
 
 
 def save_cycle(ctx: CycleContext, out: Path, cycle: int, metrics: dict[str, Any],
@@ -389,9 +565,16 @@ def save_cycle(ctx: CycleContext, out: Path, cycle: int, metrics: dict[str, Any]
     from cg4ctr_fast.fileio import atomic_dir
     from cg4ctr_fast.training.lora import save_lora
 
+    from cg4ctr_fast.training.guards import FRESH_FILE, save_fresh_logs
+
+    fresh = metrics.pop("_fresh", None)
     summary = {k: v for k, v in metrics.items() if k != "eval"}
     summary["eval"] = {k: v for k, v in metrics["eval"].items() if k != "rows"}
     with atomic_dir(cycle_path(out, cycle)) as tmp:
+        if fresh is not None:
+            save_fresh_logs(fresh, tmp / FRESH_FILE)
+            for i, member in enumerate(ctx.reward_members()):
+                member.save(tmp / "reward" / f"member_{i}")
         if cycle > 0 and ctx.config.run.update_lora:
             save_lora(ctx.modules.unet, tmp / "lora",
                       extra_metadata={"cycle": cycle, "seed": ctx.config.run.seed, "metrics": summary})
@@ -417,22 +600,29 @@ def check_run_folder(out: Path, config: CycleConfig, resume: bool) -> None:
     if saved.is_file():
         before = json.loads(saved.read_text())
         now = config.to_dict()
-        changed = [f"{s}.{k}" for s in now for k in now[s] if before.get(s, {}).get(k) != now[s][k]]
+        # A section a run saved before it existed counts as its defaults.
+        defaults = CycleConfig().to_dict()
+        changed = [f"{s}.{k}" for s in now for k in now[s] if before.get(s, defaults[s]).get(k) != now[s][k]]
         if changed:
             raise InputError(f"{out}: --resume with a different config ({changed[0]} changed); use the saved "
                              f"{out / 'config.toml'} or another --out")
 
 
 def run_cycles(config: CycleConfig, out: str | Path, *, resume: bool = False, progress: bool = True,
-               log: Callable[[str], Any] = print, model_paths: Optional[dict[str, str]] = None) -> list[dict[str, Any]]:
-    """Run (or resume) `config.run.cycles` cycles into `out`; returns every cycle's metrics, cycle 0 first."""
+               log: Callable[[str], Any] = print, model_paths: Optional[dict[str, str]] = None,
+               guard_dir: Optional[Path] = None) -> list[dict[str, Any]]:
+    """Run (or resume) `config.run.cycles` cycles into `out`; returns every cycle's metrics, cycle 0 first.
+
+    guard_dir: where the judge and ensemble members are built and cached (default out/guards). With
+    guard.keep_best every cycle's metrics carry "best_cycle" (the cycle the judge scored highest so far: the
+    one to serve), and with guard.patience the run stops once that many cycles passed without a better one."""
     from cg4ctr_fast.fileio import atomic_write_bytes
 
     out = Path(out)
     check_run_folder(out, config, resume)
     if config.run.threads:
         torch.set_num_threads(config.run.threads)
-    ctx = build_context(config, log=log, model_paths=model_paths)
+    ctx = build_context(config, log=log, model_paths=model_paths, guard_dir=guard_dir or out / GUARD_DIR)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out / "config.toml", to_toml(config).encode())
     atomic_write_bytes(out / "config.json", (json.dumps(config.to_dict(), indent=2) + "\n").encode())
@@ -448,12 +638,29 @@ def run_cycles(config: CycleConfig, out: str | Path, *, resume: bool = False, pr
         evaluation = evaluate(ctx, prompt_model_prompts(ctx), seed=derive_seed(config.run.seed, "heldout"),
                               progress=progress, desc="cycle 0: evaluate")
         metrics = {"cycle": 0, "eval": evaluation, "seconds": {"eval_s": time.perf_counter() - started}}
+        if ctx.judge is not None:
+            judged = judge_step(ctx, progress=progress, desc="cycle 0: judge")
+            metrics["judge"] = {"aggregate_lift": judged, "reference": None, "accepted": True}
+            _track_best(metrics, None)
         save_cycle(ctx, out, 0, metrics, [])
         history.append(json.loads((cycle_path(out, 0) / "metrics.json").read_text()))
         log(_line(history[-1]))
         write_summary(out, history)
     for cycle in range(len(history), config.run.cycles + 1):
-        metrics, kept = run_cycle(ctx, cycle, progress=progress)
+        previous = history[-1]
+        patience = config.guard.patience
+        if patience and cycle - 1 - previous["best_cycle"] >= patience:
+            log(f"[cycle] stopping after cycle {cycle - 1}: {patience} cycle(s) without a better judged lift "
+                f"(serve cycle {previous['best_cycle']})")
+            break
+        reference = previous["judge"]["reference"] if ctx.judge is not None else None
+        if ctx.judge is not None and previous["judge"]["accepted"]:
+            reference = previous["judge"]["aggregate_lift"]
+        metrics, kept = run_cycle(ctx, cycle, progress=progress, judge_reference=reference)
+        if ctx.judge is not None:
+            if not metrics["judge"]["accepted"]:
+                metrics["judge"]["reference"] = reference  # the state in effect is still the last accepted one
+            _track_best(metrics, previous)
         save_cycle(ctx, out, cycle, metrics, kept)
         history.append(json.loads((cycle_path(out, cycle) / "metrics.json").read_text()))
         log(_line(history[-1]))
@@ -464,12 +671,25 @@ def run_cycles(config: CycleConfig, out: str | Path, *, resume: bool = False, pr
     return history
 
 
+def _track_best(metrics: dict[str, Any], previous: Optional[dict[str, Any]]) -> None:
+    """best_cycle / best_judge_lift: the cycle the judge scored highest so far (ties keep the earlier one),
+    among accepted cycles."""
+    judged = metrics["judge"]["aggregate_lift"]
+    if previous is None or (metrics["judge"]["accepted"] and judged > previous["best_judge_lift"]):
+        metrics["best_cycle"], metrics["best_judge_lift"] = metrics["cycle"], judged
+    else:
+        metrics["best_cycle"], metrics["best_judge_lift"] = previous["best_cycle"], previous["best_judge_lift"]
+
+
 def _line(metrics: dict[str, Any]) -> str:
     e = metrics["eval"]
     return (f"[cycle {metrics['cycle']}] held-out aggregate CTR lift {e['aggregate_lift']:+.1%} (mean of ratios "
             f"{e['lift_mean_of_ratios']:+.1%}, original kept {e['original_kept_share']:.0%}), reward {e['reward_mean']:.4f}, "
             f"true CTR {e['true_ctr_mean']:.4f}, gap {e['reward_oracle_gap']:+.4f}, diversity {e['diversity']:.3f}, "
-            f"product unchanged {e['product_pixels_unchanged']}")
+            f"product unchanged {e['product_pixels_unchanged']}"
+            + (f", judged lift {metrics['judge']['aggregate_lift']:+.1%}"
+               f"{'' if metrics['judge']['accepted'] else ' (rejected: undone)'}, best cycle {metrics['best_cycle']}"
+               if "judge" in metrics else ""))
 
 
 def write_summary(out: Path, history: Sequence[dict[str, Any]]) -> None:

@@ -6,6 +6,8 @@
     [lora]      the LoRA and its optimizer (cg4ctr_fast.training.lora.LoraTrainConfig)
     [prompt]    the prompt model's update
     [eval]      the held-out evaluation
+    [guard]     guards against reward hacking: a held-out judge, a reward ensemble, early stop
+    [refresh]   fresh logs between cycles: the world logs the served creatives, the reward model is retrained
 
 Every key is checked: an unknown section or key, or a value of the wrong type, fails with one line naming it.
 """
@@ -98,6 +100,72 @@ class EvalSection:
             raise InputError("eval.images_per_group and eval.steps must be ≥ 1")
 
 
+ENSEMBLE_RULES = ("min", "mean_std")
+REFRESH_LOGS = ("topk", "all")
+
+
+@dataclass(frozen=True)
+class GuardSection:
+    """Guards against reward over-optimisation (docs/cycle.md, "Guards"). The LoRA anchors live in [lora]
+    (`anchor_weight`, `max_delta`)."""
+
+    # A held-out reward model, trained on logs disjoint from the training reward model's (a second log
+    # sample of the same world), scores what each cycle would serve on `judge_products` held-out products of
+    # their own (never the evaluation's, so choosing a cycle by the judge does not peek at the evaluation).
+    judge: bool = False
+    judge_products: int = 4
+    # With the judge: a cycle whose judged aggregate lift falls below the last accepted cycle's is undone
+    # (its LoRA and prompt updates are discarded; a refreshed reward model is kept: logs are facts).
+    accept: bool = False
+    # With the judge: the run serves the cycle the judge scored best, not the last one (early stop), and
+    # stops after `patience` cycles without a judged improvement (0 = run every cycle).
+    keep_best: bool = False
+    patience: int = 0
+    # Reward ensemble: `ensemble` members rank the creatives (1 = the reward model alone). Members: the given
+    # reward model plus members retrained on the same logs with seeds 1 … n−1. Rule "min": the lowest member
+    # score; "mean_std": mean − ensemble_k · std over members (population std).
+    ensemble: int = 1
+    ensemble_rule: str = "min"
+    ensemble_k: float = 1.0
+    judge_seed: int = 0  # the judge's log sample and training seed (not the run's seed: one judge per world)
+
+    def __post_init__(self) -> None:
+        if self.judge_products < 1:
+            raise InputError(f"guard.judge_products must be ≥ 1, got {self.judge_products}")
+        if (self.accept or self.keep_best or self.patience) and not self.judge:
+            raise InputError("guard.accept, guard.keep_best and guard.patience need guard.judge = true")
+        if self.patience < 0:
+            raise InputError(f"guard.patience must be ≥ 0, got {self.patience}")
+        if self.ensemble < 1:
+            raise InputError(f"guard.ensemble must be ≥ 1, got {self.ensemble}")
+        if self.ensemble_rule not in ENSEMBLE_RULES:
+            raise InputError(f"guard.ensemble_rule must be one of {', '.join(ENSEMBLE_RULES)}, got {self.ensemble_rule!r}")
+        if self.ensemble_k < 0:
+            raise InputError(f"guard.ensemble_k must be ≥ 0, got {self.ensemble_k}")
+
+
+@dataclass(frozen=True)
+class RefreshSection:
+    """Fresh logs between cycles: after each cycle the world shows the creatives served on the training products
+    (and the original photo beside them, the A/B test's control) and logs impressions and clicks; the reward
+    model is then retrained on its logs plus every fresh log so far."""
+
+    enabled: bool = False
+    # Mean impressions per logged (creative, group), scaled by the group's size: 1,680 = the base logs'
+    # 14 days × 120 (sim.WorldConfig.mean_impressions), so a fresh creative is as well measured as a logged one.
+    impressions: float = 1680.0
+    served: str = "topk"  # which generated creatives are shown: the top-k per (product, group), or "all"
+    epochs: int = 40  # the retraining's passes (the toy reward model's own)
+
+    def __post_init__(self) -> None:
+        if not self.impressions > 0:
+            raise InputError(f"refresh.impressions must be > 0, got {self.impressions}")
+        if self.served not in REFRESH_LOGS:
+            raise InputError(f"refresh.served must be one of {', '.join(REFRESH_LOGS)}, got {self.served!r}")
+        if self.epochs < 1:
+            raise InputError(f"refresh.epochs must be ≥ 1, got {self.epochs}")
+
+
 @dataclass(frozen=True)
 class CycleConfig:
     run: RunSection = field(default_factory=RunSection)
@@ -106,6 +174,8 @@ class CycleConfig:
     lora: LoraTrainConfig = field(default_factory=LoraTrainConfig)
     prompt: PromptSection = field(default_factory=PromptSection)
     eval: EvalSection = field(default_factory=EvalSection)
+    guard: GuardSection = field(default_factory=GuardSection)
+    refresh: RefreshSection = field(default_factory=RefreshSection)
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self)))

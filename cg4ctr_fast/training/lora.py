@@ -54,8 +54,18 @@ class LoraTrainConfig:
     # top-k choice moves the generator. Costs a second UNet pass per example. Over 3 seeds on the toy
     # world it lost more lift than the plain loss (LoRA-only −8.3 % vs −2.7 % after 4 cycles), so it is off.
     guided_loss: bool = False
+    # Anchors (guards against reward over-optimisation, docs/cycle.md). anchor_weight λ adds
+    # λ · masked MSE(ε_adapted, ε_base) on the same noisy inputs, ε_base from the UNet with the adapter
+    # disabled: the adapter pays for every move away from the base model's noise prediction, not only
+    # for failing to fit the kept creatives. max_delta caps each adapted layer's update after every cycle:
+    # ‖ΔW‖_F ≤ max_delta · ‖W‖_F with ΔW = scaling · B·A (B rescaled when over; 0 = no cap).
+    anchor_weight: float = 0.0
+    max_delta: float = 0.0
 
     def __post_init__(self) -> None:
+        if self.anchor_weight < 0 or self.max_delta < 0:
+            raise InputError(f"lora.anchor_weight and lora.max_delta must be ≥ 0, got {self.anchor_weight} "
+                             f"and {self.max_delta}")
         if not 0.0 <= self.caption_dropout < 1.0:
             raise InputError(f"lora.caption_dropout must be in [0, 1), got {self.caption_dropout}")
         if self.train_on not in ("latents", "images"):
@@ -196,6 +206,11 @@ def train_lora(
         else:
             pred = unet(model_in, t, encoder_hidden_states=states).sample
         loss = masked_denoising_loss(pred, noise, masks[idx])
+        if config.anchor_weight > 0:
+            with torch.no_grad(), adapter_disabled(unet):
+                base = unet(model_in, t, encoder_hidden_states=states).sample
+            target_pred = pred if not (config.guided_loss and guidance != 1.0) else cond
+            loss = loss + config.anchor_weight * masked_denoising_loss(target_pred, base, masks[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
@@ -205,6 +220,46 @@ def train_lora(
     head = losses[: max(1, len(losses) // 5)]
     tail = losses[-max(1, len(losses) // 5) :]
     return {"lora_steps": len(losses), "lora_loss_first": float(np.mean(head)), "lora_loss_last": float(np.mean(tail))}
+
+
+class adapter_disabled:
+    """Context manager: the UNet runs as the base model (peft's disable_adapters), then the adapter is back."""
+
+    def __init__(self, unet):
+        self.unet = unet
+
+    def __enter__(self):
+        self.unet.disable_adapters()
+        return self.unet
+
+    def __exit__(self, *exc) -> None:
+        self.unet.enable_adapters()
+
+
+@torch.no_grad()
+def cap_lora_delta(unet, max_delta: float) -> dict[str, float]:
+    """Rescale each adapted layer's lora_B so that ‖scaling · B·A‖_F ≤ max_delta · ‖W‖_F (W: the base weight).
+
+    Conv LoRAs are measured on their flattened matrices. Returns {"lora_delta_max": the largest ratio before
+    the cap, "lora_layers_capped": how many layers were rescaled}. max_delta ≤ 0 changes nothing.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    largest, capped = 0.0, 0
+    for module in unet.modules():
+        if not isinstance(module, LoraLayer) or ADAPTER_NAME not in module.lora_A:
+            continue
+        a = module.lora_A[ADAPTER_NAME].weight.flatten(1)
+        b_layer = module.lora_B[ADAPTER_NAME]
+        b = b_layer.weight.flatten(1)
+        delta = module.scaling[ADAPTER_NAME] * (b @ a)
+        base = module.get_base_layer().weight.flatten(1)
+        ratio = float(delta.norm() / base.norm().clamp(min=1e-12))
+        largest = max(largest, ratio)
+        if max_delta > 0 and ratio > max_delta:
+            b_layer.weight.mul_(max_delta / ratio)
+            capped += 1
+    return {"lora_delta_max": largest, "lora_layers_capped": capped}
 
 
 def save_lora(unet, out_dir: str | Path, extra_metadata: Optional[dict] = None, *, peft_keys: bool = False) -> Path:

@@ -216,21 +216,25 @@ def _json_safe(value):
 
 
 def train_reward(log: AdLog, config: RewardTrainConfig = RewardTrainConfig(), *, progress: bool = False,
-                 images: Optional[np.ndarray] = None) -> RewardTrainResult:
+                 images: Optional[np.ndarray] = None, always_fit=()) -> RewardTrainResult:
     """Train, calibrate and evaluate a reward model on `log`; see the module docstring.
 
     `images` (uint8 [n_creatives, 3, S, S], S = config.image_size) skips loading the image files.
+    `always_fit`: item ids (as in `log.creatives["item_id"]`) moved into the fitting split whatever the
+    seeded split says (the self-cyclic loop's fresh logs are on its training products, and a refresh that
+    held some of them out would not learn from them).
     Raises InputError for an empty split or unreadable images; never writes files.
     """
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(config.threads)
     try:
-        return _train_reward(log, config, progress=progress, images=images)
+        return _train_reward(log, config, progress=progress, images=images, always_fit=always_fit)
     finally:
         torch.set_num_threads(previous_threads)
 
 
-def _train_reward(log: AdLog, config: RewardTrainConfig, *, progress: bool, images: Optional[np.ndarray]) -> RewardTrainResult:
+def _train_reward(log: AdLog, config: RewardTrainConfig, *, progress: bool, images: Optional[np.ndarray],
+                  always_fit=()) -> RewardTrainResult:
     from tqdm.auto import tqdm
 
     started = time.perf_counter()
@@ -238,6 +242,13 @@ def _train_reward(log: AdLog, config: RewardTrainConfig, *, progress: bool, imag
     if rows.empty:
         raise InputError(f"{log.root}: no log row has impressions > 0")
     fit_items, val_items, test_items = split_items(rows["item_id"], config.test_fraction, config.val_fraction, config.seed)
+    forced = {str(i) for i in always_fit}
+    if forced:
+        val_items = [i for i in val_items if i not in forced]
+        test_items = [i for i in test_items if i not in forced]
+        fit_items = sorted(set(fit_items) | (forced & set(rows["item_id"].astype(str))))
+        if not test_items:
+            raise InputError("always_fit leaves no test item; hold out other items")
     split_of = {**{i: "fit" for i in fit_items}, **{i: "val" for i in val_items}, **{i: "test" for i in test_items}}
     rows["split"] = rows["item_id"].map(split_of)
     fit = rows["split"].to_numpy() == "fit"
