@@ -1,0 +1,198 @@
+"""Style LoRAs (cg4ctr_fast.training.style): mixed-LoRA batches and the style families.
+
+Per-row adapters (peft's mixed-batch inference on ONE UNet) against the reference, one UNet per LoRA with the
+LoRA fused by diffusers (`export.lora.fuse_loras`) and the batch split by LoRA: the same creatives, in the same
+order, within OUTPUT_RTOL × max |output| (decoder floats in [0, 1], composite off). Measured: 1.2e-6 absolute
+(4 groups, 2 images each, 4 DDIM steps, guidance 5; float32 on the CPU: W x + s·B(A x) against (W + s·BA) x).
+Each LoRA moves its rows by far more than the tolerance (checked), so a swapped or dropped LoRA fails.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from cg4ctr_fast.errors import InputError
+from tests.conftest import make_product
+from tests.test_export import random_unet_lora
+
+OUTPUT_RTOL = 1e-5
+# A LoRA must move its rows by at least this × max |output| for the comparison to mean anything.
+EFFECT_MIN = 1e-3
+STEPS = 4
+
+
+def _tiny():
+    from cg4ctr_fast.config import get_preset
+    from cg4ctr_fast.models.diffusion import build_modules
+
+    return build_modules(get_preset("tiny"))  # seeded: every call builds the same weights
+
+
+@pytest.fixture(scope="module")
+def style_loras(tmp_path_factory):
+    """Two random diffusers-format LoRAs on the tiny UNet: a (attention, r 4) and b (other layers too, r 2)."""
+    from diffusers import StableDiffusionInpaintPipeline
+
+    root = tmp_path_factory.mktemp("style_loras")
+    specs = {"a": dict(seed=5), "b": dict(seed=9, rank=2, alpha=3, targets=("to_k", "to_v", "ff.net.2", "conv1"))}
+    paths = {}
+    for name, kwargs in specs.items():
+        _, state, config = random_unet_lora(**kwargs)
+        StableDiffusionInpaintPipeline.save_lora_weights(str(root / name), unet_lora_layers=state,
+                                                         unet_lora_adapter_metadata=config.to_dict())
+        paths[name] = root / name
+    return paths
+
+
+@pytest.fixture(scope="module")
+def mixed(style_loras):
+    from cg4ctr_fast.training.style import MixedLoraPipeline
+
+    torch.set_num_threads(1)
+    return {mode: MixedLoraPipeline.build(_tiny(), style_loras, mode) for mode in ("per_row", "split")}
+
+
+PROMPTS = ["red stripes", "blue sky", "warm sand", "green forest"]
+ASSIGNED = ["a", "b", "a", None]
+
+
+def _run(pipe, loras, prompts=PROMPTS, per=2, guidance=5.0, **kwargs):
+    image, mask = make_product(40, 56, seed=3)  # odd size: resized to a working size, not a multiple of 64
+    creatives = pipe(prompts, loras, image, mask, num_images_per_prompt=per, num_inference_steps=STEPS,
+                     guidance_scale=guidance, output_type="np", composite=False, show_progress=False, seed=1,
+                     **kwargs)
+    return creatives, np.stack([c.image for c in creatives])
+
+
+@pytest.fixture(scope="module")
+def runs(mixed):
+    return {mode: _run(pipe, ASSIGNED) for mode, pipe in mixed.items()}
+
+
+def _tol(reference: np.ndarray) -> float:
+    return OUTPUT_RTOL * float(np.abs(reference).max())
+
+
+def test_per_row_adapters_equal_fused_unets(runs):
+    (rows, per_row), (splits, split) = runs["per_row"], runs["split"]
+    assert [(c.group, c.index, c.prompt, c.seed) for c in rows] == [(c.group, c.index, c.prompt, c.seed) for c in splits]
+    assert [c.group for c in rows] == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert np.abs(per_row - split).max() <= _tol(split)
+
+
+def test_unguided_odd_batch_per_row_equals_split(mixed):
+    """guidance 1 (no doubled batch), 3 groups, one image each: the rows are not repeated inside the UNet."""
+    per_row = _run(mixed["per_row"], ["b", None, "b"], PROMPTS[:3], per=1, guidance=1.0)[1]
+    split = _run(mixed["split"], ["b", None, "b"], PROMPTS[:3], per=1, guidance=1.0)[1]
+    assert np.abs(per_row - split).max() <= _tol(split)
+
+
+def test_each_lora_changes_its_rows(mixed, runs):
+    """Swapping a and b, or dropping them, moves exactly the rows whose LoRA changed; the base row stays."""
+    reference = runs["split"][1]
+    tol = _tol(reference)
+    for mode in ("per_row", "split"):
+        for other in (["b", "a", "b", None], [None, None, None, None]):
+            out = _run(mixed[mode], other)[1]
+            for g, (was, now) in enumerate(zip(ASSIGNED, other)):
+                moved = float(np.abs(out[2 * g:2 * g + 2] - reference[2 * g:2 * g + 2]).max())
+                if was == now:
+                    assert moved <= tol, (mode, other, g)
+                else:
+                    assert moved > max(EFFECT_MIN * float(np.abs(reference).max()), 100 * tol), (mode, other, g)
+
+
+def test_mixed_pipeline_refuses_bad_requests(mixed, style_loras):
+    from cg4ctr_fast.training.style import MixedLoraPipeline, row_adapters
+
+    image, mask = make_product(40, 56, seed=3)
+    with pytest.raises(InputError, match="LoRA names for"):
+        mixed["per_row"](PROMPTS, ["a"], image, mask)
+    with pytest.raises(InputError, match="unknown LoRA 'c'"):
+        mixed["split"](PROMPTS[:1], ["c"], image, mask)
+    with pytest.raises(InputError, match="generator"):
+        mixed["split"](PROMPTS[:1], ["a"], image, mask, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(InputError, match="mode"):
+        MixedLoraPipeline.build(_tiny(), style_loras, "fused")
+    with pytest.raises(InputError, match="no adapter named 'z'"):
+        with row_adapters(mixed["per_row"].pipes[None].components.unet.module, ["a", "z"]):
+            pass
+    unet = mixed["per_row"].pipes[None].components.unet.module
+    with pytest.raises(RuntimeError, match="batch of"):
+        with row_adapters(unet, ["a", "b", "a"]):
+            unet(torch.zeros(4, 9, 8, 8), 10, encoder_hidden_states=torch.zeros(4, 77, 32))
+
+
+def test_adapters_are_off_outside_the_block(mixed):
+    """After a per-row call the UNet is the base UNet again: a plain pipeline call equals the base rows."""
+    pipe = mixed["per_row"].pipes[None]
+    image, mask = make_product(40, 56, seed=3)
+    plain = pipe(PROMPTS, image, mask, num_images_per_prompt=2, num_inference_steps=STEPS, guidance_scale=5.0,
+                 output_type="np", composite=False, show_progress=False, seed=1)
+    base = _run(mixed["split"], [None] * 4)[1]
+    assert np.abs(np.stack([c.image for c in plain]) - base).max() <= _tol(base)
+
+
+# ------------------------------------------------------------------------------------------------ families
+@pytest.fixture(scope="module")
+def world():
+    from cg4ctr_fast.sim import World
+
+    return World(seed=0)
+
+
+def test_seed_sets_hold_their_family(world):
+    from cg4ctr_fast.sim import CATEGORIES
+    from cg4ctr_fast.training.style import STYLE_FAMILIES, seed_set
+
+    for family in STYLE_FAMILIES:
+        data, captions = seed_set(world, family, [3, 7, 11], 12, seed=4)
+        assert data.images.shape == (12, 3, 64, 64) and data.masks.shape == (12, 1, 64, 64)
+        assert float(data.images.min()) >= -1.0 and float(data.images.max()) <= 1.0
+        assert all(family.contains(c) for c in captions)
+        fixed = {t for _c, tokens in family.tokens for t in tokens}
+        assert all(not (set(p.split()) & fixed) and len(p.split()) == len(CATEGORIES) - len(family.tokens)
+                   for p in data.captions)
+        # Masks are the products' own (one of the three), 1 = background.
+        products = {tuple(np.asarray(world.product(i).mask).ravel() // 255) for i in (3, 7, 11)}
+        assert all(tuple(m.numpy().astype(np.uint8).ravel()) in products for m in data.masks)
+
+
+def test_families_differ_as_designed(world):
+    """Centroids order as the renderer's palettes and lighting make them (sim/render.py): cool is the only blue
+    palette, monochrome + dim / dramatic is the least saturated and darkest, neon / pastel (magenta, ≈ 300°) the
+    lowest hue_sin, warm / earthy + golden the highest; held-out renders land in their own family."""
+    from cg4ctr_fast.training.style import STYLE_COLUMNS, STYLE_FAMILIES, family_separation
+
+    result = family_separation(world, STYLE_FAMILIES, train_items=list(range(12)), test_items=[100_000, 100_001],
+                               n_images=40, seed=2)
+    centroids = result["centroids"]
+
+    def extreme(column, fn):
+        return fn(centroids, key=lambda name: centroids[name][STYLE_COLUMNS.index(column)])
+
+    assert extreme("hue_cos", min) == "marine"
+    assert extreme("saturation", min) == "noir" and extreme("brightness", min) == "noir"
+    assert extreme("hue_sin", min) == "pop" and extreme("hue_sin", max) == "sunlit"
+    assert min(result["accuracy"].values()) >= 0.75, result["accuracy"]
+    assert min(result["distance"].values()) >= 1.0, result["distance"]
+
+
+def test_a_lora_that_does_nothing_fails_the_steering_check(tmp_path, world):
+    """A LoRA with lora_B = 0 leaves every row as the base UNet made it: d_z and the shift are 0, so it fails."""
+    from diffusers import StableDiffusionInpaintPipeline
+
+    from cg4ctr_fast.training.style import STYLE_FAMILIES, MixedLoraPipeline, steering_report
+
+    _, state, config = random_unet_lora(seed=1)
+    state = {k: (torch.zeros_like(v) if "lora_B" in k else v) for k, v in state.items()}
+    StableDiffusionInpaintPipeline.save_lora_weights(str(tmp_path / "null"), unet_lora_layers=state,
+                                                     unet_lora_adapter_metadata=config.to_dict())
+    family = STYLE_FAMILIES[0]
+    mixed = MixedLoraPipeline.build(_tiny(), {family.name: tmp_path / "null"}, "per_row")
+    centroids = {family.name: [0.5, 1.0, 0.0, 0.8]}
+    report = steering_report(mixed, world, [family], centroids, [100_000], prompts=["stripes beach", "waves sky"],
+                             images_per_prompt=2, steps=2)
+    row = report["families"][family.name]
+    assert row["n"] == 4 and abs(row["shift"]) < 1e-3 and not row["passed"]
