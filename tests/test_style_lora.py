@@ -104,7 +104,7 @@ def test_each_lora_changes_its_rows(mixed, runs):
 
 
 def test_mixed_pipeline_refuses_bad_requests(mixed, style_loras):
-    from cg4ctr_fast.training.style import MixedLoraPipeline, row_adapters
+    from cg4ctr_fast.training.style import ADAPTER_PREFIX, MixedLoraPipeline, load_adapters, row_adapters
 
     image, mask = make_product(40, 56, seed=3)
     with pytest.raises(InputError, match="LoRA names for"):
@@ -115,12 +115,15 @@ def test_mixed_pipeline_refuses_bad_requests(mixed, style_loras):
         mixed["split"](PROMPTS[:1], ["a"], image, mask, generator=torch.Generator().manual_seed(0))
     with pytest.raises(InputError, match="mode"):
         MixedLoraPipeline.build(_tiny(), style_loras, "fused")
-    with pytest.raises(InputError, match="no adapter named 'z'"):
-        with row_adapters(mixed["per_row"].pipes[None].components.unet.module, ["a", "z"]):
-            pass
+    with pytest.raises(InputError, match="ModuleDict attribute"):  # peft keeps adapters in ModuleDicts
+        load_adapters(_tiny(), {"pop": style_loras["a"]})
     unet = mixed["per_row"].pipes[None].components.unet.module
+    a, b = ADAPTER_PREFIX + "a", ADAPTER_PREFIX + "b"
+    with pytest.raises(InputError, match="no adapter named 'z'"):
+        with row_adapters(unet, [a, "z"]):
+            pass
     with pytest.raises(RuntimeError, match="batch of"):
-        with row_adapters(unet, ["a", "b", "a"]):
+        with row_adapters(unet, [a, b, a]):
             unet(torch.zeros(4, 9, 8, 8), 10, encoder_hidden_states=torch.zeros(4, 77, 32))
 
 

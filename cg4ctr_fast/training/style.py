@@ -46,6 +46,9 @@ __all__ = [
 STYLE_COLUMNS: tuple[str, ...] = ("hue_cos", "hue_sin", "saturation", "brightness")
 # peft's name for "no adapter" in a mixed batch (LoraLayer._mixed_batch_forward skips it).
 BASE = "__base__"
+# MixedLoraPipeline's adapter names are "style_<LoRA name>", so a family called e.g. "pop" does not collide with
+# ModuleDict.pop in peft's per-adapter ModuleDicts.
+ADAPTER_PREFIX = "style_"
 
 
 @dataclass(frozen=True)
@@ -272,12 +275,17 @@ def _spec(spec: LoraSpec) -> tuple[str, float]:
     return str(spec), 1.0
 
 
-def _check_names(loras: Mapping[str, LoraSpec]) -> None:
+def _check_names(loras: Mapping[str, LoraSpec], *, adapter: bool = True) -> None:
     if not loras:
         raise InputError("no LoRA: pass at least one {name: path}")
+    import torch
+
     for name in loras:
         if not isinstance(name, str) or not name.isidentifier() or name == BASE:
             raise InputError(f"LoRA names must be identifiers other than {BASE!r}, got {name!r}")
+        # peft keeps adapters in ModuleDicts keyed by name: a name like "pop" or "keys" collides with a method.
+        if adapter and hasattr(torch.nn.ModuleDict(), name):
+            raise InputError(f"LoRA name {name!r} is a torch ModuleDict attribute; peft cannot use it as an adapter name")
 
 
 def load_adapters(modules, loras: Mapping[str, LoraSpec]) -> None:
@@ -384,11 +392,11 @@ class MixedLoraPipeline:
 
         if mode not in ("per_row", "split"):
             raise InputError(f"mode must be 'per_row' or 'split', got {mode!r}")
-        _check_names(loras)
+        _check_names(loras, adapter=False)  # adapters get ADAPTER_PREFIX
         if any(".lora_" in n for n, _ in modules.unet.named_parameters()):
             raise InputError("the UNet already holds LoRA adapters; pass base modules")
         if mode == "per_row":
-            load_adapters(modules, loras)
+            load_adapters(modules, {ADAPTER_PREFIX + name: spec for name, spec in loras.items()})
             pipe = CreativePipeline.from_modules(modules, **pipeline_kwargs)
             return cls(mode=mode, pipes={None: pipe, **{name: pipe for name in loras}}, names=tuple(loras))
         pipes = {}
@@ -417,7 +425,7 @@ class MixedLoraPipeline:
             raise InputError(f"unknown LoRA {unknown[0]!r}; this pipeline holds {list(self.names)} (and None)")
         per = num_images_per_prompt
         if self.mode == "per_row":
-            rows = [BASE if name is None else name for name in loras for _ in range(per)]
+            rows = [BASE if name is None else ADAPTER_PREFIX + name for name in loras for _ in range(per)]
             pipe = self.pipes[None]
             with row_adapters(pipe.components.unet.module, rows):
                 return pipe(prompts, image, mask_image, num_images_per_prompt=per, negative_prompt=negative_prompt,
