@@ -301,3 +301,28 @@ def test_end_to_end_on_the_toy_models_reuses_its_cache(tmp_path, capsys):
     assert second["build"]["cache_hits"] == 2
     for arm in arms:  # the same stored table and the same seeded requests: the same totals
         assert second["arms"][arm]["revenue"]["total"] == arms[arm]["revenue"]["total"]
+
+
+def test_ranker_noise_sweep_starts_at_the_perfect_ranker():
+    table = random_table(21, 9, 3, 4)
+    noise = np.random.default_rng(0).standard_normal(table.pred.shape)
+    exact = stages.noisy_oracle(table, 0.0, noise)
+    np.testing.assert_array_equal(exact.pred, table.true)
+    requests = draw_requests(9, np.array([0.2, 0.3, 0.5]), 83, 4, np.random.default_rng(1))
+    for stage in ("A", "B"):
+        a, b = serve(exact, requests, stage, "model"), serve(table, requests, stage, "oracle")
+        assert np.array_equal(a.winner, b.winner) and np.array_equal(a.slot, b.slot)
+    rows = stages.ranker_noise_sweep([table], np.array([0.2, 0.3, 0.5]), (0.0, 0.4), 83, 4, resamples=20, seed=3)
+    assert [r["sigma"] for r in rows] == [0.0, 0.4]
+    # at sigma 0, B is B_perfect: never below A_perfect on any request, so neither the ratio nor its interval
+    assert rows[0]["revenue"]["ratio"] >= 1.0 and rows[0]["revenue"]["ci95"][0] >= 1.0
+    # the model's error on the sweep's scale: a per-group offset does not count, the spread does
+    rng = np.random.default_rng(4)
+    offset = rng.normal(0, 1, (1, 3, 1))
+    planted = StageTable(table.item_ids, table.bids, np.clip(table.true * np.exp(offset - 2.0), 0, 1), table.true)
+    assert stages.model_log_error([planted]) < 1e-9
+    eps = rng.standard_normal(table.true.shape)
+    noisy = StageTable(table.item_ids, table.bids, np.clip(table.true * np.exp(offset - 3.0 + 0.3 * eps), 0, 1),
+                       table.true)
+    n = eps.size
+    assert abs(stages.model_log_error([noisy]) - 0.3) < 4 * 0.3 / math.sqrt(2 * n) + 0.02

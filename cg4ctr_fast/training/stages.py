@@ -47,7 +47,7 @@ from cg4ctr_fast.errors import InputError
 
 __all__ = [
     "ARMS", "STAGES", "RANKERS", "StageTable", "Requests", "Served", "draw_requests", "serve", "serve_arms",
-    "totals", "bootstrap_arms", "ScoringBank", "time_scoring", "run_stages", "results_markdown", "plot_stages",
+    "totals", "bootstrap_arms", "noisy_oracle", "ranker_noise_sweep", "model_log_error", "ScoringBank", "time_scoring", "run_stages", "results_markdown", "plot_stages",
 ]
 
 STAGES = ("photo", "A", "B")
@@ -61,6 +61,8 @@ RATIOS = (("B", "A"), ("B_perfect", "A_perfect"), ("A", "photo"), ("B", "photo")
 CACHE_DIR = "cache"
 RESULT_FILES = frozenset({CACHE_DIR, "results.json", "results.md", "results.png"})
 TABLE_FORMAT = 1  # bump when a cached table's content changes meaning
+# Rankers of known quality for the sweep: log-normal noise on the oracle's CTR (sigma = 0: the perfect ranker).
+SWEEP_SIGMAS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.8)
 
 
 # ------------------------------------------------------------------------------------------------ the table
@@ -249,6 +251,54 @@ def bootstrap_arms(tables: Sequence[StageTable], traffic: np.ndarray, n_requests
             for m, v in values.items():
                 out[arm][m][b] = v
     return out
+
+
+def noisy_oracle(table: StageTable, sigma: float, noise: np.ndarray) -> StageTable:
+    """The table with a ranker of known quality: pred = clip(true · exp(sigma · noise), 0, 1), noise float [P, G, C]
+    (standard normal, fixed per table so that every sigma perturbs the same way). sigma = 0 is the perfect ranker."""
+    return StageTable(table.item_ids, table.bids, np.clip(table.true * np.exp(sigma * noise), 0.0, 1.0), table.true)
+
+
+def ranker_noise_sweep(tables: Sequence[StageTable], traffic: np.ndarray, sigmas: Sequence[float], n_requests: int,
+                       n_candidates: int, *, resamples: int, seed: int, progress: bool = False) -> list[dict[str, Any]]:
+    """B/A ratios (expected clicks, revenue) when the predictor is the oracle with multiplicative log-normal noise
+    of standard deviation sigma (`noisy_oracle`): how good must the ranker be for B-stage to pay? Point estimate
+    on each pool with requests seeded by `seed`, 95 % interval from the same product bootstrap as
+    `bootstrap_arms` (requests re-drawn, A and B paired). Returns one dict per sigma."""
+    from tqdm.auto import tqdm
+
+    noise = [np.random.default_rng([seed, k]).standard_normal(t.pred.shape) for k, t in enumerate(tables)]
+    out = []
+    for sigma in tqdm(sigmas, desc="ranker noise sweep", disable=not progress, leave=False):
+        noisy = [noisy_oracle(t, sigma, e) for t, e in zip(tables, noise)]
+        rng = np.random.default_rng([seed, 1])
+        point = _sum_arms([serve_arms(t, draw_requests(t.n_products, traffic, n_requests, n_candidates, rng), ("A", "B"))
+                           for t in noisy])
+        boot = {arm: {m: np.empty(resamples) for m in ("expected_clicks", "revenue")} for arm in ("A", "B")}
+        for b in range(resamples):
+            parts = []
+            for t in noisy:
+                pool = t.take(rng.integers(0, t.n_products, t.n_products))
+                parts.append(serve_arms(pool, draw_requests(pool.n_products, traffic, n_requests, n_candidates, rng),
+                                        ("A", "B")))
+            for arm, values in _sum_arms(parts).items():
+                for m in ("expected_clicks", "revenue"):
+                    boot[arm][m][b] = values[m]
+        entry: dict[str, Any] = {"sigma": float(sigma)}
+        for m in ("expected_clicks", "revenue"):
+            entry[m] = {"ratio": point["B"][m] / point["A"][m], "ci95": _interval(boot["B"][m] / boot["A"][m])}
+        out.append(entry)
+    return out
+
+
+def model_log_error(tables: Sequence[StageTable]) -> float:
+    """The reward model's error on the sweep's scale: the standard deviation of log(pred / true) over every
+    (product, slot) after removing each (seed, group)'s mean (a per-group offset does not change a ranking)."""
+    residuals = []
+    for t in tables:
+        r = np.log(np.maximum(t.pred, 1e-12)) - np.log(np.maximum(t.true, 1e-12))
+        residuals.append((r - r.mean(axis=(0, 2), keepdims=True)).ravel())
+    return float(np.std(np.concatenate(residuals)))
 
 
 def _interval(values: np.ndarray) -> list[float]:
@@ -609,7 +659,12 @@ def run_stages(out: str | Path, *, products: int = 16, candidates: int = 8, requ
             [p[num].revenue > p[den].revenue + 1e-15 for p in parts])))
         entry["revenue_lower_share"] = float(np.mean(np.concatenate(
             [p[num].revenue < p[den].revenue - 1e-15 for p in parts])))
+        entry["per_seed"] = {str(seed): {m: totals(p[num])[m] / totals(p[den])[m] for m in ("expected_clicks", "revenue")}
+                             for seed, p in zip(seeds, parts)}
         ratios[f"{num}/{den}"] = entry
+    sweep = ranker_noise_sweep(tables, traffic, SWEEP_SIGMAS, requests, candidates,
+                               resamples=max(20, resamples // 5), seed=derive_seed(*seeds, "stages-sweep") % (2**63),
+                               progress=progress)
     # Online cost: the reward head on stored embeddings, one thread as set by the caller, A and B interleaved.
     timed = []
     for seed, bank, req in zip(seeds, banks, point_requests):
@@ -640,7 +695,10 @@ def run_stages(out: str | Path, *, products: int = 16, candidates: int = 8, requ
                  "pool_mean": float(np.mean(np.concatenate([t.bids for t in tables])))},
         "traffic": traffic.tolist(),
         "arms": arms, "ratios": ratios, "cost": cost,
-        "reward_quality": reward_quality(tables, traffic),
+        "reward_quality": {**reward_quality(tables, traffic), "log_error_sd": model_log_error(tables)},
+        "ranker_noise_sweep": {"sigmas": list(SWEEP_SIGMAS), "resamples": max(20, resamples // 5), "rows": sweep,
+                               "predictor": "clip(true CTR · exp(sigma · N(0, 1)), 0, 1), noise fixed per "
+                                            "(product, group, slot)"},
         "build": {"generate_seconds_per_product_mean": float(np.mean(np.concatenate(
                       [b["generate_seconds_per_product"] for b in builds]))),
                   "cache_hits": int(sum(b["cache_hits"] for b in builds)), "products": products * len(seeds)},
@@ -695,14 +753,16 @@ def results_markdown(results: dict[str, Any]) -> str:
                      f"{cell['revenue']['per_1000_requests']:.2f} | {_ci(cell['sampled_clicks'], '.0f')} | "
                      f"{cell['candidates_scored_per_request']} |")
     lines += ["", f"Total requests: {n_req}.", "", "## Paired ratios", "",
-              "| ratio | expected clicks [95 % CI] | revenue [95 % CI] | winner differs | revenue higher / lower |",
-              "|---|---|---|---|---|"]
+              "| ratio | expected clicks [95 % CI] | revenue [95 % CI] | revenue per seed | winner differs | "
+              "revenue higher / lower |",
+              "|---|---|---|---|---|---|"]
     for name, r in results["ratios"].items():
         num, den = name.split("/")
         c, v = r["expected_clicks"], r["revenue"]
+        per_seed = ", ".join(f"{x['revenue']:.3f}" for x in r["per_seed"].values())
         lines.append(f"| {ARM_LABELS[num]} / {ARM_LABELS[den]} | {c['ratio']:.4f} [{c['ci95'][0]:.4f}, "
                      f"{c['ci95'][1]:.4f}] | {v['ratio']:.4f} [{v['ci95'][0]:.4f}, {v['ci95'][1]:.4f}] | "
-                     f"{r['winner_differs_share']:.1%} | {r['revenue_higher_share']:.1%} / {r['revenue_lower_share']:.1%} |")
+                     f"{per_seed} | {r['winner_differs_share']:.1%} | {r['revenue_higher_share']:.1%} / {r['revenue_lower_share']:.1%} |")
     cost = results["cost"]
     lines += ["", "## Online scoring cost (reward head on stored embeddings)", "",
               f"{cost['B/A']['timed_requests']} requests timed one at a time, A and B interleaved, "
@@ -728,6 +788,17 @@ def results_markdown(results: dict[str, Any]) -> str:
               f"(mean over groups and seeds): photos {rho['photo']:.3f}, best stored candidates {rho['best']:.3f}; "
               f"with the bid multiplied in (the ranker's key): photos {rho['photo_x_bid']:.3f}, best candidates "
               f"{rho['best_x_bid']:.3f}.", ""]
+    sweep = results["ranker_noise_sweep"]
+    lines += ["## How good must the ranker be? B/A with a ranker of known quality", "",
+              f"Predictor = {sweep['predictor']}; sigma = 0 is the perfect ranker. The reward model's own error on "
+              f"this scale: sd of log(pred / true) after removing each group's mean = {q['log_error_sd']:.3f}. "
+              f"{sweep['resamples']} bootstrap resamples per sigma.", "",
+              "| sigma | B/A expected clicks [95 % CI] | B/A revenue [95 % CI] |", "|---|---|---|"]
+    for row in sweep["rows"]:
+        c, v = row["expected_clicks"], row["revenue"]
+        lines.append(f"| {row['sigma']:.2f} | {c['ratio']:.4f} [{c['ci95'][0]:.4f}, {c['ci95'][1]:.4f}] | "
+                     f"{v['ratio']:.4f} [{v['ci95'][0]:.4f}, {v['ci95'][1]:.4f}] |")
+    lines.append("")
     b = results["build"]
     lines += [f"Stored creatives: {b['products']} products, {b['generate_seconds_per_product_mean']:.1f} s per "
               f"product to generate (all groups in one batch), {b['cache_hits']} reused from the cache. "
@@ -736,8 +807,8 @@ def results_markdown(results: dict[str, Any]) -> str:
 
 
 def plot_stages(results: dict[str, Any]) -> bytes:
-    """Four panels: expected clicks and revenue per 1000 requests by arm, the paired B/A ratios, the scoring
-    time per request. Error bars: 95 % CIs. Raises ImportError without matplotlib."""
+    """Five panels: expected clicks and revenue per 1000 requests by arm, the paired ratios, the scoring time
+    per request, B/A against the ranker's noise (the sweep). Error bars and bands: 95 % CIs. Raises ImportError without matplotlib."""
     import io
 
     import matplotlib
@@ -749,7 +820,7 @@ def plot_stages(results: dict[str, Any]) -> bytes:
     n_req = s["requests_per_seed"] * len(s["seeds"])
     arms = list(results["arms"])
     colors = {"photo": "#999999", "A": "#4C72B0", "B": "#DD8452", "A_perfect": "#A1C2E8", "B_perfect": "#F4C29B"}
-    fig, axes = plt.subplots(1, 4, figsize=(17, 4.0))
+    fig, axes = plt.subplots(1, 5, figsize=(21, 4.0))
     for ax, metric, title in ((axes[0], "expected_clicks", "expected clicks / 1000 requests"),
                               (axes[1], "revenue", "revenue / 1000 requests (CPC)")):
         vals = np.array([results["arms"][a][metric]["total"] for a in arms]) * 1000 / n_req
@@ -787,6 +858,21 @@ def plot_stages(results: dict[str, Any]) -> bytes:
                         f"B ({cost['B']['candidates_scored_per_request']} scored)"], fontsize=8)
     ax.set_title("online scoring ms / request (reward head)", fontsize=10)
     ax.grid(axis="y", alpha=0.3)
+    ax = axes[4]
+    sweep = results["ranker_noise_sweep"]
+    sig = np.array([r["sigma"] for r in sweep["rows"]])
+    for metric, label in (("expected_clicks", "clicks"), ("revenue", "revenue")):
+        vals = np.array([r[metric]["ratio"] for r in sweep["rows"]])
+        lo = np.array([r[metric]["ci95"][0] for r in sweep["rows"]])
+        hi = np.array([r[metric]["ci95"][1] for r in sweep["rows"]])
+        line, = ax.plot(sig, vals, "-o", ms=3, label=f"B/A {label}")
+        ax.fill_between(sig, lo, hi, color=line.get_color(), alpha=0.15)
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.axvline(results["reward_quality"]["log_error_sd"], color="grey", ls="--", lw=1, label="reward model's error")
+    ax.set_xlabel("ranker noise sigma (log-normal on true CTR)")
+    ax.set_title("B/A against ranker quality", fontsize=10)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
