@@ -316,6 +316,10 @@ def test_ranker_noise_sweep_starts_at_the_perfect_ranker():
     assert [r["sigma"] for r in rows] == [0.0, 0.4]
     # at sigma 0, B is B_perfect: never below A_perfect on any request, so neither the ratio nor its interval
     assert rows[0]["revenue"]["ratio"] >= 1.0 and rows[0]["revenue"]["ci95"][0] >= 1.0
+    # the perfect ranker's pick is never below the photo; by hand: traffic-weighted max over slots / photo − 1
+    w = np.array([0.2, 0.3, 0.5])
+    expected = (table.true.max(axis=2) * w).sum() / (table.true[..., 0] * w).sum() - 1.0
+    assert rows[0]["selection_lift"] == pytest.approx(expected, rel=1e-12) and expected > 0
     # the model's error on the sweep's scale: a per-group offset does not count, the spread does
     rng = np.random.default_rng(4)
     offset = rng.normal(0, 1, (1, 3, 1))

@@ -63,6 +63,7 @@ RESULT_FILES = frozenset({CACHE_DIR, "results.json", "results.md", "results.png"
 TABLE_FORMAT = 1  # bump when a cached table's content changes meaning
 # Rankers of known quality for the sweep: log-normal noise on the oracle's CTR (sigma = 0: the perfect ranker).
 SWEEP_SIGMAS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.8)
+SWEEP_NOISE_DRAWS = 8
 
 
 # ------------------------------------------------------------------------------------------------ the table
@@ -255,38 +256,65 @@ def bootstrap_arms(tables: Sequence[StageTable], traffic: np.ndarray, n_requests
 
 def noisy_oracle(table: StageTable, sigma: float, noise: np.ndarray) -> StageTable:
     """The table with a ranker of known quality: pred = clip(true · exp(sigma · noise), 0, 1), noise float [P, G, C]
-    (standard normal, fixed per table so that every sigma perturbs the same way). sigma = 0 is the perfect ranker."""
+    (standard normal). sigma = 0 is the perfect ranker."""
     return StageTable(table.item_ids, table.bids, np.clip(table.true * np.exp(sigma * noise), 0.0, 1.0), table.true)
 
 
+def _selection_lift(tables: Sequence[StageTable], traffic: np.ndarray) -> float:
+    """Aggregate true-CTR lift of the predictor's pick (photo kept unless beaten) over the photo, every
+    (table, product, group) cell weighted by its group's traffic share."""
+    picked, photo, weight = 0.0, 0.0, 0.0
+    for t in tables:
+        choice = np.argmax(t.pred, axis=2)
+        chosen = np.take_along_axis(t.true, choice[..., None], axis=2)[..., 0]
+        picked += float((chosen * traffic[None]).sum())
+        photo += float((t.true[..., 0] * traffic[None]).sum())
+    return picked / photo - 1.0
+
+
 def ranker_noise_sweep(tables: Sequence[StageTable], traffic: np.ndarray, sigmas: Sequence[float], n_requests: int,
-                       n_candidates: int, *, resamples: int, seed: int, progress: bool = False) -> list[dict[str, Any]]:
+                       n_candidates: int, *, resamples: int, seed: int, noise_draws: int = SWEEP_NOISE_DRAWS,
+                       progress: bool = False) -> list[dict[str, Any]]:
     """B/A ratios (expected clicks, revenue) when the predictor is the oracle with multiplicative log-normal noise
-    of standard deviation sigma (`noisy_oracle`): how good must the ranker be for B-stage to pay? Point estimate
-    on each pool with requests seeded by `seed`, 95 % interval from the same product bootstrap as
-    `bootstrap_arms` (requests re-drawn, A and B paired). Returns one dict per sigma."""
+    of standard deviation sigma (`noisy_oracle`): how good must the ranker be for B-stage to pay?
+
+    A ranker of noise sigma is a random draw, so the point estimate averages B and A totals over `noise_draws`
+    draws on each pool's seeded requests, and each bootstrap resample (products with replacement, requests
+    re-drawn, as `bootstrap_arms`, A and B paired) draws its own noise: the interval covers products, requests
+    and the noise. The same noise (scaled by sigma) serves every sigma. Also returns the selection lift of the
+    noisy predictor (`_selection_lift`, mean over the draws) to set beside the reward model's. One dict per sigma."""
     from tqdm.auto import tqdm
 
-    noise = [np.random.default_rng([seed, k]).standard_normal(t.pred.shape) for k, t in enumerate(tables)]
+    master = np.random.default_rng([seed, 0])
+    draws = [[master.standard_normal(t.pred.shape) for t in tables] for _ in range(noise_draws)]
+    boot_noise_seed = int(master.integers(2**62))
     out = []
     for sigma in tqdm(sigmas, desc="ranker noise sweep", disable=not progress, leave=False):
-        noisy = [noisy_oracle(t, sigma, e) for t, e in zip(tables, noise)]
         rng = np.random.default_rng([seed, 1])
-        point = _sum_arms([serve_arms(t, draw_requests(t.n_products, traffic, n_requests, n_candidates, rng), ("A", "B"))
-                           for t in noisy])
+        requests = [draw_requests(t.n_products, traffic, n_requests, n_candidates, rng) for t in tables]
+        sums = {arm: dict.fromkeys(("expected_clicks", "revenue"), 0.0) for arm in ("A", "B")}
+        lifts = []
+        for noise in draws:
+            noisy = [noisy_oracle(t, sigma, e) for t, e in zip(tables, noise)]
+            lifts.append(_selection_lift(noisy, traffic))
+            for arm, values in _sum_arms([serve_arms(t, r, ("A", "B")) for t, r in zip(noisy, requests)]).items():
+                for m in sums[arm]:
+                    sums[arm][m] += values[m]
         boot = {arm: {m: np.empty(resamples) for m in ("expected_clicks", "revenue")} for arm in ("A", "B")}
+        noise_rng = np.random.default_rng(boot_noise_seed)  # the same noise stream for every sigma
         for b in range(resamples):
             parts = []
-            for t in noisy:
-                pool = t.take(rng.integers(0, t.n_products, t.n_products))
+            for t in tables:
+                index = rng.integers(0, t.n_products, t.n_products)
+                pool = noisy_oracle(t, sigma, noise_rng.standard_normal(t.pred.shape)).take(index)
                 parts.append(serve_arms(pool, draw_requests(pool.n_products, traffic, n_requests, n_candidates, rng),
                                         ("A", "B")))
             for arm, values in _sum_arms(parts).items():
                 for m in ("expected_clicks", "revenue"):
                     boot[arm][m][b] = values[m]
-        entry: dict[str, Any] = {"sigma": float(sigma)}
+        entry: dict[str, Any] = {"sigma": float(sigma), "selection_lift": float(np.mean(lifts))}
         for m in ("expected_clicks", "revenue"):
-            entry[m] = {"ratio": point["B"][m] / point["A"][m], "ci95": _interval(boot["B"][m] / boot["A"][m])}
+            entry[m] = {"ratio": sums["B"][m] / sums["A"][m], "ci95": _interval(boot["B"][m] / boot["A"][m])}
         out.append(entry)
     return out
 
@@ -697,7 +725,8 @@ def run_stages(out: str | Path, *, products: int = 16, candidates: int = 8, requ
         "arms": arms, "ratios": ratios, "cost": cost,
         "reward_quality": {**reward_quality(tables, traffic), "log_error_sd": model_log_error(tables)},
         "ranker_noise_sweep": {"sigmas": list(SWEEP_SIGMAS), "resamples": max(20, resamples // 5), "rows": sweep,
-                               "predictor": "clip(true CTR · exp(sigma · N(0, 1)), 0, 1), noise fixed per "
+                               "noise_draws": SWEEP_NOISE_DRAWS,
+                               "predictor": "clip(true CTR · exp(sigma · N(0, 1)), 0, 1), independent noise per "
                                             "(product, group, slot)"},
         "build": {"generate_seconds_per_product_mean": float(np.mean(np.concatenate(
                       [b["generate_seconds_per_product"] for b in builds]))),
@@ -792,12 +821,17 @@ def results_markdown(results: dict[str, Any]) -> str:
     lines += ["## How good must the ranker be? B/A with a ranker of known quality", "",
               f"Predictor = {sweep['predictor']}; sigma = 0 is the perfect ranker. The reward model's own error on "
               f"this scale: sd of log(pred / true) after removing each group's mean = {q['log_error_sd']:.3f}. "
-              f"{sweep['resamples']} bootstrap resamples per sigma.", "",
-              "| sigma | B/A expected clicks [95 % CI] | B/A revenue [95 % CI] |", "|---|---|---|"]
+              f"Point: mean over {sweep['noise_draws']} noise draws; {sweep['resamples']} bootstrap resamples per "
+              "sigma, each with its own noise.", "",
+              "| sigma | B/A expected clicks [95 % CI] | B/A revenue [95 % CI] | selection lift over the photo |",
+              "|---|---|---|---|"]
     for row in sweep["rows"]:
         c, v = row["expected_clicks"], row["revenue"]
         lines.append(f"| {row['sigma']:.2f} | {c['ratio']:.4f} [{c['ci95'][0]:.4f}, {c['ci95'][1]:.4f}] | "
-                     f"{v['ratio']:.4f} [{v['ci95'][0]:.4f}, {v['ci95'][1]:.4f}] |")
+                     f"{v['ratio']:.4f} [{v['ci95'][0]:.4f}, {v['ci95'][1]:.4f}] | {row['selection_lift']:+.1%} |")
+    b_a = results["ratios"]["B/A"]
+    lines.append(f"| reward model (sd {q['log_error_sd']:.3f}) | {b_a['expected_clicks']['ratio']:.4f} | "
+                 f"{b_a['revenue']['ratio']:.4f} | {sel_m['lift']:+.1%} |")
     lines.append("")
     b = results["build"]
     lines += [f"Stored creatives: {b['products']} products, {b['generate_seconds_per_product_mean']:.1f} s per "
@@ -829,7 +863,7 @@ def plot_stages(results: dict[str, Any]) -> bytes:
         ax.bar(range(len(arms)), vals, yerr=[vals - lo, hi - vals], color=[colors[a] for a in arms], capsize=3)
         ax.set_xticks(range(len(arms)))
         ax.set_xticklabels([ARM_LABELS[a].replace(", ", "\n") for a in arms], fontsize=7)
-        ax.set_ylim(min(lo) * 0.9, max(hi) * 1.03)
+        ax.set_ylim(0, max(hi) * 1.05)
         ax.set_title(title, fontsize=10)
         ax.grid(axis="y", alpha=0.3)
     ax = axes[2]
