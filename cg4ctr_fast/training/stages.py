@@ -902,7 +902,11 @@ def plot_stages(results: dict[str, Any]) -> bytes:
         line, = ax.plot(sig, vals, "-o", ms=3, label=f"B/A {label}")
         ax.fill_between(sig, lo, hi, color=line.get_color(), alpha=0.15)
     ax.axhline(1.0, color="k", lw=0.8)
-    ax.axvline(results["reward_quality"]["log_error_sd"], color="grey", ls="--", lw=1, label="reward model's error")
+    sd = results["reward_quality"]["log_error_sd"]
+    ax.axvline(sd, color="grey", ls="--", lw=1, label="reward model's error")
+    for metric, marker in (("expected_clicks", "*"), ("revenue", "P")):
+        ax.plot([sd], [results["ratios"]["B/A"][metric]["ratio"]], marker, color="k", ms=8,
+                label=f"reward model's B/A ({'clicks' if metric == 'expected_clicks' else 'revenue'})")
     ax.set_xlabel("ranker noise sigma (log-normal on true CTR)")
     ax.set_title("B/A against ranker quality", fontsize=10)
     ax.legend(fontsize=7)
