@@ -199,3 +199,30 @@ def test_a_lora_that_does_nothing_fails_the_steering_check(tmp_path, world):
                              images_per_prompt=2, steps=2)
     row = report["families"][family.name]
     assert row["n"] == 4 and abs(row["shift"]) < 1e-3 and not row["passed"]
+
+
+def test_trained_style_lora_loads_in_the_pipeline(tmp_path, world):
+    """train_style_loras writes diffusers files that CreativePipeline.from_pretrained(..., lora=) fuses; two Adam
+    steps move lora_B off zero, so the fused pipeline's output differs from the base one."""
+    import json
+
+    from cg4ctr_fast.models.diffusion import save_modules
+    from cg4ctr_fast.pipeline import CreativePipeline
+    from cg4ctr_fast.training.lora import LoraTrainConfig
+    from cg4ctr_fast.training.style import STYLE_FAMILIES, StyleLoraConfig, train_style_loras
+
+    save_modules(_tiny(), tmp_path / "generator")
+    config = StyleLoraConfig(images_per_family=4, lora=LoraTrainConfig(steps=2, batch=2))
+    paths = train_style_loras(tmp_path / "generator", world, tmp_path / "loras", families=STYLE_FAMILIES[3:],
+                              train_items=[1, 2], config=config, log=lambda _line: None)
+    folder = paths["noir"]
+    record = json.loads((folder / "style.json").read_text())
+    assert record["family"] == "noir" and record["lora_steps"] == 2 and record["seed_set_images"] == 4
+    product = world.product(100_002)
+    outputs = []
+    for pipe in (CreativePipeline.from_modules(_tiny()),
+                 CreativePipeline.from_pretrained(str(tmp_path / "generator"), lora=folder)):
+        creatives = pipe(["smooth beach"], product.image, product.mask, num_inference_steps=2, guidance_scale=5.0,
+                         output_type="np", composite=False, show_progress=False)
+        outputs.append(creatives[0].image)
+    assert np.abs(outputs[0] - outputs[1]).max() > 100 * _tol(outputs[0])

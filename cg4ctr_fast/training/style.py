@@ -637,11 +637,12 @@ def plot_steering(result: Mapping[str, Any], path: Path) -> Optional[Path]:
         cx, cy = result["separation"]["centroids"][n][:2]
         plane.scatter([cx], [cy], s=160, color=colours[n], marker="*", edgecolor="black", label=f"{n} seed set")
         lx, ly = report[n]["mean_z_lora"][:2]
-        plane.scatter([lx], [ly], s=60, color=colours[n], marker="o", edgecolor="black")
+        plane.scatter([lx], [ly], s=60, color=colours[n], marker="o", edgecolor="black",
+                      label="with the family's LoRA (mean)" if n == names[0] else None)
         plane.annotate("", (lx, ly), xytext=tuple(report[n]["mean_z_base"][:2]),
                        arrowprops={"arrowstyle": "->", "color": colours[n]})
     bx, by = report[names[0]]["mean_z_base"][:2]
-    plane.scatter([bx], [by], s=60, color="white", edgecolor="black", label="no LoRA")
+    plane.scatter([bx], [by], s=60, color="white", edgecolor="black", label="no LoRA (mean)")
     plane.set_xlabel("hue_cos (z)")
     plane.set_ylabel("hue_sin (z)")
     plane.set_title("hue plane: no LoRA → family LoRA (free prompts)")
