@@ -521,11 +521,13 @@ def random_prompts(n: int, seed: int, *, categories: Sequence[str] = ("texture",
 
 def run_style_experiment(out_dir: Union[str, Path], *, seed: int = 0, eval_products: int = 6, n_prompts: int = 4,
                          images_per_prompt: int = 2, steps: int = 15, guidance: float = 5.0,
-                         config: StyleLoraConfig = StyleLoraConfig(), retrain: bool = False, log=print) -> dict:
+                         config: StyleLoraConfig = StyleLoraConfig(), retrain: bool = False, lora_scale: float = 1.0,
+                         log=print) -> dict:
     """The whole measurement on the embedded toy models: family separation, K style LoRAs (reused from
     `out_dir/loras/<family>` unless `retrain`), the steering report with prompts over the free categories and
     with full random captions, a sample grid and a feature plot. Writes `out_dir/style_loras.json`,
     `out_dir/style_samples.png` and (with matplotlib) `out_dir/style_steering.png`; returns the JSON's dict.
+    lora_scale: every LoRA's adapter weight at generation (1.0 = as trained).
     Held-out products: HELD_OUT_ITEM_BASE + 1000 + k (never logged, never in a seed set)."""
     from cg4ctr_fast.fileio import atomic_write_bytes
     from cg4ctr_fast.models.diffusion import load_modules
@@ -547,7 +549,7 @@ def run_style_experiment(out_dir: Union[str, Path], *, seed: int = 0, eval_produ
     if missing:
         train_style_loras(toy.generator, world, lora_dir, families=missing, train_items=train_items, config=config,
                           log=log)
-    loras = {f.name: lora_dir / f.name for f in STYLE_FAMILIES}
+    loras = {f.name: (lora_dir / f.name, lora_scale) for f in STYLE_FAMILIES}
     training = {f.name: json.loads((lora_dir / f.name / "style.json").read_text()) for f in STYLE_FAMILIES}
     mixed = MixedLoraPipeline.build(load_modules(str(toy.generator)), loras, "per_row")
     items = test_items[:eval_products]
@@ -562,7 +564,7 @@ def run_style_experiment(out_dir: Union[str, Path], *, seed: int = 0, eval_produ
             log(f"[style]   {name}: distance {row['distance_base']:.2f} → {row['distance_lora']:.2f} z, "
                 f"d_z {row['cohens_dz']:+.2f}, share {row['share_base']:.2f} → {row['share_lora']:.2f}, "
                 f"{'passed' if row['passed'] else 'FAILED'}")
-    result = {"seed": seed, "generator": str(toy.generator), "families": {f.name: {c: list(t) for c, t in f.tokens}
+    result = {"seed": seed, "generator": str(toy.generator), "lora_scale": lora_scale, "families": {f.name: {c: list(t) for c, t in f.tokens}
                                                                           for f in STYLE_FAMILIES},
               "separation": separation, "training": training, "steering": reports}
     out.mkdir(parents=True, exist_ok=True)
