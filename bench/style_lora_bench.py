@@ -138,8 +138,9 @@ def main(argv=None) -> int:
             }
             rows.append(row)
             r, c = row["split_over_per_row"], row["cpu_split_over_per_row"]
-            print(f"K={k}: base {row['seconds']['base']['p50']:.3f} s, per_row {row['seconds']['per_row']['p50']:.3f} s, "
-                  f"split {row['seconds']['split']['p50']:.3f} s; split / per_row {r['ratio']:.2f}× "
+            seconds = row["seconds"]
+            print(f"K={k}: base {seconds['base']['p50']:.3f} s, per_row {seconds['per_row']['p50']:.3f} s, "
+                  f"split {seconds['split']['p50']:.3f} s; split / per_row {r['ratio']:.2f}× "
                   f"[{r['min']:.2f}–{r['max']:.2f}] {' '.join(r['flags'])}; CPU s split / per_row {c['ratio']:.2f}× "
                   f"[{c['min']:.2f}–{c['max']:.2f}]; outputs differ by ≤ {max_diff:.1e}")
     load_after = load_snapshot()
@@ -180,7 +181,8 @@ def markdown(report: dict) -> str:
         f"{report['guidance']:g} (batch ×2), toy generator; {report['lora']}. Median of {report['runs']} interleaved "
         "rounds (after warm-up); ratios are medians of per-round ratios [min–max].",
         "",
-        "| K LoRAs | base s | per_row s | split s | per_row / base | split / base | split / per_row | flags | max |Δ| modes |",
+        "| K LoRAs | base s | per_row s | split s | per_row / base | split / base | split / per_row | flags "
+        "| max abs diff, modes |",
         "|---:|---:|---:|---:|---:|---:|---:|---|---:|",
     ]
     for row in report["rows"]:
@@ -190,15 +192,16 @@ def markdown(report: dict) -> str:
             return f"{r['ratio']:.2f}× [{r['min']:.2f}–{r['max']:.2f}]"
 
         flags = sorted(set(row["split_over_per_row"]["flags"]) | {f for v in row["flags"].values() for f in v})
-        lines.append(f"| {row['loras']} | {s['base']['p50']:.3f} | {s['per_row']['p50']:.3f} | {s['split']['p50']:.3f} | "
-                     f"{ratio(row['per_row_over_base'])} | {ratio(row['split_over_base'])} | "
+        lines.append(f"| {row['loras']} | {s['base']['p50']:.3f} | {s['per_row']['p50']:.3f} "
+                     f"| {s['split']['p50']:.3f} | {ratio(row['per_row_over_base'])} | {ratio(row['split_over_base'])} | "
                      f"{ratio(row['split_over_per_row'])} | {', '.join(flags) or '—'} | "
                      f"{row['max_abs_diff_per_row_vs_split']:.1e} |")
     lines += [
         "",
         "Process CPU seconds of the same calls (one thread; less moved by other jobs than wall time):",
         "",
-        "| K LoRAs | base CPU s | per_row CPU s | split CPU s | per_row / base | split / base | split / per_row | flags |",
+        "| K LoRAs | base CPU s | per_row CPU s | split CPU s | per_row / base | split / base | split / per_row "
+        "| flags |",
         "|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for row in report["rows"]:
@@ -207,9 +210,10 @@ def markdown(report: dict) -> str:
         def ratio(r):
             return f"{r['ratio']:.2f}× [{r['min']:.2f}–{r['max']:.2f}]"
 
-        lines.append(f"| {row['loras']} | {s['base']['p50']:.3f} | {s['per_row']['p50']:.3f} | {s['split']['p50']:.3f} | "
-                     f"{ratio(row['cpu_per_row_over_base'])} | {ratio(row['cpu_split_over_base'])} | "
-                     f"{ratio(row['cpu_split_over_per_row'])} | {', '.join(row['cpu_split_over_per_row']['flags']) or '—'} |")
+        lines.append(f"| {row['loras']} | {s['base']['p50']:.3f} | {s['per_row']['p50']:.3f} "
+                     f"| {s['split']['p50']:.3f} | {ratio(row['cpu_per_row_over_base'])} | {ratio(row['cpu_split_over_base'])} | "
+                     f"{ratio(row['cpu_split_over_per_row'])} "
+                     f"| {', '.join(row['cpu_split_over_per_row']['flags']) or '—'} |")
     if report["load"]["warnings"]:
         lines += ["", *[f"> {w}" for w in report["load"]["warnings"]]]
     return "\n".join(lines) + "\n"

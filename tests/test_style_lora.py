@@ -76,7 +76,10 @@ def _tol(reference: np.ndarray) -> float:
 
 def test_per_row_adapters_equal_fused_unets(runs):
     (rows, per_row), (splits, split) = runs["per_row"], runs["split"]
-    assert [(c.group, c.index, c.prompt, c.seed) for c in rows] == [(c.group, c.index, c.prompt, c.seed) for c in splits]
+    def key(c):
+        return (c.group, c.index, c.prompt, c.seed)
+
+    assert [key(c) for c in rows] == [key(c) for c in splits]
     assert [c.group for c in rows] == [0, 0, 1, 1, 2, 2, 3, 3]
     assert np.abs(per_row - split).max() <= _tol(split)
 

@@ -98,21 +98,14 @@ class StyleFamily:
 
 
 # K = 4 families by palette group × lighting group. Measured on world 0 (docs/cycle/style_loras.md): their
-# centroids in STYLE_COLUMNS z-units are 1.9 to 3.1 apart and a nearest-centroid rule puts 92-100 % of held-out
-# renders in their own family (seed sets on training products, test renders on held-out ones).
+# centroids in STYLE_COLUMNS z-units are 1.9 to 2.8 apart and a nearest-centroid rule puts 85-98 % of held-out
+# renders in their own family (128 seed creatives on training products, 128 test renders on held-out ones).
 STYLE_FAMILIES: tuple[StyleFamily, ...] = (
     StyleFamily("sunlit", (("palette", ("warm", "earthy")), ("lighting", ("golden", "bright")))),
     StyleFamily("marine", (("palette", ("cool",)), ("lighting", ("soft", "backlit")))),
     StyleFamily("pop", (("palette", ("neon", "pastel")), ("lighting", ("bright", "soft")))),
     StyleFamily("noir", (("palette", ("monochrome",)), ("lighting", ("dim", "dramatic")))),
 )
-
-
-def _family(families: Sequence[StyleFamily], name: str) -> StyleFamily:
-    for fam in families:
-        if fam.name == name:
-            return fam
-    raise InputError(f"no style family {name!r}; known: {', '.join(f.name for f in families)}")
 
 
 def free_prompt(family: StyleFamily, caption: Sequence[str]) -> str:
@@ -285,7 +278,8 @@ def _check_names(loras: Mapping[str, LoraSpec], *, adapter: bool = True) -> None
             raise InputError(f"LoRA names must be identifiers other than {BASE!r}, got {name!r}")
         # peft keeps adapters in ModuleDicts keyed by name: a name like "pop" or "keys" collides with a method.
         if adapter and hasattr(torch.nn.ModuleDict(), name):
-            raise InputError(f"LoRA name {name!r} is a torch ModuleDict attribute; peft cannot use it as an adapter name")
+            raise InputError(f"LoRA name {name!r} is a torch ModuleDict attribute; peft cannot use it as an "
+                             "adapter name")
 
 
 def load_adapters(modules, loras: Mapping[str, LoraSpec]) -> None:
@@ -475,8 +469,9 @@ def steering_report(mixed: MixedLoraPipeline, world, families: Sequence[StyleFam
         product = world.product(item_id)
         batch_prompts = [p for _ in lora_rows for p in prompts]
         batch_loras = [name for name in lora_rows for _ in prompts]
-        creatives = mixed(batch_prompts, batch_loras, product.image, product.mask, num_images_per_prompt=images_per_prompt,
-                          num_inference_steps=steps, guidance_scale=guidance, seed=seed, show_progress=False)
+        creatives = mixed(batch_prompts, batch_loras, product.image, product.mask,
+                          num_images_per_prompt=images_per_prompt, num_inference_steps=steps,
+                          guidance_scale=guidance, seed=seed, show_progress=False)
         for creative in creatives:
             name = batch_loras[creative.group]
             z[name].append(family_features(world, [creative.image], [product.mask])[0])
@@ -564,8 +559,8 @@ def run_style_experiment(out_dir: Union[str, Path], *, seed: int = 0, eval_produ
             log(f"[style]   {name}: distance {row['distance_base']:.2f} → {row['distance_lora']:.2f} z, "
                 f"d_z {row['cohens_dz']:+.2f}, share {row['share_base']:.2f} → {row['share_lora']:.2f}, "
                 f"{'passed' if row['passed'] else 'FAILED'}")
-    result = {"seed": seed, "generator": str(toy.generator), "lora_scale": lora_scale, "families": {f.name: {c: list(t) for c, t in f.tokens}
-                                                                          for f in STYLE_FAMILIES},
+    result = {"seed": seed, "generator": str(toy.generator), "lora_scale": lora_scale,
+              "families": {f.name: {c: list(t) for c, t in f.tokens} for f in STYLE_FAMILIES},
               "separation": separation, "training": training, "steering": reports}
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out / "style_loras.json", (json.dumps(result, indent=2) + "\n").encode())
