@@ -303,11 +303,20 @@ def test_lora_from_the_loop_loads_in_diffusers_and_in_the_pipeline(tiny_run, toy
     np.testing.assert_allclose(fused[0].image, looped[0].image, rtol=0, atol=1e-5)
 
 
-def test_resume_after_kill_equals_uninterrupted(tiny_run, toy, tmp_path):
-    """Kill the CLI (SIGKILL) after cycle 1 is checkpointed, resume, compare with the uninterrupted run."""
+@pytest.mark.parametrize("guarded", [False, True], ids=["plain", "all-guards"])
+def test_resume_after_kill_equals_uninterrupted(tiny_run, toy, tmp_path, guarded):
+    """Kill the CLI (SIGKILL) after cycle 1 is checkpointed, resume, compare with the uninterrupted run: plain,
+    and with every guard and the refresh on (judge with accept and keep_best, a 2-model ensemble, anchor and
+    cap, fresh logs with the reward models retrained)."""
     from safetensors.torch import load_file
 
-    config_file = _write_config(tmp_path / "tiny.toml", toy)
+    config_file = _write_config(tmp_path / "tiny.toml", toy, **(GUARDED if guarded else {}))
+    reference = tiny_run["out"]
+    if guarded:
+        from cg4ctr_fast.training.cycle import run_cycles
+
+        reference = tmp_path / "reference"
+        run_cycles(load_cycle_config(config_file), reference, progress=False, log=lambda _m: None)
     out = tmp_path / "run"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.Popen([sys.executable, "-m", "cg4ctr_fast.cli.train", "cycle", "--config", str(config_file),
@@ -325,13 +334,17 @@ def test_resume_after_kill_equals_uninterrupted(tiny_run, toy, tmp_path):
 
     result = _run_cli("cycle", "--config", str(config_file), "--out", str(out), "--resume", "--quiet")
     assert result.returncode == 0, result.stderr
-    reference = tiny_run["out"]
     for cycle in (0, 1, 2):
         name = f"cycle_{cycle:03d}"
         got = json.loads((out / "cycles" / name / "metrics.json").read_text())
         want = json.loads((reference / "cycles" / name / "metrics.json").read_text())
         assert _comparable(got) == _comparable(want)
-    for sub, file in (("lora", "pytorch_lora_weights.safetensors"), ("prompt", "model.safetensors")):
+    files = [("lora", "pytorch_lora_weights.safetensors"), ("prompt", "model.safetensors")]
+    if guarded:
+        files += [("reward/member_0", "model.safetensors"), ("reward/member_1", "model.safetensors")]
+        got, want = (np.load(r / "cycles" / "cycle_002" / "fresh_logs.npz") for r in (out, reference))
+        assert got.files == want.files and all(np.array_equal(got[k], want[k]) for k in got.files)
+    for sub, file in files:
         got = load_file(str(out / "cycles" / "cycle_002" / sub / file))
         want = load_file(str(reference / "cycles" / "cycle_002" / sub / file))
         assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
@@ -349,14 +362,19 @@ def test_run_folder_guards(tiny_run, toy, tmp_path):
 
 # ------------------------------------------------------------------------------------------------ ablation
 def test_ablation_tiny(toy, tmp_path):
-    from cg4ctr_fast.training.ablate import ARMS, run_ablation
+    from cg4ctr_fast.training.ablate import BASE_ARMS, run_ablation
 
     config = load_cycle_config(_write_config(tmp_path / "tiny.toml", toy, run={"cycles": 1}))
-    # Two seeds in two worker processes (the --jobs path).
-    results = run_ablation(config, 2, tmp_path / "ablate", progress=False, log=lambda _m: None, jobs=2)
+    # Two seeds in two worker processes (the --jobs path); one guard arm (its judge built once, in the parent).
+    arms = (*BASE_ARMS, "full_judge")
+    results = run_ablation(config, 2, tmp_path / "ablate", progress=False, log=lambda _m: None, jobs=2, arms=arms)
     assert results["seeds"] == [0, 1]
-    assert set(results["lift"]) == set(ARMS)
-    for arm in ARMS:
+    assert set(results["lift"]) == set(arms) and results["arms"] == list(arms)
+    judged = json.loads((tmp_path / "ablate" / "seed_0" / "full_judge" / "config.json").read_text())
+    assert judged["guard"]["judge"] and judged["guard"]["accept"] and judged["guard"]["keep_best"]
+    assert results["comparisons"]["full_judge_over_full"]["a"] == "full_judge@1"
+    assert len(list((tmp_path / "ablate" / "guards").glob("world_*/judge_0/reward/model.safetensors"))) == 1
+    for arm in arms:
         for cycle in ("0", "1"):
             cell = results["lift"][arm][cycle]
             assert cell["n"] == 2 * 8 and set(cell["per_seed"]) == {"0", "1"}
@@ -384,10 +402,10 @@ def test_ablation_tiny(toy, tmp_path):
     assert md.index("Aggregate true-CTR lift") < md.index("Secondary: mean over") and "original photo was kept" in md
     assert (tmp_path / "ablate" / "lift_per_cycle.png").stat().st_size > 1000
     # A second call reuses every finished run (no new cycle folders, same numbers).
-    again = run_ablation(config, 2, tmp_path / "ablate", progress=False, log=lambda _m: None)
+    again = run_ablation(config, 2, tmp_path / "ablate", progress=False, log=lambda _m: None, arms=arms)
     assert again["lift"] == results["lift"]
     # The same seed in one process gives the same numbers as in a worker.
-    single = run_ablation(config, 1, tmp_path / "single", progress=False, log=lambda _m: None)
+    single = run_ablation(config, 1, tmp_path / "single", progress=False, log=lambda _m: None, arms=BASE_ARMS)
     assert single["lift"]["full"]["1"]["per_seed"]["0"] == results["lift"]["full"]["1"]["per_seed"]["0"]
 
 
@@ -481,3 +499,220 @@ def test_guided_loss_fits_the_guided_prediction(toy):
     guided = trained(True, 5.0)
     assert all(torch.equal(plain[k], same[k]) for k in plain)
     assert any(not torch.allclose(plain[k], guided[k]) for k in plain)
+
+
+# ------------------------------------------------------------------------------------------------ guards
+GUARDED = {"guard": {"judge": True, "judge_products": 1, "accept": True, "keep_best": True, "ensemble": 2},
+           "refresh": {"enabled": True, "epochs": 2},
+           "lora": {"anchor_weight": 1.0, "max_delta": 0.002}}
+
+
+class _Fixed:
+    """A reward 'model' whose score of creative i is table[i] (the ensemble only reads score_images)."""
+
+    def __init__(self, table):
+        self.table = np.asarray(table, dtype=np.float64)
+
+    def score_images(self, images, titles, captions, group_features):
+        return self.table[np.asarray(images)]
+
+
+def test_reward_ensemble_rules():
+    from cg4ctr_fast.training.cycle import top_k
+    from cg4ctr_fast.training.guards import RewardEnsemble
+
+    rng = np.random.default_rng(3)
+    table = rng.random((3, 7))
+    members = [_Fixed(t) for t in table]
+    idx = list(range(7))
+    assert np.array_equal(RewardEnsemble(members, "min").score_images(idx, [""] * 7, [""] * 7, None), table.min(0))
+    got = RewardEnsemble(members, "mean_std", 1.5).score_images(idx, [""] * 7, [""] * 7, None)
+    np.testing.assert_allclose(got, table.mean(0) - 1.5 * table.std(0), rtol=1e-12)
+    # A creative one member loves and the others dislike wins alone but loses in the ensemble.
+    planted = np.array([[0.9, 0.5], [0.1, 0.5], [0.1, 0.5]])
+    rows_alone = [{"item_id": 0, "group": 0, "reward": s} for s in planted[0]]
+    ensemble = RewardEnsemble([_Fixed(t) for t in planted], "min").score_images([0, 1], [""] * 2, [""] * 2, None)
+    rows_ensemble = [{"item_id": 0, "group": 0, "reward": s, "i": i} for i, s in enumerate(ensemble)]
+    assert top_k(rows_alone, 1)[0]["reward"] == 0.9 and top_k(rows_ensemble, 1)[0]["i"] == 1
+
+
+def test_lora_anchor_and_cap_change_the_update(toy):
+    """anchor_weight pulls the adapted UNet's noise prediction towards the base one; max_delta caps each layer's
+    ‖ΔW‖_F / ‖W‖_F (and 0 leaves the adapter alone)."""
+    from cg4ctr_fast.models.diffusion import load_modules
+    from cg4ctr_fast.training.lora import (LoraTrainConfig, adapter_disabled, add_lora, cap_lora_delta,
+                                           lora_state, train_lora)
+
+    gen = torch.Generator().manual_seed(9)
+    examples = {"latents": torch.randn(5, 4, 16, 16, generator=gen),
+                "masked_latents": torch.randn(5, 4, 16, 16, generator=gen),
+                "masks": (torch.rand(5, 1, 16, 16, generator=gen) > 0.3).float()}
+    prompts = ["warm smooth studio soft", "cool grainy beach dim", "neon checker city bright", "pastel", "earthy waves"]
+    probe = (torch.cat([torch.randn(3, 4, 16, 16, generator=gen), examples["masks"][:3], examples["masked_latents"][:3]], 1),
+             torch.tensor([100, 500, 900]))
+
+    def trained(anchor: float):
+        modules = load_modules(toy.generator)
+        torch.manual_seed(0)
+        config = LoraTrainConfig(steps=12, batch=3, lr=5e-3, caption_dropout=0.0, anchor_weight=anchor)
+        add_lora(modules.unet, config)
+        train_lora(modules.unet, modules.text_encoder, modules.tokenizer, modules.scheduler, examples, prompts,
+                   config, seed=2)
+        ids = modules.tokenizer(prompts[:3], padding="max_length", max_length=modules.tokenizer.model_max_length,
+                                return_tensors="pt").input_ids
+        with torch.no_grad():
+            states = modules.text_encoder(ids)[0]
+            adapted = modules.unet(*probe, encoder_hidden_states=states).sample
+            with adapter_disabled(modules.unet):
+                base = modules.unet(*probe, encoder_hidden_states=states).sample
+        return modules, float(((adapted - base) ** 2).mean())
+
+    _, free = trained(0.0)
+    modules, anchored = trained(20.0)
+    assert free > 0 and anchored < 0.5 * free
+    before = lora_state(modules.unet)
+    assert cap_lora_delta(modules.unet, 0.0)["lora_layers_capped"] == 0
+    assert all(torch.equal(v, lora_state(modules.unet)[k]) for k, v in before.items())
+    largest = cap_lora_delta(modules.unet, 0.0)["lora_delta_max"]
+    report = cap_lora_delta(modules.unet, largest / 4)
+    assert report["lora_layers_capped"] > 0
+    assert cap_lora_delta(modules.unet, 0.0)["lora_delta_max"] <= largest / 4 * (1 + 1e-5)
+
+
+def _guarded_context(toy, tmp_path, **changes):
+    from cg4ctr_fast.training.cycle import build_context
+
+    sections = {**GUARDED, **changes}
+    config = load_cycle_config(_write_config(tmp_path / "guarded.toml", toy, **sections))
+    return config, build_context(config, log=lambda _m: None, guard_dir=tmp_path / "guards")
+
+
+def test_judge_accept_undoes_a_rejected_cycle(toy, tmp_path):
+    """With guard.accept, a cycle the judge scores below the reference leaves the LoRA and the prompt model as
+    they were; one it scores at or above keeps the update."""
+    import copy
+
+    from cg4ctr_fast.training.cycle import run_cycle
+    from cg4ctr_fast.training.lora import lora_state
+
+    _config, ctx = _guarded_context(toy, tmp_path, refresh={"enabled": False})
+    start_lora = lora_state(ctx.modules.unet)
+    start_prompt = copy.deepcopy(ctx.prompt_model.state_dict())
+    metrics, _ = run_cycle(ctx, 1, judge_reference=float("inf"))
+    assert metrics["judge"]["accepted"] is False and metrics["lora_steps"] == 3
+    assert all(torch.equal(v, lora_state(ctx.modules.unet)[k]) for k, v in start_lora.items())
+    assert all(torch.equal(v, ctx.prompt_model.state_dict()[k]) for k, v in start_prompt.items())
+    metrics, _ = run_cycle(ctx, 1, judge_reference=float("-inf"))
+    assert metrics["judge"]["accepted"] is True
+    assert any(not torch.equal(v, lora_state(ctx.modules.unet)[k]) for k, v in start_lora.items())
+    # The judge reads its own products, never the evaluation's.
+    assert not set(ctx.judge_items) & set(ctx.eval_items) and metrics["judge"]["aggregate_lift"] > -1
+
+
+def test_keep_best_and_patience(toy, tmp_path, monkeypatch):
+    """keep_best serves the best-judged accepted cycle; patience stops the run after that many cycles without a
+    better one. The judge's scores are planted (the decision rule is what is tested)."""
+    from cg4ctr_fast.training import cycle as cycle_module
+
+    planted = iter([0.10, 0.30, 0.20, 0.25])  # cycle 0, 1, 2, 3
+    monkeypatch.setattr(cycle_module, "judge_step", lambda ctx, **_k: next(planted))
+    config = load_cycle_config(_write_config(tmp_path / "best.toml", toy, run={"cycles": 3},
+                                             guard={"judge": True, "judge_products": 1, "keep_best": True,
+                                                    "patience": 1}))
+    history = cycle_module.run_cycles(config, tmp_path / "run", progress=False, log=lambda _m: None,
+                                      guard_dir=tmp_path / "guards")
+    # Cycle 2 (0.20) is not better than cycle 1 (0.30): with patience 1 the run stops before cycle 3.
+    assert [m["cycle"] for m in history] == [0, 1, 2]
+    assert [m["best_cycle"] for m in history] == [0, 1, 1]
+    from cg4ctr_fast.training.ablate import served_cycle
+
+    assert served_cycle(tmp_path / "run", 3) == 1 and served_cycle(tmp_path / "run", 0) == 0
+
+
+def test_refresh_logs_what_was_served_and_retrains(toy, tmp_path):
+    """Fresh logs: the top-k creatives and the photo of every (training product, group), with the oracle's CTR
+    and Poisson impressions; the reward models after the cycle are new ones, saved beside the checkpoint."""
+    from cg4ctr_fast.models.reward import RewardModel
+    from cg4ctr_fast.training.cycle import run_cycles
+    from cg4ctr_fast.training.guards import load_fresh_logs
+
+    config = load_cycle_config(_write_config(tmp_path / "fresh.toml", toy, run={"cycles": 1},
+                                             refresh={"enabled": True, "epochs": 2}))
+    history = run_cycles(config, tmp_path / "run", progress=False, log=lambda _m: None, guard_dir=tmp_path / "g")
+    folder = tmp_path / "run" / "cycles" / "cycle_001"
+    fresh = load_fresh_logs(folder / "fresh_logs.npz")
+    n_kept, n_photo = 2 * 8 * 1, 2 * 8  # products × groups × top_k; products × groups
+    assert len(fresh["item_id"]) == n_kept + n_photo == history[1]["refresh"]["creatives"]
+    assert list(fresh["caption"][n_kept:]) == [""] * n_photo and all(c for c in fresh["caption"][:n_kept])
+    assert (fresh["clicks"] <= fresh["impressions"]).all() and (fresh["clicks"] >= 0).all()
+    from cg4ctr_fast.sim import load_dataset
+    from PIL import Image
+
+    world = load_dataset(toy.world).world
+    traffic = world.group_traffic()
+    for i in (0, n_kept + 3):
+        want = world.true_ctr(Image.fromarray(fresh["images"][i]), int(fresh["group"][i]), item_id=int(fresh["item_id"][i]))
+        assert fresh["true_ctr"][i] == pytest.approx(want, rel=1e-9)
+    lam = 1680.0 * 8 * traffic[fresh["group"]]
+    assert abs(fresh["impressions"].sum() - lam.sum()) < 5 * np.sqrt(lam.sum())
+    retrained = RewardModel.load(folder / "reward" / "member_0")
+    base = RewardModel.load(toy.reward)
+    assert any(not torch.equal(v, base.state_dict()[k]) for k, v in retrained.state_dict().items())
+
+
+def test_planted_hacked_cycle_is_rejected_by_the_judge(tmp_path):
+    """A LoRA trained to please the training reward model but not the oracle is rejected by the held-out judge.
+
+    On the shipped toy set: 4 training products × 8 groups × 6 creatives; per (product, group) the hack keeps
+    the 2 creatives whose reward most overstates their oracle CTR (z-score of reward − z-score of true CTR
+    within the bucket) and trains the LoRA on them (60 steps, lr 3e-3). The judge is a reward model on a
+    disjoint log sample (15 epochs), never used to build the hack. Measured on this machine: the training
+    reward model's lift over the photo on the judge products went 14.30 % → 14.37 % (pleased), the oracle's
+    +2.3 % → −2.2 % (hacked), the judge's 9.93 % → 9.45 % (rejects: below the reference)."""
+    from cg4ctr_fast.models.reward import RewardModel
+    from cg4ctr_fast.training import guards
+    from cg4ctr_fast.training.cycle import (build_context, evaluate, generate_for_groups, judge_items,
+                                            lora_step, prompt_model_prompts)
+    from cg4ctr_fast.pipeline import derive_seed
+
+    torch.set_num_threads(1)
+    config = CycleConfig().replace(
+        run={"seed": 0, "train_products": 4, "threads": 1}, guard={"judge_products": 3},
+        generate={"prompts_per_group": 2, "images_per_prompt": 3, "steps": 10, "top_k": 2},
+        lora={"steps": 60, "lr": 3e-3}, eval={"images_per_group": 3, "steps": 10})
+    ctx = build_context(config, log=lambda _m: None)  # the shipped toy set
+    ctx.judge = RewardModel.load(guards.build_judge(ctx.model_paths["world"], tmp_path / "judge", epochs=15,
+                                                    log=lambda _m: None))
+    ctx.judge_items = judge_items(config.replace(guard={"judge": True}))
+
+    def lifts() -> tuple[float, float, float]:
+        e = evaluate(ctx, prompt_model_prompts(ctx), seed=derive_seed(0, "judge"), items=ctx.judge_items,
+                     judge=ctx.judge)
+        w = np.array([r["traffic"] for r in e["rows"]])
+        reward = (w * [r["reward"] for r in e["rows"]]).sum() / (w * [r["original_reward"] for r in e["rows"]]).sum()
+        return e["judge_aggregate_lift"], e["aggregate_lift"], float(reward - 1)
+
+    judge_before, true_before, reward_before = lifts()
+    sampler = torch.Generator().manual_seed(1)
+    rows = []
+    for item in ctx.train_items:
+        features = np.repeat(ctx.item_features(item)[None], 16, axis=0)
+        prompts = ctx.prompt_model.propose(np.repeat(ctx.group_features, 2, axis=0), features, top_p=0.9,
+                                           sample=True, generator=sampler)
+        rows += generate_for_groups(ctx, item, [prompts[2 * g : 2 * g + 2] for g in range(8)], images_per_prompt=3,
+                                    steps=10, seed=derive_seed(0, "hack", item))
+    buckets: dict = {}
+    for r in rows:
+        r["true"] = ctx.world.true_ctr(r["image"], ctx.group_ids[r["group"]], item_id=r["item_id"])
+        buckets.setdefault((r["item_id"], r["group"]), []).append(r)
+    hacked = []
+    for bucket in buckets.values():
+        reward = np.array([r["reward"] for r in bucket])
+        true = np.array([r["true"] for r in bucket])
+        overstated = (reward - reward.mean()) / (reward.std() + 1e-12) - (true - true.mean()) / (true.std() + 1e-12)
+        hacked += [bucket[i] for i in np.argsort(-overstated, kind="stable")[:2]]
+    lora_step(ctx, hacked, seed=5)
+    judge_after, true_after, reward_after = lifts()
+    assert reward_after >= reward_before - 1e-4  # the training reward model is not displeased
+    assert true_after < true_before - 0.01  # the oracle: a real loss (the plant is a hack)
+    assert judge_after < judge_before  # the judge sees it: guard.accept undoes the cycle (judged < reference)

@@ -409,8 +409,6 @@ def results_markdown(results: dict[str, Any], command: Optional[str] = None) -> 
 
 
 def plot_lift(results: dict[str, Any]) -> bytes:
-    import io
-
     import matplotlib
 
     matplotlib.use("Agg")
@@ -436,7 +434,6 @@ def plot_lift(results: dict[str, Any]) -> bytes:
     axes[0].set_ylabel("true-CTR lift over the original (%)")
     axes[0].legend(fontsize=8, ncol=2)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    return buffer.getvalue()
+    from cg4ctr_fast.training.figures import png_bytes
+
+    return png_bytes(fig)

@@ -709,8 +709,6 @@ def write_summary(out: Path, history: Sequence[dict[str, Any]]) -> None:
 
 
 def plot_cycles(history: Sequence[dict[str, Any]]) -> bytes:
-    import io
-
     import matplotlib
 
     matplotlib.use("Agg")
@@ -731,10 +729,9 @@ def plot_cycles(history: Sequence[dict[str, Any]]) -> bytes:
         ax.set_xlabel("cycle")
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    return buffer.getvalue()
+    from cg4ctr_fast.training.figures import png_bytes
+
+    return png_bytes(fig)
 
 
 def main_log(quiet: bool) -> Callable[[str], Any]:

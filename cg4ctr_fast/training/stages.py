@@ -843,8 +843,6 @@ def results_markdown(results: dict[str, Any]) -> str:
 def plot_stages(results: dict[str, Any]) -> bytes:
     """Five panels: expected clicks and revenue per 1000 requests by arm, the paired ratios, the scoring time
     per request, B/A against the ranker's noise (the sweep). Error bars and bands: 95 % CIs. Raises ImportError without matplotlib."""
-    import io
-
     import matplotlib
 
     matplotlib.use("Agg")
@@ -912,7 +910,6 @@ def plot_stages(results: dict[str, Any]) -> bytes:
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    return buffer.getvalue()
+    from cg4ctr_fast.training.figures import png_bytes
+
+    return png_bytes(fig)
