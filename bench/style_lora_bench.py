@@ -116,8 +116,9 @@ def main(argv=None) -> int:
             ]
             samples = run_interleaved(variants, runs=args.runs, warmup=args.warmup, device=device)
             wall = {v.name: samples[v.key].wall_s for v in variants}
-            # Process CPU seconds (one thread): what the call itself costs, much less moved than wall time by
-            # other jobs on a shared machine (they take cores, not this thread's instructions).
+            # Process CPU seconds (one thread): the time the call itself ran. On the shared development machine
+            # they tracked wall time (CPU / wall ≈ 0.3-0.5 per call, the share of a core the job got), so they are
+            # recorded beside wall time, not instead of it.
             cpu = {v.name: samples[v.key].cpu_s for v in variants}
             row = {
                 "loras": k,
@@ -198,7 +199,7 @@ def markdown(report: dict) -> str:
                      f"{row['max_abs_diff_per_row_vs_split']:.1e} |")
     lines += [
         "",
-        "Process CPU seconds of the same calls (one thread; less moved by other jobs than wall time):",
+        "Process CPU seconds of the same calls (one thread):",
         "",
         "| K LoRAs | base CPU s | per_row CPU s | split CPU s | per_row / base | split / base | split / per_row "
         "| flags |",

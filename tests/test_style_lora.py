@@ -84,10 +84,13 @@ def test_per_row_adapters_equal_fused_unets(runs):
     assert np.abs(per_row - split).max() <= _tol(split)
 
 
-def test_unguided_odd_batch_per_row_equals_split(mixed):
-    """guidance 1 (no doubled batch), 3 groups, one image each: the rows are not repeated inside the UNet."""
-    per_row = _run(mixed["per_row"], ["b", None, "b"], PROMPTS[:3], per=1, guidance=1.0)[1]
-    split = _run(mixed["split"], ["b", None, "b"], PROMPTS[:3], per=1, guidance=1.0)[1]
+@pytest.mark.parametrize("guidance, cutoff", [(1.0, 1.0), (5.0, 0.5)])
+def test_odd_batch_without_doubling_per_row_equals_split(mixed, guidance, cutoff):
+    """3 groups, one image each. Guidance 1: the batch is never doubled. Guidance 5 with guidance_cutoff 0.5: doubled
+    for the first half of the steps, then halved back to the prompt rows; the per-row names follow both."""
+    loras = ["b", None, "a"]
+    per_row = _run(mixed["per_row"], loras, PROMPTS[:3], per=1, guidance=guidance, guidance_cutoff=cutoff)[1]
+    split = _run(mixed["split"], loras, PROMPTS[:3], per=1, guidance=guidance, guidance_cutoff=cutoff)[1]
     assert np.abs(per_row - split).max() <= _tol(split)
 
 
