@@ -232,3 +232,20 @@ def test_trained_style_lora_loads_in_the_pipeline(tmp_path, world):
                          output_type="np", composite=False, show_progress=False)
         outputs.append(creatives[0].image)
     assert np.abs(outputs[0] - outputs[1]).max() > 100 * _tol(outputs[0])
+
+
+def test_family_ctr_ceiling_is_consistent(world):
+    """With one family every choice is that family (lift exactly 0); each arm's lift is its aggregate CTR over the
+    best single family's, minus 1; the best single family's row is that family's own."""
+    from cg4ctr_fast.training.style import STYLE_FAMILIES, family_ctr_ceiling
+
+    one = family_ctr_ceiling(world, STYLE_FAMILIES[:1], item_ids=[100_003, 100_004], renders=2, seed=5)
+    assert one["lift_vs_best_single"]["best family per (item, group)"]["lift"] == 0.0
+    assert one["lift_vs_best_single"]["best family per group"]["lift"] == 0.0
+    two = family_ctr_ceiling(world, STYLE_FAMILIES[1:3], item_ids=[100_003, 100_004], renders=2, seed=5)
+    agg = two["aggregate_ctr"]
+    for arm, row in two["lift_vs_best_single"].items():
+        assert row["lift"] == pytest.approx(agg[arm] / agg["best single family"] - 1, rel=1e-9, abs=1e-12)
+    assert two["best_single_family"] in ("marine", "pop")
+    assert agg["best single family"] == agg[f"{two['best_single_family']} alone"]
+    assert sum(two["share_of_cells"].values()) == pytest.approx(1.0)

@@ -655,3 +655,65 @@ def plot_steering(result: Mapping[str, Any], path: Path) -> Optional[Path]:
     plt.close(fig)
     atomic_write_bytes(path, buffer.getvalue())
     return path
+
+
+# ------------------------------------------------------------------------------------------------ the ceiling
+def family_ctr_ceiling(world, families: Sequence[StyleFamily] = STYLE_FAMILIES, *, item_ids: Sequence[int],
+                       renders: int = 8, seed: int = 0) -> dict[str, Any]:
+    """What choosing a style per (item, group) could gain over one style for all, if each LoRA drew its family
+    exactly as the world renders it: the oracle's ceiling for the 1-vs-K question, no generator involved.
+
+    Per (family, item, group): the true CTR (`world.true_ctr_groups`) averaged over `renders` world renders of
+    random family captions. Two independent sets of renders (seeds `seed` and `seed + 1`): choices are made on
+    the first and scored on the second, so a choice does not profit from its own render noise (winner's curse).
+    Arms: "any caption" (random captions over the whole vocabulary), each family alone, the best single family
+    (by aggregate CTR), the best family per group, and the best family per (item, group). Aggregate CTR =
+    Σ w_g·CTR / Σ w_g over (item, group) cells, w_g = `world.group_traffic()`; lifts against the best single family
+    with 95 % cluster-bootstrap CIs over items (`training.metrics.aggregate_ctr_lift`).
+    Returns {"aggregate_ctr": {arm: float}, "lift_vs_best_single": {arm: {lift, ci95, mean_of_ratios}},
+    "best_family_per_group": [name per group], "share_of_cells": {family: share of (item, group) choices}}.
+    """
+    from cg4ctr_fast.sim.vocab import stable_int
+    from cg4ctr_fast.training.metrics import aggregate_ctr_lift
+
+    names = [f.name for f in families]
+    items = [int(i) for i in item_ids]
+    weights = world.group_traffic()
+    n_groups = len(weights)
+
+    def table(draw_seed: int) -> np.ndarray:  # [arms = families + any caption, items, groups]
+        out = np.zeros((len(families) + 1, len(items), n_groups))
+        for a in range(len(families) + 1):
+            key = names[a] if a < len(families) else "any"
+            for j, item in enumerate(items):
+                rng = np.random.default_rng([draw_seed, stable_int("style-ceiling", key), item])
+                for _ in range(renders):
+                    caption = families[a].random_caption(rng) if a < len(families) else world.random_caption(rng)
+                    out[a, j] += world.true_ctr_groups(world.creative(item, caption, rng), item)
+        return out / renders
+
+    choose, score = table(seed), table(seed + 1)
+    w = np.broadcast_to(weights, (len(items), n_groups))
+
+    def aggregate(ctr: np.ndarray) -> float:
+        return float((ctr * w).sum() / w.sum())
+
+    single = [aggregate(choose[a]) for a in range(len(families))]
+    best = int(np.argmax(single))
+    per_group = choose[: len(families)].mean(1).argmax(0)  # [groups]
+    per_cell = choose[: len(families)].argmax(0)  # [items, groups]
+    cells = np.arange(len(items))[:, None], np.arange(n_groups)[None, :]
+    arms = {"any caption": score[-1], **{f"{n} alone": score[a] for a, n in enumerate(names)},
+            "best single family": score[best],
+            "best family per group": score[per_group[None, :], cells[0], cells[1]],
+            "best family per (item, group)": score[per_cell, cells[0], cells[1]]}
+    clusters = np.repeat(np.arange(len(items)), n_groups)
+    lifts = {}
+    for arm, ctr in arms.items():
+        result = aggregate_ctr_lift(ctr.ravel(), score[best].ravel(), w.ravel(), clusters=clusters, seed=seed)
+        lifts[arm] = {"lift": result.lift, "ci95": list(result.ci95), "mean_of_ratios": result.mean_of_ratios}
+    return {"items": items, "renders": renders, "best_single_family": names[best],
+            "aggregate_ctr": {arm: aggregate(ctr) for arm, ctr in arms.items()},
+            "lift_vs_best_single": lifts,
+            "best_family_per_group": [names[k] for k in per_group],
+            "share_of_cells": {n: float((per_cell == a).mean()) for a, n in enumerate(names)}}
