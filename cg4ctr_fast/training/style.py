@@ -19,7 +19,10 @@ The pieces:
   Both give the same creatives (tests/test_style_lora.py; the pipeline's noise is per creative, seeded by
   (product, prompt, index), so it does not depend on which other rows share the batch);
 - `steering_report`: per family, how far its LoRA moves generated backgrounds toward the family, against the
-  base generator on the same prompts and seeds, on held-out products.
+  base generator on the same prompts and seeds, on held-out products;
+- `family_ctr_ceiling`: what choosing a family per (item, group) could gain over one family for all, by the
+  world's oracle on its own renders (no generator): the ceiling of the 1-vs-K question;
+- `run_style_experiment`: all of the above on the embedded toy models, with figures (the command in the docs).
 """
 from __future__ import annotations
 
@@ -38,7 +41,8 @@ from cg4ctr_fast.sim.vocab import CATEGORIES, STYLE_VOCAB
 __all__ = [
     "StyleFamily", "STYLE_FAMILIES", "STYLE_COLUMNS", "BASE", "seed_set", "family_features", "family_separation",
     "StyleLoraConfig", "train_style_loras", "load_adapters", "row_adapters", "MixedLoraPipeline",
-    "steering_report",
+    "steering_report", "family_ctr_ceiling", "run_style_experiment", "random_prompts", "free_prompt", "nearest",
+    "ADAPTER_PREFIX",
 ]
 
 # The world features palette and lighting set (sim/features.py): hue direction, saturation, brightness. Texture
@@ -455,7 +459,8 @@ def steering_report(mixed: MixedLoraPipeline, world, families: Sequence[StyleFam
     For each product in `item_ids` (held-out ones), ONE batch: every prompt with no LoRA and with each family's
     LoRA (names = family names in `mixed`), `images_per_prompt` creatives each, the same seeds per (prompt,
     index) for every LoRA, so base and LoRA creatives are paired. Per creative, the distance (z units, world
-    features, STYLE_COLUMNS) from its background to the family's centroid (`centroids`, from the seed sets).
+    features, STYLE_COLUMNS) from its background to the family's centroid (`centroids`: {family: [4 floats]} from
+    the seed sets, every family's, since the shares below pick the nearest of all of them).
     Per family: mean distance with and without the LoRA, the paired Cohen's d_z of (base − LoRA) distances
     (mean difference / its standard deviation; > 0 = closer with the LoRA), the share of creatives whose nearest
     centroid is the family's, with and without. `passed`: d_z ≥ d_min (0.8, a "large" effect by Cohen's
@@ -465,7 +470,12 @@ def steering_report(mixed: MixedLoraPipeline, world, families: Sequence[StyleFam
     cohens_dz, share_base, share_lora, mean_z_base, mean_z_lora, passed}}}.
     """
     names = [f.name for f in families]
-    table = np.stack([np.asarray(centroids[n], dtype=np.float64) for n in names])
+    # Nearest-centroid shares are taken over every centroid given, so one family can be checked alone.
+    all_names = list(centroids)
+    missing = [n for n in names if n not in centroids]
+    if missing:
+        raise InputError(f"no centroid for style family {missing[0]!r}")
+    table = np.stack([np.asarray(centroids[n], dtype=np.float64) for n in all_names])
     lora_rows = [None] + names
     z: dict[Optional[str], list] = {name: [] for name in lora_rows}
     for item_id in item_ids:
@@ -482,7 +492,8 @@ def steering_report(mixed: MixedLoraPipeline, world, families: Sequence[StyleFam
     report: dict[str, Any] = {"columns": list(STYLE_COLUMNS), "items": [int(i) for i in item_ids],
                               "prompts": list(prompts), "images_per_prompt": images_per_prompt, "steps": steps,
                               "guidance": guidance, "d_min": d_min, "min_shift": min_shift, "families": {}}
-    for i, name in enumerate(names):
+    for name in names:
+        i = all_names.index(name)
         styled = np.asarray(z[name])
         d_base = np.linalg.norm(base - table[i], axis=1)
         d_lora = np.linalg.norm(styled - table[i], axis=1)
