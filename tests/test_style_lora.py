@@ -249,3 +249,16 @@ def test_family_ctr_ceiling_is_consistent(world):
     assert two["best_single_family"] in ("marine", "pop")
     assert agg["best single family"] == agg[f"{two['best_single_family']} alone"]
     assert sum(two["share_of_cells"].values()) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("args", [["--lr", "-1"], ["--eval-products", "0"], ["--steps", "x"]])
+def test_style_cli_rejects_bad_input_in_one_line(tmp_path, capsys, args):
+    from cg4ctr_fast.cli.train import main
+
+    try:
+        code = main(["style", "--out", str(tmp_path / "s"), *args])
+    except SystemExit as exc:  # argparse's own type errors
+        code = exc.code
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "error" in err[0] and not (tmp_path / "s").exists()

@@ -396,6 +396,39 @@ def _run_ablate(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------------
+# style: K style LoRAs from designers' seed sets (cg4ctr_fast.training.style)
+# --------------------------------------------------------------------------------------------
+
+
+def _style_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="folder: loras/<family>/ (diffusers LoRA files), style_loras.json, "
+                   "style_samples.png, style_steering.png; LoRAs already there are reused")
+    p.add_argument("--steps", type=int, default=1000, help="optimizer steps per style LoRA (default 1000)")
+    p.add_argument("--lr", type=float, default=3e-3, help="learning rate (default 3e-3)")
+    p.add_argument("--eval-products", type=int, default=6, help="held-out products of the steering measure (default 6)")
+    p.add_argument("--retrain", action="store_true", help="train every LoRA again even when --out holds it")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+
+
+def _run_style(args: argparse.Namespace) -> int:
+    import torch
+
+    from cg4ctr_fast.training.lora import LoraTrainConfig
+    from cg4ctr_fast.training.style import StyleLoraConfig, run_style_experiment
+
+    check_run_dir(args.out)
+    if args.eval_products < 1 or args.threads < 1:
+        raise InputError("--eval-products and --threads must be ≥ 1")
+    torch.set_num_threads(args.threads)
+    config = StyleLoraConfig(lora=LoraTrainConfig(steps=args.steps, lr=args.lr))
+    run_style_experiment(args.out, eval_products=args.eval_products, config=config, retrain=args.retrain,
+                         log=(lambda _m: None) if args.quiet else (lambda m: print(m, file=sys.stderr)))
+    _say(args, f"style LoRAs → {args.out}/loras; steering report → {args.out}/style_loras.json")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
 # taesd: a tiny preview decoder (AutoencoderTiny) distilled from a generator's VAE
 # --------------------------------------------------------------------------------------------
 
@@ -467,6 +500,8 @@ SUBCOMMANDS: dict[str, Subcommand] = {
                         _cycle_arguments, _run_cycle),
     "ablate": Subcommand("the self-cyclic ablation arms over several seeds, with confidence intervals",
                          _ablate_arguments, _run_ablate),
+    "style": Subcommand("train K style LoRAs from the world's style families and measure how each steers",
+                        _style_arguments, _run_style),
     "taesd": Subcommand("distil a tiny preview decoder (AutoencoderTiny) from a generator's VAE",
                         _taesd_arguments, _run_taesd),
 }

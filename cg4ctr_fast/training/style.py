@@ -659,12 +659,9 @@ def plot_steering(result: Mapping[str, Any], path: Path) -> Optional[Path]:
     plane.set_title("hue plane: no LoRA → family LoRA (free prompts)")
     plane.legend(fontsize=7)
     fig.tight_layout()
-    import io
+    from cg4ctr_fast.training.figures import png_bytes
 
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(path, buffer.getvalue())
+    atomic_write_bytes(path, png_bytes(fig))
     return path
 
 
