@@ -10,7 +10,8 @@ Arms (all evaluated on the same held-out products, with the same noise, per seed
     full            both, alternating (self-cyclic)
     full_refresh    full, with fresh logs between cycles: the reward model is retrained on what was served
     full_judge      full, each cycle judged by a reward model on disjoint logs: undone when the judge scores it
-                    lower than the last accepted one, and the best-judged cycle served (early stop)
+                    lower than the last accepted one
+    full_early_stop full, the best-judged cycle served (not undone; the run stops after 2 cycles without one)
     full_ensemble   full, ranked by the minimum of 3 reward models (other seeds on the same logs)
     full_anchor     full, the LoRA anchored to the base UNet (noise-prediction penalty, capped update)
     full_guarded    full with refresh, judge and anchor together
@@ -47,6 +48,8 @@ VARIANT_ARMS: dict[str, dict[str, dict[str, Any]]] = {
     "full_judge": {"guard": _JUDGE},
     "full_ensemble": {"guard": {"ensemble": 3, "ensemble_rule": "min"}},
     "full_anchor": {"lora": _ANCHOR},
+    # Early stop without undo: the loop runs on, the best-judged cycle is served, 2 cycles without a better one stop it.
+    "full_early_stop": {"guard": {"judge": True, "keep_best": True, "patience": 2}},
     "full_guarded": {"refresh": {"enabled": True}, "guard": _JUDGE, "lora": _ANCHOR},
 }
 ARMS = BASE_ARMS + tuple(VARIANT_ARMS)
@@ -218,23 +221,25 @@ def run_ablation(config: CycleConfig, seeds: int, out: str | Path, *, progress: 
 
 # ------------------------------------------------------------------------------------------------ statistics
 def served_cycle(run_dir: Path, cycle: int) -> int:
-    """Which cycle's models a run serves after `cycle` cycles: the cycle itself, or with guard.keep_best the
-    best-judged one so far (recorded in each cycle's metrics). A run that stopped early (guard.patience)
-    serves what its last finished cycle says."""
+    """Which cycle's evaluation stands for a run after `cycle` cycles.
+
+    - guard.accept: the cycle itself. The models in effect are already the last accepted ones (a rejected
+      cycle is undone), with the reward model as refreshed by then: serving an earlier cycle's evaluation
+      would also roll back the reward model, which the loop never does.
+    - guard.keep_best without accept (early stop): the best-judged cycle so far (`best_cycle` in each cycle's
+      metrics); a run that stopped early (guard.patience) serves what its last finished cycle says.
+    - otherwise the cycle itself.
+    """
     done = sorted(int(p.name[6:]) for p in (run_dir / "cycles").iterdir()
                   if p.name.startswith("cycle_") and p.name[6:].isdigit())
     last = min(cycle, done[-1])
-    metrics = json.loads((run_dir / "cycles" / f"cycle_{last:03d}" / "metrics.json").read_text())
-    if "best_cycle" in metrics and arm_keeps_best(run_dir):
+    guard = json.loads((run_dir / "config.json").read_text()).get("guard", {})
+    if guard.get("keep_best") and not guard.get("accept"):
+        metrics = json.loads((run_dir / "cycles" / f"cycle_{last:03d}" / "metrics.json").read_text())
         return int(metrics["best_cycle"])
-    if last < cycle:
+    if last < cycle and not guard.get("accept"):
         raise InputError(f"{run_dir}: cycle {cycle} is missing and the run does not keep its best cycle")
     return last
-
-
-def arm_keeps_best(run_dir: Path) -> bool:
-    saved = json.loads((run_dir / "config.json").read_text())
-    return bool(saved.get("guard", {}).get("keep_best", False))
 
 
 def _collect(out: Path, config: CycleConfig, seeds: int, arms: Sequence[str] = ARMS):

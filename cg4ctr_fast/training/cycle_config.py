@@ -118,7 +118,8 @@ class GuardSection:
     # (its LoRA and prompt updates are discarded; a refreshed reward model is kept: logs are facts).
     accept: bool = False
     # With the judge: the run serves the cycle the judge scored best, not the last one (early stop), and
-    # stops after `patience` cycles without a judged improvement (0 = run every cycle).
+    # stops after `patience` cycles without a judged improvement (0 = run every cycle). With `accept` as
+    # well, the models in effect are already the last accepted ones, so the last cycle is what is served.
     keep_best: bool = False
     patience: int = 0
     # Reward ensemble: `ensemble` members rank the creatives (1 = the reward model alone). Members: the given
