@@ -358,8 +358,14 @@ def test_cli_defaults_are_fast_and_useful(tmp_path, capsys):
     ],
 )
 def test_cli_bad_arguments(tmp_path, capsys, args, message):
+    assert_refused(capsys, tmp_path, message, "logs", *args)
+
+
+def assert_refused(capsys, tmp_path, message, command, *args):
+    """`cg4ctr-sim COMMAND --out tmp_path/never --quiet ARGS` exits 2 with one line holding `message`, and
+    writes nothing under tmp_path."""
     out = tmp_path / "never"
-    code, cap = _cli(capsys, "logs", "--out", str(out), "--quiet", *args)
+    code, cap = _cli(capsys, command, "--out", str(out), "--quiet", *args)
     assert code == 2
     lines = cap.err.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], cap.err

@@ -15,6 +15,7 @@ import pytest
 from cg4ctr_fast.errors import InputError
 from cg4ctr_fast.training import stages
 from cg4ctr_fast.training.stages import ARMS, Requests, StageTable, draw_requests, serve, serve_arms
+from tests.test_sim import _cli, assert_refused
 
 
 def random_table(seed: int, products: int, groups: int, slots: int) -> StageTable:
@@ -232,14 +233,6 @@ def test_world_bid_is_a_stable_lognormal():
 
 
 # ----------------------------------------------------------------------------- command line
-def _cli(capsys, *argv):
-    from cg4ctr_fast.cli.sim import main
-
-    try:
-        code = main(list(argv))
-    except SystemExit as exc:
-        code = exc.code
-    return code, capsys.readouterr()
 
 
 @pytest.mark.parametrize("args, message", [
@@ -255,12 +248,7 @@ def _cli(capsys, *argv):
     (["--requests", "many"], "invalid int value"),
 ])
 def test_cli_rejects_bad_input(tmp_path, capsys, args, message):
-    out = tmp_path / "never"
-    code, cap = _cli(capsys, "stages", "--out", str(out), "--quiet", *args)
-    assert code == 2
-    lines = cap.err.strip().splitlines()
-    assert len(lines) == 1 and message in lines[0], cap.err
-    assert not out.exists() and list(tmp_path.iterdir()) == []
+    assert_refused(capsys, tmp_path, message, "stages", *args)
 
 
 def test_cli_refuses_a_foreign_out_folder(tmp_path, capsys):
