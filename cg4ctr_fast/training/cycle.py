@@ -138,7 +138,7 @@ def ensure_guard_models(config: CycleConfig, model_paths: dict[str, str], guard_
 
     guard = config.guard
     if not guard.judge and guard.ensemble == 1:
-        return {"judge": None, "members": [], "root": None}
+        return {"judge": None, "members": []}
     root = Path(guard_dir) / guards.guard_cache_key(model_paths["world"])
     judge = guards.build_judge(model_paths["world"], root / f"judge_{guard.judge_seed}", seed=guard.judge_seed,
                                log=log) if guard.judge else None
@@ -146,7 +146,7 @@ def ensure_guard_models(config: CycleConfig, model_paths: dict[str, str], guard_
     if guard.ensemble > 1:
         world = guards.materialized_world(model_paths["world"], root)
         members = guards.build_members(world, root, guard.ensemble, log=log)
-    return {"judge": judge, "members": members, "root": root}
+    return {"judge": judge, "members": members}
 
 
 def build_context(config: CycleConfig, *, log: Callable[[str], Any] = print,

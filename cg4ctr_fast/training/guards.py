@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from cg4ctr_fast.pipeline import derive_seed
 
 FRESH_FILE = "fresh_logs.npz"
-JUDGE_DIR = "judge"
 
 
 # ------------------------------------------------------------------------------------------------ ensemble
@@ -275,13 +274,7 @@ def judged_lift(rows: Sequence[dict[str, Any]]) -> float:
 
     The judge is calibrated to CTR like the reward model, so this is its estimate of what an A/B test of
     the served creatives against the photo would show on those products."""
-    w = np.array([r["traffic"] for r in rows])
-    served = np.array([r["judge_served"] for r in rows])
-    photo = np.array([r["judge_original"] for r in rows])
-    return float((w * served).sum() / (w * photo).sum() - 1.0)
+    from cg4ctr_fast.training.metrics import aggregate_ctr_lift
 
-
-def optional_judge(path: Optional[Path]):
-    from cg4ctr_fast.models.reward import RewardModel
-
-    return None if path is None else RewardModel.load(path).eval()
+    return float(aggregate_ctr_lift([r["judge_served"] for r in rows], [r["judge_original"] for r in rows],
+                                    [r["traffic"] for r in rows]).lift)
