@@ -26,3 +26,13 @@ def make_product(width: int = 64, height: int = 64, seed: int = 0, box=None):
 @pytest.fixture(scope="session")
 def product():
     return make_product()
+
+
+@pytest.fixture(scope="session")
+def cycle_toy(tmp_path_factory):
+    """The small toy models of the self-cyclic tests (tests/test_cycle.py SMALL), trained once per session: the
+    cycle and the style-cycle modules share them (≈ 50 s on 2 cores)."""
+    from cg4ctr_fast.training.toy import build_toy_models
+    from tests.test_cycle import SMALL
+
+    return build_toy_models(SMALL, cache=tmp_path_factory.mktemp("toy-cache"), progress=False, log=lambda _m: None)

@@ -19,7 +19,7 @@ from cg4ctr_fast.training.base import BaseTrainConfig
 from cg4ctr_fast.training.cycle_config import CycleConfig, load_cycle_config, to_toml
 from cg4ctr_fast.training.lora import masked_denoising_loss
 from cg4ctr_fast.training.saliency import SaliencyTrainConfig
-from cg4ctr_fast.training.toy import ToyConfig, build_toy_models
+from cg4ctr_fast.training.toy import ToyConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ToyConfig(
@@ -38,8 +38,8 @@ TINY_RUN = {
 
 
 @pytest.fixture(scope="module")
-def toy(tmp_path_factory):
-    return build_toy_models(SMALL, cache=tmp_path_factory.mktemp("toy-cache"), progress=False, log=lambda _m: None)
+def toy(cycle_toy):
+    return cycle_toy  # built once per session (tests/conftest.py)
 
 
 def _write_config(path: Path, toy, **changes) -> Path:

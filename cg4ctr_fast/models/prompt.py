@@ -13,6 +13,7 @@ rest) are pushed down with an unlikelihood term, −log(1 − P_cat(token)), per
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import asdict, dataclass
@@ -150,6 +151,35 @@ class PromptModel(nn.Module):
                     pick = keep[0]
                 chosen[row].append(tokens[int(pick)])
         return [self.config.template.format(tokens=" ".join(words)) for words in chosen]
+
+    def with_category(self, name: str, tokens: Sequence[str], *, prior: Optional[Sequence[float]] = None) -> "PromptModel":
+        """A copy with one more category appended (last in template order), e.g. ("style", ("none", "sunlit", …)).
+
+        The hidden layers and the existing categories' output rows are copied, so every existing category's
+        scores are unchanged (bit for bit). The new category's rows start at zero weight with bias = log(prior)
+        (prior: probabilities over `tokens`, default uniform), so its distribution starts at `prior` for every
+        input and is then learned like any category. Raises InputError for an existing category name, a token
+        already in the vocabulary, or a prior of the wrong length or not positive.
+        """
+        tokens = tuple(tokens)
+        if name in dict(self.config.categories) or not tokens:
+            raise InputError(f"prompt model: category {name!r} exists already or has no tokens")
+        clash = sorted(set(tokens) & set(self.config.vocab))
+        if clash or len(set(tokens)) != len(tokens):
+            raise InputError(f"prompt model: token {(clash or list(tokens))[0]!r} is already in the vocabulary")
+        p = np.full(len(tokens), 1.0 / len(tokens)) if prior is None else np.asarray(prior, dtype=np.float64)
+        if p.shape != (len(tokens),) or not (p > 0).all():
+            raise InputError(f"prompt model: the prior needs {len(tokens)} positive probabilities")
+        out = PromptModel(dataclasses.replace(self.config, categories=self.config.categories + ((name, tokens),)))
+        state = {k: v.clone() for k, v in self.state_dict().items()}
+        last = str(len(self.net) - 1)
+        n_old = len(self.config.vocab)
+        weight = torch.zeros(n_old + len(tokens), self.config.hidden)
+        weight[:n_old] = state[f"net.{last}.weight"]
+        bias = torch.cat([state[f"net.{last}.bias"], torch.log(torch.as_tensor(p / p.sum(), dtype=torch.float32))])
+        state[f"net.{last}.weight"], state[f"net.{last}.bias"] = weight, bias
+        out.load_state_dict(state)
+        return out.train(self.training)
 
     def save(self, out_dir: str | os.PathLike) -> Path:
         from safetensors.torch import save_file

@@ -15,6 +15,10 @@ Arms (all evaluated on the same held-out products, with the same noise, per seed
     full_ensemble   full, ranked by the minimum of 3 reward models (other seeds on the same logs)
     full_anchor     full, the LoRA anchored to the base UNet (noise-prediction penalty, capped update)
     full_guarded    full with refresh, judge and anchor together
+    prompt_refresh  prompt_only with fresh logs: no LoRA at all, the reference of the style arms
+    styles_refresh  K style LoRAs (frozen), chosen per (product, group) by the prompt model, with fresh logs; no
+                    cycle LoRA (one LoRA against K: compare with full_refresh and prompt_refresh)
+    styles_random_refresh  the same, each (product, group) given a random family (the check)
 Cycle 0 of the cyclic arms without refresh or ensemble is the same starting point (base generator + base
 prompt model + base reward model); the ensemble arm's cycle 0 already ranks with the ensemble.
 
@@ -36,7 +40,7 @@ import numpy as np
 
 from cg4ctr_fast.errors import InputError
 from cg4ctr_fast.pipeline import derive_seed
-from cg4ctr_fast.training.cycle_config import CycleConfig, to_toml
+from cg4ctr_fast.training.cycle_config import CycleConfig, changed_keys, to_toml
 
 BASE_ARMS = ("original", "random_prompts", "global_prompt", "lora_only", "prompt_only", "full")
 STATIC_ARMS = ("original", "random_prompts", "global_prompt")
@@ -51,10 +55,16 @@ VARIANT_ARMS: dict[str, dict[str, dict[str, Any]]] = {
     # Early stop without undo: the loop runs on, the best-judged cycle is served, 2 cycles without a better one stop it.
     "full_early_stop": {"guard": {"judge": True, "keep_best": True, "patience": 2}},
     "full_guarded": {"refresh": {"enabled": True}, "guard": _JUDGE, "lora": _ANCHOR},
+    # One LoRA against K (docs/cycle.md, "Style LoRAs in the loop"): all three with fresh logs, as full_refresh.
+    "prompt_refresh": {"refresh": {"enabled": True}},
+    "styles_refresh": {"refresh": {"enabled": True}, "style": {"loras": "chosen"}},
+    "styles_random_refresh": {"refresh": {"enabled": True}, "style": {"loras": "random"}},
 }
 ARMS = BASE_ARMS + tuple(VARIANT_ARMS)
+# (update_lora, update_prompt) per cyclic arm: the style arms keep their LoRAs frozen (StyleSection).
+_PROMPT_ONLY = ("prompt_refresh", "styles_refresh", "styles_random_refresh")
 CYCLIC_ARMS = {"lora_only": (True, False), "prompt_only": (False, True), "full": (True, True),
-               **{name: (True, True) for name in VARIANT_ARMS}}
+               **{name: (name not in _PROMPT_ONLY, True) for name in VARIANT_ARMS}}
 STATIC_FILE = "static.json"
 BOOTSTRAP = 2000
 
@@ -183,7 +193,7 @@ def run_ablation(config: CycleConfig, seeds: int, out: str | Path, *, progress: 
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: exists and is not a directory; choose another --out")
     saved = out / "config.json"
-    if saved.is_file() and json.loads(saved.read_text()) != config.to_dict():
+    if saved.is_file() and changed_keys(json.loads(saved.read_text()), config):
         raise InputError(f"{out}: holds an ablation with another config; use {out / 'config.toml'} or another --out")
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out / "config.toml", to_toml(config).encode())
@@ -329,6 +339,12 @@ def summarize(out: Path, config: CycleConfig, seeds: int, arms: Sequence[str] = 
         pairs += [(f"{variant}_last_over_cycle0", (variant, cycles), (variant, 0)),
                   (f"{variant}_over_full", (variant, cycles), ("full", cycles)),
                   (f"{variant}_over_original", (variant, cycles), ("original", cycles))]
+    # One LoRA against K, all with fresh logs.
+    pairs += [("styles_refresh_over_full_refresh", ("styles_refresh", cycles), ("full_refresh", cycles)),
+              ("styles_refresh_over_prompt_refresh", ("styles_refresh", cycles), ("prompt_refresh", cycles)),
+              ("styles_refresh_over_styles_random_refresh", ("styles_refresh", cycles),
+               ("styles_random_refresh", cycles)),
+              ("full_refresh_over_prompt_refresh", ("full_refresh", cycles), ("prompt_refresh", cycles))]
     comparisons = {}
     for name, (a, ca), (b, cb) in pairs:
         if a in table and b in table:
@@ -341,6 +357,10 @@ def summarize(out: Path, config: CycleConfig, seeds: int, arms: Sequence[str] = 
             extras[arm][str(c)] = {k: float(np.mean([v[k] for v in values]))
                                    for k in ("reward_mean", "true_ctr_mean", "reward_oracle_gap", "diversity")}
             extras[arm][str(c)]["product_pixels_unchanged"] = all(v["product_pixels_unchanged"] for v in values)
+            if all("served_style_share" in v for v in values):  # style arms: the photo or a style, per cell
+                names = sorted({n for v in values for n in v["served_style_share"]})
+                extras[arm][str(c)]["served_style_share"] = {
+                    n: float(np.mean([v["served_style_share"].get(n, 0.0) for v in values])) for n in names}
     return {"config": config.to_dict(), "seeds": [config.run.seed + o for o in range(seeds)], "cycles": cycles,
             "arms": chosen, "lift": lift, "comparisons": comparisons, "eval_metrics": extras,
             "global_prompt": global_prompts,

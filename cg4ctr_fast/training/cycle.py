@@ -21,6 +21,10 @@ Options against reward hacking (config [guard], [refresh], [lora] anchor_weight 
                  `keep_best` the run serves its best-judged cycle and can stop early (`patience`)
     ensemble     the reward models that rank are combined pessimistically (min, or mean − k·std)
 
+Style LoRAs (config [style]; `training.style`): the prompt model also picks a style LoRA per (product, group) (a
+category `style`), the generator runs every group of a product in one mixed-LoRA batch (`MixedLoraPipeline`),
+and step 5 teaches the prompt model which styles the reward keeps. The style LoRAs stay frozen.
+
 Cycle 0 is the evaluation of the starting models. Every random draw is seeded from (run seed, cycle,
 stage) with hashlib, and each cycle's optimizers start fresh, so a cycle depends only on the checkpoint it
 starts from: a run resumed after a kill gives the same numbers as an uninterrupted one.
@@ -40,7 +44,7 @@ import torch
 
 from cg4ctr_fast.errors import InputError
 from cg4ctr_fast.pipeline import derive_seed
-from cg4ctr_fast.training.cycle_config import CycleConfig, to_toml
+from cg4ctr_fast.training.cycle_config import CycleConfig, changed_keys, to_toml
 
 CYCLE_DIR = "cycles"
 GUARD_DIR = "guards"  # the judge and the ensemble members, cached per world (training.guards)
@@ -71,6 +75,7 @@ class CycleContext:
     fresh: list[dict[str, np.ndarray]] = dataclasses.field(default_factory=list)  # every cycle's fresh logs
     base_logs: Any = None  # (AdLog, uint8 images) of the world's logs, loaded at the first refresh
     guard_dir: Optional[Path] = None  # where guard models and a materialized world copy are cached
+    mixed: Any = None  # style.MixedLoraPipeline over the style LoRAs when [style] loras is not "none"
 
     def reward_members(self) -> list[Any]:
         return list(self.reward.members) if hasattr(self.reward, "members") else [self.reward]
@@ -133,12 +138,14 @@ def judge_items(config: CycleConfig) -> list[int]:
 def ensure_guard_models(config: CycleConfig, model_paths: dict[str, str], guard_dir: Path,
                         log: Callable[[str], Any] = print) -> dict[str, Any]:
     """Build (or reuse) the judge and the extra ensemble members the config asks for, under guard_dir/<world>.
-    Returns {"judge": folder or None, "members": [folders of members 1 … n−1]}."""
+    Returns {"judge": folder or None, "members": [folders of members 1 … n−1], "styles": {family: folder} or None}.
+    Style LoRAs: `style.folder`, or trained once per (world, generator, style.seed) under guard_dir."""
     from cg4ctr_fast.training import guards
 
     guard = config.guard
+    styles = ensure_style_models(config, model_paths, guard_dir, log=log)
     if not guard.judge and guard.ensemble == 1:
-        return {"judge": None, "members": []}
+        return {"judge": None, "members": [], "styles": styles}
     root = Path(guard_dir) / guards.guard_cache_key(model_paths["world"])
     judge = guards.build_judge(model_paths["world"], root / f"judge_{guard.judge_seed}", seed=guard.judge_seed,
                                log=log) if guard.judge else None
@@ -146,7 +153,31 @@ def ensure_guard_models(config: CycleConfig, model_paths: dict[str, str], guard_
     if guard.ensemble > 1:
         world = guards.materialized_world(model_paths["world"], root)
         members = guards.build_members(world, root, guard.ensemble, log=log)
-    return {"judge": judge, "members": members}
+    return {"judge": judge, "members": members, "styles": styles}
+
+
+def ensure_style_models(config: CycleConfig, model_paths: dict[str, str], guard_dir: Path,
+                        log: Callable[[str], Any] = print) -> Optional[dict[str, Path]]:
+    """{family: LoRA folder} for [style], or None when the run has no style LoRAs."""
+    import hashlib
+
+    from cg4ctr_fast.fileio import update_folder_digest
+    from cg4ctr_fast.training import guards, style
+
+    if config.style.loras == "none":
+        return None
+    if config.style.folder:
+        return style.check_style_folder(config.style.folder)
+    from cg4ctr_fast.sim import load_dataset
+
+    digest = hashlib.sha256()
+    update_folder_digest(digest, model_paths["generator"])
+    root = (Path(guard_dir) / guards.guard_cache_key(model_paths["world"])
+            / f"style_loras_{config.style.seed}_{digest.hexdigest()[:12]}")
+    dataset = load_dataset(model_paths["world"])
+    logged = sorted(int(i) for i in dataset.items["item_id"])
+    return style.ensure_style_loras(model_paths["generator"], dataset.world, root, train_items=logged,
+                                    config=style.StyleLoraConfig(seed=config.style.seed), log=log)
 
 
 def build_context(config: CycleConfig, *, log: Callable[[str], Any] = print,
@@ -181,7 +212,29 @@ def build_context(config: CycleConfig, *, log: Callable[[str], Any] = print,
         guard_dir=Path(guard_dir) if guard_dir else Path(GUARD_DIR),
     )
     ctx.set_reward_members([reward] + [RewardModel.load(f).eval() for f in extra["members"]])
+    if extra["styles"] is not None:
+        from cg4ctr_fast.training.style import STYLE_CATEGORY, MixedLoraPipeline, style_tokens
+
+        ctx.mixed = MixedLoraPipeline.build(modules, extra["styles"], config.style.mode)
+        tokens = style_tokens()
+        # Start at P(none) = 0.4 and 0.15 per family (K = 4): greedy proposals (the evaluation) keep the base
+        # generator until the loop has learned a style, so cycle 0 equals the arms without styles, and the
+        # top-p nucleus (0.9) holds every style, so sampling explores them all.
+        prior = [0.4] + [0.6 / (len(tokens) - 1)] * (len(tokens) - 1)
+        ctx.prompt_model = ctx.prompt_model.with_category(STYLE_CATEGORY, tokens, prior=prior)
     return ctx
+
+
+def style_choices(ctx: CycleContext, proposals: Sequence[str], key: Sequence[Any]) -> list[str]:
+    """The proposals as generation will use them: unchanged, or with [style] loras = "random" the style token
+    replaced by a family drawn uniformly, seeded by (run seed, *key, row)."""
+    if ctx.mixed is None or ctx.config.style.loras != "random":
+        return list(proposals)
+    from cg4ctr_fast.training.style import with_style
+
+    rng = np.random.default_rng(derive_seed(ctx.config.run.seed, "style-random", *key) % (2**32))
+    names = list(ctx.mixed.names)
+    return [with_style(p, names[int(rng.integers(len(names)))]) for p in proposals]
 
 
 # ------------------------------------------------------------------------------------------------ generation
@@ -189,12 +242,23 @@ def generate_for_groups(ctx: CycleContext, item_id: int, group_prompts: Sequence
                         images_per_prompt: int, steps: int, seed: int) -> list[dict[str, Any]]:
     """One batched denoising loop for one product: `group_prompts[g]` are group g's prompts. Identical prompts
     are generated once and shared (the pipeline's noise depends on the prompt, so they would be identical
-    anyway). Every creative is scored by the reward model for its group. Returns one row per (group, creative)."""
+    anyway). Every creative is scored by the reward model for its group. Returns one row per (group, creative).
+
+    With style LoRAs (ctx.mixed) the prompts are style-aware proposals (`style.split_choice`): each group's rows
+    run their chosen LoRA in the same batch, and rows carry "style" and "choice" (the prompt model's caption)."""
     product = ctx.world.product(item_id)
     unique = list(dict.fromkeys(p for prompts in group_prompts for p in prompts))
-    creatives = ctx.pipe(unique, product.image, product.mask, num_inference_steps=steps,
-                         guidance_scale=ctx.config.generate.guidance, num_images_per_prompt=images_per_prompt,
-                         seed=seed, show_progress=False, return_latents=True)
+    kwargs = dict(num_inference_steps=steps, guidance_scale=ctx.config.generate.guidance,
+                  num_images_per_prompt=images_per_prompt, seed=seed, show_progress=False, return_latents=True)
+    if ctx.mixed is None:
+        choices = None
+        creatives = ctx.pipe(unique, product.image, product.mask, **kwargs)
+    else:
+        from cg4ctr_fast.training.style import split_choice
+
+        choices = {p: split_choice(p) for p in unique}
+        creatives = ctx.mixed([choices[p].prompt for p in unique], [choices[p].lora for p in unique], product.image,
+                              product.mask, **kwargs)
     by_prompt: dict[str, list] = {}
     for creative in creatives:
         by_prompt.setdefault(unique[creative.group], []).append(creative)
@@ -202,8 +266,12 @@ def generate_for_groups(ctx: CycleContext, item_id: int, group_prompts: Sequence
     for g, prompts in enumerate(group_prompts):
         for prompt in prompts:
             for creative in by_prompt[prompt]:
-                rows.append({"item_id": item_id, "group": g, "prompt": prompt, "image": creative.image,
-                             "latents": creative.latents, "mask": product.mask, "title": product.title})
+                row = {"item_id": item_id, "group": g, "prompt": prompt, "image": creative.image,
+                       "latents": creative.latents, "mask": product.mask, "title": product.title}
+                if choices is not None:
+                    row.update(prompt=choices[prompt].prompt, style=choices[prompt].style,
+                               choice=choices[prompt].caption)
+                rows.append(row)
     if rows:
         captions = [r["prompt"] if ctx.config.generate.reward_sees_prompt else "" for r in rows]
         scores = ctx.reward.score_images([r["image"] for r in rows], [r["title"] for r in rows], captions,
@@ -284,6 +352,7 @@ def evaluate(ctx: CycleContext, prompts_for: Callable[[int], list[str]], *, seed
             kept_original = pick_over_original([r["reward"] for r in group_rows], original_reward[g]) is None
             true_ctr = base if kept_original else best_ctr
             rows.append({"item_id": item_id, "group": ctx.group_ids[g], "prompt": best["prompt"],
+                         **({"style": best["style"]} if "style" in best else {}),
                          "kept_original": kept_original,
                          "reward": float(original_reward[g]) if kept_original else best["reward"],
                          "original_reward": float(original_reward[g]), "best_generated_reward": best["reward"],
@@ -310,6 +379,8 @@ def evaluate(ctx: CycleContext, prompts_for: Callable[[int], list[str]], *, seed
         from cg4ctr_fast.training.guards import judged_lift
 
         judged["judge_aggregate_lift"] = judged_lift(rows)
+    if ctx.mixed is not None:  # what is served per (product, group): the photo or a creative of some style
+        judged["served_style_share"] = style_share(["photo" if r["kept_original"] else r["style"] for r in rows])
     return {
         **judged,
         "aggregate_lift": served.lift,
@@ -331,12 +402,20 @@ def evaluate(ctx: CycleContext, prompts_for: Callable[[int], list[str]], *, seed
     }
 
 
+def style_share(styles: Sequence[str]) -> dict[str, float]:
+    """{style: share of rows}, styles sorted by name."""
+    names, counts = np.unique(np.asarray(styles, dtype=object).astype(str), return_counts=True)
+    return {str(n): float(c / len(styles)) for n, c in zip(names, counts)}
+
+
 def prompt_model_prompts(ctx: CycleContext) -> Callable[[int], list[str]]:
-    """Greedy top-p proposals of the current prompt model, one per group."""
+    """Greedy top-p proposals of the current prompt model, one per group (a random style per (product, group),
+    the same every cycle, with [style] loras = "random")."""
 
     def prompts_for(item_id: int) -> list[str]:
         item = np.repeat(ctx.item_features(item_id)[None], len(ctx.group_ids), axis=0)
-        return ctx.prompt_model.propose(ctx.group_features, item, top_p=ctx.config.generate.top_p)
+        proposals = ctx.prompt_model.propose(ctx.group_features, item, top_p=ctx.config.generate.top_p)
+        return style_choices(ctx, proposals, ("evaluate", item_id))
 
     return prompts_for
 
@@ -361,6 +440,7 @@ def run_cycle(ctx: CycleContext, cycle: int, *, progress: bool = False,
         item = np.repeat(ctx.item_features(item_id)[None], len(ctx.group_ids) * gen_cfg.prompts_per_group, axis=0)
         groups = np.repeat(ctx.group_features, gen_cfg.prompts_per_group, axis=0)
         proposals = ctx.prompt_model.propose(groups, item, top_p=gen_cfg.top_p, sample=True, generator=sampler)
+        proposals = style_choices(ctx, proposals, (cycle, "generate", item_id))
         group_prompts = [proposals[g * gen_cfg.prompts_per_group : (g + 1) * gen_cfg.prompts_per_group]
                          for g in range(len(ctx.group_ids))]
         rows.extend(generate_for_groups(ctx, item_id, group_prompts, images_per_prompt=gen_cfg.images_per_prompt,
@@ -374,6 +454,9 @@ def run_cycle(ctx: CycleContext, cycle: int, *, progress: bool = False,
         "topk_reward_mean": float(np.mean([r["reward"] for r in kept])),
         "topk_distinct_prompts": len({r["prompt"] for r in kept}),
     }
+    if ctx.mixed is not None:
+        metrics["generated_style_share"] = style_share([r["style"] for r in rows])
+        metrics["topk_style_share"] = style_share([r["style"] for r in kept])
     # 3b. fresh logs: the world shows what was served (and the photo) and logs clicks; the reward is retrained.
     fresh = None
     if cfg.refresh.enabled:
@@ -519,7 +602,7 @@ def prompt_step(ctx: CycleContext, rows: Sequence[dict[str, Any]], kept: Sequenc
     if weights.sum() <= 0:
         weights = np.ones_like(weights)
     cfg = ctx.config.prompt
-    history = train_prompt_model(ctx.prompt_model, group, item, [r["prompt"] for r in rows], labels,
+    history = train_prompt_model(ctx.prompt_model, group, item, [r.get("choice", r["prompt"]) for r in rows], labels,
                                  weights=weights, epochs=cfg.epochs, lr=cfg.lr, seed=seed % (2**63))
     return {"prompt_loss_first": float(history[0]) if history else float("nan"),
             "prompt_loss_last": float(history[-1]) if history else float("nan")}
@@ -581,7 +664,8 @@ def save_cycle(ctx: CycleContext, out: Path, cycle: int, metrics: dict[str, Any]
         if cycle > 0 and ctx.config.run.update_prompt:
             ctx.prompt_model.save(tmp / "prompt")
         (tmp / "topk.json").write_text(json.dumps(
-            [{k: r[k] for k in ("item_id", "group", "prompt", "reward")} for r in kept], indent=1) + "\n")
+            [{k: r[k] for k in ("item_id", "group", "prompt", "style", "reward") if k in r} for r in kept],
+            indent=1) + "\n")
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
     return cycle_path(out, cycle)
 
@@ -598,11 +682,7 @@ def check_run_folder(out: Path, config: CycleConfig, resume: bool) -> None:
         raise InputError(f"{out}: not a cg4ctr-train cycle folder (it holds {', '.join(foreign[:3])})")
     saved = out / "config.json"
     if saved.is_file():
-        before = json.loads(saved.read_text())
-        now = config.to_dict()
-        # A section a run saved before it existed counts as its defaults.
-        defaults = CycleConfig().to_dict()
-        changed = [f"{s}.{k}" for s in now for k in now[s] if before.get(s, defaults[s]).get(k) != now[s][k]]
+        changed = changed_keys(json.loads(saved.read_text()), config)
         if changed:
             raise InputError(f"{out}: --resume with a different config ({changed[0]} changed); use the saved "
                              f"{out / 'config.toml'} or another --out")

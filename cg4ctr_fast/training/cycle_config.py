@@ -8,6 +8,7 @@
     [eval]      the held-out evaluation
     [guard]     guards against reward hacking: a held-out judge, a reward ensemble, early stop
     [refresh]   fresh logs between cycles: the world logs the served creatives, the reward model is retrained
+    [style]     K style LoRAs the prompt model chooses from per (product, group) (training/style.py)
 
 Every key is checked: an unknown section or key, or a value of the wrong type, fails with one line naming it.
 """
@@ -167,6 +168,33 @@ class RefreshSection:
             raise InputError(f"refresh.epochs must be ≥ 1, got {self.epochs}")
 
 
+STYLE_CHOICE = ("none", "chosen", "random")
+STYLE_MODES = ("per_row", "split")
+
+
+@dataclass(frozen=True)
+class StyleSection:
+    """Style LoRAs in the loop (docs/cycle/style_loras.md). With `loras` = "chosen" the prompt model gains a
+    category `style` ∈ {none, <family>…} and picks a style LoRA per (product, group) with its tokens; a chosen
+    family's palette and lighting tokens are dropped from the prompt (`style.free_prompt`), as the LoRAs were
+    trained. "random": the family is drawn uniformly per (product, group) instead (the check arm). The style
+    LoRAs stay frozen; the cycle's own LoRA cannot run beside them (`run.update_lora` must be false): peft's
+    mixed batch applies one adapter per row."""
+
+    loras: str = "none"
+    # One sub-folder per style family (`cg4ctr-train style` writes them); "" = trained once per (world, generator)
+    # with `StyleLoraConfig(seed=seed)` and cached beside the guard models.
+    folder: str = ""
+    mode: str = "per_row"  # MixedLoraPipeline: per-row peft adapters on one UNet, or one fused UNet per LoRA
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.loras not in STYLE_CHOICE:
+            raise InputError(f"style.loras must be one of {', '.join(STYLE_CHOICE)}, got {self.loras!r}")
+        if self.mode not in STYLE_MODES:
+            raise InputError(f"style.mode must be one of {', '.join(STYLE_MODES)}, got {self.mode!r}")
+
+
 @dataclass(frozen=True)
 class CycleConfig:
     run: RunSection = field(default_factory=RunSection)
@@ -177,6 +205,12 @@ class CycleConfig:
     eval: EvalSection = field(default_factory=EvalSection)
     guard: GuardSection = field(default_factory=GuardSection)
     refresh: RefreshSection = field(default_factory=RefreshSection)
+    style: StyleSection = field(default_factory=StyleSection)
+
+    def __post_init__(self) -> None:
+        if self.style.loras != "none" and self.run.update_lora:
+            raise InputError("style.loras needs run.update_lora = false: the style LoRAs are per-row adapters and "
+                             "peft runs one adapter per row, so the cycle's own LoRA cannot run beside them")
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self)))
@@ -185,6 +219,14 @@ class CycleConfig:
         """A copy with some keys changed: `config.replace(run={"seed": 3})`."""
         changed = {name: dataclasses.replace(getattr(self, name), **values) for name, values in sections.items()}
         return dataclasses.replace(self, **changed)
+
+
+def changed_keys(before: dict[str, Any], config: CycleConfig) -> list[str]:
+    """The "section.key" names where a saved config (`CycleConfig.to_dict()` as JSON) differs from `config`.
+    A section the saved config lacks (it was written before the section existed) counts as its defaults."""
+    now = config.to_dict()
+    defaults = CycleConfig().to_dict()
+    return [f"{s}.{k}" for s in now for k in now[s] if before.get(s, defaults[s]).get(k) != now[s][k]]
 
 
 def _convert(value: Any, hint: Any, where: str) -> Any:

@@ -397,12 +397,11 @@ def _mean_ci(values: np.ndarray, resamples: int, seed: int) -> dict[str, Any]:
 def _models_digest(paths: dict[str, str]) -> str:
     """sha256 over the files of the four model folders (relative path and bytes): a cached table is reused only
     with the very models that made it."""
+    from cg4ctr_fast.fileio import update_folder_digest
+
     digest = hashlib.sha256()
     for name in ("world", "generator", "reward", "prompt"):
-        root = Path(paths[name])
-        for file in sorted(p for p in root.rglob("*") if p.is_file()):
-            digest.update(f"{name}/{file.relative_to(root)}\0".encode())
-            digest.update(file.read_bytes())
+        update_folder_digest(digest, paths[name], f"{name}/")
     return digest.hexdigest()
 
 

@@ -42,7 +42,8 @@ __all__ = [
     "StyleFamily", "STYLE_FAMILIES", "STYLE_COLUMNS", "BASE", "seed_set", "family_features", "family_separation",
     "StyleLoraConfig", "train_style_loras", "load_adapters", "row_adapters", "MixedLoraPipeline",
     "steering_report", "family_ctr_ceiling", "run_style_experiment", "random_prompts", "free_prompt", "nearest",
-    "ADAPTER_PREFIX",
+    "ADAPTER_PREFIX", "ensure_style_loras", "check_style_folder", "STYLE_CATEGORY", "NO_STYLE", "StyleChoice",
+    "style_tokens", "split_choice", "with_style",
 ]
 
 # The world features palette and lighting set (sim/features.py): hue direction, saturation, brightness. Texture
@@ -260,6 +261,94 @@ def train_style_loras(generator: Union[str, Path], world, out_dir: Union[str, Pa
             f"{metrics['lora_loss_last']:.4f} → {out / fam.name}")
         paths[fam.name] = out / fam.name
     return paths
+
+
+def ensure_style_loras(generator: Union[str, Path], world, root: Union[str, Path], *, train_items: Sequence[int],
+                       families: Sequence[StyleFamily] = STYLE_FAMILIES, config: StyleLoraConfig = StyleLoraConfig(),
+                       log=print) -> dict[str, Path]:
+    """The K style LoRAs under `root/<family>/`: reused where a folder's style.json records the same trainer
+    settings, seed and seed-set size, trained (`train_style_loras`) where missing or different. Returns
+    {family: folder}."""
+    root = Path(root)
+    want = json.loads(json.dumps({"lora": asdict(config.trainer()), "seed": config.seed,  # tuples as JSON lists
+                                  "seed_set_images": config.images_per_family,
+                                  "train_items": [int(i) for i in train_items]}))
+
+    def current(fam: StyleFamily) -> bool:
+        record = root / fam.name / "style.json"
+        if not record.is_file():
+            return False
+        have = json.loads(record.read_text())
+        return all(have.get(k) == v for k, v in want.items())
+
+    stale = [f for f in families if not current(f)]
+    if stale:
+        train_style_loras(generator, world, root, families=stale, train_items=train_items, config=config, log=log)
+    return {f.name: root / f.name for f in families}
+
+
+def check_style_folder(folder: Union[str, Path], families: Sequence[StyleFamily] = STYLE_FAMILIES) -> dict[str, Path]:
+    """{family: folder/<family>} for a folder of style LoRAs (`cg4ctr-train style` writes one); InputError (one line)
+    when a family's sub-folder holds no LoRA weights."""
+    root = Path(folder)
+    missing = [f.name for f in families
+               if not any((root / f.name).glob("*.safetensors")) and not (root / f.name / "adapter_config.json").is_file()]
+    if missing:
+        raise InputError(f"{root}: no style LoRA for {', '.join(missing)} (want one sub-folder per family: "
+                         f"{', '.join(f.name for f in families)})")
+    return {f.name: root / f.name for f in families}
+
+
+# ------------------------------------------------------------------------------------------------ the choice
+# The prompt model's extra category when the cycle has style LoRAs: "none" (the base generator) or a family name.
+STYLE_CATEGORY = "style"
+NO_STYLE = "none"
+
+
+@dataclass(frozen=True)
+class StyleChoice:
+    """What one proposal of a style-aware prompt model asks the generator for.
+
+    prompt: the text the generator (and the reward model) reads; lora: the family name or None;
+    caption: the prompt model's training caption (the tokens that took effect, then the style token: a chosen
+    family's fixed categories are absent, so the prompt model learns nothing about them from that row)."""
+
+    prompt: str
+    lora: Optional[str]
+    caption: str
+
+    @property
+    def style(self) -> str:
+        return self.lora or NO_STYLE
+
+
+def style_tokens(families: Sequence[StyleFamily] = STYLE_FAMILIES) -> tuple[str, ...]:
+    """The style category's tokens: "none", then the family names."""
+    return (NO_STYLE, *(f.name for f in families))
+
+
+def split_choice(proposal: str, families: Sequence[StyleFamily] = STYLE_FAMILIES) -> StyleChoice:
+    """A style-aware proposal ("warm stripes beach golden marine": one token per category, the style last) →
+    what the generator runs. With a family, its fixed categories' tokens are dropped (`free_prompt`): the LoRA
+    carries them. Raises InputError for a proposal without exactly one style token or a caption token missing."""
+    by_name = {f.name: f for f in families}
+    words = proposal.split()
+    styles = [w for w in words if w in by_name or w == NO_STYLE]
+    tokens = [w for w in words if w not in by_name and w != NO_STYLE]
+    if len(styles) != 1 or len(tokens) != len(CATEGORIES):
+        raise InputError(f"style proposal {proposal!r}: want {len(CATEGORIES)} caption tokens and one style token")
+    style = styles[0]
+    if style == NO_STYLE:
+        text = " ".join(tokens)
+        return StyleChoice(prompt=text, lora=None, caption=f"{text} {NO_STYLE}")
+    text = free_prompt(by_name[style], tokens)
+    return StyleChoice(prompt=text, lora=style, caption=f"{text} {style}")
+
+
+def with_style(proposal: str, style: str, families: Sequence[StyleFamily] = STYLE_FAMILIES) -> str:
+    """The proposal with its style token replaced by `style` (the random-assignment arm)."""
+    names = set(style_tokens(families))
+    return " ".join([w for w in proposal.split() if w not in names] + [style])
 
 
 # ------------------------------------------------------------------------------------------------ mixed batches
