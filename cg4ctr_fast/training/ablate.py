@@ -15,10 +15,10 @@ Arms (all evaluated on the same held-out products, with the same noise, per seed
     full_ensemble   full, ranked by the minimum of 3 reward models (other seeds on the same logs)
     full_anchor     full, the LoRA anchored to the base UNet (noise-prediction penalty, capped update)
     full_guarded    full with refresh, judge and anchor together
-    prompt_refresh  prompt_only with fresh logs: no LoRA at all, the reference of the style arms
     styles_refresh  K style LoRAs (frozen), chosen per (product, group) by the prompt model, with fresh logs; no
                     cycle LoRA (one LoRA against K: compare with full_refresh and prompt_refresh)
     styles_random_refresh  the same, each (product, group) given a random family (the check)
+    prompt_refresh  prompt_only with fresh logs: no LoRA at all, the reference of the style arms
 Cycle 0 of the cyclic arms without refresh or ensemble is the same starting point (base generator + base
 prompt model + base reward model); the ensemble arm's cycle 0 already ranks with the ensemble.
 
@@ -56,9 +56,9 @@ VARIANT_ARMS: dict[str, dict[str, dict[str, Any]]] = {
     "full_early_stop": {"guard": {"judge": True, "keep_best": True, "patience": 2}},
     "full_guarded": {"refresh": {"enabled": True}, "guard": _JUDGE, "lora": _ANCHOR},
     # One LoRA against K (docs/cycle.md, "Style LoRAs in the loop"): all three with fresh logs, as full_refresh.
-    "prompt_refresh": {"refresh": {"enabled": True}},
     "styles_refresh": {"refresh": {"enabled": True}, "style": {"loras": "chosen"}},
     "styles_random_refresh": {"refresh": {"enabled": True}, "style": {"loras": "random"}},
+    "prompt_refresh": {"refresh": {"enabled": True}},
 }
 ARMS = BASE_ARMS + tuple(VARIANT_ARMS)
 # (update_lora, update_prompt) per cyclic arm: the style arms keep their LoRAs frozen (StyleSection).
