@@ -169,3 +169,27 @@ def test_styled_resume_after_kill_equals_uninterrupted(toy, tmp_path, style_fold
         assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
     assert np.array_equal(np.load(out / "cycles" / "cycle_002" / "fresh_logs.npz")["clicks"],
                           np.load(reference / "cycles" / "cycle_002" / "fresh_logs.npz")["clicks"])
+
+
+def test_ablation_style_arm_reports_what_it_serves(toy, tmp_path, style_folder):
+    """The styles arm in `ablate`: its config, the served-style shares in results.json and results.md (recomputed
+    here from the cycle metrics), and the style-share figure."""
+    from cg4ctr_fast.training.ablate import run_ablation
+
+    config = load_cycle_config(_write_config(tmp_path / "tiny.toml", toy, run={"cycles": 1},
+                                             style={"folder": str(style_folder)}, refresh={"epochs": 2}))
+    results = run_ablation(config, 1, tmp_path / "ablate", progress=False, log=lambda _m: None,
+                           arms=("styles_refresh",))
+    run = tmp_path / "ablate" / "seed_0" / "styles_refresh"
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["style"]["loras"] == "chosen" and saved["refresh"]["enabled"] and not saved["run"]["update_lora"]
+    metrics = json.loads((run / "cycles" / "cycle_001" / "metrics.json").read_text())
+    share = results["eval_metrics"]["styles_refresh"]["1"]["served_style_share"]
+    assert share == metrics["eval"]["served_style_share"] and sum(share.values()) == pytest.approx(1.0)
+    md = (tmp_path / "ablate" / "results.md").read_text()
+    assert "What the style arms serve" in md
+    section = md[md.index("What the style arms serve"):]
+    row = next(line for line in section.splitlines() if line.startswith("| styles_refresh | 1 |"))
+    assert [c.strip() for c in row.split("|")[3:-1]] == [f"{v:.0%}" for _, v in sorted(
+        share.items(), key=lambda kv: (kv[0] != "photo", kv[0] != "none", kv[0]))]
+    assert (tmp_path / "ablate" / "style_share.png").stat().st_size > 1000

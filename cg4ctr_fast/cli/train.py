@@ -363,7 +363,7 @@ def _run_cycle(args: argparse.Namespace) -> int:
 def _ablate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="TOML file as for `cycle`; [run] update_* are set per arm")
     p.add_argument("--seeds", type=int, default=3, help="seeds run.seed … run.seed+N−1 (default 3)")
-    p.add_argument("--out", required=True, help="folder: one run per seed and arm, results.json, results.md, lift_per_cycle.png; rerun to resume")
+    p.add_argument("--out", required=True, help="folder: one run per seed and arm, results.json, results.md, lift_per_cycle.png (and style_share.png with style arms); rerun to resume")
     p.add_argument("--jobs", type=int, default=1, help="seeds run at once, in separate processes (default 1)")
     p.add_argument("--arms", default=None, help="comma-separated arms to run (default: all; the original, "
                    "random-prompt and global-prompt arms always run), e.g. full,full_refresh,full_judge")

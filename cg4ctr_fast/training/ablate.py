@@ -224,6 +224,9 @@ def run_ablation(config: CycleConfig, seeds: int, out: str | Path, *, progress: 
     atomic_write_bytes(out / "results.md", results_markdown(results, command).encode())
     try:
         atomic_write_bytes(out / "lift_per_cycle.png", plot_lift(results))
+        styles = plot_style_share(results)
+        if styles is not None:
+            atomic_write_bytes(out / "style_share.png", styles)
     except ImportError:  # matplotlib is optional; results.md and results.json hold the numbers
         pass
     return results
@@ -429,6 +432,16 @@ def results_markdown(results: dict[str, Any], command: Optional[str] = None) -> 
             m = per_cycle[str(c)]
             lines.append(f"| {arm} | {c} | {m['reward_mean']:.4f} | {m['true_ctr_mean']:.4f} | "
                          f"{m['reward_oracle_gap']:+.4f} | {m['diversity']:.3f} | {m['product_pixels_unchanged']} |")
+    styled = {a: v for a, v in results["eval_metrics"].items() if "served_style_share" in v["0"]}
+    if styled:
+        names = sorted({n for v in styled.values() for m in v.values() for n in m["served_style_share"]},
+                       key=lambda n: (n != "photo", n != "none", n))
+        lines += ["", "## What the style arms serve (share of cells, mean over seeds)", "",
+                  "| arm | cycle | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+        for arm, per_cycle in styled.items():
+            for c in range(cycles + 1):
+                share = per_cycle[str(c)]["served_style_share"]
+                lines.append(f"| {arm} | {c} | " + " | ".join(f"{share.get(n, 0.0):.0%}" for n in names) + " |")
     lines += ["", f"Global prompt: {', '.join(repr(p) for p in results['global_prompt'])}.", ""]
     return "\n".join(lines)
 
@@ -458,6 +471,38 @@ def plot_lift(results: dict[str, Any]) -> bytes:
         ax.set_title(title, fontsize=9)
     axes[0].set_ylabel("true-CTR lift over the original (%)")
     axes[0].legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    from cg4ctr_fast.training.figures import png_bytes
+
+    return png_bytes(fig)
+
+
+def plot_style_share(results: dict[str, Any]) -> Optional[bytes]:
+    """Stacked bars per style arm and cycle: the share of (seed, product, group) cells served the photo, the base
+    generator ("none") or each style LoRA. None when no arm of `results` has style LoRAs."""
+    arms = [a for a, per_cycle in results["eval_metrics"].items() if "served_style_share" in per_cycle["0"]]
+    if not arms:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cycles = list(range(results["cycles"] + 1))
+    names = sorted({n for a in arms for c in cycles for n in results["eval_metrics"][a][str(c)]["served_style_share"]},
+                   key=lambda n: (n != "photo", n != "none", n))
+    fig, axes = plt.subplots(1, len(arms), figsize=(4.5 * len(arms), 3.6), sharey=True, squeeze=False)
+    for ax, arm in zip(axes[0], arms):
+        bottom = np.zeros(len(cycles))
+        for name in names:
+            share = np.array([results["eval_metrics"][arm][str(c)]["served_style_share"].get(name, 0.0) for c in cycles])
+            ax.bar(cycles, share * 100, bottom=bottom * 100, label=name)
+            bottom += share
+        ax.set_title(f"{arm}: what is served", fontsize=9)
+        ax.set_xlabel("cycle")
+        ax.set_xticks(cycles)
+    axes[0][0].set_ylabel("share of (seed, product, group) cells (%)")
+    axes[0][-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     from cg4ctr_fast.training.figures import png_bytes
 
