@@ -303,6 +303,32 @@ def test_lora_from_the_loop_loads_in_diffusers_and_in_the_pipeline(tiny_run, toy
     np.testing.assert_allclose(fused[0].image, looped[0].image, rtol=0, atol=1e-5)
 
 
+def kill_resume_and_compare(config_file: Path, out: Path, reference: Path, cycles: int = 2) -> None:
+    """Run the CLI, SIGKILL it once cycle 1 is checkpointed, resume it, and check that every cycle's metrics
+    equal those of the uninterrupted run in `reference` (wall times aside)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "cg4ctr_fast.cli.train", "cycle", "--config", str(config_file),
+                             "--out", str(out), "--quiet"], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not (out / "cycles" / "cycle_001" / "metrics.json").is_file():
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = sorted(p.name for p in (out / "cycles").iterdir() if not p.name.startswith("."))
+    assert "cycle_001" in done and f"cycle_{cycles:03d}" not in done or proc.returncode == 0
+
+    result = _run_cli("cycle", "--config", str(config_file), "--out", str(out), "--resume", "--quiet")
+    assert result.returncode == 0, result.stderr
+    for cycle in range(cycles + 1):
+        name = f"cycle_{cycle:03d}"
+        got = json.loads((out / "cycles" / name / "metrics.json").read_text())
+        want = json.loads((reference / "cycles" / name / "metrics.json").read_text())
+        assert _comparable(got) == _comparable(want)
+
+
 @pytest.mark.parametrize("guarded", [False, True], ids=["plain", "all-guards"])
 def test_resume_after_kill_equals_uninterrupted(tiny_run, toy, tmp_path, guarded):
     """Kill the CLI (SIGKILL) after cycle 1 is checkpointed, resume, compare with the uninterrupted run: plain,
@@ -318,27 +344,7 @@ def test_resume_after_kill_equals_uninterrupted(tiny_run, toy, tmp_path, guarded
         reference = tmp_path / "reference"
         run_cycles(load_cycle_config(config_file), reference, progress=False, log=lambda _m: None)
     out = tmp_path / "run"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "cg4ctr_fast.cli.train", "cycle", "--config", str(config_file),
-                             "--out", str(out), "--quiet"], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 240
-    while not (out / "cycles" / "cycle_001" / "metrics.json").is_file():
-        assert proc.poll() is None, proc.stderr.read()
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    done = sorted(p.name for p in (out / "cycles").iterdir() if not p.name.startswith("."))
-    assert "cycle_001" in done and "cycle_002" not in done or proc.returncode == 0
-
-    result = _run_cli("cycle", "--config", str(config_file), "--out", str(out), "--resume", "--quiet")
-    assert result.returncode == 0, result.stderr
-    for cycle in (0, 1, 2):
-        name = f"cycle_{cycle:03d}"
-        got = json.loads((out / "cycles" / name / "metrics.json").read_text())
-        want = json.loads((reference / "cycles" / name / "metrics.json").read_text())
-        assert _comparable(got) == _comparable(want)
+    kill_resume_and_compare(config_file, out, reference)
     files = [("lora", "pytorch_lora_weights.safetensors"), ("prompt", "model.safetensors")]
     if guarded:
         files += [("reward/member_0", "model.safetensors"), ("reward/member_1", "model.safetensors")]

@@ -3,11 +3,6 @@ mixed-LoRA generation of one product's groups, the random-assignment check arm, 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
@@ -15,7 +10,7 @@ import torch
 
 from cg4ctr_fast.errors import InputError
 from cg4ctr_fast.training.cycle_config import CycleConfig, load_cycle_config
-from tests.test_cycle import ROOT, _comparable, _run_cli, _write_config, toy  # noqa: F401  (toy: fixture)
+from tests.test_cycle import _write_config, kill_resume_and_compare, toy  # noqa: F401  (toy: fixture)
 
 FAMILIES = ("sunlit", "marine", "pop", "noir")
 STYLED = {"run": {"update_lora": False}, "style": {"loras": "chosen"}}
@@ -145,24 +140,7 @@ def test_styled_resume_after_kill_equals_uninterrupted(toy, tmp_path, style_fold
     reference = tmp_path / "reference"
     run_cycles(config, reference, progress=False, log=lambda _m: None)
     out = tmp_path / "run"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "cg4ctr_fast.cli.train", "cycle", "--config", str(config_file),
-                             "--out", str(out), "--quiet"], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 240
-    while not (out / "cycles" / "cycle_001" / "metrics.json").is_file():
-        assert proc.poll() is None, proc.stderr.read()
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    result = _run_cli("cycle", "--config", str(config_file), "--out", str(out), "--resume", "--quiet")
-    assert result.returncode == 0, result.stderr
-    for cycle in (0, 1, 2):
-        name = f"cycle_{cycle:03d}"
-        got = json.loads((out / "cycles" / name / "metrics.json").read_text())
-        want = json.loads((reference / "cycles" / name / "metrics.json").read_text())
-        assert _comparable(got) == _comparable(want)
+    kill_resume_and_compare(config_file, out, reference)
     for sub in ("prompt", "reward/member_0"):
         got = load_file(str(out / "cycles" / "cycle_002" / sub / "model.safetensors"))
         want = load_file(str(reference / "cycles" / "cycle_002" / sub / "model.safetensors"))
