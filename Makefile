@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # torch goes in first and alone: with the pin, pip takes the local CPU build here and the CUDA build on a
 # GPU machine; every later install runs under constraints.txt so nothing can swap it.
 TORCH_PIN := torch==2.13.0
-EXTRAS := onnx,triton,train,serve,dev
+EXTRAS := onnx,triton,train,serve,ray,dev
 
 .PHONY: setup demo test test-fast clean
 
