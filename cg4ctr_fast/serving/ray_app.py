@@ -154,6 +154,8 @@ def _pack(exc: BaseException) -> dict:
     """An error as a plain dict crossing the process boundary (Ray's exception wrapping loses our subclasses'
     fields, e.g. QueueFull.retry_after_s)."""
     kind = next((k for k, cls in _KINDS.items() if isinstance(exc, cls)), "internal")
+    if kind == "internal":
+        log.error("internal error", exc_info=exc)
     message = str(exc) if kind != "internal" else f"{type(exc).__name__}: {exc}"
     return {"error": kind, "message": " ".join(message.split()), "retry_after_s": getattr(exc, "retry_after_s", None)}
 
@@ -212,7 +214,12 @@ class Generator:
         self.events: list = []
         self.base = self._runtime(None)
         self.base.warmup()
-        self._get_model = serve.multiplexed(max_num_models_per_replica=self.args.max_loras)(self._load_lora)
+        # Decorated here, not on the class, so that N comes from the app's arguments; a plain function (Ray keeps
+        # its LRU cache as an attribute of the decorated callable, which a bound method cannot hold).
+        async def load(lora_id: str) -> _Loaded:
+            return await self._load_lora(lora_id)
+
+        self._get_model = serve.multiplexed(max_num_models_per_replica=self.args.max_loras)(load)
         self._batched.set_max_batch_size(self.args.batch_size)
         self._batched.set_batch_wait_timeout_s(self.args.batch_wait_ms / 1000.0)
 
