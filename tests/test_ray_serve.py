@@ -92,7 +92,7 @@ def served(world):
         args = dict(store=str(world / "store"), reward=str(world / "reward"), groups=str(world / "groups.json"),
                     loras=str(world / "loras"), steps=str(STEPS), generator_replicas="2", selector_replicas="2",
                     generator_cpus="0.5", selector_cpus="0.25", ingress_cpus="0.25", max_ongoing_requests="2",
-                    max_queued_requests="2", max_loras=str(MAX_LORAS), batch_size="4", timeout_s="120")
+                    max_queued_requests="2", max_loras=str(MAX_LORAS), batch_size="2", timeout_s="120")
         serve.run(build_app(args), name=APP, route_prefix="/")
         yield f"http://127.0.0.1:{port}", args
     finally:
@@ -298,7 +298,8 @@ def test_an_overload_burst_gets_503s_and_every_request_is_answered(served):
     answers = asyncio.run(burst())
     statuses = collections.Counter(r.status_code for r, _ in answers)
     print(f"\noverload: sent {sent}, 200: {statuses[200]}, 503: {statuses[503]}, 504: {statuses[504]}, "
-          f"max latency {max(s for _, s in answers):.2f} s")
+          f"max latency {max(s for _, s in answers):.2f} s, largest denoising batch "
+          f"{max((r.json()['batch_creatives'] for r, _ in answers if r.status_code == 200), default=0)} creatives")
     assert sum(statuses.values()) == sent and set(statuses) <= {200, 503, 504}, statuses
     assert statuses[200] >= 1 and statuses[503] >= 1, statuses
     for r, _ in answers:

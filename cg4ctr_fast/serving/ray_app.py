@@ -100,7 +100,7 @@ class RayAppArgs(BaseModel):
     generator_cpus: float = 1.0
     selector_cpus: float = 0.25
     ingress_cpus: float = 0.25
-    max_ongoing_requests: int = 4
+    max_ongoing_requests: int = 8
     max_queued_requests: int = 16
     max_loras: int = 3
     batch_size: int = 8
