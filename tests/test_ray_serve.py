@@ -307,3 +307,24 @@ def test_an_overload_burst_gets_503s_and_every_request_is_answered(served):
             assert set(r.json()) == {"error"}
         if r.status_code == 503:
             assert int(r.headers["retry-after"]) >= 1
+
+
+# ------------------------------------------------------------------------------------------------- arguments
+def test_app_arguments_are_checked_before_anything_starts(tmp_path):
+    from ray.serve import Application
+
+    from cg4ctr_fast.errors import InputError
+    from cg4ctr_fast.serving import ray_app
+
+    # `serve run cg4ctr_fast.serving.ray_app:app`: the defaults (tiny preset, embedded toy reward model).
+    assert isinstance(ray_app.app, Application)
+    for args, needle in [({"preset": "tiny", "nope": "1"}, "nope: unknown field"),
+                         ({"max_loras": "0"}, "max_loras must be a positive integer"),
+                         ({"timeout_s": "0"}, "timeout_s must be a positive number"),
+                         ({"generator_replicas": "two"}, "generator_replicas:"),
+                         ({"loras": str(tmp_path / "missing")}, "no such folder"),
+                         ({"reward": str(tmp_path)}, "not a reward model folder")]:
+        with pytest.raises(InputError, match=needle) as caught:
+            ray_app.build_app(args)
+        assert "\n" not in str(caught.value)
+    assert not (tmp_path / "missing").exists()

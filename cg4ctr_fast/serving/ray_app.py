@@ -36,7 +36,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import os
+import math
 import re
 import threading
 import time
@@ -429,16 +429,24 @@ def _checked(args: dict) -> RayAppArgs:
             raise InputError(f"{name} must be a positive integer, got {getattr(parsed, name)}")
     if parsed.max_queued_requests < 1 and parsed.max_queued_requests != -1:
         raise InputError(f"max_queued_requests must be positive or -1 (no limit), got {parsed.max_queued_requests}")
-    for name in ("timeout_s", "grace_s", "generator_cpus", "selector_cpus", "ingress_cpus"):
+    for name in ("timeout_s", "grace_s", "batch_wait_ms", "generator_cpus", "selector_cpus", "ingress_cpus"):
         value = getattr(parsed, name)
-        if not (value == value and value >= 0 and value != float("inf")) or (name == "timeout_s" and value == 0):
-            raise InputError(f"{name} must be a non-negative number, got {value}")
+        if not (math.isfinite(value) and value >= 0) or (name == "timeout_s" and value == 0):
+            raise InputError(f"{name} must be a {'positive' if name == 'timeout_s' else 'non-negative'} number, "
+                             f"got {value}")
     if parsed.loras and not Path(parsed.loras).is_dir():
         raise InputError(f"loras {parsed.loras}: no such folder")
     if parsed.model and not Path(parsed.model).is_dir():
         raise InputError(f"model {parsed.model}: no such folder")
-    reward, groups, prompt = _check_reward(SimpleNamespace(reward=parsed.reward, groups=parsed.groups,
-                                                           prompt_model=parsed.prompt_model))
+    try:
+        reward, groups, prompt = _check_reward(SimpleNamespace(
+            reward=parsed.reward, groups=parsed.groups, prompt_model=parsed.prompt_model,
+            preset=None if parsed.model else parsed.preset))
+    except InputError as exc:  # `cg4ctr serve`'s checks, in this app's argument spelling
+        message = str(exc)
+        for flag in ("reward", "groups", "prompt-model"):
+            message = message.replace(f"--{flag} ", f"{flag.replace('-', '_')}=")
+        raise InputError(message) from None
 
     def absolute(path):
         return None if path is None else str(Path(path).expanduser().resolve())
