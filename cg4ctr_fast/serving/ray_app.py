@@ -382,9 +382,16 @@ class RemoteRuntime:
         return _unpack(answer)
 
     def select(self, product_id, group_id, k: int = 1, budget_ms: Optional[float] = None):
+        from ray.serve.exceptions import DeploymentUnavailableError
+
         lora_id = self._lora_id()
-        answer = self.selector.select.remote(lora_id, product_id, group_id, k, budget_ms).result(
-            timeout_s=self.args.timeout_s)
+        try:
+            answer = self.selector.select.remote(lora_id, product_id, group_id, k, budget_ms).result(
+                timeout_s=self.args.timeout_s)
+        except TimeoutError:
+            raise DeadlineExceeded(f"no Selector answered within {self.args.timeout_s:g} s") from None
+        except DeploymentUnavailableError as exc:
+            raise RuntimeClosed(f"no Selector replica is available ({exc.message})") from None
         return _Selection(_unpack(answer))
 
 
