@@ -150,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     store_cli.add_arguments(add_subcommand(sub, "store", "inspect, verify, export or clean a creative store"))
     _add_serve(sub)
+    from cg4ctr_fast.cli import nearline as nearline_cli  # imports no ray: Ray loads in `run`
+
+    nearline_cli.add_arguments(add_subcommand(sub, "nearline", "generate creatives for many products on Ray Data"))
     return parser
 
 
@@ -905,7 +908,13 @@ def _demo(args) -> int:
     return cmd_demo(args)
 
 
-COMMANDS = {"generate": cmd_generate, "demo": _demo, "store": _store, "serve": _serve}
+def _nearline(args) -> int:
+    from cg4ctr_fast.cli import nearline as nearline_cli
+
+    return nearline_cli.run(args)
+
+
+COMMANDS = {"generate": cmd_generate, "demo": _demo, "store": _store, "serve": _serve, "nearline": _nearline}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
