@@ -4,7 +4,7 @@ Reference: `CreativeRuntime` in this process, over the same generator (tiny pres
 the toy reward model, groups and prompt model, for the same requests (one per product, every group, seed 0).
 Tolerance: decoded PNG pixels within 1 level of 8 bits (the runtime's float parity bound, 1e-4 on [0, 1]
 outputs, can move a rounding by one level when a task batches other products together); embeddings and
-stored scores within 1e-4 (computed from those pixels). Keys, prompts and seeds must be equal.
+rewards within 1e-4 for byte-identical PNGs, 1e-3 where a pixel moved one level. Keys, prompts and seeds must be equal.
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ ray = pytest.importorskip("ray")
 STEPS = 2
 PRODUCTS = 4
 TOL = 1e-4
+PIXEL_LEVEL_TOL = 1e-3
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +63,7 @@ def _job(products: str, store, *extra: str):
     return build_job(args)
 
 
-def _reference(job, products_folder, store):
+def _reference(job, products_folder, store, titles: bool):
     """The local runtime's creatives for the same requests: {(product, group, index): CreativeRow}."""
     from cg4ctr_fast.serving.runtime import CreativeRuntime, GenerateRequest
 
@@ -71,7 +72,7 @@ def _reference(job, products_folder, store):
     try:
         requests = [GenerateRequest(f"sku-{k}", image=(products_folder / f"sku-{k}.png").read_bytes(),
                                     mask_image=(products_folder / f"sku-{k}.mask.png").read_bytes(),
-                                    group_ids=job.group_ids, title=f"product {k}", seed=job.seed)
+                                    group_ids=job.group_ids, title=f"product {k}" if titles else "", seed=job.seed)
                     for k in range(PRODUCTS)]
         runtime.generate(requests)
         assert runtime.model_id == job.model_id
@@ -100,9 +101,13 @@ def _assert_same_creatives(got_store, want_store, got, want):
     for key, row in want.items():
         mine = got[key]
         assert (mine.prompt, mine.seed, mine.model_id) == (row.prompt, row.seed, row.model_id), key
-        worst = max(worst, int(np.abs(_pixels(got_store, mine.creative_id) - _pixels(want_store, row.creative_id)).max()))
-        np.testing.assert_allclose(mine.embedding, row.embedding, atol=TOL)
-        assert mine.reward == pytest.approx(row.reward, abs=TOL)
+        diff = int(np.abs(_pixels(got_store, mine.creative_id) - _pixels(want_store, row.creative_id)).max())
+        worst = max(worst, diff)
+        # Same PNG bytes: the reward model saw the same pixels (only its batch differs). One level moved in some
+        # pixels moved embeddings by up to 1.2e-4 here; 1e-3 bounds that with room.
+        tol = TOL if mine.creative_id == row.creative_id else PIXEL_LEVEL_TOL
+        np.testing.assert_allclose(mine.embedding, row.embedding, atol=tol, err_msg=str(key))
+        assert mine.reward == pytest.approx(row.reward, abs=tol), key
     assert worst <= 1, worst
 
 
@@ -115,7 +120,7 @@ def test_nearline_equals_local_runtime(ray_local, tmp_path):
     assert len(job.group_ids) == 8
     summary = run_nearline(job, progress=False)
     assert (summary.creatives, summary.products, summary.refused) == (PRODUCTS * 8, PRODUCTS, [])
-    want, want_store = _reference(job, tmp_path / "products", tmp_path / "reference")
+    want, want_store = _reference(job, tmp_path / "products", tmp_path / "reference", titles=True)
     with CreativeStore(tmp_path / "store", create=False) as store:
         _assert_same_creatives(store, want_store, _rows(store, job.model_id), want)
         assert store.verify_report().problems == []
@@ -139,13 +144,14 @@ def test_killed_actor_then_rerun(ray_local, tmp_path):
     # 1. retried inside the job: max_restarts=-1, max_task_retries=-1 (Ray Data's actor-pool defaults)
     flag = tmp_path / "fired"
     summary = run_nearline(dataclasses.replace(job, fault={"die_on_task": 1, "flag": str(flag)}), progress=False)
+    print("killed actor:", *summary.lines(), sep="\n  ")
     assert flag.exists()
     assert summary.retried_tasks >= 1
     assert summary.creatives == PRODUCTS * 8
     # 2. the re-run generates nothing: every key is stored
     again = run_nearline(job, progress=False)
     assert (again.creatives, again.skipped_creatives, again.products_generated) == (0, PRODUCTS * 8, 0)
-    want, want_store = _reference(job, tmp_path / "products", tmp_path / "reference")
+    want, want_store = _reference(job, tmp_path / "products", tmp_path / "reference", titles=False)
     with CreativeStore(tmp_path / "store", create=False) as store:
         _assert_same_creatives(store, want_store, _rows(store, job.model_id), want)
         assert store.verify_report().problems == []
@@ -160,6 +166,7 @@ def test_killed_actor_then_rerun(ray_local, tmp_path):
         first = store.stats()["rows"]
     assert 0 < first < PRODUCTS * 8
     rerun = run_nearline(dataclasses.replace(broken, max_restarts=-1, fault=None), progress=False)
+    print(f"killed job stored {first} of {PRODUCTS * 8}; re-run:", *rerun.lines(), sep="\n  ")
     assert rerun.skipped_creatives == first
     assert rerun.creatives == PRODUCTS * 8 - first
     with CreativeStore(tmp_path / "store2", create=False) as store:

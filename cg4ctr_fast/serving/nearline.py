@@ -292,7 +292,7 @@ class NearlineJob:
 class NearlineSummary:
     """One job's outcome. creatives: rows merged into the store by this run; skipped_creatives: keys already
     stored (never generated); duplicates_dropped: keys a merge found stored (a retried task's second shard);
-    wall_s: from the first task submitted to the last shard merged; creatives_per_s = creatives / wall_s;
+    wall_s: from the job's start (actors load their models in it) to the last shard merged; creatives_per_s = creatives / wall_s;
     busy_s per actor (sum of its tasks' seconds) and utilisation = busy_s / wall_s; retried_tasks: tasks started
     again after their actor died; refused: (product_id, one-line reason) the runtime refused (bad image, ...)."""
 
@@ -306,6 +306,7 @@ class NearlineSummary:
     retried_tasks: int = 0
     wall_s: float = 0.0
     creatives_per_s: float = 0.0
+    merge_s: float = 0.0  # the driver's time in merge_shards (the one SQLite writer), s
     actors: dict = field(default_factory=dict)
     refused: list = field(default_factory=list)
 
@@ -316,7 +317,8 @@ class NearlineSummary:
         out = [f"{self.creatives} creatives stored for {self.products_generated} of {self.products} products in "
                f"{self.wall_s:.1f} s: {self.creatives_per_s:.2f} creatives/s; {self.skipped_creatives} already "
                f"stored (skipped), {self.duplicates_dropped} duplicates dropped at merge"]
-        out.append(f"{self.tasks} tasks, {self.retried_tasks} retried after an actor failure"
+        out.append(f"{self.tasks} tasks, {self.retried_tasks} retried after an actor failure; the driver merged "
+                   f"shards for {self.merge_s:.2f} s"
                    + (f", {self.leftover_shards_merged} shards of an earlier run merged first"
                       if self.leftover_shards_merged else ""))
         for actor, stats in sorted(self.actors.items()):
@@ -553,13 +555,15 @@ def run_nearline(job: NearlineJob, *, progress: bool = True, on_task=None) -> Ne
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = progress
         if kind == "folder":
-            dataset = ray.data.from_items(rows)
+            dataset = ray.data.from_items(rows, override_num_blocks=_blocks(len(rows), job.batch))
         else:
             # The product list (paths, not pixels: ~100 B a row, 100 MB for a million products) is read on the
             # driver and handed to Ray Data as Arrow blocks. `ray.data.read_parquet` would list and read files in
             # tasks that each need a CPU, which an actor pool holding every CPU for the whole job starves: on
             # 2 CPUs with 2 actors its ListFiles task waited forever (measured, Ray 2.60).
-            dataset = ray.data.from_arrow(_read_product_table(job.products))
+            table = _read_product_table(job.products)
+            step = -(-table.num_rows // _blocks(table.num_rows, job.batch))
+            dataset = ray.data.from_arrow([table.slice(i, step) for i in range(0, table.num_rows, step)] or [table])
         remote = {"max_restarts": job.max_restarts}
         if job.max_restarts == 0:
             remote["max_task_retries"] = 0
@@ -572,7 +576,9 @@ def run_nearline(job: NearlineJob, *, progress: bool = True, on_task=None) -> Ne
         try:
             for row in mapped.iter_rows():
                 name = str(row["shard"])
+                merging = time.perf_counter()
                 result = merge_shards(store, shards, images, [name])
+                summary.merge_s += time.perf_counter() - merging
                 summary.creatives += result["creatives"]
                 summary.duplicates_dropped += result["duplicates"]
                 summary.tasks += 1
@@ -597,6 +603,12 @@ def run_nearline(job: NearlineJob, *, progress: bool = True, on_task=None) -> Ne
         return summary
     finally:
         store.close()
+
+
+def _blocks(rows: int, batch: int) -> int:
+    """Input blocks: one per task (`batch` rows) so every actor gets work (one block feeds one actor: a single
+    block of 4 products ran on 1 of 2 actors), at most 10,000 (Ray Data's per-block overhead ~ms each)."""
+    return max(1, min(-(-rows // batch), 10_000))
 
 
 def _read_product_table(path: str):
