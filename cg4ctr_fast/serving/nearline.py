@@ -554,14 +554,31 @@ def run_nearline(job: NearlineJob, *, progress: bool = True, on_task=None) -> Ne
         done = _stored_groups(store, job.model_id, job.group_ids, job.images_per_group)
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = progress
+        # Products with every group stored never reach an actor (a re-run of a finished job loads no model);
+        # a product with some groups stored is filtered inside the actor, per group.
+        complete = {p for p, groups in done.items() if len(groups) == len(job.group_ids)}
+        per_product = len(job.group_ids) * job.images_per_group
+        summary.products = _count_products(kind, rows, job.products)
         if kind == "folder":
+            rows = [r for r in rows if r["product_id"] not in complete]
+            summary.skipped_creatives = (summary.products - len(rows)) * per_product
+            if not rows:
+                return summary
             dataset = ray.data.from_items(rows, override_num_blocks=_blocks(len(rows), job.batch))
         else:
             # The product list (paths, not pixels: ~100 B a row, 100 MB for a million products) is read on the
             # driver and handed to Ray Data as Arrow blocks. `ray.data.read_parquet` would list and read files in
             # tasks that each need a CPU, which an actor pool holding every CPU for the whole job starves: on
             # 2 CPUs with 2 actors its ListFiles task waited forever (measured, Ray 2.60).
+            import pyarrow as pa
+            import pyarrow.compute as pc
+
             table = _read_product_table(job.products)
+            if complete:
+                table = table.filter(pc.invert(pc.is_in(table["product_id"], value_set=pa.array(sorted(complete)))))
+            summary.skipped_creatives = (summary.products - table.num_rows) * per_product
+            if table.num_rows == 0:
+                return summary
             step = -(-table.num_rows // _blocks(table.num_rows, job.batch))
             dataset = ray.data.from_arrow([table.slice(i, step) for i in range(0, table.num_rows, step)] or [table])
         remote = {"max_restarts": job.max_restarts}
@@ -595,7 +612,6 @@ def run_nearline(job: NearlineJob, *, progress: bool = True, on_task=None) -> Ne
         finally:
             summary.wall_s = time.perf_counter() - started
             merge_shards(store, shards, images)  # whatever committed before a failure
-        summary.products = _count_products(kind, rows, job.products)
         summary.creatives_per_s = summary.creatives / summary.wall_s if summary.wall_s > 0 else 0.0
         for stats in actors.values():
             stats["utilisation"] = stats["busy_s"] / summary.wall_s if summary.wall_s > 0 else 0.0
