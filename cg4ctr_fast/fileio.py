@@ -72,7 +72,10 @@ def check_run_dir(path: str | os.PathLike[str], *, flag: str = "--out") -> Path:
     """Check a resumable run folder before any work: not a file, and writable (or creatable).
 
     Whether an existing, non-empty one may be continued is the command's own rule (`cycle --resume`).
+    An empty path is refused (Path("") is the working folder).
     """
+    if not str(path).strip():
+        raise InputError(f"{flag}: empty path; name a folder")
     out = Path(path)
     if not out.is_dir():
         return check_out_dir(out, flag=flag)  # missing: its nearest existing ancestor must take a folder

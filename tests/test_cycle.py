@@ -87,6 +87,12 @@ def test_config_round_trips_through_toml(tmp_path):
     ("[lora]\ntrain_on = 'pixels'\n", "lora.train_on must be 'latents' or 'images'"),
     ("[lora]\ncaption_dropout = 1.0\n", "lora.caption_dropout must be in [0, 1)"),
     ("[generate]\nreward_sees_prompt = 'no'\n", "generate.reward_sees_prompt must be true or false"),
+    ("[generate]\nguidance = nan\n", "generate.guidance must be a finite number"),
+    ("[refresh]\nimpressions = inf\n", "refresh.impressions must be a finite number"),
+    ("[lora]\nmax_grad_norm = -1.0\n", "lora.alpha, lora.lr and lora.max_grad_norm must be > 0"),
+    ("[lora]\ntargets = []\n", "lora.targets not empty"),
+    ("[style]\nloras = 'chosen'\n", "style.loras needs run.update_lora = false"),
+    ("[style]\nmode = 'fused'\n", "style.mode must be one of"),
 ])
 def test_bad_config_fails_with_one_line(tmp_path, text, needle):
     path = tmp_path / "bad.toml"
@@ -722,3 +728,27 @@ def test_planted_hacked_cycle_is_rejected_by_the_judge(tmp_path):
     assert reward_after >= reward_before - 1e-4  # the training reward model is not displeased
     assert true_after < true_before - 0.01  # the oracle: a real loss (the plant is a hack)
     assert judge_after < judge_before  # the judge sees it: guard.accept undoes the cycle (judged < reference)
+
+
+def test_saved_lora_file_is_byte_reproducible(tmp_path):
+    """The same adapter weights give the same file, header included (peft keeps target_modules as a set; its
+    order in the header would otherwise change from process to process, and with it the sha256 provenance records)."""
+    import hashlib
+
+    from cg4ctr_fast.config import get_preset
+    from cg4ctr_fast.models.diffusion import build_modules
+    from cg4ctr_fast.training.lora import LoraTrainConfig, add_lora, save_lora
+
+    digests = []
+    for k in range(2):
+        unet = build_modules(get_preset("tiny")).unet
+        torch.manual_seed(0)
+        add_lora(unet, LoraTrainConfig(targets=("to_v", "to_q", "to_out.0", "to_k")))
+        file = save_lora(unet, tmp_path / f"lora_{k}")
+        digests.append(hashlib.sha256(file.read_bytes()).hexdigest())
+    from safetensors import safe_open
+
+    with safe_open(str(file), framework="pt") as handle:
+        header = json.loads(handle.metadata()["lora_adapter_metadata"])
+    assert digests[0] == digests[1]
+    assert header["unet.target_modules"] == ["to_k", "to_out.0", "to_q", "to_v"]

@@ -171,3 +171,44 @@ def test_ablation_style_arm_reports_what_it_serves(toy, tmp_path, style_folder):
     assert [c.strip() for c in row.split("|")[3:-1]] == [f"{v:.0%}" for _, v in sorted(
         share.items(), key=lambda kv: (kv[0] != "photo", kv[0] != "none", kv[0]))]
     assert (tmp_path / "ablate" / "style_share.png").stat().st_size > 1000
+
+
+def test_style_inputs_are_refused_in_one_line(toy, tmp_path, style_folder):
+    """A base ablation config with style LoRAs, a missing or misplaced LoRA folder, unknown LoRA targets, an
+    empty --out, and a resume after a style LoRA changed."""
+    import shutil
+
+    from cg4ctr_fast.cli.train import main
+    from cg4ctr_fast.training.ablate import run_ablation
+    from cg4ctr_fast.training.cycle import run_cycles
+    from cg4ctr_fast.training.lora import LoraTrainConfig, add_lora
+    from cg4ctr_fast.training.style import check_style_folder
+
+    with pytest.raises(InputError, match="leave it \"none\""):
+        run_ablation(_styled(toy, tmp_path, style_folder), 1, tmp_path / "ablate", progress=False)
+    assert not (tmp_path / "ablate").exists()
+    with pytest.raises(InputError, match="not found"):
+        check_style_folder(tmp_path / "nowhere")
+    (tmp_path / "style_out").mkdir()
+    shutil.copytree(style_folder, tmp_path / "style_out" / "loras")
+    with pytest.raises(InputError, match="did you mean .*loras"):
+        check_style_folder(tmp_path / "style_out")
+    from cg4ctr_fast.config import get_preset
+    from cg4ctr_fast.models.diffusion import build_modules
+
+    with pytest.raises(InputError, match="lora.targets"):
+        add_lora(build_modules(get_preset("tiny")).unet, LoraTrainConfig(targets=("no_such_layer",)))
+    config_file = _write_config(tmp_path / "c.toml", toy)
+    assert main(["cycle", "--config", str(config_file), "--out", ""]) == 2
+
+    # A run records its style LoRAs; resuming it with one of them changed is refused.
+    folder = tmp_path / "styles"
+    shutil.copytree(style_folder, folder)
+    config = _styled(toy, tmp_path, folder, run={"cycles": 1})
+    run_cycles(config, tmp_path / "run", progress=False, log=lambda _m: None)
+    recorded = json.loads((tmp_path / "run" / "style_loras.json").read_text())
+    assert sorted(recorded) == sorted(FAMILIES) and len(set(recorded.values())) == 4
+    weights = next((folder / "pop").glob("*.safetensors"))
+    shutil.copy(next((folder / "noir").glob("*.safetensors")), weights)
+    with pytest.raises(InputError, match="style LoRA 'pop' differs"):
+        run_cycles(config, tmp_path / "run", resume=True, progress=False, log=lambda _m: None)

@@ -337,7 +337,7 @@ def _run_toy(args: argparse.Namespace) -> int:
 
 def _cycle_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="TOML file: [run] [models] [generate] [lora] [prompt] [eval] "
-                   "[guard] [refresh] (configs/cycle.toml)")
+                   "[guard] [refresh] [style] (configs/cycle.toml)")
     p.add_argument("--out", required=True, help="run folder: config, one atomic checkpoint per cycle, metrics.json/png")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last finished cycle")
     p.add_argument("--quiet", action="store_true", help="no progress bars, per-cycle or summary lines")
@@ -402,11 +402,12 @@ def _run_ablate(args: argparse.Namespace) -> int:
 
 def _style_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="folder: loras/<family>/ (diffusers LoRA files), style_loras.json, "
-                   "style_samples.png, style_steering.png; LoRAs already there are reused")
+                   "style_samples.png, style_steering.png; LoRAs already there are reused when trained with the "
+                   "same settings; a cycle config's [style] folder = OUT/loras")
     p.add_argument("--steps", type=int, default=1000, help="optimizer steps per style LoRA (default 1000)")
     p.add_argument("--lr", type=float, default=3e-3, help="learning rate (default 3e-3)")
     p.add_argument("--eval-products", type=int, default=6, help="held-out products of the steering measure (default 6)")
-    p.add_argument("--retrain", action="store_true", help="train every LoRA again even when --out holds it")
+    p.add_argument("--retrain", action="store_true", help="train every LoRA again even when --out holds one trained with the same settings")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
 

@@ -185,6 +185,9 @@ def run_ablation(config: CycleConfig, seeds: int, out: str | Path, *, progress: 
     from cg4ctr_fast.training.cycle import resolve_models
 
     arms = check_arms(arms)
+    if config.style.loras != "none":
+        raise InputError('ablate: the config sets [style] loras; leave it "none" (the style arms set it themselves: '
+                         "styles_refresh, styles_random_refresh)")
     if seeds < 1:
         raise InputError(f"--seeds must be ≥ 1, got {seeds}")
     if jobs < 1:

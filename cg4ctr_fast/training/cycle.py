@@ -48,7 +48,8 @@ from cg4ctr_fast.training.cycle_config import CycleConfig, changed_keys, to_toml
 
 CYCLE_DIR = "cycles"
 GUARD_DIR = "guards"  # the judge and the ensemble members, cached per world (training.guards)
-RUN_FILES = frozenset({"config.toml", "config.json", CYCLE_DIR, GUARD_DIR, "metrics.json", "metrics.png"})
+STYLE_FILE = "style_loras.json"  # sha256 per style LoRA folder: a resumed run must use the LoRAs it started with
+RUN_FILES = frozenset({"config.toml", "config.json", CYCLE_DIR, GUARD_DIR, STYLE_FILE, "metrics.json", "metrics.png"})
 # Judge products: a block of held-out ids of their own, far from the evaluation's (HELD_OUT_ITEM_BASE + seed ·
 # eval_products), so selecting a cycle by the judge never looks at the products it is evaluated on.
 JUDGE_ITEM_OFFSET = 500_000
@@ -76,6 +77,7 @@ class CycleContext:
     base_logs: Any = None  # (AdLog, uint8 images) of the world's logs, loaded at the first refresh
     guard_dir: Optional[Path] = None  # where guard models and a materialized world copy are cached
     mixed: Any = None  # style.MixedLoraPipeline over the style LoRAs when [style] loras is not "none"
+    style_digests: dict[str, str] = dataclasses.field(default_factory=dict)  # family → sha256 of its LoRA folder
 
     def reward_members(self) -> list[Any]:
         return list(self.reward.members) if hasattr(self.reward, "members") else [self.reward]
@@ -215,7 +217,15 @@ def build_context(config: CycleConfig, *, log: Callable[[str], Any] = print,
     if extra["styles"] is not None:
         from cg4ctr_fast.training.style import STYLE_CATEGORY, MixedLoraPipeline, style_tokens
 
+        import hashlib
+
+        from cg4ctr_fast.fileio import update_folder_digest
+
         ctx.mixed = MixedLoraPipeline.build(modules, extra["styles"], config.style.mode)
+        for name, folder in extra["styles"].items():
+            digest = hashlib.sha256()
+            update_folder_digest(digest, folder)
+            ctx.style_digests[name] = digest.hexdigest()
         tokens = style_tokens()
         # Start at P(none) = 0.4 and 0.15 per family (K = 4): greedy proposals (the evaluation) keep the base
         # generator until the loop has learned a style, so cycle 0 equals the arms without styles, and the
@@ -703,7 +713,15 @@ def run_cycles(config: CycleConfig, out: str | Path, *, resume: bool = False, pr
     if config.run.threads:
         torch.set_num_threads(config.run.threads)
     ctx = build_context(config, log=log, model_paths=model_paths, guard_dir=guard_dir or out / GUARD_DIR)
+    styles = out / STYLE_FILE
+    if ctx.style_digests and styles.is_file():
+        changed = sorted(k for k, v in json.loads(styles.read_text()).items() if ctx.style_digests.get(k) != v)
+        if changed:
+            raise InputError(f"{out}: the style LoRA {changed[0]!r} differs from the one this run started with; "
+                             "restore it or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
+    if ctx.style_digests and not styles.is_file():
+        atomic_write_bytes(styles, (json.dumps(ctx.style_digests, indent=1, sort_keys=True) + "\n").encode())
     atomic_write_bytes(out / "config.toml", to_toml(config).encode())
     atomic_write_bytes(out / "config.json", (json.dumps(config.to_dict(), indent=2) + "\n").encode())
     done = finished_cycles(out)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -251,6 +252,8 @@ def _convert(value: Any, hint: Any, where: str) -> Any:
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise InputError(f"config: {where} must be a number, got {value!r}")
+        if not math.isfinite(value):  # TOML has inf and nan literals; no key here means either
+            raise InputError(f"config: {where} must be a finite number, got {value!r}")
         return float(value)
     if hint is str:
         if not isinstance(value, str):

@@ -63,6 +63,15 @@ class LoraTrainConfig:
     max_delta: float = 0.0
 
     def __post_init__(self) -> None:
+        if self.rank < 1 or self.batch < 1 or self.steps < 0 or not self.targets:
+            raise InputError(f"lora.rank and lora.batch must be ≥ 1, lora.steps ≥ 0 and lora.targets not empty, got "
+                             f"{self.rank}, {self.batch}, {self.steps} and {list(self.targets)}")
+        values = (self.alpha, self.lr, self.max_grad_norm, self.anchor_weight, self.max_delta)
+        if not all(np.isfinite(v) for v in values):
+            raise InputError("lora.alpha, lr, max_grad_norm, anchor_weight and max_delta must be finite numbers")
+        if not (self.alpha > 0 and self.lr > 0 and self.max_grad_norm > 0):
+            raise InputError(f"lora.alpha, lora.lr and lora.max_grad_norm must be > 0, got {self.alpha}, {self.lr} "
+                             f"and {self.max_grad_norm}")
         if self.anchor_weight < 0 or self.max_delta < 0:
             raise InputError(f"lora.anchor_weight and lora.max_delta must be ≥ 0, got {self.anchor_weight} "
                              f"and {self.max_delta}")
@@ -90,6 +99,12 @@ def add_lora(unet, config: LoraTrainConfig) -> None:
     from peft import LoraConfig
 
     unet.requires_grad_(False)
+    # peft matches a target as a suffix of a module name and refuses only when no target matches at all
+    # (a UNet may lack some of a LoRA's usual targets, e.g. conv_shortcut); the same rule, as a one-line error.
+    names = [name for name, _ in unet.named_modules()]
+    if not any(n == t or n.endswith("." + t) for t in config.targets for n in names):
+        raise InputError(f"lora.targets: no module of the UNet matches {list(config.targets)} "
+                         "(e.g. to_q, to_k, to_v, to_out.0)")
     unet.add_adapter(
         LoraConfig(r=config.rank, lora_alpha=config.alpha, target_modules=list(config.targets), init_lora_weights=True),
         adapter_name=ADAPTER_NAME,
@@ -279,7 +294,7 @@ def save_lora(unet, out_dir: str | Path, extra_metadata: Optional[dict] = None, 
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft import get_peft_model_state_dict
     from safetensors import safe_open
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -287,6 +302,11 @@ def save_lora(unet, out_dir: str | Path, extra_metadata: Optional[dict] = None, 
     if not peft_keys:
         layers = convert_state_dict_to_diffusers(layers)
     adapter_config = unet.peft_config[ADAPTER_NAME].to_dict()
+    # peft keeps target_modules as a set: sorted, the header (and so the file's sha256, which provenance
+    # records) is the same for the same weights on every run.
+    for key in ("target_modules", "exclude_modules"):
+        if isinstance(adapter_config.get(key), (list, set, tuple)):
+            adapter_config[key] = sorted(adapter_config[key])
     StableDiffusionInpaintPipeline.save_lora_weights(
         str(out), unet_lora_layers=layers, unet_lora_adapter_metadata=adapter_config, weight_name=LORA_WEIGHT_NAME,
     )
@@ -296,8 +316,23 @@ def save_lora(unet, out_dir: str | Path, extra_metadata: Optional[dict] = None, 
         tensors = {k: handle.get_tensor(k) for k in handle.keys()}
     for key, value in (extra_metadata or {}).items():
         metadata[f"cg4ctr.{key}"] = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
-    save_file(tensors, str(file), metadata=metadata)
+    from cg4ctr_fast.fileio import atomic_write_bytes
+
+    atomic_write_bytes(file, canonical_safetensors(save(tensors, metadata=metadata)))
     return file
+
+
+def canonical_safetensors(data: bytes) -> bytes:
+    """The same safetensors file with its JSON header's keys sorted, so that equal tensors and metadata give
+    equal bytes. safetensors (0.8) writes the header from a hash map: the same `save_file` call gave 5 different
+    sha256 in 5 tries. Tensor data is untouched; the header's offsets are relative to the data, so a reordered
+    header of another length stays valid (format: 8-byte little-endian header length, JSON header padded with
+    spaces to a multiple of 8, data)."""
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + data[8 + n :]
 
 
 def read_lora_metadata(path: str | Path) -> dict[str, Any]:

@@ -291,11 +291,19 @@ def check_style_folder(folder: Union[str, Path], families: Sequence[StyleFamily]
     """{family: folder/<family>} for a folder of style LoRAs (`cg4ctr-train style` writes one); InputError (one line)
     when a family's sub-folder holds no LoRA weights."""
     root = Path(folder)
-    missing = [f.name for f in families
-               if not any((root / f.name).glob("*.safetensors")) and not (root / f.name / "adapter_config.json").is_file()]
+    if not root.is_dir():
+        raise InputError(f"{root}: style LoRA folder not found")
+
+    def missing_in(base: Path) -> list[str]:
+        return [f.name for f in families
+                if not any((base / f.name).glob("*.safetensors")) and not (base / f.name / "adapter_config.json").is_file()]
+
+    missing = missing_in(root)
     if missing:
+        # `cg4ctr-train style --out X` writes the LoRAs to X/loras.
+        hint = f"; did you mean {root / 'loras'}?" if (root / "loras").is_dir() and not missing_in(root / "loras") else ""
         raise InputError(f"{root}: no style LoRA for {', '.join(missing)} (want one sub-folder per family: "
-                         f"{', '.join(f.name for f in families)})")
+                         f"{', '.join(f.name for f in families)}){hint}")
     return {f.name: root / f.name for f in families}
 
 
@@ -622,7 +630,7 @@ def run_style_experiment(out_dir: Union[str, Path], *, seed: int = 0, eval_produ
                          config: StyleLoraConfig = StyleLoraConfig(), retrain: bool = False, lora_scale: float = 1.0,
                          log=print) -> dict:
     """The whole measurement on the embedded toy models: family separation, K style LoRAs (reused from
-    `out_dir/loras/<family>` unless `retrain`), the steering report with prompts over the free categories and
+    `out_dir/loras/<family>` when trained with the same settings, unless `retrain`), the steering report with prompts over the free categories and
     with full random captions, a sample grid and a feature plot. Writes `out_dir/style_loras.json`,
     `out_dir/style_samples.png` and (with matplotlib) `out_dir/style_steering.png`; returns the JSON's dict.
     lora_scale: every LoRA's adapter weight at generation (1.0 = as trained).
@@ -643,10 +651,10 @@ def run_style_experiment(out_dir: Union[str, Path], *, seed: int = 0, eval_produ
     separation = family_separation(world, STYLE_FAMILIES, train_items=train_items, test_items=test_items,
                                    n_images=config.images_per_family, seed=seed)
     lora_dir = out / "loras"
-    missing = [f for f in STYLE_FAMILIES if retrain or not (lora_dir / f.name / "style.json").is_file()]
-    if missing:
-        train_style_loras(toy.generator, world, lora_dir, families=missing, train_items=train_items, config=config,
-                          log=log)
+    if retrain:
+        train_style_loras(toy.generator, world, lora_dir, train_items=train_items, config=config, log=log)
+    else:  # reuses a family's LoRA only when its style.json records these settings
+        ensure_style_loras(toy.generator, world, lora_dir, train_items=train_items, config=config, log=log)
     loras = {f.name: (lora_dir / f.name, lora_scale) for f in STYLE_FAMILIES}
     training = {f.name: json.loads((lora_dir / f.name / "style.json").read_text()) for f in STYLE_FAMILIES}
     mixed = MixedLoraPipeline.build(load_modules(str(toy.generator)), loras, "per_row")
