@@ -447,7 +447,7 @@ class NearlineWorker:
 
     Input batch (numpy format): product_id, image (path/URL), and optional mask, title columns, [B] each.
     Output batch, one row per task: shard (str), actor (str "host:pid"), products, creatives, skipped (creatives
-    already stored), busy_s (float, s), retried (1 when this task had started before: its actor died), refused
+    already stored), busy_s (float, s), started_at / ended_at (unix s, the task's own clock), retried (1 when this task had started before: its actor died), refused
     (JSON list of [product_id, reason]).
 
     fault (tests only): {"die_on_task": k, "flag": PATH}: the actor's k-th task (1-based) hard-exits the process
@@ -474,6 +474,7 @@ class NearlineWorker:
 
     def __call__(self, batch: dict) -> dict:
         started = time.perf_counter()
+        started_at = time.time()
         self.tasks += 1
         ids = [str(p) for p in batch["product_id"]]
         name = hashlib.sha256(json.dumps([self.job.model_id, ids]).encode()).hexdigest()[:32]
@@ -512,6 +513,7 @@ class NearlineWorker:
         _write_shard(self.shards, name, products, creatives)
         return {"shard": [name], "actor": [self.actor], "products": [len(futures)], "creatives": [generated],
                 "skipped": [skipped], "busy_s": [time.perf_counter() - started], "retried": [int(retried)],
+                "started_at": [started_at], "ended_at": [time.time()],
                 "refused": [json.dumps(refused)]}
 
 
