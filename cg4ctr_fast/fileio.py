@@ -293,14 +293,3 @@ def _rename_into_place(tmp: Path, final: Path, label: str) -> None:
         # The new result is already in place; failing to delete the old one must not turn a
         # success into an error, so leftovers are ignored (they are hidden, named `.*.old-*`).
         shutil.rmtree(old, ignore_errors=True)
-
-
-def update_folder_digest(digest, root: str | os.PathLike[str], prefix: str = "") -> None:
-    """Feed every file under `root` into a hashlib object: for each file, in sorted order, its path relative to
-    root (after `prefix`) and a NUL, then its bytes. Two folders with the same files give the same digest
-    wherever they live."""
-    root = Path(root)
-    for file in sorted(p for p in root.rglob("*") if p.is_file()):
-        digest.update(f"{prefix}{file.relative_to(root).as_posix()}\0".encode())
-        digest.update(file.read_bytes())
-

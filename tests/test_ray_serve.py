@@ -218,10 +218,18 @@ def test_two_loras_are_multiplexed_each_answered_by_its_own(client, served, worl
         async with httpx.AsyncClient(base_url=served[0], timeout=CALL_S) as ac:
             async def one(lora, k):
                 image, mask = _product(7)
-                return lora, await ac.post(
-                    "/v1/generate", headers={"serve_multiplexed_model_id": lora},
-                    files={"image": ("p.png", _png(image), "image/png"), "mask": ("m.png", _png(mask), "image/png")},
-                    data={"product_id": f"lora-{lora}-{k}", "prompts": prompts, "group_ids": groups, "seed": "7"})
+                # A client that honours Retry-After: the burst goes to the replicas that hold the LoRA (Serve's
+                # multiplexed routing), whose queues (max_queued_requests 2) can be full while a LoRA loads. This
+                # test is about which LoRA answers; the overload test covers the 503s themselves.
+                for _attempt in range(30):
+                    r = await ac.post(
+                        "/v1/generate", headers={"serve_multiplexed_model_id": lora},
+                        files={"image": ("p.png", _png(image), "image/png"), "mask": ("m.png", _png(mask), "image/png")},
+                        data={"product_id": f"lora-{lora}-{k}", "prompts": prompts, "group_ids": groups, "seed": "7"})
+                    if r.status_code != 503:
+                        break
+                    await asyncio.sleep(float(r.headers.get("retry-after", "1")))
+                return lora, r
             return await asyncio.gather(*(one(lora, k) for k in range(2) for lora in ("a", "b")))
 
     answers = asyncio.run(burst())

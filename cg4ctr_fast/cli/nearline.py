@@ -95,14 +95,14 @@ def _check_flags(args) -> tuple[str, ...]:
 
 def build_job(args):
     """The checked `NearlineJob` for these flags; InputError (one line) for any bad input. No Ray, no weights."""
-    from cg4ctr_fast.cli import serve as serve_cli
+    from cg4ctr_fast.serving.sources import check_reward, check_source
     from cg4ctr_fast.serving.nearline import NearlineJob, list_products, model_id_for
     from cg4ctr_fast.serving.runtime import _load_groups
 
     wanted = _check_flags(args)
     list_products(args.products)
-    source = serve_cli._check_source(args)
-    reward, groups, prompt = serve_cli._check_reward(args)
+    source = check_source(args)
+    reward, groups, prompt = check_reward(args)
     config = json.loads((Path(reward) / "config.json").read_text(encoding="utf-8"))
     known, _ = _load_groups(groups, int(config.get("group_dim", 1)))
     if wanted:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Optional
 
 from cg4ctr_fast.errors import InputError
+from cg4ctr_fast.serving.sources import check_reward, check_source, read_api_key
 
 PROG = "cg4ctr serve"
 # The same cap as `cg4ctr generate`'s one command: creatives in one denoising batch.
@@ -37,7 +38,6 @@ MAX_BODY_MB = 1024
 # The graceful shutdown's wait for requests in flight beyond --timeout-s, seconds: time for the last admitted
 # request's batch to finish and its answer to be written.
 SHUTDOWN_GRACE_S = 10.0
-_REWARD_FILES = ("model.safetensors", "config.json", "vocab.json")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -94,14 +94,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"cancelled, seconds (default: --timeout-s + {SHUTDOWN_GRACE_S:g})")
 
 
-def _toy_paths():
-    from cg4ctr_fast.training.toy import ToyConfig
-    from cg4ctr_fast.training.toy_set import resolve_toy_root
-
-    root = resolve_toy_root(ToyConfig())  # the shipped set (hashes checked), else the cache
-    return root, root / "reward", root / "world" / "groups.json", root / "prompt"
-
-
 def _check_number_flags(args) -> None:
     for flag, value in (("--max-queue", args.max_queue), ("--max-batch", args.max_batch)):
         if value <= 0:
@@ -127,113 +119,6 @@ def _check_number_flags(args) -> None:
                                                                      args.shutdown_timeout_s)):
         if value is not None and not (math.isfinite(value) and value > 0):
             raise InputError(f"{flag} must be a positive number of seconds, got {value}")
-
-
-def _read_api_key(path: Optional[str]) -> Optional[str]:
-    if path is None:
-        return None
-    file = Path(path)
-    if file.is_dir():
-        raise InputError(f"--api-key-file {path}: is a directory, expected the file holding the key")
-    if not file.is_file():
-        raise InputError(f"--api-key-file {path}: no such file")
-    try:
-        key = file.read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"--api-key-file {path}: cannot read it ({' '.join(str(exc).split())})") from None
-    if not key:
-        raise InputError(f"--api-key-file {path}: empty (write the key in it)")
-    if any(c.isspace() for c in key) or not key.isprintable():
-        raise InputError(f"--api-key-file {path}: the key must be one line of printable characters, no spaces")
-    return key
-
-
-def _check_source(args) -> dict:
-    """Which generator, checked from configs only (no weights); returns the constructor's arguments."""
-    from cg4ctr_fast.config import PRESETS, get_preset
-    from cg4ctr_fast.models.diffusion import check_steps, folder_scheduler, inspect_model_folder, make_scheduler
-
-    given = [flag for flag, value in (("--preset", args.preset), ("--model", args.model),
-                                      ("--engines", args.engines)) if value is not None]
-    if len(given) != 1:
-        raise InputError("give one of --preset NAME, --model DIR or --engines DIR"
-                         + (f" (got {', '.join(given)})" if given else ""))
-    if args.backend is not None and not args.engines:
-        raise InputError("--backend needs --engines DIR (a folder written by cg4ctr-export)")
-    if args.saliency is not None and not Path(args.saliency).exists():
-        raise InputError(f"--saliency {args.saliency}: no such file or folder")
-    if args.engines:
-        if not (Path(args.engines) / "manifest.json").is_file():
-            raise InputError(f"--engines {args.engines}: not a cg4ctr-export folder (no manifest.json)")
-        return {"kind": "engines", "path": args.engines, "backend": args.backend or "onnxruntime",
-                "saliency": args.saliency}
-    if args.model or args.preset == "toy":
-        path = args.model
-        saliency = args.saliency
-        if args.preset == "toy":
-            root = _toy_paths()[0]
-            path = str(root / "generator")
-            if not (Path(path) / "model_index.json").is_file():
-                raise InputError(f"--preset toy: no toy models in {root} (the package's set is missing or "
-                                 "CG4CTR_TOY_SET points elsewhere); `cg4ctr demo --retrain` trains them into the "
-                                 "cache, or pass --model DIR")
-            if saliency is None and (root / "saliency").is_dir():
-                saliency = str(root / "saliency")
-        folder = inspect_model_folder(path)
-        if args.steps is not None:
-            check_steps(folder_scheduler(folder), args.steps, flag="--steps")
-        return {"kind": "model", "path": path, "saliency": saliency}
-    if args.preset not in PRESETS:
-        raise InputError(f"unknown preset {args.preset!r}; choose one of: {', '.join(sorted([*PRESETS, 'toy']))}")
-    preset = get_preset(args.preset)
-    if not preset.buildable:
-        raise InputError(f"preset {preset.name!r} has no built-in weights; pass --model DIR (a local diffusers "
-                         "folder) instead")
-    if args.steps is not None:
-        check_steps(make_scheduler(preset.scheduler, preset.scheduler_kwargs()), args.steps, flag="--steps")
-    return {"kind": "preset", "name": preset.name, "saliency": args.saliency}
-
-
-def _check_reward(args) -> tuple[str, Optional[str], Optional[str]]:
-    """(reward folder, groups file or None, prompt model folder or None), defaulting to the cached toy models."""
-    import json
-
-    from cg4ctr_fast.training.data import _load_groups_json
-
-    root, toy_reward, toy_groups, toy_prompt = _toy_paths()
-    reward, groups, prompt = args.reward, args.groups, args.prompt_model
-    toy_default = reward is None
-    if reward is None:
-        if not all((toy_reward / name).is_file() for name in _REWARD_FILES):
-            raise InputError(f"no reward model: pass --reward DIR (a `cg4ctr-train reward` folder) and --groups FILE "
-                             f"(no toy models in {root}; `cg4ctr demo --retrain` trains them into the cache)")
-        reward = str(toy_reward)
-    if groups is None and (toy_default or args.preset == "toy") and toy_groups.is_file():
-        groups = str(toy_groups)
-    if prompt is None and toy_default and groups == str(toy_groups) and (toy_prompt / "config.json").is_file():
-        prompt = str(toy_prompt)
-    folder = Path(reward)
-    if not folder.is_dir():
-        raise InputError(f"--reward {reward}: no such folder")
-    missing = [name for name in _REWARD_FILES if not (folder / name).is_file()]
-    if missing:
-        raise InputError(f"--reward {reward}: not a reward model folder ({missing[0]} is missing)")
-    try:
-        group_dim = int(json.loads((folder / "config.json").read_text(encoding="utf-8")).get("group_dim", 1))
-    except (OSError, ValueError, TypeError, AttributeError) as exc:
-        raise InputError(f"--reward {reward}: config.json: cannot read it ({' '.join(str(exc).split())})") from None
-    if groups is not None:
-        if Path(groups).is_dir():
-            raise InputError(f"--groups {groups}: is a directory, expected a groups.json file")
-        if not Path(groups).is_file():
-            raise InputError(f"--groups {groups}: no such file")
-        _, features = _load_groups_json(Path(groups))
-        if features.shape[1] != group_dim:
-            raise InputError(f"--groups {groups}: groups have {features.shape[1]} features each, the reward model "
-                             f"expects {group_dim}")
-    if prompt is not None and not (Path(prompt) / "config.json").is_file():
-        raise InputError(f"--prompt-model {prompt}: not a prompt model folder (no config.json)")
-    return reward, groups, prompt
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -278,9 +163,9 @@ def run(args) -> int:
     from cg4ctr_fast.imaging import MAX_BYTES
 
     _check_number_flags(args)
-    api_key = _read_api_key(args.api_key_file)
-    source = _check_source(args)
-    reward, groups, prompt = _check_reward(args)
+    api_key = read_api_key(args.api_key_file)
+    source = check_source(args)
+    reward, groups, prompt = check_reward(args)
     try:
         import fastapi  # noqa: F401
         import prometheus_client  # noqa: F401

@@ -242,7 +242,7 @@ def _write_shard(shards: SharedFiles, name: str, products: list, creatives: list
 class NearlineJob:
     """Everything an actor needs, plain data (it is shipped to every actor).
 
-    source: the generator, as `cli.serve._check_source` returns it ({"kind": "preset"|"model"|"engines", ...}).
+    source: the generator, as `serving.sources.check_source` returns it ({"kind": "preset"|"model"|"engines", ...}).
     reward/groups/prompt_model: folders/files as `CreativeRuntime` takes them. group_ids: the groups to make
     creatives for (each gets `images_per_group` images, index 0..n-1). store: the SQLite store folder (driver
     only); images_url: where actors write PNG files (default: the store's images/ folder); shards_url: the

@@ -415,9 +415,9 @@ class Ingress:
 
         api_key = None
         if self.args.api_key_file:
-            from cg4ctr_fast.cli.serve import _read_api_key
+            from cg4ctr_fast.serving.sources import read_api_key
 
-            api_key = _read_api_key(self.args.api_key_file)
+            api_key = read_api_key(self.args.api_key_file)
         return create_app(self.remote, api_key=api_key, timeout_s=self.args.timeout_s)
 
 
@@ -426,7 +426,7 @@ def _checked(args: dict) -> RayAppArgs:
     """The arguments checked (InputError, one line) with paths made absolute (replicas may run elsewhere)."""
     from types import SimpleNamespace
 
-    from cg4ctr_fast.cli.serve import _check_reward
+    from cg4ctr_fast.serving.sources import check_reward
     from cg4ctr_fast.serving.protocol import parse_body
 
     parsed = parse_body(RayAppArgs, dict(args))
@@ -446,7 +446,7 @@ def _checked(args: dict) -> RayAppArgs:
     if parsed.model and not Path(parsed.model).is_dir():
         raise InputError(f"model {parsed.model}: no such folder")
     try:
-        reward, groups, prompt = _check_reward(SimpleNamespace(
+        reward, groups, prompt = check_reward(SimpleNamespace(
             reward=parsed.reward, groups=parsed.groups, prompt_model=parsed.prompt_model,
             preset=None if parsed.model else parsed.preset))
     except InputError as exc:  # `cg4ctr serve`'s checks, in this app's argument spelling

@@ -161,9 +161,7 @@ def ensure_guard_models(config: CycleConfig, model_paths: dict[str, str], guard_
 def ensure_style_models(config: CycleConfig, model_paths: dict[str, str], guard_dir: Path,
                         log: Callable[[str], Any] = print) -> Optional[dict[str, Path]]:
     """{family: LoRA folder} for [style], or None when the run has no style LoRAs."""
-    import hashlib
-
-    from cg4ctr_fast.fileio import update_folder_digest
+    from cg4ctr_fast.export.manifest import folder_sha256
     from cg4ctr_fast.training import guards, style
 
     if config.style.loras == "none":
@@ -172,10 +170,8 @@ def ensure_style_models(config: CycleConfig, model_paths: dict[str, str], guard_
         return style.check_style_folder(config.style.folder)
     from cg4ctr_fast.sim import load_dataset
 
-    digest = hashlib.sha256()
-    update_folder_digest(digest, model_paths["generator"])
     root = (Path(guard_dir) / guards.guard_cache_key(model_paths["world"])
-            / f"style_loras_{config.style.seed}_{digest.hexdigest()[:12]}")
+            / f"style_loras_{config.style.seed}_{folder_sha256(model_paths['generator'])[:12]}")
     dataset = load_dataset(model_paths["world"])
     logged = sorted(int(i) for i in dataset.items["item_id"])
     return style.ensure_style_loras(model_paths["generator"], dataset.world, root, train_items=logged,
@@ -217,15 +213,10 @@ def build_context(config: CycleConfig, *, log: Callable[[str], Any] = print,
     if extra["styles"] is not None:
         from cg4ctr_fast.training.style import STYLE_CATEGORY, MixedLoraPipeline, style_tokens
 
-        import hashlib
-
-        from cg4ctr_fast.fileio import update_folder_digest
+        from cg4ctr_fast.export.manifest import folder_sha256
 
         ctx.mixed = MixedLoraPipeline.build(modules, extra["styles"], config.style.mode)
-        for name, folder in extra["styles"].items():
-            digest = hashlib.sha256()
-            update_folder_digest(digest, folder)
-            ctx.style_digests[name] = digest.hexdigest()
+        ctx.style_digests = {name: folder_sha256(folder) for name, folder in extra["styles"].items()}
         tokens = style_tokens()
         # Start at P(none) = 0.4 and 0.15 per family (K = 4): greedy proposals (the evaluation) keep the base
         # generator until the loop has learned a style, so cycle 0 equals the arms without styles, and the

@@ -395,13 +395,13 @@ def _mean_ci(values: np.ndarray, resamples: int, seed: int) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------------ the stored creatives
 def _models_digest(paths: dict[str, str]) -> str:
-    """sha256 over the files of the four model folders (relative path and bytes): a cached table is reused only
-    with the very models that made it."""
-    from cg4ctr_fast.fileio import update_folder_digest
+    """sha256 over the four model folders' content hashes (`export.manifest.folder_sha256`): a cached table is
+    reused only with the very models that made it."""
+    from cg4ctr_fast.export.manifest import folder_sha256
 
     digest = hashlib.sha256()
     for name in ("world", "generator", "reward", "prompt"):
-        update_folder_digest(digest, paths[name], f"{name}/")
+        digest.update(f"{name}\0{folder_sha256(paths[name])}\n".encode())
     return digest.hexdigest()
 
 
