@@ -193,6 +193,8 @@ def test_bad_inputs_are_one_line_exit_2(tmp_path, capsys):
         (["--products", products, "--actors", "0"], "--actors must be a positive integer"),
         (["--products", products, "--store", str(tmp_path / "afile")], "is a file"),
         (["--products", products, "--preset", "nope"], "unknown preset"),
+        (["--products", products, "--ray-address", "garbage"], "want local, auto, ray://HOST:PORT"),
+        (["--products", products, "--images-url", "nosuchproto://bucket/x"], "--images-url"),
     ]
     for extra, message in cases:
         code = main(base + extra)

@@ -331,8 +331,22 @@ def test_app_arguments_are_checked_before_anything_starts(tmp_path):
                          ({"timeout_s": "0"}, "timeout_s must be a positive number"),
                          ({"generator_replicas": "two"}, "generator_replicas:"),
                          ({"loras": str(tmp_path / "missing")}, "no such folder"),
-                         ({"reward": str(tmp_path)}, "not a reward model folder")]:
+                         ({"reward": str(tmp_path)}, "not a reward model folder"),
+                         ({"preset": "nope"}, "unknown preset"),
+                         ({"store": __file__}, "is a file, expected a folder"),
+                         ({"api_key_file": str(tmp_path / "no-key")}, "api_key_file=.*no such file")]:
         with pytest.raises(InputError, match=needle) as caught:
             ray_app.build_app(args)
         assert "\n" not in str(caught.value)
     assert not (tmp_path / "missing").exists()
+    # preset toy is the toy generator folder, as for `cg4ctr serve --preset toy` and `cg4ctr nearline --preset
+    # toy`: the same store model id, so the app selects what a nearline job stored.
+    from types import SimpleNamespace
+
+    from cg4ctr_fast.serving.nearline import model_id_for
+    from cg4ctr_fast.serving.sources import check_source
+
+    checked = ray_app._checked({"preset": "toy", "store": str(tmp_path / "store")})
+    source = check_source(SimpleNamespace(preset="toy", model=None, engines=None, backend=None, saliency=None,
+                                          steps=None))
+    assert ray_app.base_model_id(checked) == model_id_for(source) and checked.saliency

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -78,8 +79,25 @@ def _check_flags(args) -> tuple[str, ...]:
             raise InputError(f"{flag} must be a number ≥ 0, got {value}")
     if args.num_cpus is not None and args.num_cpus <= 0:
         raise InputError(f"--num-cpus must be a positive integer, got {args.num_cpus}")
-    if not args.ray_address.strip():
-        raise InputError("--ray-address must not be empty (local, auto or a Ray address)")
+    address = args.ray_address.strip()
+    # Ray's own forms: local, auto, ray://host:port (Ray Client) or host:port (a cluster's GCS). Anything else
+    # fails inside ray.init with a ValueError; an unreachable address makes ray.init retry for minutes.
+    if not (address in ("local", "auto") or re.fullmatch(r"(ray://)?[A-Za-z0-9._\-\[\]:]+:\d{1,5}", address)):
+        raise InputError(f"--ray-address {args.ray_address!r}: want local, auto, ray://HOST:PORT or HOST:PORT")
+    if args.images_url:
+        import fsspec
+
+        protocol = fsspec.core.split_protocol(args.images_url)[0] or "file"
+        try:
+            fsspec.get_filesystem_class(protocol)
+        except (ValueError, ImportError) as exc:
+            raise InputError(f"--images-url {args.images_url}: {' '.join(str(exc).split())}") from None
+    if args.gpus_per_actor > 0 and address == "local":
+        import torch
+
+        if torch.cuda.device_count() == 0:  # a local Ray would keep the actors pending forever
+            raise InputError("--gpus-per-actor: this machine has no CUDA GPU; a local Ray cannot place the actors "
+                             "(use --ray-address auto on a GPU cluster)")
     store = Path(args.store)
     if store.exists() and not store.is_dir():
         raise InputError(f"--store {args.store}: is a file, expected a folder")

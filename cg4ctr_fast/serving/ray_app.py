@@ -62,7 +62,9 @@ _LORA_SUFFIX = ".safetensors"
 class RayAppArgs(BaseModel):
     """The application's arguments (`serve run ...:build_app key=value ...`; text is converted, "2" → 2).
 
-    preset / model: the generator (a preset name, or a local diffusers folder, which wins); seed: the preset's.
+    preset / model: the generator (a preset name, "toy" = the embedded toy models as `cg4ctr serve --preset toy`
+        reads them, or a local diffusers folder, which wins); seed: the preset's. saliency: a saliency model (the
+        toy one with preset toy), for products sent without a mask.
     store: the creative store folder (shared by every replica: a shared path on a cluster).
     reward / groups / prompt_model: as `cg4ctr serve` (default: the embedded toy models).
     loras: folder of LoRAs (each a diffusers LoRA folder or a .safetensors file; its name is the LoRA id).
@@ -82,6 +84,7 @@ class RayAppArgs(BaseModel):
 
     preset: str = "tiny"
     model: Optional[str] = None
+    saliency: Optional[str] = None
     seed: int = 0
     store: str = "out/ray_store"
     reward: Optional[str] = None
@@ -229,7 +232,7 @@ class Generator:
         a = self.args
         options = dict(store=a.store, reward=a.reward, groups=a.groups, prompt_model=a.prompt_model,
                        max_batch=a.max_batch, max_queue=a.max_queue, max_wait_ms=a.max_wait_ms,
-                       num_inference_steps=a.steps, lora=lora, lora_scale=a.lora_scale)
+                       num_inference_steps=a.steps, lora=lora, lora_scale=a.lora_scale, saliency=a.saliency)
         if a.model:
             return CreativeRuntime.from_pretrained(a.model, **options)
         return CreativeRuntime.from_preset(a.preset, seed=a.seed, random_weights=True, **options)
@@ -426,8 +429,8 @@ def _checked(args: dict) -> RayAppArgs:
     """The arguments checked (InputError, one line) with paths made absolute (replicas may run elsewhere)."""
     from types import SimpleNamespace
 
-    from cg4ctr_fast.serving.sources import check_reward
     from cg4ctr_fast.serving.protocol import parse_body
+    from cg4ctr_fast.serving.sources import check_reward, check_source, read_api_key
 
     parsed = parse_body(RayAppArgs, dict(args))
     for name in ("generator_replicas", "selector_replicas", "max_ongoing_requests", "max_loras", "batch_size",
@@ -445,6 +448,20 @@ def _checked(args: dict) -> RayAppArgs:
         raise InputError(f"loras {parsed.loras}: no such folder")
     if parsed.model and not Path(parsed.model).is_dir():
         raise InputError(f"model {parsed.model}: no such folder")
+    if Path(parsed.store).exists() and not Path(parsed.store).is_dir():
+        raise InputError(f"store {parsed.store}: is a file, expected a folder")
+    try:  # `cg4ctr serve`'s checks of the generator and the API key, in this app's argument spelling
+        source = check_source(SimpleNamespace(preset=None if parsed.model else parsed.preset, model=parsed.model,
+                                              engines=None, backend=None, saliency=parsed.saliency,
+                                              steps=parsed.steps))
+        read_api_key(parsed.api_key_file)
+    except InputError as exc:
+        message = str(exc)
+        for flag in ("preset", "model", "saliency", "steps", "api-key-file"):
+            message = message.replace(f"--{flag} ", f"{flag.replace('-', '_')}=")
+        raise InputError(message.replace("--preset NAME, --model DIR or --engines DIR", "preset= or model=")) from None
+    if source["kind"] == "model":  # preset toy: the toy generator folder (the model id nearline stores under)
+        parsed = parsed.model_copy(update={"model": source["path"], "saliency": source["saliency"]})
     try:
         reward, groups, prompt = check_reward(SimpleNamespace(
             reward=parsed.reward, groups=parsed.groups, prompt_model=parsed.prompt_model,
@@ -461,7 +478,7 @@ def _checked(args: dict) -> RayAppArgs:
     return parsed.model_copy(update=dict(
         reward=absolute(reward), groups=absolute(groups), prompt_model=absolute(prompt),
         store=absolute(parsed.store), loras=absolute(parsed.loras), model=absolute(parsed.model),
-        api_key_file=absolute(parsed.api_key_file)))
+        saliency=absolute(parsed.saliency), api_key_file=absolute(parsed.api_key_file)))
 
 
 def build_app(args: Optional[dict] = None):
