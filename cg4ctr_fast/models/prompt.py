@@ -156,7 +156,7 @@ class PromptModel(nn.Module):
         """A copy with one more category appended (last in template order), e.g. ("style", ("none", "sunlit", …)).
 
         The hidden layers and the existing categories' output rows are copied, so every existing category's
-        scores are unchanged (bit for bit). The new category's rows start at zero weight with bias = log(prior)
+        scores are unchanged (up to the float rounding of a wider output matmul: within 1e-6 in the tests). The new category's rows start at zero weight with bias = log(prior)
         (prior: probabilities over `tokens`, default uniform), so its distribution starts at `prior` for every
         input and is then learned like any category. Raises InputError for an existing category name, a token
         already in the vocabulary, or a prior of the wrong length or not positive.

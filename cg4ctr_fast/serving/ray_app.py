@@ -450,25 +450,19 @@ def _checked(args: dict) -> RayAppArgs:
         raise InputError(f"model {parsed.model}: no such folder")
     if Path(parsed.store).exists() and not Path(parsed.store).is_dir():
         raise InputError(f"store {parsed.store}: is a file, expected a folder")
-    try:  # `cg4ctr serve`'s checks of the generator and the API key, in this app's argument spelling
+    try:  # `cg4ctr serve`'s checks of the generator, the API key and the reward side, in this app's spelling
         source = check_source(SimpleNamespace(preset=None if parsed.model else parsed.preset, model=parsed.model,
                                               engines=None, backend=None, saliency=parsed.saliency,
                                               steps=parsed.steps))
         read_api_key(parsed.api_key_file)
-    except InputError as exc:
-        message = str(exc)
-        for flag in ("preset", "model", "saliency", "steps", "api-key-file"):
-            message = message.replace(f"--{flag} ", f"{flag.replace('-', '_')}=")
-        raise InputError(message.replace("--preset NAME, --model DIR or --engines DIR", "preset= or model=")) from None
-    if source["kind"] == "model":  # preset toy: the toy generator folder (the model id nearline stores under)
-        parsed = parsed.model_copy(update={"model": source["path"], "saliency": source["saliency"]})
-    try:
+        if source["kind"] == "model":  # preset toy: the toy generator folder (the model id nearline stores under)
+            parsed = parsed.model_copy(update={"model": source["path"], "saliency": source["saliency"]})
         reward, groups, prompt = check_reward(SimpleNamespace(
             reward=parsed.reward, groups=parsed.groups, prompt_model=parsed.prompt_model,
             preset=None if parsed.model else parsed.preset))
-    except InputError as exc:  # `cg4ctr serve`'s checks, in this app's argument spelling
-        message = str(exc)
-        for flag in ("reward", "groups", "prompt-model"):
+    except InputError as exc:
+        message = str(exc).replace("--preset NAME, --model DIR or --engines DIR", "preset= or model=")
+        for flag in ("preset", "model", "saliency", "steps", "api-key-file", "reward", "groups", "prompt-model"):
             message = message.replace(f"--{flag} ", f"{flag.replace('-', '_')}=")
         raise InputError(message) from None
 

@@ -437,8 +437,7 @@ def results_markdown(results: dict[str, Any], command: Optional[str] = None) -> 
                          f"{m['reward_oracle_gap']:+.4f} | {m['diversity']:.3f} | {m['product_pixels_unchanged']} |")
     styled = {a: v for a, v in results["eval_metrics"].items() if "served_style_share" in v["0"]}
     if styled:
-        names = sorted({n for v in styled.values() for m in v.values() for n in m["served_style_share"]},
-                       key=lambda n: (n != "photo", n != "none", n))
+        names = _style_order({n for v in styled.values() for m in v.values() for n in m["served_style_share"]})
         lines += ["", "## What the style arms serve (share of cells, mean over seeds)", "",
                   "| arm | cycle | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
         for arm, per_cycle in styled.items():
@@ -480,6 +479,11 @@ def plot_lift(results: dict[str, Any]) -> bytes:
     return png_bytes(fig)
 
 
+def _style_order(names) -> list[str]:
+    """What a style arm serves, in reading order: the photo, the base generator ("none"), then the families."""
+    return sorted(names, key=lambda n: (n != "photo", n != "none", n))
+
+
 def plot_style_share(results: dict[str, Any]) -> Optional[bytes]:
     """Stacked bars per style arm and cycle: the share of (seed, product, group) cells served the photo, the base
     generator ("none") or each style LoRA. None when no arm of `results` has style LoRAs."""
@@ -492,8 +496,7 @@ def plot_style_share(results: dict[str, Any]) -> Optional[bytes]:
     import matplotlib.pyplot as plt
 
     cycles = list(range(results["cycles"] + 1))
-    names = sorted({n for a in arms for c in cycles for n in results["eval_metrics"][a][str(c)]["served_style_share"]},
-                   key=lambda n: (n != "photo", n != "none", n))
+    names = _style_order({n for a in arms for c in cycles for n in results["eval_metrics"][a][str(c)]["served_style_share"]})
     fig, axes = plt.subplots(1, len(arms), figsize=(4.5 * len(arms), 3.6), sharey=True, squeeze=False)
     for ax, arm in zip(axes[0], arms):
         bottom = np.zeros(len(cycles))

@@ -211,9 +211,8 @@ def build_context(config: CycleConfig, *, log: Callable[[str], Any] = print,
     )
     ctx.set_reward_members([reward] + [RewardModel.load(f).eval() for f in extra["members"]])
     if extra["styles"] is not None:
-        from cg4ctr_fast.training.style import STYLE_CATEGORY, MixedLoraPipeline, style_tokens
-
         from cg4ctr_fast.export.manifest import folder_sha256
+        from cg4ctr_fast.training.style import STYLE_CATEGORY, MixedLoraPipeline, style_tokens
 
         ctx.mixed = MixedLoraPipeline.build(modules, extra["styles"], config.style.mode)
         ctx.style_digests = {name: folder_sha256(folder) for name, folder in extra["styles"].items()}

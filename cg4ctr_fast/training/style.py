@@ -294,9 +294,16 @@ def check_style_folder(folder: Union[str, Path], families: Sequence[StyleFamily]
     if not root.is_dir():
         raise InputError(f"{root}: style LoRA folder not found")
 
-    def missing_in(base: Path) -> list[str]:
-        return [f.name for f in families
-                if not any((base / f.name).glob("*.safetensors")) and not (base / f.name / "adapter_config.json").is_file()]
+    from cg4ctr_fast.export.lora import resolve_lora
+
+    def missing_in(base: Path) -> list[str]:  # the loader's own rule (`load_adapters` reads through resolve_lora)
+        missing = []
+        for fam in families:
+            try:
+                resolve_lora(base / fam.name)
+            except InputError:
+                missing.append(fam.name)
+        return missing
 
     missing = missing_in(root)
     if missing:
