@@ -65,7 +65,7 @@ def _comparable(metrics: dict) -> dict:
 
 # ------------------------------------------------------------------------------------------------ config
 def test_default_config_file_matches_the_dataclasses():
-    config = load_cycle_config(ROOT / "configs" / "cycle.toml")
+    config = load_cycle_config(ROOT / "training" / "cycle.toml")
     assert config.replace(run={"threads": 0}) == CycleConfig()
     assert config.run.threads == 1
 
@@ -93,6 +93,7 @@ def test_config_round_trips_through_toml(tmp_path):
     ("[lora]\ntargets = []\n", "lora.targets not empty"),
     ("[style]\nloras = 'chosen'\n", "style.loras needs run.update_lora = false"),
     ("[style]\nmode = 'fused'\n", "style.mode must be one of"),
+    ("[ablation]\nseeds = 3\n", "[ablation] is read by `cg4ctr-train ablate` only"),
 ])
 def test_bad_config_fails_with_one_line(tmp_path, text, needle):
     path = tmp_path / "bad.toml"

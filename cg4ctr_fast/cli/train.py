@@ -1,9 +1,9 @@
 """`cg4ctr-train`: train the project's models from the command line.
 
     cg4ctr-train reward --data DIR --out MODEL_DIR [--epochs N] [--seed S] [--test-fraction F] [--quiet]
-    cg4ctr-train toy --out DIR [--config default|small] [--cache DIR]
+    cg4ctr-train toy --out DIR [--config default|small|FILE] [--cache DIR]
     cg4ctr-train cycle --config FILE --out RUN_DIR [--resume]
-    cg4ctr-train ablate --config FILE --seeds N --out DIR
+    cg4ctr-train ablate --config FILE [--seeds N] [--jobs N] [--arms A,B] --out DIR
     cg4ctr-train taesd --model GENERATOR_DIR --out DIR [--data WORLD_DIR] [--steps N] [--resume]
 
 Subcommands live in `SUBCOMMANDS` (name → Subcommand(help, add_arguments, run)); to add one, write
@@ -13,8 +13,10 @@ Every output path is checked before any work: an existing, non-empty `--out` nee
 Outputs are written to a temporary folder renamed at the end, so a failed run leaves nothing behind;
 `cycle` writes one such folder per cycle and resumes from the last one (`--resume`), `ablate` resumes
 when rerun on the same folder.
-`cg4ctr-train lcm --model GENERATOR_DIR --out DIR` distils an LCM-LoRA (4 steps, no guidance) from a generator;
-it checkpoints beside --out (.NAME.lcm-partial) and continues from there with `--resume`.
+`cg4ctr-train lcm --model GENERATOR_DIR --out DIR [--config FILE]` distils an LCM-LoRA (4 steps, no guidance) from
+a generator; it checkpoints beside --out (.NAME.lcm-partial) and continues from there with `--resume`.
+The TOML recipes of cycle, ablate, toy and lcm live in the repository's top-level training/ folder; a flag the user
+passes overrides the file's key (those flags default to None, so an unpassed one never does).
 """
 from __future__ import annotations
 
@@ -196,30 +198,41 @@ def _run_base(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------
 
 
+# The flags that override a key of the --config file (LcmDistillConfig's fields): (field, type, help without the
+# default). Their argparse default is None, so a flag the user did not pass leaves the file's value alone.
+_LCM_FLAGS = (
+    ("steps", int, "optimizer steps"),
+    ("batch", int, "examples per step"),
+    ("lr", float, "peak learning rate, cosine decay"),
+    ("rank", int, "LoRA rank; sets alpha = rank too"),
+    ("w_min", float, "smallest teacher guidance scale, the pipeline's guidance_scale"),
+    ("w_max", float, "largest teacher guidance scale"),
+    ("num_ddim_timesteps", int, "DDIM solver grid over the 1000 training timesteps; skip = 1000 / N"),
+    ("images", int, "training creatives, encoded once"),
+    ("seed", int, "images, batch draws"),
+    ("checkpoint_every", int, "steps between checkpoints"),
+)
+
+
+def _flag_name(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
 def _lcm_arguments(p: argparse.ArgumentParser) -> None:
     from cg4ctr_fast.training.lcm import LcmDistillConfig
 
     d = LcmDistillConfig()
+    p.add_argument("--config", default=None, help="TOML file of LcmDistillConfig's keys (training/lcm.toml); the "
+                   "flags below override its keys (default: none, LcmDistillConfig's defaults)")
     p.add_argument("--model", required=True, help="generator folder (diffusers layout, 9-channel inpainting UNet; "
                    "the toy set's generator/): the frozen teacher, and the UNet the LoRA adapts")
     p.add_argument("--out", required=True, help="LoRA folder to write (pytorch_lora_weights.safetensors, "
                    "lcm_config.json, metrics.json)")
     p.add_argument("--data", default=None, help="synthetic-world folder whose products and captions make the "
                    "inpainting examples (default: world/ beside --model, as in a toy set)")
-    p.add_argument("--steps", type=int, default=d.steps, help=f"optimizer steps (default {d.steps})")
-    p.add_argument("--batch", type=int, default=d.batch, help=f"examples per step (default {d.batch})")
-    p.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate, cosine decay (default {d.lr})")
-    p.add_argument("--rank", type=int, default=d.rank, help=f"LoRA rank; alpha = rank (default {d.rank})")
-    p.add_argument("--w-min", type=float, default=d.w_min,
-                   help=f"smallest teacher guidance scale, the pipeline's guidance_scale (default {d.w_min})")
-    p.add_argument("--w-max", type=float, default=d.w_max, help=f"largest teacher guidance scale (default {d.w_max})")
-    p.add_argument("--num-ddim-timesteps", type=int, default=d.num_ddim_timesteps,
-                   help=f"DDIM solver grid over the 1000 training timesteps; skip = 1000 / N "
-                        f"(default {d.num_ddim_timesteps}: skip 20)")
-    p.add_argument("--images", type=int, default=d.images, help=f"training creatives, encoded once (default {d.images})")
-    p.add_argument("--seed", type=int, default=d.seed, help="images, batch draws (default 0)")
-    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
-                   help=f"steps between checkpoints (default {d.checkpoint_every})")
+    for field, kind, text in _LCM_FLAGS:
+        p.add_argument(_flag_name(field), type=kind, default=None,
+                       help=f"{text} (default {getattr(d, field)}, or the --config file's)")
     p.add_argument("--save-dtype", choices=("float32", "float16"), default="float32",
                    help="storage dtype of the LoRA weights (default float32; loading casts to the UNet's)")
     p.add_argument("--threads", type=int, default=1, help="torch threads while training (default 1)")
@@ -228,19 +241,31 @@ def _lcm_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars or summary line")
 
 
+def _lcm_config(args: argparse.Namespace):
+    """The LcmDistillConfig of a `cg4ctr-train lcm` command line: the --config file's (else the defaults), with
+    the flags the user passed on top; --rank sets alpha = rank, as without a file. Raises InputError (one line)."""
+    import dataclasses
+
+    from cg4ctr_fast.training.lcm import LcmDistillConfig, load_lcm_config
+
+    base = load_lcm_config(args.config) if args.config is not None else LcmDistillConfig()
+    given = {field: getattr(args, field) for field, _kind, _text in _LCM_FLAGS if getattr(args, field) is not None}
+    if "rank" in given:
+        given["alpha"] = float(given["rank"])
+    return dataclasses.replace(base, **given)
+
+
 def _run_lcm(args: argparse.Namespace) -> int:
     import shlex
 
     import torch
 
     from cg4ctr_fast.models.diffusion import load_modules
-    from cg4ctr_fast.training.lcm import LcmDistillConfig, distill_lcm_lora, half_lora_file, world_creatives
+    from cg4ctr_fast.training.lcm import distill_lcm_lora, half_lora_file, world_creatives
 
     _positive("--threads", args.threads)
-    config = LcmDistillConfig(steps=args.steps, batch=args.batch, lr=args.lr, rank=args.rank, alpha=float(args.rank),
-                              w_min=args.w_min, w_max=args.w_max, num_ddim_timesteps=args.num_ddim_timesteps,
-                              images=args.images, seed=args.seed, checkpoint_every=args.checkpoint_every)
     out = check_out_dir(args.out, overwrite=args.overwrite)
+    config = _lcm_config(args)
     if not Path(args.model).is_dir():
         raise InputError(f"--model {args.model}: folder not found")
     world = Path(args.data) if args.data else Path(args.model).parent / "world"
@@ -250,19 +275,16 @@ def _run_lcm(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     modules = load_modules(args.model)
     creatives = world_creatives(world, config.images, config.seed)
-    argv = ["cg4ctr-train", "lcm", "--model", args.model, "--out", args.out]
+    # The command as given: the file and the flags that were passed (lcm_config.json records the full config).
+    argv = ["cg4ctr-train", "lcm"]
+    if args.config is not None:
+        argv += ["--config", args.config]
+    argv += ["--model", args.model, "--out", args.out]
     if args.data:
         argv += ["--data", args.data]
-    for flag, value, default in (("--steps", args.steps, LcmDistillConfig.steps),
-                                 ("--batch", args.batch, LcmDistillConfig.batch),
-                                 ("--lr", args.lr, LcmDistillConfig.lr), ("--rank", args.rank, LcmDistillConfig.rank),
-                                 ("--w-min", args.w_min, LcmDistillConfig.w_min),
-                                 ("--w-max", args.w_max, LcmDistillConfig.w_max),
-                                 ("--num-ddim-timesteps", args.num_ddim_timesteps, LcmDistillConfig.num_ddim_timesteps),
-                                 ("--images", args.images, LcmDistillConfig.images),
-                                 ("--seed", args.seed, LcmDistillConfig.seed)):
-        if value != default:
-            argv += [flag, str(value)]
+    for field, _kind, _text in _LCM_FLAGS:
+        if getattr(args, field) is not None:
+            argv += [_flag_name(field), str(getattr(args, field))]
     if args.save_dtype != "float32":
         argv += ["--save-dtype", args.save_dtype]
     command = shlex.join(argv)
@@ -307,9 +329,10 @@ def _toy_arguments(p: argparse.ArgumentParser) -> None:
     from cg4ctr_fast.training.toy import TOY_CONFIGS
 
     p.add_argument("--out", required=True, help="set folder to write (the package ships cg4ctr_fast/assets/toy)")
-    p.add_argument("--config", choices=sorted(TOY_CONFIGS), default="default",
-                   help="ToyConfig: default (the shipped set; ~50 min on 2 CPU cores when nothing is cached) or "
-                        "small (seconds; for tests)")
+    p.add_argument("--config", default="default",
+                   help=f"ToyConfig: a preset ({', '.join(sorted(TOY_CONFIGS))}: default is the shipped set, ~50 min "
+                        "on 2 CPU cores when nothing is cached; small takes seconds, for tests) or a TOML file "
+                        "(training/toy.toml, training/toy-small.toml: the presets as recipes)")
     p.add_argument("--cache", default=None, help="where the models are trained (and reused when already trained "
                    "with this config) before the set is written (default: the cache folder, CG4CTR_CACHE or "
                    "~/.cache/cg4ctr_fast)")
@@ -318,13 +341,14 @@ def _toy_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _run_toy(args: argparse.Namespace) -> int:
-    from cg4ctr_fast.training.toy import TOY_CONFIGS, build_toy_models
+    from cg4ctr_fast.training.toy import build_toy_models, resolve_toy_config
     from cg4ctr_fast.training.toy_set import export_toy_set
 
     out = check_out_dir(args.out, overwrite=args.overwrite)
-    config = TOY_CONFIGS[args.config]
+    config = resolve_toy_config(args.config)
     say = (lambda _m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
     models = build_toy_models(config, cache=Path(args.cache) if args.cache else None, progress=not args.quiet, log=say)
+    # As given: a preset name or the file's path (manifest.json records the ToyConfig itself beside it).
     command = f"cg4ctr-train toy --out {args.out} --config {args.config}"
     export_toy_set(models.root, out, config, command=command, log=say)
     return 0
@@ -337,7 +361,7 @@ def _run_toy(args: argparse.Namespace) -> int:
 
 def _cycle_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="TOML file: [run] [models] [generate] [lora] [prompt] [eval] "
-                   "[guard] [refresh] [style] (configs/cycle.toml)")
+                   "[guard] [refresh] [style] (training/cycle.toml; a file with [ablation] is for `ablate`)")
     p.add_argument("--out", required=True, help="run folder: config, one atomic checkpoint per cycle, metrics.json/png")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last finished cycle")
     p.add_argument("--quiet", action="store_true", help="no progress bars, per-cycle or summary lines")
@@ -361,31 +385,41 @@ def _run_cycle(args: argparse.Namespace) -> int:
 
 
 def _ablate_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", required=True, help="TOML file as for `cycle`; [run] update_* are set per arm")
-    p.add_argument("--seeds", type=int, default=3, help="seeds run.seed … run.seed+N−1 (default 3)")
+    p.add_argument("--config", required=True, help="TOML file as for `cycle`, plus an optional [ablation] table "
+                   "of seeds, jobs and arms that the flags below override (training/ablation.toml); [run] "
+                   "update_* are set per arm")
+    p.add_argument("--seeds", type=int, default=None,
+                   help="seeds run.seed … run.seed+N−1 (default: the file's ablation.seeds, else 3)")
     p.add_argument("--out", required=True, help="folder: one run per seed and arm, results.json, results.md, lift_per_cycle.png (and style_share.png with style arms); rerun to resume")
-    p.add_argument("--jobs", type=int, default=1, help="seeds run at once, in separate processes (default 1)")
-    p.add_argument("--arms", default=None, help="comma-separated arms to run (default: all; the original, "
-                   "random-prompt and global-prompt arms always run), e.g. full,full_refresh,full_judge")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="seeds run at once, in separate processes (default: the file's ablation.jobs, else 1)")
+    p.add_argument("--arms", default=None, help="comma-separated arms to run (default: the file's ablation.arms, "
+                   "else all; the original, random-prompt and global-prompt arms always run), e.g. "
+                   "full,full_refresh,full_judge")
     p.add_argument("--quiet", action="store_true", help="no progress bars, per-cycle or summary lines")
 
 
 def _run_ablate(args: argparse.Namespace) -> int:
-    from cg4ctr_fast.training.ablate import run_ablation
+    from cg4ctr_fast.training.ablate import ARMS, STATIC_ARMS, run_ablation
     from cg4ctr_fast.training.cycle import main_log
-    from cg4ctr_fast.training.cycle_config import load_cycle_config
+    from cg4ctr_fast.training.cycle_config import load_ablation_config
 
     check_run_dir(args.out)
-    config = load_cycle_config(args.config)
-    command = f"cg4ctr-train ablate --config {args.config} --seeds {args.seeds} --out {args.out}"
-    if args.jobs > 1:
-        command += f" --jobs {args.jobs}"
-    arms = None
+    config, ablation = load_ablation_config(args.config)
+    # A flag the user passed wins over the file's [ablation] key (the flags default to None for that reason).
+    seeds = ablation.seeds if args.seeds is None else args.seeds
+    jobs = ablation.jobs if args.jobs is None else args.jobs
+    arms = None if ablation.arms is None else list(ablation.arms)
     if args.arms is not None:
         arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    # The command with the values in effect, so results.md says what ran even if the file changes later.
+    command = f"cg4ctr-train ablate --config {args.config} --seeds {seeds} --out {args.out}"
+    if jobs > 1:
+        command += f" --jobs {jobs}"
+    if arms is not None and set(arms) | set(STATIC_ARMS) != set(ARMS):
         command += f" --arms {','.join(arms)}"
-    results = run_ablation(config, args.seeds, Path(args.out), progress=not args.quiet, log=main_log(args.quiet),
-                           jobs=args.jobs, command=command, arms=arms)
+    results = run_ablation(config, seeds, Path(args.out), progress=not args.quiet, log=main_log(args.quiet),
+                           jobs=jobs, command=command, arms=arms)
     for key, label in (("full_last_over_cycle0", "full loop, last cycle over cycle 0"),
                        ("full_over_global_prompt", "full over global prompt")):
         if key in results["comparisons"]:

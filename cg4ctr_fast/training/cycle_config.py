@@ -10,21 +10,22 @@
     [refresh]   fresh logs between cycles: the world logs the served creatives, the reward model is retrained
     [style]     K style LoRAs the prompt model chooses from per (product, group) (training/style.py)
 
-Every key is checked: an unknown section or key, or a value of the wrong type, fails with one line naming it.
+Every key is checked: an unknown section or key, or a value of the wrong type, fails with one line naming it
+(training/recipes.py). `cg4ctr-train ablate` also reads an [ablation] table (seeds, jobs, arms:
+`load_ablation_config`); `load_cycle_config` refuses it. The recipes: training/cycle.toml, training/ablation.toml.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from cg4ctr_fast.errors import InputError
 from cg4ctr_fast.training.lora import LoraTrainConfig
+from cg4ctr_fast.training.recipes import build, read_toml
 
 
 @dataclass(frozen=True)
@@ -230,65 +231,53 @@ def changed_keys(before: dict[str, Any], config: CycleConfig) -> list[str]:
     return [f"{s}.{k}" for s in now for k in now[s] if before.get(s, defaults[s]).get(k) != now[s][k]]
 
 
-def _convert(value: Any, hint: Any, where: str) -> Any:
-    origin = typing.get_origin(hint)
-    if dataclasses.is_dataclass(hint):
-        if not isinstance(value, dict):
-            raise InputError(f"config: [{where}] must be a table, got {type(value).__name__}")
-        return from_mapping(hint, value, where)
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise InputError(f"config: {where} must be a list, got {value!r}")
-        (item_hint, _ellipsis) = typing.get_args(hint)
-        return tuple(_convert(v, item_hint, f"{where}[{k}]") for k, v in enumerate(value))
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise InputError(f"config: {where} must be true or false, got {value!r}")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise InputError(f"config: {where} must be an integer, got {value!r}")
-        return value
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise InputError(f"config: {where} must be a number, got {value!r}")
-        if not math.isfinite(value):  # TOML has inf and nan literals; no key here means either
-            raise InputError(f"config: {where} must be a finite number, got {value!r}")
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            raise InputError(f"config: {where} must be a string, got {value!r}")
-        return value
-    raise TypeError(f"unsupported config type {hint!r} at {where}")
+@dataclass(frozen=True)
+class AblationSection:
+    """`cg4ctr-train ablate`'s own settings, the [ablation] table of its config (training/ablation.toml); the
+    flags --seeds, --jobs and --arms override them. `cg4ctr-train cycle` refuses a file with this table."""
+
+    seeds: int = 3  # seeds run.seed … run.seed + seeds − 1
+    jobs: int = 1  # seeds run at once, in separate processes
+    # The arms to run (training.ablate.ARMS names; the static arms always run); None (the key left out) = all.
+    arms: typing.Optional[tuple[str, ...]] = None
+
+    def __post_init__(self) -> None:
+        if self.seeds < 1:
+            raise InputError(f"ablation.seeds must be ≥ 1, got {self.seeds}")
+        if self.jobs < 1:
+            raise InputError(f"ablation.jobs must be ≥ 1, got {self.jobs}")
+        if self.arms is not None:
+            from cg4ctr_fast.training.ablate import ARMS
+
+            if not self.arms:
+                raise InputError("ablation.arms must name at least one arm (leave the key out for all)")
+            unknown = sorted(set(self.arms) - set(ARMS))
+            if unknown:
+                raise InputError(f"ablation.arms: unknown arm {unknown[0]!r} (known: {', '.join(ARMS)})")
 
 
-def from_mapping(cls, data: dict[str, Any], where: str = ""):
-    """Build dataclass `cls` from a (TOML) mapping; unknown keys and wrong types fail with one line."""
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(data) - set(names))
-    if unknown:
-        place = f"[{where}]" if where else "the top level"
-        raise InputError(f"config: unknown key {unknown[0]!r} in {place} (known: {', '.join(names)})")
-    kwargs = {name: _convert(data[name], hints[name], f"{where}.{name}" if where else name)
-              for name in names if name in data}
-    return cls(**kwargs)
+ABLATION = "ablation"
 
 
 def load_cycle_config(path: str | os.PathLike) -> CycleConfig:
-    import tomllib
+    """The cycle config in the TOML file at `path`. Raises InputError (one line, naming the file) for a missing
+    file, invalid TOML, an unknown section or key, a wrong type, a value out of range, or an [ablation] table:
+    that one belongs to `cg4ctr-train ablate`, and a single run silently dropping it would hide which seeds and
+    arms the file asks for."""
+    file, data = read_toml(path)
+    if ABLATION in data:
+        raise InputError(f"{file}: [{ABLATION}] is read by `cg4ctr-train ablate` only; a single cycle run takes "
+                         "a config without it (training/cycle.toml)")
+    return build(CycleConfig, data, file)
 
-    file = Path(path)
-    if not file.is_file():
-        raise InputError(f"{file}: config file not found")
-    try:
-        data = tomllib.loads(file.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(f"{file}: not valid TOML ({exc})") from None
-    try:
-        return from_mapping(CycleConfig, data)
-    except InputError as exc:
-        raise InputError(f"{file}: {exc}") from None
+
+def load_ablation_config(path: str | os.PathLike) -> tuple[CycleConfig, AblationSection]:
+    """(the cycle config, the [ablation] settings) in the TOML file at `path`; a file without [ablation] gets
+    AblationSection() (3 seeds, 1 job, every arm). Errors as `load_cycle_config`."""
+    file, data = read_toml(path)
+    data = dict(data)
+    ablation = data.pop(ABLATION, {})
+    return build(CycleConfig, data, file), build(AblationSection, ablation, file, where=ABLATION)
 
 
 def to_toml(config: CycleConfig) -> str:

@@ -36,6 +36,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, fields
@@ -106,6 +107,15 @@ class LcmDistillConfig:
     def from_dict(cls, data: dict) -> "LcmDistillConfig":
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def load_lcm_config(path: str | os.PathLike) -> LcmDistillConfig:
+    """The LcmDistillConfig in the TOML file at `path` (its fields as top-level keys; one left out keeps its
+    default): the repository's training/lcm.toml. Raises InputError (one line, naming the file) for a missing
+    file, invalid TOML, an unknown key, a wrong type or a value out of range."""
+    from cg4ctr_fast.training.recipes import load_recipe
+
+    return load_recipe(LcmDistillConfig, path)
 
 
 def _flag(name: str) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -20,6 +21,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 import torch
 
+from cg4ctr_fast.errors import InputError
 from cg4ctr_fast.training.base import BaseTrainConfig, CreativeSet
 from cg4ctr_fast.training.saliency import SaliencyTrainConfig
 
@@ -46,14 +48,25 @@ class ToyConfig:
     steering_images: int = 4
     steering_steps: int = 20
 
+    def __post_init__(self) -> None:
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise InputError(f"seed must be an integer ≥ 0, got {self.seed!r}")
+        for name in ("products", "creatives_per_product", "days", "saliency_images", "reward_epochs",
+                     "prompt_epochs", "prompt_top_k", "eval_items", "steering_images", "steering_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InputError(f"{name} must be a positive integer, got {value!r}")
+
     def key(self) -> str:
         text = json.dumps(asdict(self), sort_keys=True)
         return hashlib.sha256(f"{TOY_VERSION}|{text}".encode()).hexdigest()[:10]
 
 
-# `cg4ctr-train toy --config NAME`: the default builds the shipped set (~50 min on 2 CPU cores); small runs the
-# same path in ~16 s on one core (tests/test_toy_set.py): tests/test_demo.py's SMALL with fewer training steps
-# (saliency 30 → 4 steps, VAE 10 → 3, UNet 20 → 4; SMALL's build takes ~40 s, 20 of them in the saliency net).
+# `cg4ctr-train toy --config NAME`: the presets, the source of truth. The repository's training/toy.toml and
+# training/toy-small.toml write them out as recipes (tests/test_training_recipes.py keeps each equal to its
+# preset). The default builds the shipped set (~50 min on 2 CPU cores); small runs the same path in ~16 s on
+# one core (tests/test_toy_set.py): tests/test_demo.py's SMALL with fewer training steps (saliency 30 → 4
+# steps, VAE 10 → 3, UNet 20 → 4; SMALL's build takes ~40 s, 20 of them in the saliency net).
 TOY_CONFIGS = {
     "default": ToyConfig(),
     "small": ToyConfig(
@@ -63,6 +76,27 @@ TOY_CONFIGS = {
         reward_epochs=1, prompt_epochs=5, eval_items=1, steering_images=2, steering_steps=2,
     ),
 }
+
+
+def load_toy_config(path: str | os.PathLike) -> ToyConfig:
+    """The ToyConfig in the TOML file at `path`: ToyConfig's keys at the top level, [generator]
+    (BaseTrainConfig) and [saliency] (SaliencyTrainConfig) as tables; a key left out keeps its default.
+    Raises InputError (one line, naming the file) for a missing file, invalid TOML, an unknown key, a wrong
+    type or a value out of range."""
+    from cg4ctr_fast.training.recipes import load_recipe
+
+    return load_recipe(ToyConfig, path)
+
+
+def resolve_toy_config(name_or_path: str) -> ToyConfig:
+    """`cg4ctr-train toy --config`: a preset name of TOY_CONFIGS, else a TOML file (`load_toy_config`).
+    Raises InputError (one line) when it is neither."""
+    if name_or_path in TOY_CONFIGS:
+        return TOY_CONFIGS[name_or_path]
+    if not Path(name_or_path).is_file():
+        raise InputError(f"--config {name_or_path}: neither a preset ({', '.join(sorted(TOY_CONFIGS))}) nor a TOML "
+                         "file (e.g. training/toy.toml)")
+    return load_toy_config(name_or_path)
 
 
 # Held-out creatives on which the VAE's reconstruction is measured: VAE_EVAL_IMAGES of the first VAE_EVAL_PRODUCTS
