@@ -51,7 +51,7 @@ step fewstep 300 python3 bench/gpu/fewstep.py --device cuda --dtype fp16 --group
 #    goes over 2 GB and takes the external-data path. ONNX Runtime validates every component against torch at
 #    batch 1 and 2, on the providers validation_providers() picks from those printed first.
 step sd15_onnx 420 bash -c 'python3 -c "import onnxruntime as o; print(\"onnxruntime\", o.__version__, o.get_available_providers())" \
-  && python3 -m cg4ctr_fast.cli.export onnx --preset sd15-inpaint --random-weights --batch 1:1:2 --out /tmp/sd15-onnx \
+  && python3 -m cg4ctr_fast.cli.export onnx --recipe export/sd15-inpaint-cpu.toml --random-weights --out /tmp/sd15-onnx \
   && cp /tmp/sd15-onnx/validation.json "$0/sd15_onnx_validation.json" && cp /tmp/sd15-onnx/manifest.json "$0/sd15_onnx_manifest.json" \
   && du -sh /tmp/sd15-onnx/*/' "$OUT"
 

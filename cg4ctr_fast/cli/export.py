@@ -3,6 +3,7 @@
     cg4ctr-export onnx --preset tiny --out engines/tiny [--lora FILE --lora-scale 0.8 ...] [--saliency u2netp.pth]
                        [--reward models/reward] [--dtype fp32|fp16] [--batch 1:1:8] [--height 64:64:128]
                        [--width 64] [--opset 17] [--unet-channels 9] [--overwrite]
+    cg4ctr-export onnx --recipe export/sd15-inpaint-h100.toml --model DIR --out engines/sd15 [--dtype fp32 ...]
     cg4ctr-export engine --engines engines/tiny --out engines/tiny-trt [--refittable] [--timing-cache FILE]
     cg4ctr-export refit --engines engines/tiny-trt --lora FILE [--lora-scale S]
     cg4ctr-export verify --engines engines/tiny [--model DIR] [--lora FILE ...] [--saliency FILE] [--reward DIR]
@@ -16,6 +17,11 @@ Several LoRAs: repeat --lora (and --lora-scale, paired by position; none = all 1
 style LoRA: `--lora lcm.safetensors --lora style.safetensors --lora-scale 1.0 --lora-scale 0.8`. They are fused
 together through diffusers' set_adapters + fuse_lora (cg4ctr_fast.export.lora.fuse_loras). `refit` swaps in one.
 
+Recipes (`--recipe FILE`, cg4ctr_fast.export.recipe): a TOML file of one target's settings under the flags' own
+names (export/*.toml in the repository). A flag given on the command line overrides its key: which flags were
+given is read from the command line itself (`given_options`), so `--dtype fp32` overrides a recipe's fp16 even
+though fp32 is the flag's default. The manifest records the recipe (path, sha256, keys, overridden keys).
+
 Exit codes: 0 done; 1 a component out of tolerance, or an internal error (one line naming the file with the
 traceback; --debug prints it); 2 bad input: arguments, a missing/modified/truncated file, a source that is not
 the one exported (one line on stderr, nothing written); 130 interrupted (nothing written: every folder is built
@@ -25,9 +31,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
-from cg4ctr_fast.cli.common import EXIT_INTERNAL, OneLineParser, make_parser, run_cli
+from cg4ctr_fast.cli.common import EXIT_INTERNAL, OneLineParser, complete_parser, make_parser, run_cli
 from cg4ctr_fast.cli.main import MAX_CREATIVES
 from cg4ctr_fast.fileio import check_out_dir
 from cg4ctr_fast.errors import InputError
@@ -77,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     onnx.add_argument("--components", default=None,
                       help="comma list (default: text_encoder,unet,vae_encoder,vae_decoder[,saliency]"
                            "[,reward_image,reward_head])")
+    onnx.add_argument("--recipe", metavar="FILE", default=None,
+                      help="TOML file of a target's settings (export/*.toml: preset, dtype, batch, height, width, "
+                           "opset, components, ...); a flag given here overrides its key")
 
     engine = sub.add_parser("engine", help="TensorRT engines from an ONNX folder (needs an NVIDIA GPU)")
     _engines_flag(engine, "ONNX engine folder to build from (written by `cg4ctr-export onnx`)", "--onnx")
@@ -102,6 +111,74 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("env", help="library versions and the GPU")
     return parser
+
+
+def onnx_actions() -> dict[str, argparse.Action]:
+    """The `onnx` command's options by dest (e.g. "dtype"): their types, choices and flags, which recipes reuse."""
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return {a.dest: a for a in sub.choices["onnx"]._actions if a.option_strings}
+
+
+def given_options(argv: Sequence[str]) -> frozenset[str]:
+    """The dests of the options `argv` gives explicitly, whatever their value (argparse fills in the rest).
+
+    Parsed again with every default suppressed, so an absent option leaves no attribute: `--dtype fp32` is
+    given even though fp32 is the default. Call it on an argv that already parsed (it cannot fail then).
+    """
+    parser = complete_parser(build_parser())
+    stack = [parser]
+    while stack:
+        current = stack.pop()
+        for action in current._actions:
+            action.default = argparse.SUPPRESS
+            if isinstance(action, argparse._SubParsersAction):
+                stack.extend(action.choices.values())
+    return frozenset(vars(parser.parse_args(list(argv))))
+
+
+def check_batch(text: str) -> tuple[int, int, int]:
+    """--batch MIN:OPT:MAX (or one number) → three ints, MAX at most MAX_CREATIVES; InputError (one line)."""
+    from cg4ctr_fast.export.contracts import parse_batch
+
+    batch = parse_batch(text)
+    if batch[2] > MAX_CREATIVES:
+        # One call's creatives share one denoising batch; `cg4ctr generate` makes at most this many per command.
+        raise InputError(f"--batch max must be at most {MAX_CREATIVES} creatives per call (the most one "
+                         f"`cg4ctr generate` makes), got {batch[2]}")
+    return batch
+
+
+def check_preset(name: str) -> str:
+    """--preset: a built-in preset, or toy (the demo's trained tiny stack); InputError (one line) otherwise."""
+    from cg4ctr_fast.config import get_preset
+
+    if name != "toy":
+        get_preset(name)
+    return name
+
+
+def apply_recipe(args, given: frozenset[str]) -> dict[str, Any]:
+    """Fill `args` from the --recipe file: each key the command line did not give (`given`); returns the
+    manifest's "recipe" section (path, sha256, keys, overridden). InputError (one line) for a bad recipe, and
+    for --saliency / --reward with recipe components that leave them out (they would be dropped silently)."""
+    from cg4ctr_fast.export.contracts import REWARD_COMPONENTS
+    from cg4ctr_fast.export.manifest import recipe_record
+    from cg4ctr_fast.export.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe)
+    for key, value in recipe.flag_values().items():
+        if key not in given:
+            setattr(args, key, value)
+    if recipe.components is not None and "components" not in given:
+        for flag, value, names in (("--saliency", args.saliency, ("saliency",)),
+                                   ("--reward", args.reward, REWARD_COMPONENTS)):
+            if value and not set(names) & set(recipe.components):
+                wanted = ",".join((*recipe.components, *names))
+                raise InputError(f"{args.recipe}: key 'components' leaves out {', '.join(names)}, but {flag} was "
+                                 f"given: pass --components {wanted} (or drop {flag})")
+    overridden = [key for key in recipe.settings() if key in given]
+    return recipe_record(str(args.recipe), recipe.sha256, recipe.settings(), overridden)
 
 
 def engines_arg(args) -> str:
@@ -153,15 +230,16 @@ def _toy_request(args) -> None:
 
 
 def cmd_onnx(args) -> int:
-    from cg4ctr_fast.export.contracts import parse_batch, parse_components, parse_side
+    from cg4ctr_fast.export.contracts import parse_components, parse_side
     from cg4ctr_fast.export.onnx_export import ExportRequest, export_onnx
 
+    recipe = None
+    if getattr(args, "recipe", None) is not None:
+        # main() records which flags the command line gave; without that record every recipe key applies.
+        recipe = apply_recipe(args, getattr(args, "given_options", frozenset()))
     loras = lora_args(args)
-    batch = parse_batch(args.batch)
-    if batch[2] > MAX_CREATIVES:
-        # One call's creatives share one denoising batch; `cg4ctr generate` makes at most this many per command.
-        raise InputError(f"--batch max must be at most {MAX_CREATIVES} creatives per call (the most one "
-                         f"`cg4ctr generate` makes), got {batch[2]}")
+    batch = check_batch(args.batch)
+    check_preset(args.preset)
     # "" is a list of no components, not the default set (None: the flag was not given).
     components = parse_components(args.components) if args.components is not None else None
     if args.preset == "toy":
@@ -186,6 +264,7 @@ def cmd_onnx(args) -> int:
         components=components,
         reward=args.reward,
         overwrite=args.overwrite,
+        recipe=recipe,
     )
     export_onnx(request)
     return 0
@@ -241,7 +320,11 @@ COMMANDS = {"onnx": cmd_onnx, "engine": cmd_engine, "refit": cmd_refit, "verify"
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from cg4ctr_fast.export.validate import ValidationFailed
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+
     def dispatch(args) -> int:
+        if args.command == "onnx" and args.recipe is not None:
+            args.given_options = given_options(argv)  # recipe keys yield to these flags only
         # TensorRTUnavailable is an InputError: run_cli prints it as `cg4ctr-export: error: ...`, exit 2.
         return COMMANDS[args.command](args)
 

@@ -15,6 +15,11 @@ so an SD1.5 fp32 folder (≈4.3 GB of graphs) would add ≈3.6 s to every load. 
 LOAD_HASH_BYTES (all tokenizer, scheduler, config and reward files; every graph of the tiny stack) and checks
 larger ones by size; `cg4ctr-export verify` hashes every file.
 
+Settings come from flags or from a recipe file (`cg4ctr-export onnx --recipe FILE`): "settings" holds the
+values in effect either way, and "recipe" (`recipe_record`) the file behind them. It is optional: a folder
+exported without --recipe has null, one exported before recipes existed has none, and readers treat both
+alike, so adding it did not change FORMAT_VERSION.
+
 Provenance is content, not paths: the source model folder's content hash (`folder_sha256`), the LoRA's file
 hash and scale (`lora`: one record, or for several LoRAs fused together a combined record whose `loras` lists
 each; see export.lora.manifest_lora), the saliency and reward weights' sha256. Paths are kept as hints only (made absolute), so a
@@ -93,6 +98,21 @@ def runtime_file_records(root: Path, components: Iterable[str]) -> list[dict[str
             continue
         records.append(file_record(root, relative))
     return records
+
+
+def recipe_record(path: str, sha256: str, keys: Mapping[str, Any], overridden: Iterable[str]) -> dict[str, Any]:
+    """The manifest's "recipe" section for an export run with `--recipe FILE`.
+
+    {"path": the file as given on the command line (a hint, relative to where the command ran), "sha256": of the
+    file's bytes (hex), "keys": the settings it holds (the TOML keys and values, components as a list),
+    "overridden": the keys a command-line flag replaced, in recipe order (the values used are "settings")}.
+    """
+    keys = dict(keys)
+    overridden = list(overridden)
+    unknown = [key for key in overridden if key not in keys]
+    if unknown:  # a flag can only override a key the recipe sets
+        raise ValueError(f"overridden keys {unknown} are not in the recipe's keys {list(keys)}")
+    return {"path": str(path), "sha256": sha256, "keys": keys, "overridden": overridden}
 
 
 def library_versions(names: Iterable[str] = LIBRARIES) -> dict[str, Optional[str]]:

@@ -86,6 +86,7 @@ class ExportRequest:
     components: Optional[tuple[str, ...]] = None
     reward: Optional[str] = None  # a RewardModel folder: exports reward_image and reward_head
     overwrite: bool = False  # replace a non-empty `out` (atomically, once everything is validated)
+    recipe: Optional[dict[str, Any]] = None  # the manifest's "recipe" section (manifest.recipe_record), if any
 
 
 def _log(message: str) -> None:
@@ -307,6 +308,7 @@ def export_onnx(req: ExportRequest, *, log: Callable[[str], None] = _log) -> dic
                 "width": list(widths),
                 "opset": settings.opset,
             },
+            "recipe": req.recipe,  # `--recipe FILE`: path, sha256, keys, overridden; null without one
             "stack": asdict(stack),
             "model_info": asdict(info),
             "components": entries,
