@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 TORCH_PIN := torch==2.13.0
 EXTRAS := onnx,triton,train,serve,ray,dev
 
-.PHONY: setup demo test test-fast clean
+.PHONY: setup demo test test-fast clean native
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,12 @@ $(VENV)/.setup-done: $(BIN)/python pyproject.toml constraints.txt
 	touch $@
 
 setup: $(VENV)/.setup-done
+
+# The C++ step/composite ops (and CUDA ones with a CUDA torch + toolkit): cmake + ninja from the [native]
+# extra, then a CMake build installed at cg4ctr_fast/kernels/_lib/ (see `cg4ctr-native info`).
+native: setup
+	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[native]'
+	$(BIN)/cg4ctr-native build
 
 demo: setup
 	$(BIN)/cg4ctr demo --out out/demo --overwrite

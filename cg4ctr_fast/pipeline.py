@@ -217,7 +217,10 @@ class CreativePipeline:
         # Fused denoising step (guidance + scheduler update + blend in one pass): None = on CUDA when the
         # scheduler has a fused path; True/False force it (CPU: the fused math runs as its torch reference).
         self.fuse_step: Optional[bool] = None
-        self.step_backend = "auto"  # "triton" on CUDA tensors when triton imports, else "torch"
+        # "auto": "triton" on CUDA tensors when triton imports, else "torch"; "triton", "torch", or "native"
+        # (the C++/CUDA ops built by `make native`; also fuses the step on CPU when fuse_step is None, and a
+        # missing library fails the first call in one line naming `make native`).
+        self.step_backend = "auto"
         # Attach a cg4ctr_fast.runtime.timing.StageTimer to record seconds per stage (benchmarks).
         self.timer = None
 
@@ -1037,7 +1040,7 @@ class CreativePipeline:
         """The per-step work outside the UNet: fused when asked (or on CUDA), else diffusers' literal sequence."""
         fuse = self.fuse_step
         if fuse is None:
-            fuse = device.type == "cuda" and supports_fused(scheduler, eta)
+            fuse = (device.type == "cuda" or self.step_backend == "native") and supports_fused(scheduler, eta)
         if fuse:
             reason = fused_unsupported_reason(scheduler, eta)
             if reason is not None:

@@ -4,8 +4,10 @@
 * :mod:`.ddim_step`, :mod:`.euler_step`, :mod:`.dpm_solver_step`, :mod:`.lcm_step`, :mod:`.tcd_step`:
   one Triton kernel per scheduler family (CFG combine + update + inpainting blend in one pass) with a launcher and a torch ``_ref``.
 * :mod:`.reference`: the torch references alone (no triton).
+* :mod:`.native`: loader and build driver of the C++/CUDA ops (``backend="native"``; ``make native`` builds them).
 
-Importing this package (or :mod:`.step`) imports neither triton nor diffusers; names below load lazily.
+Importing this package (or :mod:`.step`) imports neither triton nor diffusers and loads no native library;
+names below load lazily.
 """
 from __future__ import annotations
 
@@ -26,6 +28,8 @@ _LAZY = {
     "dpm_solver_step_ref": ".reference",
     "lcm_step_ref": ".reference",
     "tcd_step_ref": ".reference",
+    "NativeUnavailableError": ".native",
+    "native_unavailable_reason": ".native",
 }
 
 __all__ = list(_LAZY)

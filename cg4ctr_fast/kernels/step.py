@@ -5,7 +5,8 @@ Two interchangeable implementations with the call signature ``step(noise_pred, t
 * :func:`unfused_step` / :class:`UnfusedStep`: the literal diffusers ``StableDiffusionInpaintPipeline``
   sequence (chunk, combine, ``scheduler.step(..., return_dict=False)[0]``, ``add_noise`` blend).
 * :class:`FusedStep`: computes the step's scalar coefficients on the host from the scheduler's state,
-  runs one elementwise pass (a Triton kernel, or its plain-torch reference), and advances the
+  runs one elementwise pass (a Triton kernel, the native C++/CUDA op of :mod:`.native`, or the plain-torch
+  reference), and advances the
   scheduler's state exactly as ``scheduler.step`` would (``_step_index``; DPM-Solver's
   ``model_outputs`` / ``lower_order_nums``), so the two can be mixed step by step.
 
@@ -58,7 +59,7 @@ __all__ = [
     "unfused_step",
 ]
 
-BACKENDS = ("auto", "triton", "torch")
+BACKENDS = ("auto", "triton", "torch", "native")
 
 # Exact diffusers classes (a subclass may override step(), so it is not assumed to share its math).
 _FAMILY_BY_CLASS = {
@@ -175,7 +176,8 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     """``"auto"`` -> ``"triton"`` for CUDA tensors when triton imports, else ``"torch"``.
 
     An explicit ``"triton"`` is honoured on any device (on CPU tensors it needs TRITON_INTERPRET=1,
-    set before triton is first imported).
+    set before triton is first imported). ``"native"`` (the C++/CUDA ops of :mod:`.native`, built with
+    ``make native``) is only used when asked for: ``"auto"`` never picks it.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -194,6 +196,12 @@ def _ops(backend: str):
         from .tcd_step import tcd_step
 
         return ddim_step, euler_step, dpm_solver_step, lcm_step, tcd_step
+    if backend == "native":
+        from . import native
+
+        native.load()  # a missing library fails here, in one line naming `make native`
+        return (native.ddim_step_native, native.euler_step_native, native.dpm_solver_step_native,
+                native.lcm_step_native, native.tcd_step_native)
     return (_reference.ddim_step_ref, _reference.euler_step_ref, _reference.dpm_solver_step_ref,
             _reference.lcm_step_ref, _reference.tcd_step_ref)
 
@@ -305,7 +313,9 @@ class FusedStep:
     ``FusedStep(scheduler, guidance_scale, do_cfg, backend, generator=g)`` then, inside the denoising loop,
     ``latents = step(noise_pred, t, latents, blend=None)`` in place of the unfused sequence.
     ``noise_pred`` is the raw UNet output (batch 2B when ``do_cfg``); ``backend`` is "auto"
-    (triton for CUDA tensors when triton imports, else torch), "triton" or "torch".
+    (triton for CUDA tensors when triton imports, else torch), "triton", "torch" or "native" (the ops of
+    :mod:`.native`; raises :class:`~cg4ctr_fast.kernels.native.NativeUnavailableError` at the first step when
+    the library is not built).
     The scheduler's ``set_timesteps`` / ``set_begin_index`` / ``scale_model_input`` are used as
     usual; this object reads the scheduler's state at each call and advances it.
 
