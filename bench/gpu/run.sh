@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Prepared runs on a lent GPU machine (H100/H200). A device call runs at most 10 minutes, so run it in two calls:
-#   STEPS=kernels_selfcheck,kernel_bench,pipeline_bench,fewstep (step limits add up to 760 s) and STEPS=sd15_onnx (420 s). From the repository root:
+#   STEPS=kernels_selfcheck,kernel_bench,pipeline_bench,fewstep (step limits add up to 760 s) and
+#   STEPS=sd15_onnx,native_cuda (420 + 150 s). From the repository root:
 #   bash bench/gpu/run.sh            # writes into $OUT (or /tmp/cg4ctr-gpu) and prints a table last
 #   STEPS=sd15_onnx bash bench/gpu/run.sh   # only some steps (comma list of the step names below)
 # The machine has torch, triton, transformers, onnx but not diffusers: its wheel travels in .whl/
@@ -19,7 +20,7 @@ fi
 [ -f .whl/bpe_simple_vocab_16e6.txt.gz ] && export CG4CTR_CLIP_BPE="$PWD/.whl/bpe_simple_vocab_16e6.txt.gz"
 export CG4CTR_CACHE=/tmp/cg4ctr-cache
 
-STEPS="${STEPS:-kernels_selfcheck,kernel_bench,pipeline_bench,fewstep,sd15_onnx}"
+STEPS="${STEPS:-kernels_selfcheck,kernel_bench,pipeline_bench,fewstep,sd15_onnx,native_cuda}"
 step() {  # step NAME SECONDS CMD...: run with a time limit, keep its output, never stop the script
   local name=$1 limit=$2; shift 2
   case ",$STEPS," in *",$name,"*) ;; *) return 0 ;; esac
@@ -54,6 +55,13 @@ step sd15_onnx 420 bash -c 'python3 -c "import onnxruntime as o; print(\"onnxrun
   && python3 -m cg4ctr_fast.cli.export onnx --recipe export/sd15-inpaint-cpu.toml --random-weights --out /tmp/sd15-onnx \
   && cp /tmp/sd15-onnx/validation.json "$0/sd15_onnx_validation.json" && cp /tmp/sd15-onnx/manifest.json "$0/sd15_onnx_manifest.json" \
   && du -sh /tmp/sd15-onnx/*/' "$OUT"
+# 5. The native ops with their CUDA kernels: build libcg4ctr_ops against this machine's CUDA torch (needs cmake
+#    >= 3.18 and nvcc; cmake/ninja wheels put in .whl/ land in /tmp/site/bin), then each CUDA op vs its Triton
+#    kernel and the torch reference (fp16/fp32, batch 1/8, blend off/on/last; exit 1 on a mismatch), the
+#    composite ops vs imaging, and native vs Triton time per op.
+step native_cuda 150 bash -c 'export PATH="/tmp/site/bin:$PATH"; \
+  python3 -m cg4ctr_fast.kernels.native build --build-dir /tmp/cg4ctr-native-build && python3 -m cg4ctr_fast.kernels.native info \
+  && python3 bench/gpu/native_check.py --device cuda --json "$0/native_check.json"' "$OUT"
 
 echo "=== summary"
 python3 - "$OUT" <<'PY'
