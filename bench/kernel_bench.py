@@ -3,7 +3,8 @@
 
     python bench/kernel_bench.py [--device cpu|cuda] [--dtype fp32|fp16|bf16] [--batch 1,8,16]
                                  [--latent 64] [--steps 20] [--reps N] [--warmup N]
-                                 [--bw-shapes 64x128,64x256] [--json FILE]
+                                 [--variants unfused,fused_torch,fused_compile,fused_native,fused_triton]
+                                 [--bw-shapes 64x128,64x256] [--threads N] [--json FILE]
 
 For each scheduler family (DDIM, Euler, DPM-Solver++ 2M; SD's noise schedule), each batch size B
 (latents B x 4 x L x L, UNet output 2B x 4 x L x L with classifier-free guidance, the 4-channel
@@ -11,22 +12,35 @@ inpainting blend off and on) it times full loops of ``--steps`` steps for
 
 * ``unfused``: diffusers' literal sequence (:class:`cg4ctr_fast.kernels.step.UnfusedStep`),
 * ``fused_torch``: ``FusedStep(..., backend="torch")`` (the plain-torch reference pass),
+* ``fused_compile``: FusedStep's host coefficients with the reference pass wrapped by ``torch.compile``
+  (inductor: C++ on CPU, Triton on CUDA). The step's float scalars go in as one small fp32 tensor, so the
+  graphs compile once per (batch, blend, last step) in the warm-up reps instead of once per step; a compile
+  failure skips the row with the reason,
+* ``fused_native``: the cg4ctr native ops (``kernels/``, built by ``make native``): ``FusedStep(...,
+  backend="native")``, or FusedStep's host coefficients with the ``cg4ctr_fast.kernels.native`` wrappers
+  where that backend is not there; skipped with the reason ("run `make native`") when the library is not
+  built, or on CUDA when it was built without the CUDA kernels,
 * ``fused_triton``: ``FusedStep(..., backend="triton")`` (CUDA only; skipped with the reason on CPU),
 
 each rep on a fresh scheduler (``set_timesteps(steps)``; the set-up is not timed), after warm-up
-reps (triton compiles on its first calls), with the variants' reps interleaved. It reports
+reps (triton and torch.compile compile on their first calls), with the variants' reps interleaved.
+``--variants`` picks a subset (default: all). It reports
 microseconds per step (median, and p90 from 10 reps on: from fewer it would be an interpolation between the
 slowest two, not a tail) and the speedup unfused / fused. A row whose (max − min) / median over reps exceeds
 10 % is flagged noisy (``*`` in the table). ``--threads`` (default: the cores available) sets torch's
 threads; the load average and /proc/stat steal before and after go to the JSON, with a warning line when the
 machine was loaded.
 
-On CUDA it also measures device-to-device copy bandwidth (a 1 GiB ``copy_``, bytes read + written)
-and the Triton kernels' effective bandwidth: the bytes one step must move (read the 2B noise
-prediction and the B latents [+ blend: B x 1 mask, image latents, noise], write the B latents; the
-DPM-Solver++ kernel also writes its data prediction and reads the previous one) over the time of
-the kernel call alone, in a tight eager loop and replayed from a CUDA graph (kernel time without
-the Python launch overhead), at the pipeline sizes and at big memory-bound sizes (``--bw-shapes``).
+It also measures the memory copy bandwidth (a large ``copy_``, bytes read + written: 1 GiB device to
+device on CUDA, 256 MiB in host memory on CPU with the ``--threads`` torch threads) and each fused
+variant's effective bandwidth: the bytes one step must move (read the 2B noise prediction and the B
+latents [+ blend: B x 1 mask, image latents, noise], write the B latents; DPM-Solver++ also writes its
+data prediction and reads the previous one) over the time of the step's elementwise call alone
+(preallocated outputs, no scheduler bookkeeping), in a tight eager loop, and on CUDA also replayed from a
+CUDA graph (kernel time without the Python launch overhead); at the pipeline sizes, and on CUDA at big
+memory-bound sizes too (``--bw-shapes``). Backends there: triton and native on CUDA; native, torch and
+compile on CPU (the same skip reasons as the loops). The loop rows carry the same bytes over their
+whole per-step time (host overhead included) and its share of the copy bandwidth.
 
 Timing: CUDA events on the GPU, ``time.perf_counter`` on CPU. Nothing here asserts on a timing.
 The table is printed last; ``--json FILE`` gets everything (device, versions, git SHA, the command
@@ -62,7 +76,12 @@ SCHEMA = "cg4ctr_fast.kernel_bench/1"
 GUIDANCE = 7.5
 CHANNELS = 4
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-VARIANTS = ("unfused", "fused_torch", "fused_triton")
+VARIANTS = ("unfused", "fused_torch", "fused_compile", "fused_native", "fused_triton")
+# fused variant -> the backend name of its elementwise call in the kernel-bandwidth section
+KERNEL_BACKENDS = {"fused_triton": "triton", "fused_native": "native", "fused_torch": "torch",
+                   "fused_compile": "compile"}
+CUDA_KERNEL_BACKENDS = ("triton", "native")  # the eager torch / compile passes are the CPU comparison
+CPU_KERNEL_BACKENDS = ("native", "torch", "compile")
 # short name -> (project scheduler name, display name)
 FAMILIES = {
     "ddim": ("ddim", "DDIM"),
@@ -70,6 +89,9 @@ FAMILIES = {
     "dpm++2m": ("dpm++", "DPM-Solver++ 2M"),
 }
 COPY_BYTES = 1 << 30
+COPY_BYTES_CPU = 256 << 20  # well past the last-level cache, small enough for a shared host
+COMPILE_RECOMPILE_LIMIT = 64  # graphs per compiled reference: batches x blend x last step, per dtype
+NATIVE_HINT = "run `make native`"
 DEFAULT_BW_SHAPES = "64x128,64x256"
 P90_MIN_REPS = 10  # one rep in 10 lies beyond p90
 NOISY_SPREAD = 0.10  # as cg4ctr_fast.bench: (max - min) / median over reps
@@ -106,6 +128,14 @@ def _batch_list(text: str) -> list[int]:
     return out
 
 
+def _variant_list(text: str) -> list[str]:
+    items = [s.strip() for s in text.split(",") if s.strip()]
+    bad = [s for s in items if s not in VARIANTS]
+    if not items or bad:
+        raise ArgError(f"--variants: {text!r} must be a comma-separated subset of {','.join(VARIANTS)}")
+    return [v for v in VARIANTS if v in items]  # table order
+
+
 def _shape_list(text: str) -> list[tuple[int, int]]:
     if text.strip().lower() in ("", "none"):
         return []
@@ -131,6 +161,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--steps", default="20", help="denoising steps per loop (default 20)")
     ap.add_argument("--reps", default="5", help="timed loops per variant (default 5)")
     ap.add_argument("--warmup", default="2", help="untimed loops per variant first (default 2)")
+    ap.add_argument("--variants", default=",".join(VARIANTS),
+                    help=f"comma-separated loop variants to run (default: all of {','.join(VARIANTS)}); "
+                         "the fused ones also pick the kernel-bandwidth backends")
     ap.add_argument("--bw-shapes", default=DEFAULT_BW_SHAPES,
                     help="CUDA only: extra BxL sizes for the kernel bandwidth figure, or 'none' "
                          f"(default {DEFAULT_BW_SHAPES})")
@@ -150,6 +183,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if args.warmup < 0:
         raise ArgError(f"--warmup: {args.warmup} must be >= 0")
     args.bw_shapes = _shape_list(args.bw_shapes)
+    args.variants = _variant_list(args.variants)
     args.threads = _positive_int("--threads", args.threads) if args.threads is not None else _available_cores()
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -254,11 +288,120 @@ def make_inputs(batch: int, latent: int, dtype: torch.dtype, device: torch.devic
     )
 
 
+# ---------------------------------------------------------------------------------------------
+# The native and torch.compile passes.
+
+_REF_NAMES = {"ddim": "ddim_step_ref", "euler": "euler_step_ref", "dpm": "dpm_solver_step_ref",
+              "lcm": "lcm_step_ref", "tcd": "tcd_step_ref"}
+_NATIVE_NAMES = {"ddim": "ddim_step_native", "euler": "euler_step_native", "dpm": "dpm_solver_step_native",
+                 "lcm": "lcm_step_native", "tcd": "tcd_step_native"}
+
+
+def _native_module():
+    from cg4ctr_fast.kernels import native
+
+    return native
+
+
+def native_backend_in_step() -> bool:
+    """Whether FusedStep itself takes backend="native" (else the bench drives the wrappers)."""
+    from cg4ctr_fast.kernels import step
+
+    return "native" in step.BACKENDS
+
+
+def native_skip_reason(device: torch.device) -> str | None:
+    """None when the native ops can run on ``device``, else why not (with the command that builds them)."""
+    try:
+        native = _native_module()
+    except ImportError as exc:
+        return f"cg4ctr_fast.kernels.native does not import ({_one_line(exc)}): {NATIVE_HINT}"
+    why = native.native_unavailable_reason()  # one line naming `make native`
+    if why is not None:
+        return why
+    if device.type == "cuda" and not torch._C._dispatch_has_kernel_for_dispatch_key("cg4ctr::ddim_step", "CUDA"):
+        return (f"the native library has no CUDA kernels (built without a CUDA toolkit or a CUDA torch): "
+                f"{NATIVE_HINT} on this machine")
+    return None
+
+
+def native_ops() -> dict[str, Callable[..., Any]]:
+    """family -> the native wrapper (the reference's signature)."""
+    native = _native_module()
+    return {family: getattr(native, name) for family, name in _NATIVE_NAMES.items()}
+
+
+def _compiled(ref: Callable[..., Any]) -> Callable[..., Any]:
+    """``ref`` under torch.compile, called with the reference's signature.
+
+    Dynamo specializes on Python floats (a guard per value: a new graph every step), so the numeric
+    keyword arguments travel as one fp32 tensor on the samples' device and come back as 0-d tensors;
+    the references do their math in fp32, so x * coef is the same product as with the Python float.
+    """
+    def body(model_output, sample, coefs, names, rest):
+        kw = dict(rest)
+        for k, name in enumerate(names):
+            kw[name] = coefs[k]
+        return ref(model_output, sample, **kw)
+
+    fn = torch.compile(body, dynamic=False)
+
+    def op(model_output: torch.Tensor, sample: torch.Tensor, **kw: Any) -> Any:
+        names = tuple(k for k, v in kw.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
+        coefs = torch.tensor([float(kw[n]) for n in names], dtype=torch.float32, device=sample.device)
+        rest = {k: v for k, v in kw.items() if k not in names}
+        return fn(model_output, sample, coefs, names, rest)
+
+    return op
+
+
+_COMPILED: dict[str, Callable[..., Any]] = {}
+
+
+def compiled_ops() -> dict[str, Callable[..., Any]]:
+    """family -> the reference under torch.compile (built once per process; compiles on first calls)."""
+    if not _COMPILED:
+        import torch._dynamo
+
+        from cg4ctr_fast.kernels import reference
+
+        cfg = torch._dynamo.config
+        for key in ("recompile_limit", "cache_size_limit"):
+            if hasattr(cfg, key):
+                setattr(cfg, key, max(getattr(cfg, key), COMPILE_RECOMPILE_LIMIT))
+        _COMPILED.update({family: _compiled(getattr(reference, name)) for family, name in _REF_NAMES.items()})
+    return _COMPILED
+
+
+def _ops_step_class():
+    from cg4ctr_fast.kernels.step import FusedStep, _unpack_blend
+
+    class OpsStep(FusedStep):
+        """FusedStep (host coefficients, scheduler state) with its elementwise pass given per family."""
+
+        def __init__(self, scheduler: Any, guidance_scale: float, do_cfg: bool, ops: dict):
+            super().__init__(scheduler, guidance_scale, do_cfg, backend="torch")
+            self._family_ops = ops
+
+        def __call__(self, noise_pred, t, latents, *, blend=None, out=None):
+            if noise_pred.dtype != latents.dtype:  # FusedStep runs those unfused
+                return super().__call__(noise_pred, t, latents, blend=blend, out=out)
+            g = self.guidance_scale if self.do_cfg else None
+            method = getattr(self, f"_{self.family}")
+            return method(self._family_ops[self.family], noise_pred, t, latents, g, _unpack_blend(blend), out)
+
+    return OpsStep
+
+
 def _make_step(variant: str, scheduler: Any):
     from cg4ctr_fast.kernels.step import FusedStep, UnfusedStep
 
     if variant == "unfused":
         return UnfusedStep(scheduler, GUIDANCE, True)
+    if variant == "fused_compile":
+        return _ops_step_class()(scheduler, GUIDANCE, True, compiled_ops())
+    if variant == "fused_native" and not native_backend_in_step():
+        return _ops_step_class()(scheduler, GUIDANCE, True, native_ops())
     return FusedStep(scheduler, GUIDANCE, True, backend=variant.split("_", 1)[1])
 
 
@@ -334,6 +477,24 @@ class LoopRow:
     error: str | None = None
 
 
+def _is_compile_failure(exc: BaseException) -> bool:
+    """An error raised by dynamo/inductor (e.g. no C++ compiler), as opposed to one in the step itself."""
+    mod = type(exc).__module__ or ""
+    return mod.startswith(("torch._dynamo", "torch._inductor")) or "BackendCompilerFailed" in type(exc).__name__
+
+
+def variant_skip_reasons(device: torch.device, variants: list[str]) -> dict[str, str]:
+    """variant -> why it cannot run here (variants that can run are absent)."""
+    out = {}
+    if "fused_triton" in variants and (why := triton_skip_reason(device)):
+        out["fused_triton"] = why
+    if "fused_native" in variants and (why := native_skip_reason(device)):
+        out["fused_native"] = why
+    if "fused_compile" in variants and device.type == "cuda" and (why := triton_skip_reason(device)):
+        out["fused_compile"] = f"torch.compile on CUDA generates Triton: {why}"
+    return out
+
+
 def triton_skip_reason(device: torch.device) -> str | None:
     if device.type != "cuda":
         return (f"the Triton kernels are timed on CUDA tensors only (device {device.type}; on CPU they "
@@ -354,18 +515,18 @@ def bench_loops(args, device: torch.device, log: Callable[[str], None]) -> list[
     dtype = DTYPES[args.dtype]
     clock = Clock(device)
     schedulers = make_schedulers()
-    triton_skip = triton_skip_reason(device)
+    skips = variant_skip_reasons(device, args.variants)
     rows: list[LoopRow] = []
     for batch in args.batch:
         inputs = make_inputs(batch, args.latent, dtype, device)
         for family, template in schedulers.items():
             for blend in (False, True):
                 group = {v: LoopRow(family, type(template).__name__, batch, args.latent, args.dtype, blend, v,
-                                    reps=args.reps, warmup=args.warmup) for v in VARIANTS}
+                                    reps=args.reps, warmup=args.warmup) for v in args.variants}
                 rows.extend(group.values())
-                if triton_skip is not None:
-                    group["fused_triton"].skipped = triton_skip
-                live = [v for v in VARIANTS if group[v].skipped is None]
+                for v, why in skips.items():
+                    group[v].skipped = why
+                live = [v for v in args.variants if group[v].skipped is None]
                 finals: dict[str, torch.Tensor] = {}
                 t0 = time.perf_counter()
                 with torch.no_grad():
@@ -376,7 +537,10 @@ def bench_loops(args, device: torch.device, log: Callable[[str], None]) -> list[
                                 run, n, holder = prepare_loop(template, v, inputs, args.steps, blend, device)
                                 seconds = clock(run)
                             except Exception as exc:  # report it, keep benchmarking the rest
-                                row.error = _one_line(exc)
+                                if v == "fused_compile" and _is_compile_failure(exc):
+                                    row.skipped = f"torch.compile failed: {_one_line(exc)}"
+                                else:
+                                    row.error = _one_line(exc)
                                 live.remove(v)
                                 continue
                             row.steps = n
@@ -394,16 +558,16 @@ def bench_loops(args, device: torch.device, log: Callable[[str], None]) -> list[
                     row.finite = bool(torch.isfinite(finals[v]).all())
                     row.bytes_per_step = step_bytes(family, batch, args.latent, dtype, blend)
                     row.effective_gb_per_s = row.bytes_per_step / (row.us_per_step_median * 1e-6) / 1e9
-                base = group["unfused"]
+                base = group.get("unfused")
                 for v in live:
-                    if v == "unfused" or base.us_per_step_median is None:
+                    if v == "unfused" or base is None or base.us_per_step_median is None:
                         continue
                     row = group[v]
                     row.speedup_vs_unfused = base.us_per_step_median / row.us_per_step_median
                     if "unfused" in finals:
                         row.rel_diff_vs_unfused = _rel_diff(finals[v], finals["unfused"])
                 parts = []
-                for v in VARIANTS:
+                for v in args.variants:
                     r = group[v]
                     parts.append(f"{v} {_fmt_us(r.us_per_step_median)}" if r.us_per_step_median is not None
                                  else f"{v} {'error' if r.error else 'skipped'}")
@@ -413,15 +577,19 @@ def bench_loops(args, device: torch.device, log: Callable[[str], None]) -> list[
 
 
 # ---------------------------------------------------------------------------------------------
-# CUDA: copy bandwidth and the Triton kernels' effective bandwidth.
+# Copy bandwidth and the fused passes' effective bandwidth.
 
 
 def copy_bandwidth(device: torch.device, reps: int) -> dict:
-    """Device-to-device ``copy_`` of a large buffer; GB/s counts bytes read + written (1 GB = 1e9 B)."""
-    nbytes = COPY_BYTES
-    free, _ = torch.cuda.mem_get_info(device)
-    while nbytes > (64 << 20) and 2 * nbytes > free * 0.8:
-        nbytes //= 2
+    """``copy_`` of a large buffer (device to device on CUDA, host memory on CPU with torch's threads);
+    GB/s counts bytes read + written (1 GB = 1e9 B)."""
+    if device.type == "cuda":
+        nbytes = COPY_BYTES
+        free, _ = torch.cuda.mem_get_info(device)
+        while nbytes > (64 << 20) and 2 * nbytes > free * 0.8:
+            nbytes //= 2
+    else:
+        nbytes = COPY_BYTES_CPU
     src = torch.empty(nbytes, dtype=torch.uint8, device=device).fill_(1)
     dst = torch.empty_like(src)
     clock = Clock(device)
@@ -429,9 +597,11 @@ def copy_bandwidth(device: torch.device, reps: int) -> dict:
         dst.copy_(src)
     times = [clock(lambda: dst.copy_(src)) for _ in range(max(reps, 10))]
     del src, dst
-    torch.cuda.empty_cache()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     med = statistics.median(times)
     return {
+        "threads": torch.get_num_threads() if device.type == "cpu" else None,
         "bytes_copied": nbytes,
         "bytes_moved": 2 * nbytes,
         "us_median": med * 1e6,
@@ -458,8 +628,10 @@ def step_bytes(family: str, batch: int, latent: int, dtype: torch.dtype, blend: 
 
 
 def kernel_call(family: str, inp: LoopInputs, blend: bool, backend: str = "triton") -> Callable[[], Any]:
-    """One fused step's kernel launch (its launcher, preallocated outputs) as a closure.
+    """One fused step's elementwise call (preallocated outputs) as a closure.
 
+    ``backend``: "triton" (the launcher), "torch" (the reference), "native" (the cg4ctr op wrappers) or
+    "compile" (the reference under torch.compile; it compiles on the first call).
     Mid-loop coefficients: blend with noise (not the last step), DPM-Solver++ second order, DDIM
     without clipping (SD's config). The values do not matter for the timing.
     """
@@ -467,10 +639,15 @@ def kernel_call(family: str, inp: LoopInputs, blend: bool, backend: str = "trito
         from cg4ctr_fast.kernels.ddim_step import ddim_step
         from cg4ctr_fast.kernels.dpm_solver_step import dpm_solver_step
         from cg4ctr_fast.kernels.euler_step import euler_step
-    else:
+    elif backend in ("native", "compile"):
+        ops = native_ops() if backend == "native" else compiled_ops()
+        ddim_step, euler_step, dpm_solver_step = ops["ddim"], ops["euler"], ops["dpm"]
+    elif backend == "torch":
         from cg4ctr_fast.kernels.reference import ddim_step_ref as ddim_step
         from cg4ctr_fast.kernels.reference import dpm_solver_step_ref as dpm_solver_step
         from cg4ctr_fast.kernels.reference import euler_step_ref as euler_step
+    else:
+        raise ValueError(f"unknown backend {backend!r}")
     sample = inp.noise.clone()
     out = torch.empty_like(sample)
     kw: dict = {"guidance_scale": GUIDANCE, "out": out}
@@ -530,56 +707,86 @@ def time_kernel_graph(fn: Callable[[], Any], clock: Clock, reps: int, n: int) ->
     return statistics.median(times)
 
 
+def kernel_backends(device: torch.device, variants: list[str]) -> list[str]:
+    """The elementwise backends timed alone on ``device``, among the chosen variants, in table order."""
+    wanted = {KERNEL_BACKENDS[v] for v in variants if v in KERNEL_BACKENDS}
+    order = CUDA_KERNEL_BACKENDS if device.type == "cuda" else CPU_KERNEL_BACKENDS
+    return [b for b in order if b in wanted]
+
+
 def bench_kernel_bandwidth(args, device: torch.device, copy_gbps: float | None,
-                           log: Callable[[str], None]) -> list[dict]:
+                           log: Callable[[str], None], skips: dict[str, str] | None = None) -> list[dict]:
+    """Rows of the elementwise calls timed alone: eager everywhere, CUDA-graph replay on CUDA.
+
+    ``skips``: backend -> reason; those backends get one skipped row each instead of timings.
+    """
     dtype = DTYPES[args.dtype]
     clock = Clock(device)
+    cuda = device.type == "cuda"
+    skips = dict(skips or {})
+    backends = kernel_backends(device, args.variants)
     shapes = [(b, args.latent, "pipeline") for b in args.batch]
-    shapes += [(b, lat, "big") for b, lat in args.bw_shapes if (b, lat) not in {(x, args.latent) for x in args.batch}]
-    rows = []
+    if cuda:  # big memory-bound sizes: what a GPU's bandwidth is measured at; on CPU the pipeline sizes do
+        shapes += [(b, lat, "big") for b, lat in args.bw_shapes
+                   if (b, lat) not in {(x, args.latent) for x in args.batch}]
+    rows: list[dict] = []
+    for backend in backends:
+        if backend in skips:
+            rows.append({"backend": backend, "family": "all", "batch": None, "latent": None, "dtype": args.dtype,
+                         "blend": None, "size": None, "skipped": skips[backend]})
+    backends = [b for b in backends if b not in skips]
     reps = max(args.reps, 5)
     for batch, latent, kind in shapes:
+        if not backends:
+            break
         try:
             inputs = make_inputs(batch, latent, dtype, device, seed=1)
         except Exception as exc:  # e.g. out of memory at a big --bw-shapes size
-            rows.append({"family": "all", "batch": batch, "latent": latent, "dtype": args.dtype, "blend": None,
-                         "size": kind, "error": _one_line(exc)})
+            rows.append({"backend": "all", "family": "all", "batch": batch, "latent": latent, "dtype": args.dtype,
+                         "blend": None, "size": kind, "error": _one_line(exc)})
             log(f"[kernel] B={batch} L={latent}: {rows[-1]['error']}")
             continue
         for family in FAMILIES:
             for blend in (False, True):
-                row: dict = {"family": family, "batch": batch, "latent": latent, "dtype": args.dtype,
-                             "blend": blend, "size": kind,
-                             "bytes_per_step": step_bytes(family, batch, latent, dtype, blend)}
-                rows.append(row)
-                fn = None
-                try:
-                    with torch.no_grad():
-                        fn = kernel_call(family, inputs, blend)
-                        eager, n = time_kernel_eager(fn, clock, reps)
-                    row.update(eager_us=eager * 1e6, eager_calls_per_rep=n,
-                               eager_gb_per_s=row["bytes_per_step"] / eager / 1e9)
-                except Exception as exc:
-                    row["error"] = _one_line(exc)
-                    log(f"[kernel] {family} B={batch} L={latent}: {row['error']}")
-                    continue
-                try:
-                    with torch.no_grad():
-                        graph = time_kernel_graph(fn, clock, reps, n)
-                    row.update(graph_us=graph * 1e6, graph_gb_per_s=row["bytes_per_step"] / graph / 1e9)
-                except Exception as exc:  # capture not possible here: the eager figure stands
-                    row["graph_error"] = _one_line(exc)
+                for backend in backends:
+                    row: dict = {"backend": backend, "family": family, "batch": batch, "latent": latent,
+                                 "dtype": args.dtype, "blend": blend, "size": kind,
+                                 "bytes_per_step": step_bytes(family, batch, latent, dtype, blend)}
+                    rows.append(row)
+                    fn = None
                     try:
-                        torch.cuda.synchronize()
-                    except Exception:
-                        pass
-                for key in ("eager", "graph"):
-                    if copy_gbps and f"{key}_gb_per_s" in row:
-                        row[f"{key}_pct_of_copy"] = 100.0 * row[f"{key}_gb_per_s"] / copy_gbps
-                del fn
-            log(f"[kernel] {family:8s} B={batch:<3d} L={latent:<3d} done")
+                        with torch.no_grad():
+                            fn = kernel_call(family, inputs, blend, backend)
+                            eager, n = time_kernel_eager(fn, clock, reps)
+                        row.update(eager_us=eager * 1e6, eager_calls_per_rep=n,
+                                   eager_gb_per_s=row["bytes_per_step"] / eager / 1e9)
+                    except Exception as exc:
+                        if backend == "compile" and _is_compile_failure(exc):
+                            row["skipped"] = f"torch.compile failed: {_one_line(exc)}"
+                        else:
+                            row["error"] = _one_line(exc)
+                        log(f"[kernel] {backend} {family} B={batch} L={latent}: "
+                            f"{row.get('error') or row.get('skipped')}")
+                        continue
+                    if cuda:
+                        try:
+                            with torch.no_grad():
+                                graph = time_kernel_graph(fn, clock, reps, n)
+                            row.update(graph_us=graph * 1e6, graph_gb_per_s=row["bytes_per_step"] / graph / 1e9)
+                        except Exception as exc:  # capture not possible here: the eager figure stands
+                            row["graph_error"] = _one_line(exc)
+                            try:
+                                torch.cuda.synchronize()
+                            except Exception:
+                                pass
+                    for key in ("eager", "graph"):
+                        if copy_gbps and f"{key}_gb_per_s" in row:
+                            row[f"{key}_pct_of_copy"] = 100.0 * row[f"{key}_gb_per_s"] / copy_gbps
+                    del fn
+            log(f"[kernel] {family:8s} B={batch:<3d} L={latent:<3d} done ({', '.join(backends)})")
         del inputs
-        torch.cuda.empty_cache()
+        if cuda:
+            torch.cuda.empty_cache()
     return rows
 
 
@@ -646,6 +853,13 @@ def _cell(row: LoopRow) -> str:
     return f"{_fmt_us(row.us_per_step_median)} ({p90}){'*' if row.noisy else ''}"
 
 
+def _gbps(row: LoopRow) -> str:
+    if row.effective_gb_per_s is None:
+        return "-"
+    pct = f" ({row.pct_of_copy:.0f}%)" if row.pct_of_copy is not None else ""
+    return f"{row.effective_gb_per_s:.2f}{pct}"
+
+
 def _speed(row: LoopRow) -> str:
     return f"{row.speedup_vs_unfused:.2f}x" if row.speedup_vs_unfused is not None else "-"
 
@@ -662,51 +876,73 @@ def format_report(result: dict) -> str:
         f"{cfg.get('threads')}",
         "",
     ]
-    header = ["family", "B", "blend", "unfused", "fused torch", "speedup", "fused triton", "speedup"]
-    table = []
     loops = result["loops"]
+    variants = [v for v in VARIANTS if any(r.variant == v for r in loops)]
+    header = ["family", "B", "blend"]
+    for v in variants:
+        header += [v.replace("_", " ")] + ([] if v == "unfused" else ["speedup"])
+    header += ["GB/s " + v.split("_", 1)[-1] for v in variants if v != "unfused"]
+    table = []
     by_key: dict = {}
     for r in loops:
         by_key.setdefault((r.family, r.batch, r.blend), {})[r.variant] = r
     for (family, batch, blend), g in by_key.items():
-        table.append([family, str(batch), "on" if blend else "off", _cell(g["unfused"]), _cell(g["fused_torch"]),
-                      _speed(g["fused_torch"]), _cell(g["fused_triton"]), _speed(g["fused_triton"])])
+        cells = [family, str(batch), "on" if blend else "off"]
+        for v in variants:
+            cells += [_cell(g[v])] + ([] if v == "unfused" else [_speed(g[v])])
+        cells += [_gbps(g[v]) for v in variants if v != "unfused"]
+        table.append(cells)
     lines += _grid(header, table)
+    if any(v != "unfused" for v in variants):
+        lines += ["GB/s = bytes one fused step must move / median us per step of the whole loop step (host "
+                  "bookkeeping included), (% of the copy bandwidth)"]
     notes = sorted({f"{r.variant}: skipped: {r.skipped}" for r in loops if r.skipped})
     notes += [f"{r.variant} {r.family} B={r.batch} blend={'on' if r.blend else 'off'}: ERROR {r.error}"
               for r in loops if r.error]
     copy = result.get("copy_bandwidth") or {}
     kern = result.get("kernel_bandwidth") or []
     if "gb_per_s" in copy:
-        lines += ["", f"copy bandwidth: {copy['gb_per_s']:.0f} GB/s (copy_ of {copy['bytes_copied'] / 2**30:g} GiB, "
-                      f"read + written, median of reps; best {copy['gb_per_s_best']:.0f} GB/s)"]
+        where = "device to device" if env["device"] == "cuda" else f"host memory, {copy.get('threads')} threads"
+        lines += ["", f"copy bandwidth: {copy['gb_per_s']:.1f} GB/s (copy_ of {copy['bytes_copied'] / 2**30:g} GiB, "
+                      f"{where}, read + written, median of reps; best {copy['gb_per_s_best']:.1f} GB/s)"]
     elif copy.get("skipped") or copy.get("error"):
         notes.append(f"copy bandwidth: {copy.get('skipped') or 'ERROR ' + copy['error']}")
-    if kern:
-        lines += ["", "triton kernel alone, effective bandwidth = bytes per step / time per call "
-                  "(eager: back-to-back launches; graph: CUDA-graph replay, GPU time only); "
-                  "sizes that fit in L2 can show more than the DRAM copy bandwidth"]
-        header = ["family", "B", "L", "blend", "MB/step", "eager us", "GB/s", "%copy", "graph us", "GB/s", "%copy"]
+    timed = [r for r in kern if r.get("batch") is not None]
+    for r in kern:
+        if r.get("batch") is None and r.get("skipped"):
+            notes.append(f"kernel {r['backend']}: skipped: {r['skipped']}")
+    if timed:
+        cache = ("sizes that fit in L2 can show more than the DRAM copy bandwidth" if env["device"] == "cuda"
+                 else "sizes that fit in the CPU caches can show more than the copy bandwidth")
+        lines += ["", "fused step's elementwise call alone, effective bandwidth = bytes per step / time per call "
+                  "(eager: back-to-back calls; graph: CUDA-graph replay, GPU time only); " + cache]
+        header = ["family", "B", "L", "blend", "backend", "MB/step", "eager us", "GB/s", "%copy", "graph us", "GB/s",
+                  "%copy"]
         table = []
-        for r in kern:
+        for r in timed:
             blend = {True: "on", False: "off"}.get(r["blend"], "-")
-            if "error" in r:
+            if "error" in r or "skipped" in r:
                 mb = f"{r['bytes_per_step'] / 1e6:.2f}" if "bytes_per_step" in r else "-"
-                table.append([r["family"], str(r["batch"]), str(r["latent"]), blend, mb, "error", "", "", "", "", ""])
-                notes.append(f"kernel {r['family']} B={r['batch']} L={r['latent']}: ERROR {r['error']}")
+                what = "error" if "error" in r else "skipped"
+                table.append([r["family"], str(r["batch"]), str(r["latent"]), blend, r.get("backend", "triton"), mb,
+                              what, "", "", "", "", ""])
+                notes.append(f"kernel {r.get('backend', 'triton')} {r['family']} B={r['batch']} L={r['latent']}: "
+                             f"{'ERROR ' + r['error'] if 'error' in r else 'skipped: ' + r['skipped']}")
                 continue
-            cells = [r["family"], str(r["batch"]), str(r["latent"]), blend, f"{r['bytes_per_step'] / 1e6:.2f}"]
+            cells = [r["family"], str(r["batch"]), str(r["latent"]), blend, r.get("backend", "triton"),
+                     f"{r['bytes_per_step'] / 1e6:.2f}"]
             for key in ("eager", "graph"):
                 if f"{key}_us" in r:
                     pct = r.get(f"{key}_pct_of_copy")
-                    cells += [f"{r[f'{key}_us']:.1f}", f"{r[f'{key}_gb_per_s']:.0f}",
+                    gbps = r[f"{key}_gb_per_s"]
+                    cells += [f"{r[f'{key}_us']:.1f}", f"{gbps:.0f}" if gbps >= 100 else f"{gbps:.2f}",
                               f"{pct:.0f}%" if pct is not None else "-"]
                 else:
                     cells += ["-", "-", "-"]
             if "graph_error" in r:
                 notes.append(f"kernel {r['family']} B={r['batch']} L={r['latent']}: no CUDA graph: {r['graph_error']}")
             table.append(cells)
-        lines += _grid(header, table, left=4)
+        lines += _grid(header, table, left=5)
     elif result.get("kernel_bandwidth_skipped"):
         notes.append(f"kernel bandwidth: skipped: {result['kernel_bandwidth_skipped']}")
     notes += (result.get("load") or {}).get("warnings", [])
@@ -792,6 +1028,7 @@ def main(argv: list[str] | None = None) -> int:
         "config": {
             "device": args.device, "dtype": args.dtype, "batch": args.batch, "latent": args.latent,
             "steps": args.steps, "reps": args.reps, "warmup": args.warmup, "guidance_scale": GUIDANCE,
+            "variants": args.variants,
             "threads": args.threads, "interleaved": True, "p90_min_reps": P90_MIN_REPS, "noisy_spread": NOISY_SPREAD,
             "cfg": True, "channels": CHANNELS, "bw_shapes": [list(s) for s in args.bw_shapes],
             "scheduler_config": scheduler_config(),
@@ -802,24 +1039,20 @@ def main(argv: list[str] | None = None) -> int:
                                      **{k: v for k, v in s.config.items() if not k.startswith("_")}}
                             for family, s in make_schedulers().items()}
     result["loops"] = bench_loops(args, device, log)
-    if device.type == "cuda":
-        try:
-            result["copy_bandwidth"] = copy_bandwidth(device, args.reps)
-        except Exception as exc:
-            result["copy_bandwidth"] = {"error": _one_line(exc)}
-        copy_gbps = result["copy_bandwidth"].get("gb_per_s")
-        for row in result["loops"]:
-            if copy_gbps and row.effective_gb_per_s is not None:
-                row.pct_of_copy = 100.0 * row.effective_gb_per_s / copy_gbps
-        skip = triton_skip_reason(device)
-        if skip is None:
-            result["kernel_bandwidth"] = bench_kernel_bandwidth(
-                args, device, copy_gbps, log)
-        else:
-            result["kernel_bandwidth_skipped"] = skip
+    try:
+        result["copy_bandwidth"] = copy_bandwidth(device, args.reps)
+    except Exception as exc:
+        result["copy_bandwidth"] = {"error": _one_line(exc)}
+    copy_gbps = result["copy_bandwidth"].get("gb_per_s")
+    for row in result["loops"]:
+        if copy_gbps and row.effective_gb_per_s is not None:
+            row.pct_of_copy = 100.0 * row.effective_gb_per_s / copy_gbps
+    if kernel_backends(device, args.variants):
+        skips = {KERNEL_BACKENDS[v]: why for v, why in variant_skip_reasons(device, args.variants).items()}
+        result["kernel_bandwidth"] = bench_kernel_bandwidth(args, device, copy_gbps, log, skips)
     else:
-        result["copy_bandwidth"] = {"skipped": "CUDA only"}
-        result["kernel_bandwidth_skipped"] = "CUDA only (the Triton kernels run on CUDA tensors)"
+        result["kernel_bandwidth_skipped"] = (f"none of the variants {','.join(args.variants)} has an elementwise "
+                                              f"call timed alone on {device.type}")
     result["wall_s"] = time.perf_counter() - started
     load_after = load_snapshot()
     during = load_during(load_before, load_after)
@@ -827,9 +1060,10 @@ def main(argv: list[str] | None = None) -> int:
                       "warnings": load_warnings(load_before, during)}
     failed = any(r.error for r in result["loops"]) or any("error" in r for r in result.get("kernel_bandwidth", []))
     failed = failed or "error" in result["copy_bandwidth"]
+    result["table"] = format_report(result)
     if args.json:
         write_json_atomic(args.json, result)
-    print(format_report(result))
+    print(result["table"])
     if args.json:
         print(f"\nwrote {args.json} ({result['wall_s']:.1f}s)")
     return 1 if failed else 0

@@ -19,7 +19,8 @@ import torch
 
 BENCH = Path(__file__).resolve().parent.parent / "bench" / "kernel_bench.py"
 FAMILIES = ("ddim", "euler", "dpm++2m")
-TINY = ["--device", "cpu", "--batch", "1", "--steps", "3", "--reps", "1", "--warmup", "1", "--latent", "8"]
+TINY = ["--device", "cpu", "--batch", "1", "--steps", "3", "--reps", "1", "--warmup", "1", "--latent", "8",
+        "--variants", "unfused,fused_torch,fused_triton"]  # fused_compile compiles for tens of seconds
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +67,10 @@ def test_tiny_cpu_run_writes_json(kb, tmp_path, capsys):
                 assert got["fused_torch"]["speedup_vs_unfused"] > 0
                 assert got["fused_torch"]["rel_diff_vs_unfused"] < 1e-5  # same fp32 math, reordered
                 assert "CUDA" in got["fused_triton"]["skipped"]  # with the reason
-    assert data["copy_bandwidth"]["skipped"] and data["kernel_bandwidth_skipped"]
+    assert data["copy_bandwidth"]["gb_per_s"] > 0 and data["copy_bandwidth"]["threads"] >= 1  # host memory copy
+    kern = data["kernel_bandwidth"]  # the torch pass alone (triton is CUDA only)
+    assert {r["backend"] for r in kern} == {"torch"} and len(kern) == len(FAMILIES) * 2 * 2
+    assert all(r["eager_us"] > 0 and r["eager_gb_per_s"] > 0 and r["eager_pct_of_copy"] > 0 for r in kern)
     assert data["config"]["threads"] >= 1 and data["config"]["interleaved"] is True
     assert len(data["load"]["before"]["loadavg"]) == 3 and data["load"]["during"]["wall_s"] > 0
     assert "p90 n/a below 10 reps" in printed
@@ -92,6 +96,7 @@ def test_p90_from_ten_reps(kb, tmp_path):
     ["--warmup", "-1"],
     ["--threads", "0"],
     ["--bw-shapes", "64"],
+    ["--variants", "fused_cuda"],
     ["--json", "/nonexistent-dir/kb.json"],
     ["--no-such-flag"],
 ])
@@ -108,6 +113,23 @@ def test_bad_argument_exits_2_with_one_line(kb, bad, capsys):
 def test_cuda_without_cuda_exits_2(kb, capsys):
     assert kb.main(["--device", "cuda"]) == 2
     assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_native_rows_match_unfused(kb, tmp_path):
+    """fused_native (the cg4ctr ops, when built) runs the loops and its kernel rows; skipped otherwise."""
+    from cg4ctr_fast.kernels import native
+
+    reason = native.native_unavailable_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    out = tmp_path / "kb.json"
+    argv = [a for a in TINY if a != "unfused,fused_torch,fused_triton" and a != "--variants"]
+    assert kb.main([*argv, "--variants", "unfused,fused_native", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    rows = [r for r in data["loops"] if r["variant"] == "fused_native"]
+    assert len(rows) == len(FAMILIES) * 2
+    assert all(r["skipped"] is None and r["rel_diff_vs_unfused"] < 1e-5 for r in rows), rows
+    assert {r["backend"] for r in data["kernel_bandwidth"]} == {"native"}
 
 
 def test_percentile_and_byte_model(kb):
