@@ -28,6 +28,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ._layout import check_out, check_step_noise, prepare
@@ -320,10 +321,17 @@ def tcd_step_native(
 # Composite (the arithmetic of cg4ctr_fast.imaging.composite / composite_float).
 
 
+def _as_tensor(x) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        return x
+    arr = np.asarray(x)
+    if not arr.flags.writeable:  # e.g. np.asarray(PIL image): torch wants a writable buffer to share
+        arr = arr.copy()
+    return torch.from_numpy(np.ascontiguousarray(arr))
+
+
 def _composite_inputs(original, generated, weights, generated_dtype: torch.dtype, name: str):
-    original = torch.as_tensor(original)
-    generated = torch.as_tensor(generated)
-    weights = torch.as_tensor(weights)
+    original, generated, weights = _as_tensor(original), _as_tensor(generated), _as_tensor(weights)
     if original.dtype != torch.uint8 or weights.dtype != torch.uint8:
         raise TypeError(f"{name}: original and weights must be uint8, got {original.dtype} and {weights.dtype}")
     if generated.dtype != generated_dtype:
@@ -402,7 +410,8 @@ def build(jobs: int | None = None, build_dir: str | os.PathLike[str] | None = No
     torch_cuda = torch.version.cuda is not None
     args = [cmake, "-S", str(source), "-B", str(build_dir), "-DCMAKE_BUILD_TYPE=Release",
             f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
-            f"-DCG4CTR_TORCH_CUDA={'ON' if torch_cuda else 'OFF'}"]
+            f"-DCG4CTR_TORCH_CUDA={'ON' if torch_cuda else 'OFF'}",
+            f"-DCG4CTR_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
     ninja = _tool("ninja")
     cache = build_dir / "CMakeCache.txt"
     if ninja is not None and not cache.is_file():  # the generator of an existing build folder cannot change
@@ -463,8 +472,8 @@ def _info() -> int:
     reason = native_unavailable_reason()
     print(f"loadable: {'yes' if reason is None else 'no: ' + reason}")
     if reason is None:
-        cuda = facts.get("cuda", "unknown")
-        print(f"CUDA kernels: {'built' if cuda == 'ON' else 'not built' if cuda == 'OFF' else cuda}")
+        cuda = facts.get("cuda")
+        print("CUDA kernels: " + {"ON": "built", "OFF": "not built"}.get(cuda, "unknown (no build record next to the library)"))
     return 0 if reason is None else 1
 
 
