@@ -106,7 +106,8 @@ def test_each_recipe_loads_states_its_target_and_passes_the_commands_checks(path
 
 
 def test_tiny_cpu_is_the_plain_tiny_export(tmp_path, no_export):
-    """export/tiny-cpu.toml pins the defaults of `cg4ctr-export onnx --preset tiny` (README, CPU bench, tests)."""
+    """export/tiny-cpu.toml pins the defaults of `cg4ctr-export onnx --preset tiny` (README, CPU bench, tests):
+    the same settings and profiles. (Its stated sides are also validated at MIN and MAX, as given sides are.)"""
     assert _export("onnx", "--preset", "tiny", "--out", str(tmp_path / "a")) == 0
     assert _export("onnx", "--recipe", str(ROOT / "export" / "tiny-cpu.toml"), "--out", str(tmp_path / "b")) == 0
     assert _effective(no_export[0]) == _effective(no_export[1])
