@@ -200,6 +200,32 @@ def test_step_op_bad_input_messages(lib):
         torch.ops.cg4ctr.euler_step(s, s, None, 1.0, 1.0, 1.0, 1.0, None, None, None, 1.0, 0.0, out.half())
 
 
+def test_ops_pass_opcheck(lib):
+    """Schemas (mutation annotations), fake (meta) implementations and tracing agree with the kernels."""
+    g = torch.Generator().manual_seed(11)
+    s, mo = torch.randn(2, 4, 3, 5, generator=g), torch.randn(4, 4, 3, 5, generator=g)
+    m, il, nz = torch.rand(4, 1, 3, 5, generator=g), torch.randn(1, 4, 3, 5, generator=g), torch.randn_like(s)
+    z = torch.randn_like(s)
+    ops = torch.ops.cg4ctr
+    cases = [
+        (ops.ddim_step.default, (mo, s, 7.5, 1.1, -0.5, 0.1, 0.9, 0.8, 0.6, 1.0, m, il, nz, 0.9, 0.4, torch.empty_like(s))),
+        (ops.euler_step.default, (s, s, None, 1.0, -2.0, 2.0, -0.5, m[:2], il, None, 1.0, 0.0, torch.empty_like(s))),
+        (ops.dpm_solver_step.default, (mo, s, 7.5, 1.1, -0.5, 0.7, 0.3, -0.1, z, m, il, nz, 0.9, 0.4,
+                                       torch.empty_like(s), torch.empty_like(s))),
+        (ops.lcm_step.default, (mo, s, 2.0, 1.1, -0.5, 0.01, 0.99, 0.7, 0.6, z, None, None, None, None, 1.0, 0.0,
+                                torch.empty_like(s))),
+        (ops.tcd_step.default, (mo, s, 2.0, 1.1, -0.5, 0.05, 0.95, 0.7, 0.6, 0.8, 0.3, z, m, il, nz, 0.9, 0.4,
+                                torch.empty_like(s))),
+    ]
+    img = torch.randint(0, 256, (5, 6, 3), dtype=torch.uint8, generator=g)
+    w = torch.randint(0, 256, (5, 6), dtype=torch.uint8, generator=g)
+    cases += [(ops.composite.default, (img, img.flip(0).contiguous(), w)),
+              (ops.composite_float.default, (img, torch.rand(5, 6, 3, generator=g), w))]
+    for op, args in cases:
+        result = torch.library.opcheck(op, args)
+        assert all(v == "SUCCESS" for v in result.values()), (op, result)
+
+
 # ---------------------------------------------------------------------------------------------
 # Composite.
 
