@@ -5,10 +5,10 @@ Two interchangeable implementations with the call signature ``step(noise_pred, t
 * :func:`unfused_step` / :class:`UnfusedStep`: the literal diffusers ``StableDiffusionInpaintPipeline``
   sequence (chunk, combine, ``scheduler.step(..., return_dict=False)[0]``, ``add_noise`` blend).
 * :class:`FusedStep`: computes the step's scalar coefficients on the host from the scheduler's state,
-  runs one elementwise pass (a Triton kernel, the native C++/CUDA op of :mod:`.native`, or the plain-torch
-  reference), and advances the
-  scheduler's state exactly as ``scheduler.step`` would (``_step_index``; DPM-Solver's
-  ``model_outputs`` / ``lower_order_nums``), so the two can be mixed step by step.
+  runs one elementwise pass (a Triton kernel, the native C++/CUDA op of :mod:`.native`, or the
+  plain-torch reference), and advances the scheduler's state exactly as ``scheduler.step`` would
+  (``_step_index``; DPM-Solver's ``model_outputs`` / ``lower_order_nums``), so the two can be mixed
+  step by step.
 
 Supported in fused mode (anything else raises ``ValueError`` from :class:`FusedStep` /
 :func:`make_step`; :func:`supports_fused` / :func:`fused_unsupported_reason` tell beforehand):
