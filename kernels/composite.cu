@@ -15,11 +15,14 @@
 // Compile check without a GPU (nothing is linked or run), from the repository root:
 //   TORCH_INC=$(.venv/bin/python -c "import torch.utils.cpp_extension as c; print(c.include_paths()[0])")
 //   ABI=$(.venv/bin/python -c "import torch; print(int(torch.compiled_with_cxx11_abi()))")
-//   /usr/local/cuda-13.0/bin/nvcc -c -std=c++17 -O3 --fmad=false -arch=sm_90 -I$TORCH_INC -I$TORCH_INC/torch/csrc/api/include \
+//   /usr/local/cuda-13.0/bin/nvcc -c -std=c++20 -O3 --fmad=false -arch=sm_90 -I$TORCH_INC -I$TORCH_INC/torch/csrc/api/include \
 //     -D_GLIBCXX_USE_CXX11_ABI=$ABI -DC10_CUDA_NO_CMAKE_CONFIGURE_FILE -Xcompiler -fPIC \
 //     kernels/composite.cu -o /tmp/composite.o
 // (-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE only because a CPU-only torch ships without the generated
 // c10/cuda/impl/cuda_cmake_macros.h; a CUDA build of torch has it and needs no such flag.)
+// -std=c++20 as CMakeLists.txt builds CUDA; -std=c++17 compiles too. Under C++20 nvcc warns (#20013) that
+// torch's headeronly/util/BFloat16.h calls the host-only std::bit_cast from a __host__ __device__
+// function; these kernels never call it on the device.
 
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>

@@ -15,12 +15,15 @@
 // Compile check without a GPU (nothing is linked or run), from the repository root:
 //   TORCH_INC=$(.venv/bin/python -c "import torch.utils.cpp_extension as c; print(c.include_paths()[0])")
 //   ABI=$(.venv/bin/python -c "import torch; print(int(torch.compiled_with_cxx11_abi()))")
-//   /usr/local/cuda-13.0/bin/nvcc -c -std=c++17 -O3 --fmad=false -arch=sm_90 -I$TORCH_INC -I$TORCH_INC/torch/csrc/api/include \
+//   /usr/local/cuda-13.0/bin/nvcc -c -std=c++20 -O3 --fmad=false -arch=sm_90 -I$TORCH_INC -I$TORCH_INC/torch/csrc/api/include \
 //     -D_GLIBCXX_USE_CXX11_ABI=$ABI -DC10_CUDA_NO_CMAKE_CONFIGURE_FILE -Xcompiler -fPIC \
 //     kernels/step_ops.cu -o /tmp/step_ops.o
 // (-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE only because a CPU-only torch ships without the generated
 // c10/cuda/impl/cuda_cmake_macros.h; a CUDA build of torch has it and needs no such flag. The file also
 // compiles with the -D__CUDA_NO_HALF_OPERATORS__ family of flags torch's extension builder adds.)
+// -std=c++20 as CMakeLists.txt builds CUDA; -std=c++17 compiles too. Under C++20 nvcc warns (#20013) that
+// torch's headeronly/util/BFloat16.h calls the host-only std::bit_cast from a __host__ __device__
+// function; these kernels never call it on the device.
 
 // ATen/cuda/CUDAContext.h is not included: it pulls in the cuBLAS/cuSPARSE/cuSOLVER headers, which a minimal
 // CUDA toolkit lacks. c10/cuda/CUDAStream.h declares getCurrentCUDAStream (reachable as at::cuda:: too).
@@ -28,10 +31,10 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <cuda_runtime.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
 #include <c10/util/Optional.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
 #include <torch/library.h>
 
 #include <cstdint>
@@ -45,12 +48,18 @@ namespace {
 
 // ------------------------------------------------------------------------------------------------
 // Element access. Every operand is read through a Src (pointer + dtype tag). A kernel instantiated for
-// one storage type T reads and writes all operands as T (every tensor of the call has that dtype: the
-// usual case, no per-element branch); the AnyDtype instantiation branches on each operand's tag, so a
-// call with mixed dtypes (e.g. an fp32 mask with fp16 latents) runs without converting copies.
+// one storage type T (F32, F16, BF16) reads and writes all operands as T (every tensor of the call has
+// that dtype: the usual case, no per-element branch); the AnyDtype instantiation branches on each
+// operand's tag, so a call with mixed dtypes (e.g. an fp32 mask with fp16 latents) runs without
+// converting copies. 16-bit values are converted with the CUDA intrinsics (round to nearest even, as
+// Tensor.copy_ does), not c10::Half / c10::BFloat16: c10's bfloat16 rounding is a host-only constexpr
+// (std::bit_cast) under C++20.
 
 enum Kind : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
 
+struct F32 {};
+struct F16 {};
+struct BF16 {};
 struct AnyDtype {};
 
 struct Src {
@@ -63,24 +72,50 @@ struct Dst {
   int kind;
 };
 
-template <typename T>
-__device__ __forceinline__ float to_f32(T v) {
-  return static_cast<float>(v);
+template <int K, typename I>
+__device__ __forceinline__ float ld_kind(const void* p, I i) {
+  if constexpr (K == kF16) {
+    return __half2float(__ushort_as_half(static_cast<const unsigned short*>(p)[i]));
+  } else if constexpr (K == kBF16) {
+    return __bfloat162float(__ushort_as_bfloat16(static_cast<const unsigned short*>(p)[i]));
+  } else {
+    return static_cast<const float*>(p)[i];
+  }
 }
+
+// Stores x rounded to the dtype; returns the stored value as fp32.
+template <int K, typename I>
+__device__ __forceinline__ float st_kind(void* p, I i, float x) {
+  if constexpr (K == kF16) {
+    const __half h = __float2half_rn(x);
+    static_cast<unsigned short*>(p)[i] = __half_as_ushort(h);
+    return __half2float(h);
+  } else if constexpr (K == kBF16) {
+    const __nv_bfloat16 b = __float2bfloat16_rn(x);
+    static_cast<unsigned short*>(p)[i] = __bfloat16_as_ushort(b);
+    return __bfloat162float(b);
+  } else {
+    static_cast<float*>(p)[i] = x;
+    return x;
+  }
+}
+
+template <typename T>
+constexpr int kind_v = std::is_same_v<T, F16> ? kF16 : (std::is_same_v<T, BF16> ? kBF16 : kF32);
 
 template <typename T, typename I>
 __device__ __forceinline__ float ld(const Src& s, I i) {
   if constexpr (std::is_same_v<T, AnyDtype>) {
     switch (s.kind) {
       case kF16:
-        return static_cast<float>(static_cast<const c10::Half*>(s.ptr)[i]);
+        return ld_kind<kF16>(s.ptr, i);
       case kBF16:
-        return static_cast<float>(static_cast<const c10::BFloat16*>(s.ptr)[i]);
+        return ld_kind<kBF16>(s.ptr, i);
       default:
-        return static_cast<const float*>(s.ptr)[i];
+        return ld_kind<kF32>(s.ptr, i);
     }
   } else {
-    return to_f32(static_cast<const T*>(s.ptr)[i]);
+    return ld_kind<kind_v<T>>(s.ptr, i);
   }
 }
 
@@ -90,24 +125,15 @@ template <typename T, typename I>
 __device__ __forceinline__ float st(const Dst& d, I i, float x) {
   if constexpr (std::is_same_v<T, AnyDtype>) {
     switch (d.kind) {
-      case kF16: {
-        c10::Half h(x);
-        static_cast<c10::Half*>(d.ptr)[i] = h;
-        return static_cast<float>(h);
-      }
-      case kBF16: {
-        c10::BFloat16 b(x);
-        static_cast<c10::BFloat16*>(d.ptr)[i] = b;
-        return static_cast<float>(b);
-      }
+      case kF16:
+        return st_kind<kF16>(d.ptr, i, x);
+      case kBF16:
+        return st_kind<kBF16>(d.ptr, i, x);
       default:
-        static_cast<float*>(d.ptr)[i] = x;
-        return x;
+        return st_kind<kF32>(d.ptr, i, x);
     }
   } else {
-    T v(x);
-    static_cast<T*>(d.ptr)[i] = v;
-    return to_f32(v);
+    return st_kind<kind_v<T>>(d.ptr, i, x);
   }
 }
 
@@ -423,11 +449,11 @@ void launch(const Prepared& p, const at::Tensor& out, const c10::optional<double
   if (!uniform) return go(AnyDtype{});
   switch (dtype) {
     case at::kHalf:
-      return go(c10::Half{});
+      return go(F16{});
     case at::kBFloat16:
-      return go(c10::BFloat16{});
+      return go(BF16{});
     default:
-      return go(float{});
+      return go(F32{});
   }
 }
 
