@@ -835,7 +835,27 @@ def environment(device: torch.device) -> dict:
         env["sm_count"] = props.multi_processor_count
         env["capability"] = f"{props.major}.{props.minor}"
     env.update(_git_sha())
+    env["native_library"] = _native_library_facts()
     return env
+
+
+def _native_library_facts() -> dict | None:
+    """Path and build facts of the native library when it is built (its build.txt next to it)."""
+    try:
+        native = _native_module()
+    except ImportError:
+        return None
+    path = native.library_path()
+    if not path.is_file():
+        return None
+    facts: dict = {"path": str(path)}
+    info = path.with_name(path.name + ".build.txt")
+    if info.is_file():
+        for line in info.read_text().splitlines():
+            key, _, value = line.partition("=")
+            if key.strip():
+                facts[key.strip()] = value.strip()
+    return facts
 
 
 def _fmt_us(x: float | None) -> str:
