@@ -132,6 +132,26 @@ def test_native_rows_match_unfused(kb, tmp_path):
     assert {r["backend"] for r in data["kernel_bandwidth"]} == {"native"}
 
 
+@pytest.mark.slow
+def test_compiled_reference_compiles_once_for_new_coefficients(kb):
+    """fused_compile: the step's floats travel as a tensor, so new coefficients reuse the graph."""
+    from torch._dynamo.utils import counters
+
+    from cg4ctr_fast.kernels.reference import euler_step_ref
+
+    op = kb.compiled_ops()["euler"]
+    g = torch.Generator().manual_seed(3)
+    mo, sample = torch.randn(2, 4, 5, 7, generator=g), torch.randn(1, 4, 5, 7, generator=g)
+    graphs = None
+    for k in range(3):
+        kw = dict(guidance_scale=7.5, x0_sample=1.0 + 0.1 * k, x0_model=-0.5 - k, sigma_hat=2.0 + k, dt=-0.3 + 0.01 * k)
+        got = op(mo, sample, **kw)
+        torch.testing.assert_close(got, euler_step_ref(mo, sample, **kw), rtol=1e-6, atol=1e-6)
+        if k == 0:
+            graphs = counters["stats"]["unique_graphs"]
+    assert counters["stats"]["unique_graphs"] == graphs  # no recompile for the later coefficients
+
+
 def test_percentile_and_byte_model(kb):
     assert kb.percentile([5.0, 1.0, 3.0, 2.0, 4.0], 90) == pytest.approx(4.6)
     assert kb.percentile([7.0], 90) == 7.0
