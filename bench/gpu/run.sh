@@ -56,10 +56,10 @@ step sd15_onnx 420 bash -c 'python3 -c "import onnxruntime as o; print(\"onnxrun
   && cp /tmp/sd15-onnx/validation.json "$0/sd15_onnx_validation.json" && cp /tmp/sd15-onnx/manifest.json "$0/sd15_onnx_manifest.json" \
   && du -sh /tmp/sd15-onnx/*/' "$OUT"
 # 5. The native ops with their CUDA kernels: build libcg4ctr_ops against this machine's CUDA torch (needs cmake
-#    >= 3.18 and nvcc; cmake/ninja wheels put in .whl/ land in /tmp/site/bin), then each CUDA op vs its Triton
-#    kernel and the torch reference (fp16/fp32, batch 1/8, blend off/on/last; exit 1 on a mismatch), the
-#    composite ops vs imaging, and native vs Triton time per op.
-step native_cuda 150 bash -c 'export PATH="/tmp/site/bin:$PATH"; \
+#    >= 3.18 and nvcc, looked up on PATH then in /usr/local/cuda/bin; cmake/ninja wheels put in .whl/ land in
+#    /tmp/site/bin), then each CUDA op vs its Triton kernel and the torch reference (fp16/fp32, batch 1/8,
+#    blend off/on/last; exit 1 on a mismatch), the composite ops vs imaging, and native vs Triton time per op.
+step native_cuda 150 bash -c 'export PATH="/tmp/site/bin:$PATH:/usr/local/cuda/bin"; nvcc --version | tail -1; \
   python3 -m cg4ctr_fast.kernels.native build --build-dir /tmp/cg4ctr-native-build && python3 -m cg4ctr_fast.kernels.native info \
   && python3 bench/gpu/native_check.py --device cuda --json "$0/native_check.json"' "$OUT"
 
