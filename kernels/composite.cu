@@ -22,7 +22,8 @@
 // c10/cuda/impl/cuda_cmake_macros.h; a CUDA build of torch has it and needs no such flag.)
 // -std=c++20 as CMakeLists.txt builds CUDA; -std=c++17 compiles too. Under C++20 nvcc warns (#20013) that
 // torch's headeronly/util/BFloat16.h calls the host-only std::bit_cast from a __host__ __device__
-// function; these kernels never call it on the device.
+// function; these kernels never call it on the device (CMakeLists.txt adds --expt-relaxed-constexpr and the
+// -D__CUDA_NO_HALF_OPERATORS__ family, with which both files compile without a warning).
 
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>

@@ -23,7 +23,8 @@
 // compiles with the -D__CUDA_NO_HALF_OPERATORS__ family of flags torch's extension builder adds.)
 // -std=c++20 as CMakeLists.txt builds CUDA; -std=c++17 compiles too. Under C++20 nvcc warns (#20013) that
 // torch's headeronly/util/BFloat16.h calls the host-only std::bit_cast from a __host__ __device__
-// function; these kernels never call it on the device.
+// function; these kernels never call it on the device (CMakeLists.txt adds --expt-relaxed-constexpr and the
+// -D__CUDA_NO_HALF_OPERATORS__ family, with which both files compile without a warning).
 
 // ATen/cuda/CUDAContext.h is not included: it pulls in the cuBLAS/cuSPARSE/cuSOLVER headers, which a minimal
 // CUDA toolkit lacks. c10/cuda/CUDAStream.h declares getCurrentCUDAStream (reachable as at::cuda:: too).
