@@ -25,8 +25,11 @@ setup: $(VENV)/.setup-done
 
 # The C++ step/composite ops (and CUDA ones with a CUDA torch + toolkit): cmake + ninja from the [native]
 # extra, then a CMake build installed at cg4ctr_fast/kernels/_lib/ (see `cg4ctr-native info`).
-native: setup
+$(VENV)/.native-tools: $(VENV)/.setup-done
 	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[native]'
+	touch $@
+
+native: $(VENV)/.native-tools
 	$(BIN)/cg4ctr-native build
 
 demo: setup
