@@ -14,38 +14,12 @@ from types import SimpleNamespace
 import pytest
 
 from cg4ctr_fast.errors import InputError
+from tests.test_export_cli_checks import _export, _one_error_line, no_export  # noqa: F401 - no_export: fixture
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "export").glob("*.toml"))
 # What every recipe states (the rest of RECIPE_KEYS is optional): a target is fully described by these.
 REQUIRED_KEYS = ("preset", "dtype", "batch", "height", "width", "opset", "components")
-
-
-def _export(*args: str) -> int:
-    from cg4ctr_fast.cli.export import main
-
-    try:
-        return main(list(args))
-    except SystemExit as exc:  # argparse usage errors
-        return int(exc.code)
-
-
-def _one_error_line(capsys, code: int) -> str:
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert code == 2 and len(lines) == 1, err
-    assert lines[0].startswith("cg4ctr-export: error: "), err
-    return lines[0]
-
-
-@pytest.fixture
-def no_export(monkeypatch):
-    """Requests that get past the command's checks are recorded, not run."""
-    import cg4ctr_fast.export.onnx_export as onnx_export
-
-    requests = []
-    monkeypatch.setattr(onnx_export, "export_onnx", lambda req: requests.append(req))
-    return requests
 
 
 def _weights_flags(recipe) -> list[str]:
