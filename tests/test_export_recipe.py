@@ -54,10 +54,11 @@ def test_the_folder_holds_the_documented_targets():
 
 @pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
 def test_each_recipe_loads_states_its_target_and_passes_the_commands_checks(path, tmp_path, no_export):
-    from cg4ctr_fast.export.recipe import RECIPE_KEYS, load_recipe
+    from cg4ctr_fast.cli.export import read_recipe
+    from cg4ctr_fast.export.recipe import RECIPE_KEYS
 
     relative = path.relative_to(ROOT).as_posix()
-    recipe = load_recipe(path)
+    recipe = read_recipe(path)
     settings = recipe.settings()
     assert set(REQUIRED_KEYS) <= set(settings) <= set(RECIPE_KEYS), settings
     assert recipe.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
@@ -185,10 +186,10 @@ def test_a_bad_recipe_is_one_line_naming_file_and_key(tmp_path, capsys, no_expor
     assert str(recipe) in line and repr(key) in line and needle in line, line
     assert no_export == [] and not out.exists()
     # The same refusal from the library, without the command's prefix.
-    from cg4ctr_fast.export.recipe import load_recipe
+    from cg4ctr_fast.cli.export import read_recipe
 
     with pytest.raises(InputError, match=re.escape(needle)):
-        load_recipe(recipe)
+        read_recipe(recipe)
 
 
 @pytest.mark.parametrize("text,needle", [
@@ -238,13 +239,13 @@ def test_recipe_record_refuses_an_override_of_a_key_the_recipe_lacks():
 # ------------------------------------------------------------------------------------------------ a real export
 def test_tiny_export_with_the_recipe_records_it_and_verifies(tmp_path, monkeypatch, capsys):
     from cg4ctr_fast.export import manifest as mf
-    from cg4ctr_fast.export.recipe import load_recipe
+    from cg4ctr_fast.cli.export import read_recipe
 
     monkeypatch.chdir(ROOT)  # the path as a user types it, relative to the repository root
     out = tmp_path / "tiny"
     assert _export("onnx", "--recipe", "export/tiny-cpu.toml", "--batch", "1:2:4", "--out", str(out)) == 0
     manifest = json.loads((out / mf.MANIFEST).read_text())
-    recipe = load_recipe("export/tiny-cpu.toml")
+    recipe = read_recipe("export/tiny-cpu.toml")
     assert manifest["recipe"] == {
         "path": "export/tiny-cpu.toml",
         "sha256": hashlib.sha256((ROOT / "export" / "tiny-cpu.toml").read_bytes()).hexdigest(),

@@ -158,15 +158,22 @@ def check_preset(name: str) -> str:
     return name
 
 
+def read_recipe(path: str):
+    """The recipe file at `path`, checked with this command's own flag definitions and checks
+    (:func:`cg4ctr_fast.export.recipe.load_recipe`); InputError (one line) for a bad recipe."""
+    from cg4ctr_fast.export.recipe import load_recipe
+
+    return load_recipe(path, onnx_actions(), {"batch": check_batch, "preset": check_preset})
+
+
 def apply_recipe(args, given: frozenset[str]) -> dict[str, Any]:
     """Fill `args` from the --recipe file: each key the command line did not give (`given`); returns the
     manifest's "recipe" section (path, sha256, keys, overridden). InputError (one line) for a bad recipe, and
     for --saliency / --reward with recipe components that leave them out (they would be dropped silently)."""
     from cg4ctr_fast.export.contracts import REWARD_COMPONENTS
     from cg4ctr_fast.export.manifest import recipe_record
-    from cg4ctr_fast.export.recipe import load_recipe
 
-    recipe = load_recipe(args.recipe)
+    recipe = read_recipe(args.recipe)
     for key, value in recipe.flag_values().items():
         if key not in given:
             setattr(args, key, value)

@@ -21,16 +21,18 @@ command line and a recipe that sets one is refused. A flag given on the command 
 key; the manifest records the recipe (path, sha256, keys) and which keys were overridden.
 
 Every value is checked as the flag's would be, by the command's own parser definitions (types, choices) and
-parsers (`parse_batch`, `parse_side`, `parse_components`, the `ExportSettings` range checks, the opset range),
-so a recipe `cg4ctr-export onnx` would refuse is refused when it loads: one line naming the file and the key
-(InputError; exit 2 in the command).
+parsers (`parse_side`, `parse_components`, the `ExportSettings` range checks, the opset range, and the
+command's own batch and preset checks), so a recipe `cg4ctr-export onnx` would refuse is refused when it
+loads: one line naming the file and the key (InputError; exit 2 in the command). The command hands its
+argparse actions and checks to :func:`load_recipe` (`cg4ctr_fast.cli.export.read_recipe`), so this module
+never imports the command line.
 """
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Mapping, Optional
 
 from cg4ctr_fast.errors import InputError
 
@@ -113,7 +115,7 @@ def _load_toml(path: Path, data: bytes) -> dict[str, Any]:
         raise InputError(f"{path}: not valid TOML ({' '.join(str(exc).split())})") from None
 
 
-def _check_value(key: str, value: Any, action) -> Any:
+def _check_value(key: str, value: Any, action, checks: Mapping[str, Callable[[str], Any]]) -> Any:
     """One key's value in the flag's own form, checked as the flag's parser checks it; InputError (no path)."""
     from cg4ctr_fast.export.contracts import ExportSettings, parse_components, parse_side
 
@@ -142,17 +144,13 @@ def _check_value(key: str, value: Any, action) -> Any:
 
     # The checks the command runs on the parsed flags, in the same functions.
     if key == "batch":
-        from cg4ctr_fast.cli.export import check_batch
-
-        ExportSettings(batch=check_batch(value))
+        ExportSettings(batch=checks["batch"](value))
     elif key in ("height", "width"):
         ExportSettings(**{key: parse_side(value, flag)})
     elif key == "components":
         return parse_components(value)  # export order, unknown names refused
     elif key == "preset":
-        from cg4ctr_fast.cli.export import check_preset
-
-        check_preset(value)
+        checks["preset"](value)
     elif key == "opset":
         from cg4ctr_fast.export.onnx_export import MAX_OPSET, MIN_OPSET
 
@@ -161,15 +159,18 @@ def _check_value(key: str, value: Any, action) -> Any:
     return value
 
 
-def load_recipe(path: str | Path) -> ExportRecipe:
+def load_recipe(path: str | Path, actions: Mapping[str, Any],
+                checks: Mapping[str, Callable[[str], Any]]) -> ExportRecipe:
     """Read and check a recipe file (TOML; keys and values in the module docstring).
+
+    actions: the `onnx` command's argparse actions by dest (types, choices, flag names); checks: the command's
+    "batch" and "preset" checks (text -> value, InputError when refused). Both come from the command line's
+    module (`cg4ctr_fast.cli.export.read_recipe` passes them).
 
     Raises InputError, one line naming the file (and the key): a missing or unreadable file, text that is not
     TOML, a file with no keys, an unknown key, a key that belongs on the command line (a path), a value of the
     wrong TOML type, or a value the flag would refuse (a bad MIN:OPT:MAX, an unknown component or preset, ...).
     """
-    from cg4ctr_fast.cli.export import onnx_actions
-
     file = Path(path)
     if not file.exists():
         raise InputError(f"recipe {file}: no such file")
@@ -182,7 +183,6 @@ def load_recipe(path: str | Path) -> ExportRecipe:
     table = _load_toml(file, data)
     if not table:
         raise InputError(f"{file}: holds no keys (a recipe sets some of: {', '.join(RECIPE_KEYS)})")
-    actions = onnx_actions()
     values: dict[str, Any] = {}
     for key, value in table.items():
         if key in COMMAND_LINE_ONLY:
@@ -191,7 +191,7 @@ def load_recipe(path: str | Path) -> ExportRecipe:
         if key not in RECIPE_KEYS:
             raise InputError(f"{file}: unknown key {key!r} (recipe keys: {', '.join(RECIPE_KEYS)})")
         try:
-            values[key] = _check_value(key, value, actions[key])
+            values[key] = _check_value(key, value, actions[key], checks)
         except InputError as exc:
             raise InputError(f"{file}: key {key!r}: {exc}") from None
     return ExportRecipe(path=str(path), sha256=hashlib.sha256(data).hexdigest(), **values)

@@ -40,27 +40,16 @@ import numpy as np
 
 from cg4ctr_fast.errors import InputError
 from cg4ctr_fast.pipeline import derive_seed
-from cg4ctr_fast.training.cycle_config import CycleConfig, changed_keys, to_toml
+from cg4ctr_fast.training.cycle_config import (  # noqa: F401 - the arms are re-exported here, where they run
+    ARMS,
+    BASE_ARMS,
+    STATIC_ARMS,
+    VARIANT_ARMS,
+    CycleConfig,
+    changed_keys,
+    to_toml,
+)
 
-BASE_ARMS = ("original", "random_prompts", "global_prompt", "lora_only", "prompt_only", "full")
-STATIC_ARMS = ("original", "random_prompts", "global_prompt")
-# Guard variants of the full loop: config sections changed on top of the run's config (docs/cycle.md, "Guards").
-_JUDGE = {"judge": True, "accept": True, "keep_best": True}
-_ANCHOR = {"anchor_weight": 1.0, "max_delta": 0.05}
-VARIANT_ARMS: dict[str, dict[str, dict[str, Any]]] = {
-    "full_refresh": {"refresh": {"enabled": True}},
-    "full_judge": {"guard": _JUDGE},
-    "full_ensemble": {"guard": {"ensemble": 3, "ensemble_rule": "min"}},
-    "full_anchor": {"lora": _ANCHOR},
-    # Early stop without undo: the loop runs on, the best-judged cycle is served, 2 cycles without a better one stop it.
-    "full_early_stop": {"guard": {"judge": True, "keep_best": True, "patience": 2}},
-    "full_guarded": {"refresh": {"enabled": True}, "guard": _JUDGE, "lora": _ANCHOR},
-    # One LoRA against K (docs/cycle.md, "Style LoRAs in the loop"): all three with fresh logs, as full_refresh.
-    "styles_refresh": {"refresh": {"enabled": True}, "style": {"loras": "chosen"}},
-    "styles_random_refresh": {"refresh": {"enabled": True}, "style": {"loras": "random"}},
-    "prompt_refresh": {"refresh": {"enabled": True}},
-}
-ARMS = BASE_ARMS + tuple(VARIANT_ARMS)
 # (update_lora, update_prompt) per cyclic arm: the style arms keep their LoRAs frozen (StyleSection).
 _PROMPT_ONLY = ("prompt_refresh", "styles_refresh", "styles_random_refresh")
 CYCLIC_ARMS = {"lora_only": (True, False), "prompt_only": (False, True), "full": (True, True),

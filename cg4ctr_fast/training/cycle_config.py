@@ -231,6 +231,29 @@ def changed_keys(before: dict[str, Any], config: CycleConfig) -> list[str]:
     return [f"{s}.{k}" for s in now for k in now[s] if before.get(s, defaults[s]).get(k) != now[s][k]]
 
 
+# The arms of `cg4ctr-train ablate` (cg4ctr_fast.training.ablate runs them); kept beside the config sections they
+# change, so [ablation] arms can be checked here without importing the runner.
+BASE_ARMS = ("original", "random_prompts", "global_prompt", "lora_only", "prompt_only", "full")
+STATIC_ARMS = ("original", "random_prompts", "global_prompt")
+# Guard variants of the full loop: config sections changed on top of the run's config (docs/cycle.md, "Guards").
+_JUDGE = {"judge": True, "accept": True, "keep_best": True}
+_ANCHOR = {"anchor_weight": 1.0, "max_delta": 0.05}
+VARIANT_ARMS: dict[str, dict[str, dict[str, Any]]] = {
+    "full_refresh": {"refresh": {"enabled": True}},
+    "full_judge": {"guard": _JUDGE},
+    "full_ensemble": {"guard": {"ensemble": 3, "ensemble_rule": "min"}},
+    "full_anchor": {"lora": _ANCHOR},
+    # Early stop without undo: the loop runs on, the best-judged cycle is served, 2 cycles without a better one stop it.
+    "full_early_stop": {"guard": {"judge": True, "keep_best": True, "patience": 2}},
+    "full_guarded": {"refresh": {"enabled": True}, "guard": _JUDGE, "lora": _ANCHOR},
+    # One LoRA against K (docs/cycle.md, "Style LoRAs in the loop"): all three with fresh logs, as full_refresh.
+    "styles_refresh": {"refresh": {"enabled": True}, "style": {"loras": "chosen"}},
+    "styles_random_refresh": {"refresh": {"enabled": True}, "style": {"loras": "random"}},
+    "prompt_refresh": {"refresh": {"enabled": True}},
+}
+ARMS = BASE_ARMS + tuple(VARIANT_ARMS)
+
+
 @dataclass(frozen=True)
 class AblationSection:
     """`cg4ctr-train ablate`'s own settings, the [ablation] table of its config (training/ablation.toml); the
@@ -238,7 +261,7 @@ class AblationSection:
 
     seeds: int = 3  # seeds run.seed … run.seed + seeds − 1
     jobs: int = 1  # seeds run at once, in separate processes
-    # The arms to run (training.ablate.ARMS names; the static arms always run); None (the key left out) = all.
+    # The arms to run (ARMS names; the static arms always run); None (the key left out) = all.
     arms: typing.Optional[tuple[str, ...]] = None
 
     def __post_init__(self) -> None:
@@ -247,8 +270,6 @@ class AblationSection:
         if self.jobs < 1:
             raise InputError(f"ablation.jobs must be ≥ 1, got {self.jobs}")
         if self.arms is not None:
-            from cg4ctr_fast.training.ablate import ARMS
-
             if not self.arms:
                 raise InputError("ablation.arms must name at least one arm (leave the key out for all)")
             unknown = sorted(set(self.arms) - set(ARMS))
