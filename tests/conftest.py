@@ -36,3 +36,19 @@ def cycle_toy(tmp_path_factory):
     from tests.test_cycle import SMALL
 
     return build_toy_models(SMALL, cache=tmp_path_factory.mktemp("toy-cache"), progress=False, log=lambda _m: None)
+
+
+NATIVE_SKIP_REASON = "native ops not built: run `make native`"
+
+
+def require_native() -> None:
+    """Skip the calling test when the native library (`make native`) does not load; with
+    CG4CTR_REQUIRE_NATIVE=1 (set by CI, which builds it) fail instead, so a lost build cannot pass as a skip."""
+    from cg4ctr_fast.kernels import native
+
+    reason = native.native_unavailable_reason()
+    if reason is None:
+        return
+    if os.environ.get("CG4CTR_REQUIRE_NATIVE") == "1":
+        pytest.fail(f"CG4CTR_REQUIRE_NATIVE=1 but {reason}")
+    pytest.skip(NATIVE_SKIP_REASON)

@@ -117,11 +117,9 @@ def test_cuda_without_cuda_exits_2(kb, capsys):
 
 def test_native_rows_match_unfused(kb, tmp_path):
     """fused_native (the cg4ctr ops, when built) runs the loops and its kernel rows; skipped otherwise."""
-    from cg4ctr_fast.kernels import native
+    from tests.conftest import require_native
 
-    reason = native.native_unavailable_reason()
-    if reason is not None:
-        pytest.skip(reason)
+    require_native()
     out = tmp_path / "kb.json"
     argv = [a for a in TINY if a != "unfused,fused_torch,fused_triton" and a != "--variants"]
     assert kb.main([*argv, "--variants", "unfused,fused_native", "--json", str(out)]) == 0

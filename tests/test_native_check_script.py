@@ -14,14 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import require_native
+
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "bench" / "gpu" / "native_check.py"
-
-
-def _native_reason() -> str | None:
-    from cg4ctr_fast.kernels import native
-
-    return native.native_unavailable_reason()
 
 
 @pytest.fixture(scope="module")
@@ -34,9 +30,7 @@ def nc():
 
 
 def test_quick_cpu_run_passes_and_writes_json(tmp_path):
-    reason = _native_reason()
-    if reason is not None:
-        pytest.skip(reason)
+    require_native()
     out = tmp_path / "nc.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--quick", "--reps", "1", "--json", str(out)],

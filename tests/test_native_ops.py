@@ -25,21 +25,9 @@ import torch
 from PIL import Image
 
 from cg4ctr_fast.kernels import native, reference
+from tests.conftest import require_native
 
 REPO = Path(__file__).resolve().parents[1]
-SKIP_REASON = "native ops not built: run `make native`"
-
-
-def require_native() -> None:
-    """Skip (or, with CG4CTR_REQUIRE_NATIVE=1, fail) when the native library does not load."""
-    reason = native.native_unavailable_reason()
-    if reason is None:
-        return
-    if os.environ.get("CG4CTR_REQUIRE_NATIVE") == "1":
-        pytest.fail(f"CG4CTR_REQUIRE_NATIVE=1 but {reason}")
-    pytest.skip(SKIP_REASON)
-
-
 @pytest.fixture
 def lib():
     require_native()
