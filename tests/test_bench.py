@@ -61,6 +61,8 @@ def test_bench_writes_rows_with_ratios(tmp_path, capsys):
         (["--preset", "sd15-inpaint"], "--random-weights"),
         (["--threads", "0"], "--threads"),
         (["--plot", "/no/such/dir/b.png"], "does not exist"),
+        (["--step-backend", "torch,cuda-magic"], "unknown step backend 'cuda-magic'"),
+        (["--step-backend", ","], "--step-backend needs at least one of"),
     ],
 )
 def test_bench_bad_requests(tmp_path, capsys, flags, needle):
@@ -86,3 +88,30 @@ def test_ranking_bench_reports_latency(tmp_path):
     report = json.loads(out.read_text())
     assert report["per_request_s"]["n"] == 5 and report["per_request_s"]["p50"] > 0
     assert module.main(["--candidates", "0"]) == 2
+
+
+def test_bench_native_step_backend_missing_is_one_line(tmp_path, capsys, monkeypatch):
+    from cg4ctr_fast.kernels import native
+
+    monkeypatch.setenv(native.ENV_LIB, str(tmp_path / "missing.so"))
+    monkeypatch.setattr(native, "_loaded", None)
+    code = main(["--json", str(tmp_path / "x.json"), "--step-backend", "torch,native"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert "--step-backend native: native step ops are not built: run `make native`" in err, err
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_bench_rows_per_step_backend(tmp_path):
+    """One row per step backend of the fused step (and a single unfused row): torch and native side by side."""
+    from tests.conftest import require_native
+
+    require_native()
+    out = tmp_path / "bench.json"
+    code = main(["--preset", "tiny", "--backends", "torch", "--groups", "2", "--steps", "2", "--runs", "1",
+                 "--warmup", "0", "--fuse", "both", "--step-backend", "torch,native", "--threads", "1",
+                 "--no-diffusers", "--json", str(out)])
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert [r["name"] for r in report["results"]] == ["torch+unfused", "torch+fused+torch", "torch+fused+native"]
+    assert report["config"]["step_backend"] == "torch,native"

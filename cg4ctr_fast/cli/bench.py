@@ -96,6 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"))
     p.add_argument("--fuse", default="auto", choices=("auto", "on", "off", "both"),
                    help="fused step: auto (on for CUDA), on, off, or both as separate rows")
+    p.add_argument("--step-backend", default="auto",
+                   help="the fused step's backend, or a comma list of them as separate rows (+torch, +native, …): "
+                        "auto (triton on CUDA, else torch), torch, triton, native (the C++/CUDA ops of `make native`; "
+                        "fuses the step on CPU too)")
     p.add_argument("--compile-mode", default=None,
                    help="torch.compile mode for the compile backend (default: reduce-overhead on CUDA)")
     p.add_argument("--no-diffusers", action="store_true", help="skip the diffusers baseline (no ratios)")
@@ -169,6 +173,26 @@ def check_outputs(args) -> None:
             raise InputError(f"--plot {args.plot}: the file name must end in {', '.join(PLOT_SUFFIXES)}")
         if Path(args.plot).resolve() == Path(args.json).resolve():
             raise InputError(f"--plot {args.plot}: the same file as --json")
+
+
+def check_step_backends(text: str) -> list[str]:
+    """--step-backend: a comma list of kernels.step.BACKENDS names, in order, without repeats. InputError (one
+    line) for an unknown name, and for native when its library is not built (before anything is measured)."""
+    from cg4ctr_fast.kernels.step import BACKENDS
+
+    names = list(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+    if not names:
+        raise InputError("--step-backend needs at least one of " + ", ".join(BACKENDS))
+    for name in names:
+        if name not in BACKENDS:
+            raise InputError(f"--step-backend: unknown step backend {name!r} (choose from {', '.join(BACKENDS)})")
+    if "native" in names:
+        from cg4ctr_fast.kernels.native import native_unavailable_reason
+
+        reason = native_unavailable_reason()
+        if reason is not None:
+            raise InputError(f"--step-backend native: {reason}")
+    return names
 
 
 def check_numbers(args) -> None:
@@ -261,6 +285,7 @@ def run(args) -> dict:
 
     for backend in backends:
         check_backend(backend, args.engines)
+    step_backends = check_step_backends(args.step_backend)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise InputError("--device cuda: no CUDA device is visible to torch")
     # From configs only (no weights): a step count the scheduler cannot run is refused before anything loads.
@@ -312,10 +337,16 @@ def run(args) -> dict:
     for b in backends:
         for fuse in fuse_modes:
             for cold in cache_modes:
-                name = b + {None: "", True: "+fused", False: "+unfused"}[fuse] + ("" if cold else "+cached")
-                pipe = CreativePipeline(components[b])
-                pipe.fuse_step = fuse
-                pipes[name] = (pipe, cold)
+                for step_backend in step_backends:
+                    if fuse is False and step_backend != step_backends[0]:
+                        continue  # the unfused step has no backend: one row, not one per step backend
+                    name = (b + {None: "", True: "+fused", False: "+unfused"}[fuse]
+                            + ("" if step_backend == "auto" or fuse is False else f"+{step_backend}")
+                            + ("" if cold else "+cached"))
+                    pipe = CreativePipeline(components[b])
+                    pipe.fuse_step = fuse
+                    pipe.step_backend = step_backend
+                    pipes[name] = (pipe, cold)
     dpipe = None if args.no_diffusers else diffusers_pipeline(modules)
     variants = []
     for groups, case in cases.items():
@@ -392,7 +423,7 @@ def _write_report(args, ctx, variants, samples, *, final: bool) -> dict:
             "preset": ctx["preset"].name, "model": args.model, "random_weights": args.random_weights or not args.model,
             "size": ctx["size"], "steps": args.steps, "guidance": args.guidance, "dtype": args.dtype,
             "runs": args.runs, "warmup": args.warmup, "groups": args.groups, "backends": ctx["backends"],
-            "fuse": args.fuse, "engines": args.engines, "threads": ctx["threads"]["requested"],
+            "fuse": args.fuse, "step_backend": args.step_backend, "engines": args.engines, "threads": ctx["threads"]["requested"],
             "prompt_cache": args.prompt_cache, "order": ctx["order"], "interleaved": True,
         },
         "threads": ctx["threads"],
