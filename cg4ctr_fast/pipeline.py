@@ -29,6 +29,7 @@ import math
 import numbers
 import os
 import threading
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence, Union
@@ -38,7 +39,7 @@ import torch
 from PIL import Image
 
 from cg4ctr_fast.errors import InputError, check_utf8
-from cg4ctr_fast.kernels.step import Blend, fused_unsupported_reason, make_step, supports_fused
+from cg4ctr_fast.kernels.step import BACKENDS, Blend, fused_unsupported_reason, make_step, supports_fused
 from cg4ctr_fast.runtime.slots import Components
 
 GeneratorArg = Union[torch.Generator, list, None]
@@ -405,6 +406,18 @@ class CreativePipeline:
         elif reward is False:
             reward = None
         return cls(components, saliency=saliency_model, reward=reward, **kwargs)
+
+    @property
+    def step_backend(self) -> str:
+        """The fused step's backend: "auto", "torch", "triton" or "native" (see the constructor's comment)."""
+        return self._step_backend
+
+    @step_backend.setter
+    def step_backend(self, value: str) -> None:
+        # Checked here: a typo would otherwise run the torch step without a word.
+        if not isinstance(value, str) or value not in BACKENDS:
+            raise ValueError(f"step_backend must be one of {', '.join(BACKENDS)}, got {value!r}")
+        self._step_backend = value
 
     @property
     def scheduler(self):
@@ -1039,8 +1052,16 @@ class CreativePipeline:
     def _make_stepper(self, scheduler, guidance_scale: float, do_cfg: bool, eta: float, generator, device):
         """The per-step work outside the UNet: fused when asked (or on CUDA), else diffusers' literal sequence."""
         fuse = self.fuse_step
+        native = self.step_backend == "native" and fuse is not False
+        if native:  # asked for by name: a missing library fails here, whatever the scheduler
+            from cg4ctr_fast.kernels.native import load
+
+            load()
         if fuse is None:
             fuse = (device.type == "cuda" or self.step_backend == "native") and supports_fused(scheduler, eta)
+            if native and not fuse:
+                warnings.warn(f"step_backend='native': {fused_unsupported_reason(scheduler, eta)}; running "
+                              "diffusers' unfused step", RuntimeWarning, stacklevel=3)
         if fuse:
             reason = fused_unsupported_reason(scheduler, eta)
             if reason is not None:

@@ -63,6 +63,7 @@ def test_bench_writes_rows_with_ratios(tmp_path, capsys):
         (["--plot", "/no/such/dir/b.png"], "does not exist"),
         (["--step-backend", "torch,cuda-magic"], "unknown step backend 'cuda-magic'"),
         (["--step-backend", ","], "--step-backend needs at least one of"),
+        (["--fuse", "off", "--step-backend", "torch"], "--fuse off runs none"),
     ],
 )
 def test_bench_bad_requests(tmp_path, capsys, flags, needle):

@@ -188,6 +188,17 @@ def test_step_op_bad_input_messages(lib):
         torch.ops.cg4ctr.euler_step(s, s, None, 1.0, 1.0, 1.0, 1.0, None, None, None, 1.0, 0.0, out.half())
 
 
+def test_step_op_refuses_inputs_that_need_grad(lib):
+    """No backward: with grad enabled and an input that requires it, one line instead of a detached output."""
+    s, e = torch.randn(1, 4, 3, 5), torch.randn(2, 4, 3, 5, requires_grad=True)
+    kwargs = dict(guidance_scale=2.0, x0_sample=1.0, x0_model=-0.5, sigma_hat=1.2, dt=-0.3)
+    with pytest.raises(RuntimeError, match="native step ops have no autograd"):
+        lib.euler_step_native(e, s, **kwargs)
+    with torch.no_grad():
+        torch.testing.assert_close(lib.euler_step_native(e, s, **kwargs), reference.euler_step_ref(e, s, **kwargs),
+                                   rtol=0, atol=0)
+
+
 def test_ops_pass_opcheck(lib):
     """Schemas (mutation annotations), fake (meta) implementations and tracing agree with the kernels."""
     g = torch.Generator().manual_seed(11)
@@ -295,6 +306,47 @@ def test_pipeline_native_missing_library_one_line(monkeypatch, tmp_path):
     assert "\n" not in msg and "make native" in msg and str(missing) in msg
 
 
+@pytest.mark.parametrize("scheduler", ["ddim", "pndm"])
+def test_pipeline_native_missing_library_fails_for_any_scheduler(monkeypatch, tmp_path, scheduler):
+    """Asked for by name, native fails on a missing library even where the step would not be fused (PNDM)."""
+    from cg4ctr_fast.pipeline import CreativePipeline
+    from tests.conftest import make_product
+
+    monkeypatch.setenv(native.ENV_LIB, str(tmp_path / "missing.so"))
+    monkeypatch.setattr(native, "_loaded", None)
+    pipe = CreativePipeline.from_preset("tiny", scheduler=scheduler)
+    pipe.step_backend = "native"
+    image, mask = make_product()
+    with pytest.raises(native.NativeUnavailableError, match="make native"):
+        pipe("x", image, mask, num_inference_steps=2, show_progress=False)
+
+
+@pytest.mark.parametrize("value", ["NATIVE", "cuda", "", None, 3])
+def test_pipeline_step_backend_is_checked(value):
+    from cg4ctr_fast.pipeline import CreativePipeline
+
+    pipe = CreativePipeline.from_preset("tiny", scheduler="ddim")
+    with pytest.raises(ValueError, match="step_backend must be one of auto, triton, torch, native"):
+        pipe.step_backend = value
+    assert pipe.step_backend == "auto"
+
+
+def test_pipeline_native_unfusable_scheduler_warns(lib):
+    """A scheduler without a fused step runs diffusers' step under step_backend="native", and says so."""
+    from cg4ctr_fast.pipeline import CreativePipeline
+    from tests.conftest import make_product
+
+    pipe = CreativePipeline.from_preset("tiny", scheduler="pndm")
+    image, mask = make_product()
+    kwargs = dict(num_inference_steps=2, guidance_scale=3.0, composite=False, show_progress=False, seed=1,
+                  output_type="np")
+    plain = pipe("x", image, mask, **kwargs)[0].image
+    pipe.step_backend = "native"
+    with pytest.warns(RuntimeWarning, match="step_backend='native': PNDMScheduler has no fused step"):
+        native_run = pipe("x", image, mask, **kwargs)[0].image
+    np.testing.assert_array_equal(native_run, plain)
+
+
 def _run_python(code: str, **env) -> subprocess.CompletedProcess:
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **env}
     return subprocess.run([sys.executable, "-c", code], cwd=REPO, env=full_env, capture_output=True, text=True,
@@ -326,7 +378,8 @@ def test_missing_library_error_and_info_exit():
     )
     proc = _run_python(code, CG4CTR_NATIVE_LIB=missing)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout == f"native step ops are not built: run `make native` (no library at {missing})\n"
+    assert proc.stdout == (f"native step ops are not built: run `make native` (no library at {missing}, named by "
+                           "$CG4CTR_NATIVE_LIB)\n")
     info = subprocess.run([sys.executable, "-m", "cg4ctr_fast.kernels.native", "info"], cwd=REPO, capture_output=True,
                           text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1",
                                                        "CG4CTR_NATIVE_LIB": missing})

@@ -123,6 +123,7 @@ def test_ablate_reads_the_ablation_table(tmp_path, fake_ablation):
     (["--arms", "full,full_refresh"], 5, 3, ["full", "full_refresh"]),
     # A flag equal to the old argparse default still wins over the file: what was passed is what counts.
     (["--seeds", "3", "--jobs", "1", "--arms", "full"], 3, 1, ["full"]),
+    (["--arms", "full,full,lora_only"], 5, 3, ["full", "lora_only"]),  # a repeat runs once
 ])
 def test_ablate_flags_override_the_file(tmp_path, fake_ablation, flags, seeds, jobs, arms):
     from cg4ctr_fast.cli.train import main
@@ -135,6 +136,14 @@ def test_ablate_flags_override_the_file(tmp_path, fake_ablation, flags, seeds, j
     assert (call["seeds"], call["jobs"], call["arms"]) == (seeds, jobs, arms)
     assert call["config"] == CycleConfig().replace(run={"cycles": 2})
     assert f"--seeds {seeds} " in call["command"] and call["command"].endswith(f"--arms {','.join(arms)}")
+
+
+def test_ablate_refuses_arms_that_name_no_arm(tmp_path, fake_ablation, capsys):
+    from cg4ctr_fast.cli.train import main
+
+    code = main(["ablate", "--config", str(RECIPES / "ablation.toml"), "--out", str(tmp_path / "a"), "--arms", " , "])
+    err = capsys.readouterr().err
+    assert code == 2 and fake_ablation == [] and err.count("\n") == 1 and "--arms names no arm" in err, err
 
 
 def test_ablate_without_an_ablation_table_keeps_the_old_defaults(tmp_path, fake_ablation):
@@ -252,6 +261,9 @@ def test_toy_command_with_a_recipe_builds_and_records_it(tmp_path, monkeypatch):
     ("products = 0\n", "products must be a positive integer, got 0"),
     ("[generator]\nvae_seconds = inf\n", "generator.vae_seconds must be a finite number"),
     ("[saliency\n", "not valid TOML"),
+    ("# a comment only\n", "holds no keys; a recipe sets some of: seed, products"),
+    ("[generator]\nunet_steps = -4\n", "unet_steps must be a finite number ≥ 0, got -4"),
+    ("[saliency]\ntest_fraction = 1.5\n", "test_fraction must be a number in [0, 1], got 1.5"),
 ])
 def test_bad_toy_recipe_is_one_line_exit_2(tmp_path, capsys, text, needle):
     from cg4ctr_fast.cli.train import main
@@ -307,6 +319,7 @@ def test_lcm_flags_override_the_file_only_when_passed(tmp_path):
     ("batch = 16.0\n", "batch must be an integer"),
     ("lr = nan\n", "lr must be a finite number"),
     ("num_ddim_timesteps = 33\n", "--num-ddim-timesteps must divide 1000"),
+    ("", "holds no keys; a recipe sets some of: steps, batch"),
 ])
 def test_bad_lcm_recipe_is_one_line_exit_2(tmp_path, capsys, text, needle):
     from cg4ctr_fast.cli.train import main

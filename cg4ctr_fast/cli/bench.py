@@ -286,6 +286,9 @@ def run(args) -> dict:
     for backend in backends:
         check_backend(backend, args.engines)
     step_backends = check_step_backends(args.step_backend)
+    if args.fuse == "off" and step_backends != ["auto"]:
+        raise InputError(f"--step-backend {args.step_backend} chooses the fused step's backend, and --fuse off runs "
+                         "none; use --fuse on or both")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise InputError("--device cuda: no CUDA device is visible to torch")
     # From configs only (no weights): a step count the scheduler cannot run is refused before anything loads.

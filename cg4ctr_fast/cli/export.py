@@ -151,10 +151,10 @@ def check_batch(text: str) -> tuple[int, int, int]:
 
 def check_preset(name: str) -> str:
     """--preset: a built-in preset, or toy (the demo's trained tiny stack); InputError (one line) otherwise."""
-    from cg4ctr_fast.config import get_preset
+    from cg4ctr_fast.config import PRESETS
 
-    if name != "toy":
-        get_preset(name)
+    if name != "toy" and name not in PRESETS:
+        raise InputError(f"unknown preset {name!r}; choose one of: {', '.join(sorted([*PRESETS, 'toy']))}")
     return name
 
 

@@ -411,7 +411,9 @@ def _run_ablate(args: argparse.Namespace) -> int:
     jobs = ablation.jobs if args.jobs is None else args.jobs
     arms = None if ablation.arms is None else list(ablation.arms)
     if args.arms is not None:
-        arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+        arms = list(dict.fromkeys(a.strip() for a in args.arms.split(",") if a.strip()))  # in order, once each
+        if not arms:
+            raise InputError("--arms names no arm (leave it out for the file's arms, or all)")
     # The command with the values in effect, so results.md says what ran even if the file changes later.
     command = f"cg4ctr-train ablate --config {args.config} --seeds {seeds} --out {args.out}"
     if jobs > 1:

@@ -98,7 +98,8 @@ def load() -> Path:
             return _loaded
         path = library_path()
         if not path.is_file():
-            raise NativeUnavailableError(f"native step ops are not built: run `make native` (no library at {path})")
+            named = f", named by ${ENV_LIB}" if os.environ.get(ENV_LIB) else ""
+            raise NativeUnavailableError(f"native step ops are not built: run `make native` (no library at {path}{named})")
         try:
             torch.ops.load_library(str(path))
         except Exception as exc:  # OSError from dlopen, RuntimeError from a schema clash
@@ -143,6 +144,14 @@ def _ops():
     return torch.ops.cg4ctr
 
 
+def _check_no_grad(lay) -> None:
+    # The ops have no backward: an output silently cut from the graph would train nothing without a word.
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in
+                                       (lay.model_output, lay.sample, lay.mask, lay.image_latents, lay.noise)):
+        raise RuntimeError("native step ops have no autograd: run them under torch.no_grad() or "
+                           "torch.inference_mode(), or use backend='torch' to differentiate through the step")
+
+
 def _opt(x: float | None) -> float | None:
     return None if x is None else float(x)
 
@@ -177,6 +186,7 @@ def ddim_step_native(
     del block_size
     ops = _ops()
     lay = prepare(model_output, sample, guidance_scale, mask, image_latents, noise)
+    _check_no_grad(lay)
     out = check_out(out, lay.sample, lay.sample.dtype)
     ops.ddim_step(lay.model_output, lay.sample, _opt(guidance_scale), float(x0_sample), float(x0_model),
                   float(eps_sample), float(eps_model), float(prev_x0), float(prev_eps), _opt(clip_range),
@@ -205,6 +215,7 @@ def euler_step_native(
     del block_size
     ops = _ops()
     lay = prepare(model_output, sample, guidance_scale, mask, image_latents, noise)
+    _check_no_grad(lay)
     out = check_out(out, lay.sample, lay.sample.dtype)
     ops.euler_step(lay.model_output, lay.sample, _opt(guidance_scale), float(x0_sample), float(x0_model),
                    float(sigma_hat), float(dt), lay.mask, lay.image_latents, lay.noise, float(init_image),
@@ -237,6 +248,7 @@ def dpm_solver_step_native(
     del block_size
     ops = _ops()
     lay = prepare(model_output, sample, guidance_scale, mask, image_latents, noise)
+    _check_no_grad(lay)
     out = check_out(out, lay.sample, lay.sample.dtype)
     x0_out = check_out(x0_out, lay.sample, lay.model_output.dtype, "x0_out")
     if prev_x0 is not None:
@@ -274,6 +286,7 @@ def lcm_step_native(
     del block_size
     ops = _ops()
     lay = prepare(model_output, sample, guidance_scale, mask, image_latents, noise)
+    _check_no_grad(lay)
     out = check_out(out, lay.sample, lay.sample.dtype)
     step_noise = check_step_noise(step_noise, lay.sample)
     ops.lcm_step(lay.model_output, lay.sample, _opt(guidance_scale), float(x0_sample), float(x0_model),
@@ -308,6 +321,7 @@ def tcd_step_native(
     del block_size
     ops = _ops()
     lay = prepare(model_output, sample, guidance_scale, mask, image_latents, noise)
+    _check_no_grad(lay)
     out = check_out(out, lay.sample, lay.sample.dtype)
     step_noise = check_step_noise(step_noise, lay.sample)
     ops.tcd_step(lay.model_output, lay.sample, _opt(guidance_scale), float(x0_sample), float(x0_model),
@@ -437,14 +451,20 @@ def build(jobs: int | None = None, build_dir: str | os.PathLike[str] | None = No
             f"-DCG4CTR_CPU_AVX2={'ON' if avx2 else 'OFF'}"]
     ninja = _tool("ninja")
     cache = build_dir / "CMakeCache.txt"
-    if ninja is not None and not cache.is_file():  # the generator of an existing build folder cannot change
+    generator = "Ninja" if ninja else "default generator"
+    if cache.is_file():  # the generator of an existing build folder cannot change: say which one it has
+        for line in cache.read_text(errors="replace").splitlines():
+            if line.startswith("CMAKE_GENERATOR:"):
+                generator = line.partition("=")[2] or generator
+                break
+    elif ninja is not None:
         args += ["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}"]
     arch = _cuda_architectures() if torch_cuda else None
     if arch is not None:
         args.append(f"-DCMAKE_CUDA_ARCHITECTURES={arch}")
     start = time.monotonic()
     _say(f"configuring in {build_dir} (torch {torch.__version__}, "
-         f"{'CUDA ' + torch.version.cuda if torch_cuda else 'CPU-only'}; {'Ninja' if ninja else 'default generator'}; CPU kernels for {'AVX2' if avx2 else 'the baseline ISA'})")
+         f"{'CUDA ' + torch.version.cuda if torch_cuda else 'CPU-only'}; {generator}; CPU kernels for {'AVX2' if avx2 else 'the baseline ISA'})")
     _run(args, "configure")
     cmd = [cmake, "--build", str(build_dir), "--config", "Release"]
     if jobs:

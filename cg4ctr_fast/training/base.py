@@ -45,6 +45,38 @@ class BaseTrainConfig:
     vae_seconds: Optional[float] = None
     unet_seconds: Optional[float] = None
 
+    def __post_init__(self) -> None:
+        check_ranges(self, positive=("n_images", "vae_batch", "unet_batch", "vae_lr", "unet_lr", "text_lr"),
+                     non_negative=("seed", "vae_steps", "vae_crop", "vae_full_steps", "unet_steps", "kl_weight"),
+                     unit=("caption_dropout",), optional_positive=("vae_seconds", "unet_seconds"))
+
+
+def check_ranges(config, *, positive=(), non_negative=(), unit=(), optional_positive=()) -> None:
+    """Range checks of a training config's numbers (names are its fields): InputError (one line) naming the field
+    for a value that is not a finite number > 0 (positive), ≥ 0 (non_negative), in [0, 1] (unit), or None or
+    > 0 (optional_positive)."""
+    from cg4ctr_fast.errors import InputError
+
+    def bad(name: str, want: str) -> InputError:
+        return InputError(f"{name} must be {want}, got {getattr(config, name)!r}")
+
+    def number(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+    for name in positive:
+        if not (number(getattr(config, name)) and getattr(config, name) > 0):
+            raise bad(name, "a finite number > 0")
+    for name in non_negative:
+        if not (number(getattr(config, name)) and getattr(config, name) >= 0):
+            raise bad(name, "a finite number ≥ 0")
+    for name in unit:
+        if not (number(getattr(config, name)) and 0 <= getattr(config, name) <= 1):
+            raise bad(name, "a number in [0, 1]")
+    for name in optional_positive:
+        value = getattr(config, name)
+        if value is not None and not (number(value) and value > 0):
+            raise bad(name, "None or a finite number > 0")
+
 
 @dataclass
 class CreativeSet:

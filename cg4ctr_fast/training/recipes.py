@@ -104,6 +104,10 @@ def build(cls: type[T], data: dict[str, Any], file: Path, where: str = "") -> T:
 
 def load_recipe(cls: type[T], path: str | os.PathLike) -> T:
     """Dataclass `cls` read from the TOML file at `path`. Raises InputError (one line) for a missing file,
-    invalid TOML, an unknown key, a wrong type or a value out of range."""
+    invalid TOML, an unknown key, a wrong type, a value out of range, or a file with no keys (an empty recipe
+    would run every default, e.g. the 50-minute toy set, where a wrong file was the likelier mistake)."""
     file, data = read_toml(path)
+    if not data:
+        raise InputError(f"{file}: holds no keys; a recipe sets some of: "
+                         f"{', '.join(f.name for f in dataclasses.fields(cls))}")
     return build(cls, data, file)

@@ -33,6 +33,12 @@ class SaliencyTrainConfig:
     test_fraction: float = 0.2
     threshold: float = 0.5
 
+    def __post_init__(self) -> None:
+        from cg4ctr_fast.training.base import check_ranges
+
+        check_ranges(self, positive=("size", "batch", "lr"), non_negative=("seed", "steps"),
+                     unit=("test_fraction", "threshold"))
+
 
 def normalize(images: torch.Tensor) -> torch.Tensor:
     """The official preprocessing on [B, 3, H, W] in [0, 1]: divide by the max, ImageNet mean/std."""
