@@ -262,7 +262,7 @@ def test_toy_command_with_a_recipe_builds_and_records_it(tmp_path, monkeypatch):
     ("[generator]\nvae_seconds = inf\n", "generator.vae_seconds must be a finite number"),
     ("[saliency\n", "not valid TOML"),
     ("# a comment only\n", "holds no keys; a recipe sets some of: seed, products"),
-    ("[generator]\nunet_steps = -4\n", "unet_steps must be a finite number ≥ 0, got -4"),
+    ("[generator]\nunet_steps = -4\n", "unet_steps must be an integer ≥ 0, got -4"),
     ("[saliency]\ntest_fraction = 1.5\n", "test_fraction must be a number in [0, 1], got 1.5"),
 ])
 def test_bad_toy_recipe_is_one_line_exit_2(tmp_path, capsys, text, needle):

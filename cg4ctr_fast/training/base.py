@@ -53,29 +53,34 @@ class BaseTrainConfig:
 
 def check_ranges(config, *, positive=(), non_negative=(), unit=(), optional_positive=()) -> None:
     """Range checks of a training config's numbers (names are its fields): InputError (one line) naming the field
-    for a value that is not a finite number > 0 (positive), ≥ 0 (non_negative), in [0, 1] (unit), or None or
-    > 0 (optional_positive)."""
+    for a value that is not > 0 (positive), ≥ 0 (non_negative), in [0, 1] (unit), or None or > 0
+    (optional_positive). A field annotated `int` must hold an integer (not a bool); any other a finite number."""
+    import dataclasses
+
     from cg4ctr_fast.errors import InputError
 
-    def bad(name: str, want: str) -> InputError:
-        return InputError(f"{name} must be {want}, got {getattr(config, name)!r}")
+    integers = {f.name for f in dataclasses.fields(config) if f.type in (int, "int")}
 
-    def number(value) -> bool:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    def check(name: str, ok, want_int: str, want_float: str) -> None:
+        value = getattr(config, name)
+        if name in integers:
+            good, want = isinstance(value, int) and not isinstance(value, bool) and ok(value), want_int
+        else:
+            good = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+                    and ok(value))
+            want = want_float
+        if not good:
+            raise InputError(f"{name} must be {want}, got {value!r}")
 
     for name in positive:
-        if not (number(getattr(config, name)) and getattr(config, name) > 0):
-            raise bad(name, "a finite number > 0")
+        check(name, lambda v: v > 0, "a positive integer", "a finite number > 0")
     for name in non_negative:
-        if not (number(getattr(config, name)) and getattr(config, name) >= 0):
-            raise bad(name, "a finite number ≥ 0")
+        check(name, lambda v: v >= 0, "an integer ≥ 0", "a finite number ≥ 0")
     for name in unit:
-        if not (number(getattr(config, name)) and 0 <= getattr(config, name) <= 1):
-            raise bad(name, "a number in [0, 1]")
+        check(name, lambda v: 0 <= v <= 1, "an integer in [0, 1]", "a number in [0, 1]")
     for name in optional_positive:
-        value = getattr(config, name)
-        if value is not None and not (number(value) and value > 0):
-            raise bad(name, "None or a finite number > 0")
+        if getattr(config, name) is not None:
+            check(name, lambda v: v > 0, "None or a positive integer", "None or a finite number > 0")
 
 
 @dataclass

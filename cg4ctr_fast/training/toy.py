@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from cg4ctr_fast.errors import InputError
-from cg4ctr_fast.training.base import BaseTrainConfig, CreativeSet
+from cg4ctr_fast.training.base import BaseTrainConfig, CreativeSet, check_ranges
 from cg4ctr_fast.training.saliency import SaliencyTrainConfig
 
 # v2: the tiny preset's GroupNorms went from 32 to 8 groups (config.TINY), so v1 weights are another model.
@@ -49,13 +49,9 @@ class ToyConfig:
     steering_steps: int = 20
 
     def __post_init__(self) -> None:
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise InputError(f"seed must be an integer ≥ 0, got {self.seed!r}")
-        for name in ("products", "creatives_per_product", "days", "saliency_images", "reward_epochs",
-                     "prompt_epochs", "prompt_top_k", "eval_items", "steering_images", "steering_steps"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise InputError(f"{name} must be a positive integer, got {value!r}")
+        check_ranges(self, non_negative=("seed",),
+                     positive=("products", "creatives_per_product", "days", "saliency_images", "reward_epochs",
+                               "prompt_epochs", "prompt_top_k", "eval_items", "steering_images", "steering_steps"))
 
     def key(self) -> str:
         text = json.dumps(asdict(self), sort_keys=True)
